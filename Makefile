@@ -1,0 +1,44 @@
+# One command for each job; each creates .venv and installs on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fastnvp-installed
+# A machine without an NVIDIA driver gets the CPU build of torch first, so the
+# `torch>=2.6` requirement is already met and no multi-GB CUDA wheel is pulled.
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: install demo test test-all lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
+		$(PY) -m pip install -q "$(TORCH_CPU)"; fi
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m fastnvp demo --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) -m fastnvp bench --quick
+	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-autosave
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,136 @@
+"""Reference Real NVP in plain PyTorch: the definition of "correct" for every fast path.
+
+Convention (DESIGN §1): ``f`` maps data -> latent, layer 0 first. With mask ``m`` (1 = kept)::
+
+    s = S(x * m) * (1 - m),  t = T(x * m) * (1 - m)
+    z = x * m + (1 - m) * (x * exp(s) + t),   log_det += sum(s)
+
+``g`` inverts layer by layer from the last: ``x = z * m + (1 - m) * (z - t) * exp(-s)``.
+The module holds the nets as ``nn.ModuleList``s named ``s`` and ``t`` and the masks under the
+state_dict key ``mask``, so state_dicts of the widely copied PyTorch notebook load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fastnvp.conditioner import standard_net
+from fastnvp.masks import alternating_masks, check_masks
+from fastnvp.prior import prior_log_prob, prior_sample
+from fastnvp.validation import ensure_batch, ensure_num_samples
+
+
+def build_nets(factory: Callable[[], nn.Module], count: int, name: str) -> nn.ModuleList:
+    """Call a zero-argument net factory ``count`` times, checking it returns modules."""
+    if not callable(factory):
+        raise TypeError(f"{name} must be a zero-argument callable returning an nn.Module")
+    nets = []
+    for _ in range(count):
+        net = factory()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"{name}() must return an nn.Module, got {type(net).__name__}")
+        nets.append(net)
+    return nn.ModuleList(nets)
+
+
+class FlowBase(nn.Module):
+    """Shared constructor, validation and prior handling of the reference and fast flows."""
+
+    def __init__(self, nets, nett, masks, prior=None):
+        super().__init__()
+        masks = check_masks(masks)
+        self.register_buffer("mask", masks)
+        self.prior = prior
+        self.s = build_nets(nets, masks.shape[0], "nets")
+        self.t = build_nets(nett, masks.shape[0], "nett")
+
+    @property
+    def dim(self) -> int:
+        """Number of features D."""
+        return self.mask.shape[1]
+
+    @property
+    def num_layers(self) -> int:
+        """Number of coupling layers L."""
+        return self.mask.shape[0]
+
+    def _anchor(self) -> torch.Tensor:
+        """A tensor with the model's parameter dtype and device."""
+        for p in self.parameters():
+            return p
+        return self.mask
+
+    def _check_input(self, x, name: str) -> torch.Tensor:
+        ensure_batch(x, name, self.dim)
+        anchor = self._anchor()
+        if x.device != anchor.device:
+            raise ValueError(f"{name} is on {x.device} but the model is on {anchor.device}")
+        if x.dtype != anchor.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{name} has dtype {x.dtype} but the model's parameters are {anchor.dtype}")
+        return x
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log-density: ``log N(f(x); 0, I) + log_det``.  (N, D) -> (N,)."""
+        z, log_det = self.f(x)
+        return prior_log_prob(self.prior, z) + log_det
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw ``num_samples`` points: ``g(z)`` with ``z`` from the prior.  -> (num_samples, D)."""
+        ensure_num_samples(num_samples)
+        z = prior_sample(self.prior, num_samples, self.dim, self._anchor(), generator)
+        return self.g(z)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same as :meth:`f`."""
+        return self.f(x)
+
+
+class RealNVP(FlowBase):
+    """Real NVP in plain PyTorch.
+
+    Args:
+        nets: zero-argument factory returning the scale net S: (N, D) -> (N, D).
+        nett: zero-argument factory returning the shift net T: (N, D) -> (N, D).
+        masks: (L, D) 0/1 tensor, 1 = kept (conditioning) feature; one row per coupling layer.
+        prior: a ``torch.distributions`` object with ``log_prob``/``sample`` over (N, D), or None
+            for the standard normal N(0, I).
+    """
+
+    @classmethod
+    def standard(cls, dim: int, num_layers: int, hidden: int = 256, negative_slope: float = 0.01):
+        """The standard conditioner (DESIGN §1) with alternating checkerboard masks."""
+        masks = alternating_masks(dim, num_layers)
+        return cls(
+            lambda: standard_net(dim, hidden, tanh=True, negative_slope=negative_slope),
+            lambda: standard_net(dim, hidden, tanh=False, negative_slope=negative_slope),
+            masks,
+        )
+
+    def f(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Data -> latent.  x: (N, D) -> (z (N, D), log_det (N,)), ``log_det = log|det dz/dx|``."""
+        self._check_input(x, "x")
+        z = x
+        log_det = x.new_zeros(x.shape[0])
+        for i in range(self.num_layers):
+            m = self.mask[i]
+            z_kept = z * m
+            s = self.s[i](z_kept) * (1 - m)
+            t = self.t[i](z_kept) * (1 - m)
+            z = z_kept + (1 - m) * (z * torch.exp(s) + t)
+            log_det = log_det + s.sum(dim=1)
+        return z, log_det
+
+    def g(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent -> data, the exact inverse of :meth:`f`.  (N, D) -> (N, D)."""
+        self._check_input(z, "z")
+        x = z
+        for i in reversed(range(self.num_layers)):
+            m = self.mask[i]
+            x_kept = x * m
+            s = self.s[i](x_kept) * (1 - m)
+            t = self.t[i](x_kept) * (1 - m)
+            x = x_kept + (1 - m) * (x - t) * torch.exp(-s)
+        return x
