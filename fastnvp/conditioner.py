@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 
-def standard_net(dim: int, hidden: int, *, tanh: bool, negative_slope: float = 0.01) -> nn.Sequential:
+def standard_net(
+    dim: int, hidden: int, *, tanh: bool, negative_slope: float = 0.01
+) -> nn.Sequential:
     """One conditioner MLP: (N, D) -> (N, D); ends in Tanh when ``tanh`` (the scale net S)."""
     if not isinstance(hidden, int) or hidden < 1:
         raise ValueError(f"hidden must be an int >= 1, got {hidden!r}")
@@ -45,9 +47,10 @@ class StandardMLP:
 
 
 def match_standard_mlp(net: nn.Module, dim: int) -> StandardMLP | None:
-    """Return the Linear layers of ``net`` if it is a standard conditioner MLP for ``dim``, else None.
+    """The Linear layers of ``net`` if it is a standard conditioner MLP for ``dim``, else None.
 
-    Matches ``Sequential(Linear(D,H), LeakyReLU(a), Linear(H,H), LeakyReLU(a), Linear(H,D)[, Tanh])``
+    Matches ``Sequential(Linear(D,H), LeakyReLU(a), Linear(H,H), LeakyReLU(a), Linear(H,D))``
+    optionally followed by ``Tanh``,
     with biases on every Linear and one slope ``a`` for both activations.
     """
     if type(net) is not nn.Sequential or len(net) not in (5, 6):
@@ -78,7 +81,7 @@ def match_standard_mlp(net: nn.Module, dim: int) -> StandardMLP | None:
 
 
 def is_standard_pair(s_net: nn.Module, t_net: nn.Module, dim: int) -> bool:
-    """True when (s_net, t_net) is a standard conditioner pair: S with Tanh, T without, same H and slope."""
+    """True for a standard conditioner pair: S with Tanh, T without, same H, slope and dtype."""
     s = match_standard_mlp(s_net, dim)
     t = match_standard_mlp(t_net, dim)
     return (
@@ -99,8 +102,7 @@ def standard_weights(mlp: StandardMLP, kept: torch.Tensor, transformed: torch.Te
     columns of the first Linear and the transformed output rows of the last Linear matter.
 
     Returns:
-        ``(W1 (H, K1), b1 (H,), W2 (H, H), b2 (H,), W3 (H→K2 as (K2, H)), b3 (K2,))`` views/gathers that
-        stay differentiable with respect to the module's parameters.
+        ``(W1 (H, K1), b1 (H,), W2 (H, H), b2 (H,), W3 (K2, H), b3 (K2,))``, gathers that stay differentiable with respect to the module's parameters.
     """
     w1 = mlp.lin1.weight.index_select(1, kept)
     w3 = mlp.lin3.weight.index_select(0, transformed)

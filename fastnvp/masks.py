@@ -44,16 +44,22 @@ def check_masks(masks) -> torch.Tensor:
             raise TypeError(f"masks must be a tensor of shape (L, D), got {type(masks)}") from exc
     ensure_tensor(masks, "masks", allow_bool=True, allow_int=True)
     if masks.ndim != 2:
-        raise ValueError(f"masks must have shape (L, D) with L >= 1 layers, got {tuple(masks.shape)}")
+        raise ValueError(
+            f"masks must have shape (L, D) with L >= 1 layers, got {tuple(masks.shape)}"
+        )
     if masks.shape[0] < 1 or masks.shape[1] < 2:
-        raise ValueError(f"masks must have L >= 1 rows and D >= 2 columns, got {tuple(masks.shape)}")
+        raise ValueError(
+            f"masks must have L >= 1 rows and D >= 2 columns, got {tuple(masks.shape)}"
+        )
     m = masks.detach().to(torch.float32)
     if not torch.all((m == 0) | (m == 1)):
         raise ValueError("masks must contain only 0 and 1 (1 = kept, 0 = transformed)")
     kept = m.sum(dim=1)
     for layer, k in enumerate(kept.tolist()):
         if k == 0:
-            raise ValueError(f"masks[{layer}] keeps no feature; each layer needs >= 1 kept (1) entry")
+            raise ValueError(
+                f"masks[{layer}] keeps no feature; each layer needs >= 1 kept (1) entry"
+            )
         if k == m.shape[1]:
             raise ValueError(
                 f"masks[{layer}] transforms no feature; each layer needs >= 1 transformed (0) entry"

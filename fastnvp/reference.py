@@ -69,7 +69,9 @@ class FlowBase(nn.Module):
         if x.device != anchor.device:
             raise ValueError(f"{name} is on {x.device} but the model is on {anchor.device}")
         if x.dtype != anchor.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"{name} has dtype {x.dtype} but the model's parameters are {anchor.dtype}")
+            raise TypeError(
+                f"{name} has dtype {x.dtype} but the model's parameters are {anchor.dtype}"
+            )
         return x
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:

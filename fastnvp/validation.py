@@ -10,7 +10,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def ensure_tensor(
     value, name: str, *, allow_int: bool = False, allow_bool: bool = False
 ) -> torch.Tensor:
-    """Raise ``TypeError`` unless ``value`` is a tensor of a floating dtype (or int/bool if allowed)."""
+    """Raise ``TypeError`` unless ``value`` is a floating tensor (or int/bool where allowed)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype in FLOAT_DTYPES:
@@ -46,7 +46,9 @@ def ensure_same(ref: torch.Tensor, ref_name: str, other: torch.Tensor, other_nam
             f"got {tuple(other.shape)}"
         )
     if other.dtype != ref.dtype:
-        raise TypeError(f"{other_name} must have dtype {ref.dtype} like {ref_name}, got {other.dtype}")
+        raise TypeError(
+            f"{other_name} must have dtype {ref.dtype} like {ref_name}, got {other.dtype}"
+        )
     if other.device != ref.device:
         raise ValueError(
             f"{other_name} must be on {ref.device} like {ref_name}, got {other.device}"

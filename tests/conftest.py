@@ -1,0 +1,30 @@
+"""Test setup: Triton's interpreter on, so FASTNVP_BACKEND=triton runs the real kernels on CPU.
+
+TRITON_INTERPRET is read when a kernel is defined, so it is set here, before any test imports
+``fastnvp.kernels``. Tests choose the backend per test with the ``backend`` fixture.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fastnvp.backend import triton_available  # noqa: E402
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Run a test once per backend (``torch`` and ``triton`` through the interpreter)."""
+    if request.param == "triton" and not triton_available():
+        pytest.fail("Triton is a dependency on Linux and must be importable for the kernel tests")
+    monkeypatch.setenv("FASTNVP_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
