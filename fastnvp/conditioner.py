@@ -102,7 +102,8 @@ def standard_weights(mlp: StandardMLP, kept: torch.Tensor, transformed: torch.Te
     columns of the first Linear and the transformed output rows of the last Linear matter.
 
     Returns:
-        ``(W1 (H, K1), b1 (H,), W2 (H, H), b2 (H,), W3 (K2, H), b3 (K2,))``, gathers that stay differentiable with respect to the module's parameters.
+        ``(W1 (H, K1), b1 (H,), W2 (H, H), b2 (H,), W3 (K2, H), b3 (K2,))``,
+        gathers that stay differentiable with respect to the module's parameters.
     """
     w1 = mlp.lin1.weight.index_select(1, kept)
     w3 = mlp.lin3.weight.index_select(0, transformed)
