@@ -113,6 +113,27 @@ class FastRealNVP(FlowBase):
             )
         return torch.tanh(outs[0]), outs[1]
 
+    # ----------------------------------------------------------------------------- one layer
+    def layer_forward(self, i: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coupling layer ``i`` in the data -> latent direction.  (N, D) -> ((N, D), (N,))."""
+        kept, transformed = self._split(i)
+        x1 = z.index_select(1, kept)
+        s, t = self._conditioner(i, z, x1, kept, transformed)
+        z2, log_det = ops.affine_coupling(
+            z.index_select(1, transformed), s.to(z.dtype), t.to(z.dtype)
+        )
+        return z.index_copy(1, transformed, z2), log_det
+
+    def layer_inverse(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coupling layer ``i`` in the latent -> data direction.  (N, D) -> ((N, D), (N,))."""
+        kept, transformed = self._split(i)
+        x1 = x.index_select(1, kept)
+        s, t = self._conditioner(i, x, x1, kept, transformed)
+        x2, log_det = ops.affine_coupling_inverse(
+            x.index_select(1, transformed), s.to(x.dtype), t.to(x.dtype)
+        )
+        return x.index_copy(1, transformed, x2), log_det
+
     # ----------------------------------------------------------------------------- the flow
     def f(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Data -> latent.  x: (N, D) -> (z (N, D), log_det (N,)), ``log_det = log|det dz/dx|``."""
@@ -120,13 +141,7 @@ class FastRealNVP(FlowBase):
         z = x
         log_det = None
         for i in range(self.num_layers):
-            kept, transformed = self._split(i)
-            x1 = z.index_select(1, kept)
-            s, t = self._conditioner(i, z, x1, kept, transformed)
-            z2, ld = ops.affine_coupling(
-                z.index_select(1, transformed), s.to(z.dtype), t.to(z.dtype)
-            )
-            z = z.index_copy(1, transformed, z2)
+            z, ld = self.layer_forward(i, z)
             log_det = ld if log_det is None else log_det + ld
         return z, log_det
 
@@ -135,14 +150,5 @@ class FastRealNVP(FlowBase):
         self._check_input(z, "z")
         x = z
         for i in reversed(range(self.num_layers)):
-            kept, transformed = self._split(i)
-            x1 = x.index_select(1, kept)
-            s, t = self._conditioner(i, x, x1, kept, transformed)
-            x2, _ = ops.affine_coupling_inverse(
-                x.index_select(1, transformed), s.to(x.dtype), t.to(x.dtype)
-            )
-            x = x.index_copy(1, transformed, x2)
+            x, _ = self.layer_inverse(i, x)
         return x
-
-
-__all__ = ["FastRealNVP"]
