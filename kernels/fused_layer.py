@@ -1,0 +1,370 @@
+"""Fully fused coupling layer (forward f / inverse g) and whole-stack inference.
+
+Math (DESIGN §1), per row with kept half x1 (K1 features) and transformed half x2 (K2 features),
+for each conditioner net P in {S, T} with weights W1 (H, K1), W2 (H, H), W3 (K2, H) and slope a::
+
+    a1 = x1 @ W1^T + b1        h1 = leaky(a1)          (the first Linear, K = K1, often 1)
+    a2 = h1 @ W2^T + b2        h2 = leaky(a2)          (the H x H Linear: ~98% of the FLOPs)
+    u  = h2 @ W3^T + b3                                (the last Linear, N = K2)
+    s = tanh(u_S), t = u_T
+    forward:  z2 = x2 * exp(s) + t,    log_det = +sum(s)
+    inverse:  x2 = (z2 - t) * exp(-s), log_det = -sum(s)
+
+Memory traffic per row: D inputs, D outputs, one log_det (~24 B at D = 2); the weights
+(2 * (H*H + H*(K1+K2+2) + K2) floats) are read once per program and stay in L2. At H = 256 the
+layer is compute bound (~266 kFLOP per row), so the kernel's job is to keep the H x H Linear on
+the tensor cores and every intermediate in registers.
+
+Design: one program owns BLOCK_M rows and runs both nets. The H x H Linear is chunked over its
+output columns (HC) and its K dimension (KC): the accumulator is (BLOCK_M, HC), the first Linear
+is recomputed per K chunk (it is K1 FMAs per element, far cheaper than keeping (BLOCK_M, H)
+activations live), and each finished output chunk is folded straight into the last Linear, so no
+(BLOCK_M, H) tensor is ever live. The first Linear is an outer product on CUDA cores when
+K1 <= 8 (fp32 always) and a tl.dot for wider halves; the last Linear is a dot padded to
+K2P >= 16 columns. The kernel reads the full (N, D) input with kept/transformed index vectors and
+writes the full output, so one launch does gather + layer + scatter for any mask. The whole-stack
+kernel keeps a row tile's state in the output buffer (L1/L2 resident; a barrier orders the layers)
+and walks all L layers in one launch.
+
+Limits: fp32 weights; x in fp32/bf16/fp16 (math in fp32). H must be a power of two (>= 16); the
+tf32/bf16 modes need the dot shapes of ``dot_shapes`` to meet the tensor-core minimums, which the
+config tables guarantee. Tanh is ``2 / (1 + exp(-2u)) - 1`` (the interpreter has no tanh).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+PRECISIONS = {"ieee": 0, "tf32": 1, "bf16": 2}
+# Triton's interpreter mis-computes bf16 dots (and truncates on conversion), so on CPU tensors
+# bf16 runs as mode 3: operands rounded to bf16 (round-to-nearest-even, in integer bit math),
+# products and sums in fp32 -- the same numbers a bf16 tensor-core dot with fp32 accumulation gives.
+PREC_BF16_EMULATED = 3
+# Weights of the whole stack at or below this many bytes take the one-launch stack kernel.
+STACK_CACHE_BUDGET = 40 * 1024 * 1024
+# The outer-product first Linear is used up to this padded K1; wider halves use tl.dot.
+OUTER_K1_MAX = 8
+_OUTER_K1_MAX = tl.constexpr(OUTER_K1_MAX)  # the same bound, visible inside @triton.jit
+
+
+# --------------------------------------------------------------------------------- jit helpers
+@triton.jit
+def _round_bf16(v):
+    """fp32 -> nearest bf16 value (ties to even), kept in fp32."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr):
+    """acc + a @ b; PREC: 0 ieee fp32, 1 tf32, 2 bf16 operands / fp32 acc, 3 bf16 emulated."""
+    if PREC == 3:
+        out = tl.dot(_round_bf16(a), _round_bf16(b), acc, input_precision="ieee")
+    elif PREC == 2:
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc, out_dtype=tl.float32)
+    elif PREC == 1:
+        out = tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    return out
+
+
+@triton.jit
+def _leaky(v, slope):
+    return tl.where(v > 0, v, v * slope)
+
+
+@triton.jit
+def _tanh(u):
+    # tanh(u) = 2 * sigmoid(2u) - 1; exp overflow to inf gives the correct limit -1.
+    return 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0
+
+
+@triton.jit
+def _layer1(x1, k1cols, K1, w1_ptr, w1_stride, b1_ptr, hcols,
+            BLOCK_M: tl.constexpr, KC: tl.constexpr, K1P: tl.constexpr,
+            PREC: tl.constexpr):  # fmt: skip
+    """Pre-activation a1[:, hcols] = x1 @ W1[hcols, :]^T + b1[hcols]: (BLOCK_M, KC) fp32."""
+    b1 = tl.load(b1_ptr + hcols)
+    if K1P > _OUTER_K1_MAX:
+        w = tl.load(
+            w1_ptr + hcols[None, :] * w1_stride + k1cols[:, None],
+            mask=(k1cols < K1)[:, None],
+            other=0.0,
+        )  # (K1P, KC) = W1[hcols, :]^T
+        acc = _dot(x1, w, tl.zeros((BLOCK_M, KC), tl.float32), PREC)
+    else:
+        # K1 <= 8: a few outer products in fp32 on CUDA cores beat a 16-wide padded dot.
+        acc = tl.zeros((BLOCK_M, KC), tl.float32)
+        for k in tl.static_range(K1P):
+            xk = tl.sum(tl.where(k1cols[None, :] == k, x1, 0.0), axis=1)
+            wk = tl.load(w1_ptr + hcols * w1_stride + k, mask=(hcols * 0 + k) < K1, other=0.0)
+            acc += xk[:, None] * wk[None, :]
+    return acc + b1[None, :]
+
+
+@triton.jit
+def _net(x1, k1cols, K1, K2, w1_ptr, w1_stride, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, slope,
+         H: tl.constexpr, BLOCK_M: tl.constexpr, K1P: tl.constexpr, K2P: tl.constexpr,
+         HC: tl.constexpr, KC: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """One conditioner net on a row tile: u = Linear3(leaky(Linear2(leaky(Linear1(x1))))).
+
+    x1: (BLOCK_M, K1P) fp32 (padded columns are 0). Returns (BLOCK_M, K2P) fp32; padded columns
+    are 0 because the padded rows of W3 and b3 load as 0.
+    """
+    k2cols = tl.arange(0, K2P)
+    u = tl.zeros((BLOCK_M, K2P), tl.float32)
+    for n0 in range(0, H, HC):
+        ncols = n0 + tl.arange(0, HC)
+        acc = tl.zeros((BLOCK_M, HC), tl.float32)
+        for k0 in range(0, H, KC):
+            kcols = k0 + tl.arange(0, KC)
+            h1 = _leaky(
+                _layer1(x1, k1cols, K1, w1_ptr, w1_stride, b1_ptr, kcols, BLOCK_M, KC, K1P, PREC),
+                slope,
+            )
+            w2t = tl.load(w2_ptr + ncols[None, :] * H + kcols[:, None])  # (KC, HC) = W2^T chunk
+            acc = _dot(h1, w2t, acc, PREC)
+        b2 = tl.load(b2_ptr + ncols)
+        h2 = _leaky(acc + b2[None, :], slope)
+        w3t = tl.load(
+            w3_ptr + k2cols[None, :] * H + ncols[:, None],
+            mask=(k2cols < K2)[None, :],
+            other=0.0,
+        )  # (HC, K2P) = W3[:, ncols]^T
+        u = _dot(h2, w3t, u, PREC)
+    b3 = tl.load(b3_ptr + k2cols, mask=k2cols < K2, other=0.0)
+    return u + b3[None, :]
+
+
+@triton.jit
+def _coupling_tile(src_ptr, dst_ptr, rows, row_ok, D, kept_ptr, trans_ptr, K1, K2,
+                   w1s, w1_stride, b1s, w2s, b2s, w3s, b3s,
+                   w1t, b1t, w2t, b2t, w3t, b3t, slope,
+                   H: tl.constexpr, BLOCK_M: tl.constexpr, K1P: tl.constexpr, K2P: tl.constexpr,
+                   HC: tl.constexpr, KC: tl.constexpr, PREC: tl.constexpr,
+                   INVERSE: tl.constexpr, STORE_KEPT: tl.constexpr):  # fmt: skip
+    """One coupling layer on BLOCK_M rows of a (N, D) buffer; returns the rows' log_det (fp32)."""
+    k1cols = tl.arange(0, K1P)
+    k2cols = tl.arange(0, K2P)
+    kidx = tl.load(kept_ptr + k1cols, mask=k1cols < K1, other=0)
+    tidx = tl.load(trans_ptr + k2cols, mask=k2cols < K2, other=0)
+    m1 = row_ok[:, None] & (k1cols < K1)[None, :]
+    m2 = row_ok[:, None] & (k2cols < K2)[None, :]
+    base = rows.to(tl.int64)[:, None] * D
+    x1 = tl.load(src_ptr + base + kidx[None, :], mask=m1, other=0.0).to(tl.float32)
+    x2 = tl.load(src_ptr + base + tidx[None, :], mask=m2, other=0.0).to(tl.float32)
+    s = _tanh(
+        _net(x1, k1cols, K1, K2, w1s, w1_stride, b1s, w2s, b2s, w3s, b3s, slope,
+             H, BLOCK_M, K1P, K2P, HC, KC, PREC)
+    )  # fmt: skip
+    t = _net(x1, k1cols, K1, K2, w1t, w1_stride, b1t, w2t, b2t, w3t, b3t, slope,
+             H, BLOCK_M, K1P, K2P, HC, KC, PREC)  # fmt: skip
+    s = tl.where(m2, s, 0.0)
+    if INVERSE:
+        y2 = (x2 - t) * tl.exp(-s)
+        log_det = -tl.sum(s, axis=1)
+    else:
+        y2 = x2 * tl.exp(s) + t
+        log_det = tl.sum(s, axis=1)
+    tl.store(dst_ptr + base + tidx[None, :], y2.to(dst_ptr.dtype.element_ty), mask=m2)
+    if STORE_KEPT:
+        tl.store(dst_ptr + base + kidx[None, :], x1.to(dst_ptr.dtype.element_ty), mask=m1)
+    return log_det
+
+
+# ------------------------------------------------------------------------------------- kernels
+@triton.jit
+def coupling_layer_kernel(x_ptr, out_ptr, ld_ptr, kept_ptr, trans_ptr, N, D, K1, K2,
+                          w1s, b1s, w2s, b2s, w3s, b3s, w1t, b1t, w2t, b2t, w3t, b3t, slope,
+                          H: tl.constexpr, BLOCK_M: tl.constexpr, K1P: tl.constexpr,
+                          K2P: tl.constexpr, HC: tl.constexpr, KC: tl.constexpr,
+                          PREC: tl.constexpr, INVERSE: tl.constexpr):  # fmt: skip
+    """One coupling layer, grid = cdiv(N, BLOCK_M); x, out: (N, D) contiguous; ld: (N,) fp32."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    log_det = _coupling_tile(
+        x_ptr, out_ptr, rows, row_ok, D, kept_ptr, trans_ptr, K1, K2,
+        w1s, K1, b1s, w2s, b2s, w3s, b3s, w1t, b1t, w2t, b2t, w3t, b3t, slope,
+        H, BLOCK_M, K1P, K2P, HC, KC, PREC, INVERSE, True,
+    )  # fmt: skip
+    tl.store(ld_ptr + rows, log_det, mask=row_ok)
+
+
+@triton.jit
+def coupling_stack_kernel(x_ptr, out_ptr, ld_ptr, kept_ptr, trans_ptr, k1_ptr, k2_ptr, N, D, L,
+                          w1s, b1s, w2s, b2s, w3s, b3s, w1t, b1t, w2t, b2t, w3t, b3t, slope,
+                          H: tl.constexpr, BLOCK_M: tl.constexpr, K1P: tl.constexpr,
+                          K2P: tl.constexpr, HC: tl.constexpr, KC: tl.constexpr,
+                          DP: tl.constexpr, PREC: tl.constexpr, INVERSE: tl.constexpr):  # fmt: skip
+    """All L layers on one row tile (forward: 0..L-1, inverse: L-1..0).
+
+    Stacked, zero-padded weights: w1 (L, H, K1P), b1 (L, H), w2 (L, H, H), b2 (L, H),
+    w3 (L, K2P, H), b3 (L, K2P); kept (L, K1P) / trans (L, K2P) int64 with per-layer counts
+    k1/k2 (L,) int32. The tile's state lives in ``out`` (its rows are private to this program).
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    cols = tl.arange(0, DP)
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    ok = row_ok[:, None] & (cols < D)[None, :]
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=ok), mask=ok)
+    tl.debug_barrier()
+    log_det = tl.zeros((BLOCK_M,), tl.float32)
+    for i in range(L):
+        if INVERSE:
+            layer = L - 1 - i
+        else:
+            layer = i
+        K1 = tl.load(k1_ptr + layer)
+        K2 = tl.load(k2_ptr + layer)
+        hk1 = layer * H * K1P
+        hh = layer * H * H
+        hk2 = layer * K2P * H
+        log_det += _coupling_tile(
+            out_ptr, out_ptr, rows, row_ok, D, kept_ptr + layer * K1P, trans_ptr + layer * K2P,
+            K1, K2,
+            w1s + hk1, K1P, b1s + layer * H, w2s + hh, b2s + layer * H, w3s + hk2,
+            b3s + layer * K2P,
+            w1t + hk1, b1t + layer * H, w2t + hh, b2t + layer * H, w3t + hk2, b3t + layer * K2P,
+            slope, H, BLOCK_M, K1P, K2P, HC, KC, PREC, INVERSE, False,
+        )  # fmt: skip
+        # The next layer reads columns other threads of this program just wrote.
+        tl.debug_barrier()
+    tl.store(ld_ptr + rows, log_det, mask=row_ok)
+
+
+# ------------------------------------------------------------------------------------- configs
+def padded(k: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(k, minimum)."""
+    return max(triton.next_power_of_2(int(k)), minimum)
+
+
+def pad_k1(k1: int) -> int:
+    """Padded kept width: exact power of two for the outer product, >= 16 when it is a dot."""
+    p = padded(k1)
+    return p if p <= OUTER_K1_MAX else max(p, 16)
+
+
+def pad_k2(k2: int) -> int:
+    """Padded transformed width: the last Linear is a dot, so N >= 16."""
+    return padded(k2, 16)
+
+
+def layer_config(hidden: int, precision: str, interpret: bool) -> dict:
+    """Tile sizes for the forward/inverse/stack kernels.
+
+    GPU (sm_90): 128 output columns x 32-row K chunks of W2 (DESIGN §3.3); 64 rows for ieee
+    (fp32 FMA dots need more registers per element) and 128 rows otherwise. Interpreter: tiny
+    tiles with several chunks, so every loop and mask is exercised.
+    """
+    if interpret:
+        return {"BLOCK_M": 16, "HC": min(hidden, 32), "KC": 16, "num_warps": 1}
+    hc = min(hidden, 128)
+    block_m = 64 if precision == "ieee" else 128
+    return {"BLOCK_M": block_m, "HC": hc, "KC": 32, "num_warps": 8 if hc >= 128 else 4}
+
+
+def dot_shapes(cfg: dict, k1p: int, k2p: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of every tl.dot the forward/inverse/stack kernels issue for a config."""
+    shapes = [(cfg["BLOCK_M"], cfg["KC"], cfg["HC"]), (cfg["BLOCK_M"], cfg["HC"], k2p)]
+    if k1p > OUTER_K1_MAX:
+        shapes.append((cfg["BLOCK_M"], k1p, cfg["KC"]))
+    return shapes
+
+
+def check_hidden(hidden: int) -> None:
+    if hidden < 16 or hidden & (hidden - 1):
+        raise ValueError(f"the fused layer needs a power-of-two hidden width >= 16, got {hidden}")
+
+
+# ----------------------------------------------------------------------------------- launchers
+def prec_code(precision: str, device: torch.device) -> int:
+    """The kernels' PREC constexpr for a precision name on a device (see PREC_BF16_EMULATED)."""
+    code = PRECISIONS[precision]
+    if code == PRECISIONS["bf16"] and device.type != "cuda":
+        return PREC_BF16_EMULATED
+    return code
+
+
+def _prep(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float32).contiguous()
+
+
+def coupling_layer(x, kept, transformed, s_weights, t_weights, slope: float, precision: str,
+                   inverse: bool, config: dict | None = None):  # fmt: skip
+    """Launch one fused coupling layer.
+
+    Args:
+        x: (N, D) float32/bfloat16/float16. kept (K1,), transformed (K2,): int64 indices that
+            partition range(D). s_weights/t_weights: (W1 (H, K1), b1 (H,), W2 (H, H), b2 (H,),
+            W3 (K2, H), b3 (K2,)). precision: "ieee" | "tf32" | "bf16".
+    Returns:
+        (out (N, D) in x's dtype, log_det (N,) float32).
+    """
+    x = x.contiguous()
+    n, d = x.shape
+    k1, k2 = kept.numel(), transformed.numel()
+    hidden = s_weights[2].shape[0]
+    check_hidden(hidden)
+    interpret = not x.is_cuda
+    cfg = dict(config or layer_config(hidden, precision, interpret))
+    out = torch.empty_like(x)
+    log_det = torch.empty(n, device=x.device, dtype=torch.float32)
+    ws = [_prep(w) for w in s_weights]
+    wt = [_prep(w) for w in t_weights]
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
+    coupling_layer_kernel[grid](
+        x, out, log_det, kept.contiguous(), transformed.contiguous(), n, d, k1, k2,
+        *ws, *wt, float(slope),
+        H=hidden, BLOCK_M=cfg["BLOCK_M"], K1P=pad_k1(k1), K2P=pad_k2(k2), HC=cfg["HC"],
+        KC=cfg["KC"], PREC=prec_code(precision, x.device), INVERSE=bool(inverse),
+        num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return out, log_det
+
+
+def coupling_stack(x, kept, transformed, k1, k2, s_weights, t_weights, slope: float,
+                   precision: str, inverse: bool, config: dict | None = None):  # fmt: skip
+    """Launch the whole-stack kernel.
+
+    Args:
+        x: (N, D). kept (L, K1P) / transformed (L, K2P) int64, zero-padded; k1/k2 (L,) counts.
+        s_weights/t_weights: stacked, zero-padded (W1 (L, H, K1P), b1 (L, H), W2 (L, H, H),
+            b2 (L, H), W3 (L, K2P, H), b3 (L, K2P)); K1P = pad_k1, K2P = pad_k2 of the widest layer.
+    Returns:
+        (out (N, D) in x's dtype, log_det (N,) float32 summed over the layers).
+    """
+    x = x.contiguous()
+    n, d = x.shape
+    num_layers, k1p = kept.shape
+    k2p = transformed.shape[1]
+    hidden = s_weights[2].shape[1]
+    check_hidden(hidden)
+    interpret = not x.is_cuda
+    cfg = dict(config or layer_config(hidden, precision, interpret))
+    out = torch.empty_like(x)
+    log_det = torch.empty(n, device=x.device, dtype=torch.float32)
+    ws = [_prep(w) for w in s_weights]
+    wt = [_prep(w) for w in t_weights]
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
+    coupling_stack_kernel[grid](
+        x, out, log_det, kept.contiguous(), transformed.contiguous(),
+        k1.to(torch.int32).contiguous(), k2.to(torch.int32).contiguous(), n, d, num_layers,
+        *ws, *wt, float(slope),
+        H=hidden, BLOCK_M=cfg["BLOCK_M"], K1P=k1p, K2P=k2p, HC=cfg["HC"], KC=cfg["KC"],
+        DP=padded(d), PREC=prec_code(precision, x.device), INVERSE=bool(inverse),
+        num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return out, log_det
+
+
+def stack_weight_bytes(num_layers: int, hidden: int, k1p: int, k2p: int) -> int:
+    """Bytes of fp32 weights the stack kernel streams per row tile (both nets)."""
+    per_net = hidden * k1p + hidden + hidden * hidden + hidden + k2p * hidden + k2p
+    return 2 * 4 * num_layers * per_net
