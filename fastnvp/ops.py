@@ -120,7 +120,9 @@ def affine_coupling_backward(
         gin = g * torch.exp(s32)
         gs = gin * a32 + gl
         gt = g
-    return gin.to(a.dtype), gs.to(a.dtype), gt.to(a.dtype)
+    # copy=True: in the forward case gt is the upstream gradient itself, and outputs of a
+    # custom op may not alias its inputs.
+    return gin.to(a.dtype), gs.to(a.dtype), gt.to(a.dtype, copy=True)
 
 
 @affine_coupling_backward.register_fake
