@@ -24,8 +24,10 @@ for inference (no autograd), on stacked zero-padded weights (see :func:`stack_la
 
 Dispatch: :func:`fastnvp.backend.use_triton` picks the Triton kernels (``fastnvp.kernels.
 fused_layer*``, imported lazily); otherwise, and always for float64, the PyTorch code below runs
-the same math. ``precision`` ("ieee" | "tf32" | "bf16") selects the kernels' matmul mode; the
-PyTorch path computes in the input's precision (fp32 for half inputs).
+the same math. ``precision`` ("ieee" | "tf32" | "bf16") selects the matmul mode. The PyTorch
+path computes in the input's precision (fp32 for half inputs); for "bf16" it rounds exactly the
+matmul operands the kernels round (bf16 operands, fp32 accumulation), so both backends give the
+same numbers; "tf32" runs as fp32 there.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ from fastnvp.backend import use_triton
 from fastnvp.validation import ensure_batch, ensure_tensor
 
 PRECISIONS = ("ieee", "tf32", "bf16")
+# Kept halves up to this width run the first Linear as fp32 outer products in the kernels (no
+# bf16 rounding); the PyTorch path mirrors it (kernels/fused_layer.py: OUTER_K1_MAX).
+FIRST_LINEAR_OUTER_MAX = 8
 WEIGHT_NAMES = ("w1", "b1", "w2", "b2", "w3", "b3")
 
 
@@ -119,22 +124,33 @@ def _ld_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _mlp(x1: Tensor, w: Sequence[Tensor], slope: float) -> Tensor:
-    h = F.leaky_relu(F.linear(x1, w[0], w[1]), slope)
-    h = F.leaky_relu(F.linear(h, w[2], w[3]), slope)
-    return F.linear(h, w[4], w[5])
+def _rounder(bf16: bool):
+    """Identity, or rounding to the nearest bf16 value (kept in the compute dtype)."""
+    if not bf16:
+        return lambda v: v
+    return lambda v: v.to(torch.bfloat16).to(v.dtype)
 
 
-def torch_layer(x, kept, transformed, sw, tw, slope: float, inverse: bool):
+def _mlp(x1: Tensor, w: Sequence[Tensor], slope: float, bf16: bool = False) -> Tensor:
+    """(N, K1) -> (N, K2) standard MLP; ``bf16`` rounds every matmul operand the kernels round."""
+    r = _rounder(bf16)
+    r1 = _rounder(bf16 and x1.shape[1] > FIRST_LINEAR_OUTER_MAX)
+    h = F.leaky_relu(F.linear(r1(x1), r1(w[0]), w[1]), slope)
+    h = F.leaky_relu(F.linear(r(h), r(w[2]), w[3]), slope)
+    return F.linear(r(h), r(w[4]), w[5])
+
+
+def torch_layer(x, kept, transformed, sw, tw, slope: float, inverse: bool, precision="ieee"):
     """PyTorch implementation of one coupling layer.  (N, D) -> ((N, D), (N,))."""
     cd = _compute_dtype(x.dtype)
+    bf16 = precision == "bf16"
     xc = x.to(cd)
     sw = [w.to(cd) for w in sw]
     tw = [w.to(cd) for w in tw]
     x1 = xc.index_select(1, kept)
     x2 = xc.index_select(1, transformed)
-    s = torch.tanh(_mlp(x1, sw, slope))
-    t = _mlp(x1, tw, slope)
+    s = torch.tanh(_mlp(x1, sw, slope, bf16))
+    t = _mlp(x1, tw, slope, bf16)
     if inverse:
         y2 = (x2 - t) * torch.exp(-s)
         log_det = -s.sum(dim=1)
@@ -145,24 +161,31 @@ def torch_layer(x, kept, transformed, sw, tw, slope: float, inverse: bool):
     return out, log_det.to(_ld_dtype(x))
 
 
-def _mlp_backward(x1, w, slope, gu):
+def _mlp_backward(x1, w, slope, gu, bf16: bool):
     """Through one MLP given the gradient of its output: (gx1, (gW1, gb1, gW2, gb2, gW3, gb3))."""
-    a1 = F.linear(x1, w[0], w[1])
+    r = _rounder(bf16)
+    r1 = _rounder(bf16 and x1.shape[1] > FIRST_LINEAR_OUTER_MAX)
+    a1 = F.linear(r1(x1), r1(w[0]), w[1])
     h1 = F.leaky_relu(a1, slope)
-    a2 = F.linear(h1, w[2], w[3])
+    a2 = F.linear(r(h1), r(w[2]), w[3])
     h2 = F.leaky_relu(a2, slope)
-    ga2 = (gu @ w[4]) * torch.where(a2 > 0, 1.0, slope).to(a2.dtype)
-    ga1 = (ga2 @ w[2]) * torch.where(a1 > 0, 1.0, slope).to(a1.dtype)
-    grads = (ga1.T @ x1, ga1.sum(0), ga2.T @ h1, ga2.sum(0), gu.T @ h2, gu.sum(0))
-    return ga1 @ w[0], grads
+    ga2 = (r(gu) @ r(w[4])) * torch.where(a2 > 0, 1.0, slope).to(a2.dtype)
+    ga1 = (r(ga2) @ r(w[2])) * torch.where(a1 > 0, 1.0, slope).to(a1.dtype)
+    grads = (
+        r1(ga1).T @ r1(x1), ga1.sum(0), r(ga2).T @ r(h1), ga2.sum(0), r(gu).T @ r(h2), gu.sum(0)
+    )  # fmt: skip
+    return r1(ga1) @ r1(w[0]), grads
 
 
-def torch_layer_backward(out, grad_out, grad_log_det, kept, transformed, sw, tw, slope, inverse):
+def torch_layer_backward(
+    out, grad_out, grad_log_det, kept, transformed, sw, tw, slope, inverse, precision="ieee"
+):
     """PyTorch backward of one coupling layer from its output; same algebra as the kernel.
 
     Returns (grad_in (N, D), 6 gradients of S's weights, 6 of T's), in the inputs' dtypes.
     """
     cd = _compute_dtype(out.dtype)
+    bf16 = precision == "bf16"
     y = out.to(cd)
     g = grad_out.to(cd)
     gl = grad_log_det.to(cd)[:, None]
@@ -171,9 +194,9 @@ def torch_layer_backward(out, grad_out, grad_log_det, kept, transformed, sw, tw,
     x1 = y.index_select(1, kept)
     y2 = y.index_select(1, transformed)
     g2 = g.index_select(1, transformed)
-    u_s = _mlp(x1, swc, slope)
+    u_s = _mlp(x1, swc, slope, bf16)
     s = torch.tanh(u_s)
-    t = _mlp(x1, twc, slope)
+    t = _mlp(x1, twc, slope, bf16)
     if inverse:
         gin2 = g2 * torch.exp(-s)
         gs = -(g2 * y2 + gl)
@@ -182,8 +205,8 @@ def torch_layer_backward(out, grad_out, grad_log_det, kept, transformed, sw, tw,
         gin2 = g2 * torch.exp(s)
         gs = g2 * (y2 - t) + gl
         gt = g2
-    gx1_s, gws = _mlp_backward(x1, swc, slope, gs * (1 - s * s))
-    gx1_t, gwt = _mlp_backward(x1, twc, slope, gt)
+    gx1_s, gws = _mlp_backward(x1, swc, slope, gs * (1 - s * s), bf16)
+    gx1_t, gwt = _mlp_backward(x1, twc, slope, gt, bf16)
     gx1 = g.index_select(1, kept) + gx1_s + gx1_t
     grad_in = torch.zeros_like(y).index_copy(1, kept, gx1).index_copy(1, transformed, gin2)
     gws = [gw.to(w.dtype) for gw, w in zip(gws, sw)]
@@ -191,7 +214,9 @@ def torch_layer_backward(out, grad_out, grad_log_det, kept, transformed, sw, tw,
     return (grad_in.to(out.dtype), *gws, *gwt)
 
 
-def torch_stack(x, kept, transformed, k1, k2, sw, tw, slope: float, inverse: bool):
+def torch_stack(
+    x, kept, transformed, k1, k2, sw, tw, slope: float, inverse: bool, precision="ieee"
+):
     """PyTorch implementation of the whole stack on stacked, zero-padded weights."""
     num_layers = kept.shape[0]
     k1s, k2s = k1.tolist(), k2.tolist()
@@ -204,7 +229,9 @@ def torch_stack(x, kept, transformed, k1, k2, sw, tw, slope: float, inverse: boo
               sw[4][layer, :b], sw[5][layer, :b]]  # fmt: skip
         wt = [tw[0][layer, :, :a], tw[1][layer], tw[2][layer], tw[3][layer],
               tw[4][layer, :b], tw[5][layer, :b]]  # fmt: skip
-        out, ld = torch_layer(out, kept[layer, :a], transformed[layer, :b], ws, wt, slope, inverse)
+        out, ld = torch_layer(
+            out, kept[layer, :a], transformed[layer, :b], ws, wt, slope, inverse, precision
+        )
         log_det = log_det + ld
     return out, log_det
 
@@ -220,7 +247,7 @@ def _layer(x, kept, transformed, sw, tw, slope, precision, inverse):
         from fastnvp.kernels.fused_layer import coupling_layer as launch
 
         return launch(x, kept, transformed, sw, tw, slope, precision, inverse)
-    return torch_layer(x, kept, transformed, sw, tw, slope, inverse)
+    return torch_layer(x, kept, transformed, sw, tw, slope, inverse, precision)
 
 
 def _layer_backward(out, g, gl, kept, transformed, sw, tw, slope, precision, inverse):
@@ -228,7 +255,7 @@ def _layer_backward(out, g, gl, kept, transformed, sw, tw, slope, precision, inv
         from fastnvp.kernels.fused_layer_backward import coupling_layer_backward as launch
 
         return launch(out, g, gl, kept, transformed, sw, tw, slope, precision, inverse)
-    return torch_layer_backward(out, g, gl, kept, transformed, sw, tw, slope, inverse)
+    return torch_layer_backward(out, g, gl, kept, transformed, sw, tw, slope, inverse, precision)
 
 
 def _stack(x, kept, transformed, k1, k2, sw, tw, slope, precision, inverse):
@@ -236,7 +263,7 @@ def _stack(x, kept, transformed, k1, k2, sw, tw, slope, precision, inverse):
         from fastnvp.kernels.fused_layer import coupling_stack as launch
 
         return launch(x, kept, transformed, k1, k2, sw, tw, slope, precision, inverse)
-    return torch_stack(x, kept, transformed, k1, k2, sw, tw, slope, inverse)
+    return torch_stack(x, kept, transformed, k1, k2, sw, tw, slope, inverse, precision)
 
 
 def _fake_layer(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -107,6 +107,24 @@ def _layer1(x1, k1cols, K1, w1_ptr, w1_stride, b1_ptr, hcols,
 
 
 @triton.jit
+def _hidden2(x1, k1cols, K1, w1_ptr, w1_stride, b1_ptr, w2_ptr, b2_ptr, ncols, slope,
+             H: tl.constexpr, BLOCK_M: tl.constexpr, K1P: tl.constexpr, HC: tl.constexpr,
+             KC: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Pre-activation a2[:, ncols] of the H x H Linear: (BLOCK_M, HC) fp32, K chunked by KC."""
+    acc = tl.zeros((BLOCK_M, HC), tl.float32)
+    for k0 in range(0, H, KC):
+        kcols = k0 + tl.arange(0, KC)
+        h1 = _leaky(
+            _layer1(x1, k1cols, K1, w1_ptr, w1_stride, b1_ptr, kcols, BLOCK_M, KC, K1P, PREC),
+            slope,
+        )
+        w2t = tl.load(w2_ptr + ncols[None, :] * H + kcols[:, None])  # (KC, HC) = W2^T chunk
+        acc = _dot(h1, w2t, acc, PREC)
+    b2 = tl.load(b2_ptr + ncols)
+    return acc + b2[None, :]
+
+
+@triton.jit
 def _net(x1, k1cols, K1, K2, w1_ptr, w1_stride, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, slope,
          H: tl.constexpr, BLOCK_M: tl.constexpr, K1P: tl.constexpr, K2P: tl.constexpr,
          HC: tl.constexpr, KC: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
@@ -119,23 +137,14 @@ def _net(x1, k1cols, K1, K2, w1_ptr, w1_stride, b1_ptr, w2_ptr, b2_ptr, w3_ptr, 
     u = tl.zeros((BLOCK_M, K2P), tl.float32)
     for n0 in range(0, H, HC):
         ncols = n0 + tl.arange(0, HC)
-        acc = tl.zeros((BLOCK_M, HC), tl.float32)
-        for k0 in range(0, H, KC):
-            kcols = k0 + tl.arange(0, KC)
-            h1 = _leaky(
-                _layer1(x1, k1cols, K1, w1_ptr, w1_stride, b1_ptr, kcols, BLOCK_M, KC, K1P, PREC),
-                slope,
-            )
-            w2t = tl.load(w2_ptr + ncols[None, :] * H + kcols[:, None])  # (KC, HC) = W2^T chunk
-            acc = _dot(h1, w2t, acc, PREC)
-        b2 = tl.load(b2_ptr + ncols)
-        h2 = _leaky(acc + b2[None, :], slope)
+        a2 = _hidden2(x1, k1cols, K1, w1_ptr, w1_stride, b1_ptr, w2_ptr, b2_ptr, ncols, slope,
+                      H, BLOCK_M, K1P, HC, KC, PREC)  # fmt: skip
         w3t = tl.load(
             w3_ptr + k2cols[None, :] * H + ncols[:, None],
             mask=(k2cols < K2)[None, :],
             other=0.0,
         )  # (HC, K2P) = W3[:, ncols]^T
-        u = _dot(h2, w3t, u, PREC)
+        u = _dot(_leaky(a2, slope), w3t, u, PREC)
     b3 = tl.load(b3_ptr + k2cols, mask=k2cols < K2, other=0.0)
     return u + b3[None, :]
 

@@ -1,0 +1,262 @@
+"""Backward of the fully fused coupling layer, recomputed from the layer's output.
+
+Math (DESIGN §1), with the layer output y (its kept half x1 equals the input's), upstream g
+(per element, halves g1/g2) and gl (per row); a1, a2 are the pre-activations of each net::
+
+    forward layer:  gin2 = g2 * exp(s),   gs = g2 * (y2 - t) + gl,   gt = g2
+    inverse layer:  gin2 = g2 * exp(-s),  gs = -(g2 * y2 + gl),      gt = -gin2
+    gu_S = gs * (1 - s^2),  gu_T = gt                                  (BLOCK_M, K2)
+    per net:  ga2 = (gu @ W3) * leaky'(a2)     ga1 = (ga2 @ W2) * leaky'(a1)
+              dW3 = gu^T h2, db3 = sum gu, dW2 = ga2^T h1, db2 = sum ga2, dW1 = ga1^T x1,
+              db1 = sum ga1,  gx1 += ga1 @ W1
+    gin1 = g1 + gx1_S + gx1_T
+
+Memory traffic per row: y, g (2 D), gl, gin (D) and the scratch ga2 (H floats per net, written
+once and read back once by the same program). Compute: per net three H x H products in the
+kernel (the recompute of a2 twice: once for s/t, once chunk by chunk for ga2) plus dW2 outside.
+
+Design: one program per BLOCK_M rows, both nets. Pass A recomputes s and t (the forward
+kernel's ``_net``). Pass B walks the H x H Linear's output columns in HC chunks: recompute a2,
+form ga2 = (gu @ W3[:, chunk]) * leaky'(a2), store it to the scratch and fold the chunk's dW3 and
+db2 partials. Pass C (after a barrier: other threads wrote ga2) walks h1 in KC chunks:
+gh1 = ga2 @ W2[:, chunk], ga1, the dW1/db1 partials and gx1. The small weight gradients (dW1,
+db1, db2, dW3, db3: O(H * (K1 + K2)) per program) are per-program partial sums reduced by one
+``sum(0)`` afterwards — deterministic, no atomics. The H x H gradient dW2 = ga2^T h1 is a GEMM
+on the scratch (cuBLAS at full rate, deterministic): per-program (H, H) partials would cost
+256 KB of writes per 128 rows at H = 256, more than the activations themselves (the
+tiny-cuda-nn choice). Limit: the scratch is N x H fp32 per net (bf16 in bf16 mode would halve it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from fastnvp.kernels.fused_layer import (
+    _OUTER_K1_MAX,
+    OUTER_K1_MAX,
+    _dot,
+    _hidden2,
+    _layer1,
+    _leaky,
+    _net,
+    _tanh,
+    check_hidden,
+    layer_config,
+    pad_k1,
+    pad_k2,
+    prec_code,
+)
+
+
+@triton.jit
+def _net_backward(x1, k1cols, K1, K2, gu, rows, row_ok, pid,
+                  w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, ga2_ptr, part_ptr, slope,
+                  H: tl.constexpr, BLOCK_M: tl.constexpr, K1P: tl.constexpr, K2P: tl.constexpr,
+                  HC: tl.constexpr, KC: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Passes B and C for one net; returns this net's gx1 (BLOCK_M, K1P).
+
+    Partials of this program go to part_ptr + pid * PW in the layout
+    [dW1 (H, K1P) | db1 (H) | db2 (H) | dW3 (K2P, H) | db3 (K2P)].
+    """
+    k2cols = tl.arange(0, K2P)
+    pw: tl.constexpr = H * (K1P + 2 + K2P) + K2P
+    base = part_ptr + pid.to(tl.int64) * pw
+    off_b1: tl.constexpr = H * K1P
+    off_b2: tl.constexpr = off_b1 + H
+    off_w3: tl.constexpr = off_b2 + H
+    off_b3: tl.constexpr = off_w3 + K2P * H
+    scratch = ga2_ptr + rows.to(tl.int64)[:, None] * H
+    # Pass B: ga2 chunk by chunk, with its dW3 / db2 partials.
+    for n0 in range(0, H, HC):
+        ncols = n0 + tl.arange(0, HC)
+        a2 = _hidden2(x1, k1cols, K1, w1_ptr, K1, b1_ptr, w2_ptr, b2_ptr, ncols, slope,
+                      H, BLOCK_M, K1P, HC, KC, PREC)  # fmt: skip
+        w3 = tl.load(
+            w3_ptr + k2cols[:, None] * H + ncols[None, :], mask=(k2cols < K2)[:, None], other=0.0
+        )  # (K2P, HC)
+        gh2 = _dot(gu, w3, tl.zeros((BLOCK_M, HC), tl.float32), PREC)
+        ga2 = tl.where(row_ok[:, None], gh2 * tl.where(a2 > 0, 1.0, slope), 0.0)
+        tl.store(scratch + ncols[None, :], ga2, mask=row_ok[:, None])
+        h2 = _leaky(a2, slope)
+        pw3 = _dot(tl.trans(gu), h2, tl.zeros((K2P, HC), tl.float32), PREC)
+        tl.store(base + off_w3 + k2cols[:, None] * H + ncols[None, :], pw3)
+        tl.store(base + off_b2 + ncols, tl.sum(ga2, axis=0))
+    tl.store(base + off_b3 + k2cols, tl.sum(gu, axis=0))
+    # Pass C reads ga2 columns written by other threads of this program.
+    tl.debug_barrier()
+    gx1 = tl.zeros((BLOCK_M, K1P), tl.float32)
+    for k0 in range(0, H, KC):
+        kcols = k0 + tl.arange(0, KC)
+        gh1 = tl.zeros((BLOCK_M, KC), tl.float32)
+        for n0 in range(0, H, HC):
+            ncols = n0 + tl.arange(0, HC)
+            ga2 = tl.load(scratch + ncols[None, :], mask=row_ok[:, None], other=0.0)
+            w2 = tl.load(w2_ptr + ncols[:, None] * H + kcols[None, :])  # (HC, KC)
+            gh1 = _dot(ga2, w2, gh1, PREC)
+        a1 = _layer1(x1, k1cols, K1, w1_ptr, K1, b1_ptr, kcols, BLOCK_M, KC, K1P, PREC)
+        ga1 = gh1 * tl.where(a1 > 0, 1.0, slope)
+        tl.store(base + off_b1 + kcols, tl.sum(ga1, axis=0))
+        if K1P > _OUTER_K1_MAX:
+            pw1 = _dot(tl.trans(ga1), x1, tl.zeros((KC, K1P), tl.float32), PREC)
+            tl.store(base + kcols[:, None] * K1P + k1cols[None, :], pw1)
+            w1 = tl.load(
+                w1_ptr + kcols[:, None] * K1 + k1cols[None, :],
+                mask=(k1cols < K1)[None, :],
+                other=0.0,
+            )  # (KC, K1P)
+            gx1 = _dot(ga1, w1, gx1, PREC)
+        else:
+            # K1 <= 8: row/column reductions in fp32 instead of dots padded to 16.
+            for k in tl.static_range(K1P):
+                xk = tl.sum(tl.where(k1cols[None, :] == k, x1, 0.0), axis=1)
+                tl.store(base + kcols * K1P + k, tl.sum(ga1 * xk[:, None], axis=0))
+                w1k = tl.load(w1_ptr + kcols * K1 + k, mask=(kcols * 0 + k) < K1, other=0.0)
+                gk = tl.sum(ga1 * w1k[None, :], axis=1)
+                gx1 += tl.where(k1cols[None, :] == k, gk[:, None], 0.0)
+    return gx1
+
+
+@triton.jit
+def coupling_layer_backward_kernel(out_ptr, gout_ptr, gld_ptr, gin_ptr, kept_ptr, trans_ptr,
+                                   N, D, K1, K2,
+                                   w1s, b1s, w2s, b2s, w3s, b3s, w1t, b1t, w2t, b2t, w3t, b3t,
+                                   ga2s_ptr, ga2t_ptr, parts_ptr, partt_ptr, slope,
+                                   H: tl.constexpr, BLOCK_M: tl.constexpr, K1P: tl.constexpr,
+                                   K2P: tl.constexpr, HC: tl.constexpr, KC: tl.constexpr,
+                                   PREC: tl.constexpr, INVERSE: tl.constexpr):  # fmt: skip
+    """Backward of one fused layer; grid = cdiv(N, BLOCK_M). out/gout/gin (N, D), gld (N,)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    k1cols = tl.arange(0, K1P)
+    k2cols = tl.arange(0, K2P)
+    kidx = tl.load(kept_ptr + k1cols, mask=k1cols < K1, other=0)
+    tidx = tl.load(trans_ptr + k2cols, mask=k2cols < K2, other=0)
+    m1 = row_ok[:, None] & (k1cols < K1)[None, :]
+    m2 = row_ok[:, None] & (k2cols < K2)[None, :]
+    base = rows.to(tl.int64)[:, None] * D
+    x1 = tl.load(out_ptr + base + kidx[None, :], mask=m1, other=0.0).to(tl.float32)
+    y2 = tl.load(out_ptr + base + tidx[None, :], mask=m2, other=0.0).to(tl.float32)
+    g1 = tl.load(gout_ptr + base + kidx[None, :], mask=m1, other=0.0).to(tl.float32)
+    g2 = tl.load(gout_ptr + base + tidx[None, :], mask=m2, other=0.0).to(tl.float32)
+    gl = tl.load(gld_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    # Pass A: s and t.
+    s = _tanh(
+        _net(x1, k1cols, K1, K2, w1s, K1, b1s, w2s, b2s, w3s, b3s, slope,
+             H, BLOCK_M, K1P, K2P, HC, KC, PREC)
+    )  # fmt: skip
+    t = _net(x1, k1cols, K1, K2, w1t, K1, b1t, w2t, b2t, w3t, b3t, slope,
+             H, BLOCK_M, K1P, K2P, HC, KC, PREC)  # fmt: skip
+    if INVERSE:
+        gin2 = g2 * tl.exp(-s)
+        gs = -(g2 * y2 + gl[:, None])
+        gt = -gin2
+    else:
+        gin2 = g2 * tl.exp(s)
+        gs = g2 * (y2 - t) + gl[:, None]
+        gt = g2
+    gu_s = tl.where(m2, gs * (1.0 - s * s), 0.0)
+    gu_t = tl.where(m2, gt, 0.0)
+    gx1 = g1
+    gx1 += _net_backward(x1, k1cols, K1, K2, gu_s, rows, row_ok, pid,
+                         w1s, b1s, w2s, b2s, w3s, ga2s_ptr, parts_ptr, slope,
+                         H, BLOCK_M, K1P, K2P, HC, KC, PREC)  # fmt: skip
+    gx1 += _net_backward(x1, k1cols, K1, K2, gu_t, rows, row_ok, pid,
+                         w1t, b1t, w2t, b2t, w3t, ga2t_ptr, partt_ptr, slope,
+                         H, BLOCK_M, K1P, K2P, HC, KC, PREC)  # fmt: skip
+    tl.store(gin_ptr + base + kidx[None, :], gx1.to(gin_ptr.dtype.element_ty), mask=m1)
+    tl.store(gin_ptr + base + tidx[None, :], gin2.to(gin_ptr.dtype.element_ty), mask=m2)
+
+
+def backward_config(hidden: int, precision: str, interpret: bool) -> dict:
+    """Tile sizes of the backward kernel: the forward's, with 64 rows on GPU.
+
+    Pass C keeps a (BLOCK_M, KC) gradient and (BLOCK_M, HC) loads live next to pass A's s/t, so
+    the backward uses half the forward's row tile to stay free of spills.
+    """
+    cfg = layer_config(hidden, precision, interpret)
+    if not interpret:
+        cfg["BLOCK_M"] = 64
+    return cfg
+
+
+def dot_shapes(cfg: dict, k1p: int, k2p: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of every tl.dot the backward kernel issues for a config (forward dots included)."""
+    bm, hc, kc = cfg["BLOCK_M"], cfg["HC"], cfg["KC"]
+    shapes = [(bm, kc, hc), (bm, hc, k2p), (bm, k2p, hc), (k2p, bm, hc), (bm, hc, kc)]
+    if k1p > OUTER_K1_MAX:
+        shapes += [(bm, k1p, kc), (kc, bm, k1p), (bm, kc, k1p)]
+    return shapes
+
+
+def partial_width(hidden: int, k1p: int, k2p: int) -> int:
+    """Floats per program in one net's partial-gradient row."""
+    return hidden * (k1p + 2 + k2p) + k2p
+
+
+def _reduce(part, ga2, x1, weights, k1, k2, k1p, k2p, slope, precision):
+    """Sum the per-program partials and run the dW2 GEMM; gradients in the weights' dtypes."""
+    hidden = weights[2].shape[0]
+    total = part.sum(dim=0)
+    o_b1 = hidden * k1p
+    o_b2 = o_b1 + hidden
+    o_w3 = o_b2 + hidden
+    o_b3 = o_w3 + k2p * hidden
+    gw1 = total[:o_b1].view(hidden, k1p)[:, :k1]
+    gb1 = total[o_b1:o_b2]
+    gb2 = total[o_b2:o_w3]
+    gw3 = total[o_w3:o_b3].view(k2p, hidden)[:k2]
+    gb3 = total[o_b3 : o_b3 + k2]
+    w1 = weights[0].detach().to(torch.float32)
+    b1 = weights[1].detach().to(torch.float32)
+    h1 = F.leaky_relu(F.linear(x1, w1, b1), slope)
+    if precision == "bf16":
+        gw2 = (ga2.to(torch.bfloat16).T @ h1.to(torch.bfloat16)).to(torch.float32)
+    else:
+        gw2 = ga2.T @ h1
+    grads = (gw1, gb1, gw2, gb2, gw3, gb3)
+    # Copies: the partial-sum slices are views of one buffer, and op outputs must not alias.
+    return [g.to(w.dtype, copy=True) for g, w in zip(grads, weights)]
+
+
+def coupling_layer_backward(out, grad_out, grad_log_det, kept, transformed, s_weights, t_weights,
+                            slope: float, precision: str, inverse: bool,
+                            config: dict | None = None):  # fmt: skip
+    """Launch the backward kernel and finish the weight gradients.
+
+    Args:
+        out: (N, D) layer output; grad_out (N, D); grad_log_det (N,); kept (K1,), transformed
+            (K2,) int64; s_weights/t_weights (W1 (H, K1), b1, W2 (H, H), b2, W3 (K2, H), b3).
+    Returns:
+        (grad_in (N, D) in out's dtype, 6 gradients of S's weights, 6 of T's).
+    """
+    out = out.contiguous()
+    grad_out = grad_out.contiguous()
+    grad_log_det = grad_log_det.to(torch.float32).contiguous()
+    n, d = out.shape
+    k1, k2 = kept.numel(), transformed.numel()
+    hidden = s_weights[2].shape[0]
+    check_hidden(hidden)
+    k1p, k2p = pad_k1(k1), pad_k2(k2)
+    cfg = dict(config or backward_config(hidden, precision, not out.is_cuda))
+    programs = triton.cdiv(n, cfg["BLOCK_M"])
+    dev = out.device
+    pw = partial_width(hidden, k1p, k2p)
+    parts = [torch.empty(programs, pw, device=dev, dtype=torch.float32) for _ in range(2)]
+    ga2 = [torch.empty(n, hidden, device=dev, dtype=torch.float32) for _ in range(2)]
+    grad_in = torch.empty_like(out)
+    ws = [w.detach().to(torch.float32).contiguous() for w in s_weights]
+    wt = [w.detach().to(torch.float32).contiguous() for w in t_weights]
+    coupling_layer_backward_kernel[(programs,)](
+        out, grad_out, grad_log_det, grad_in, kept.contiguous(), transformed.contiguous(),
+        n, d, k1, k2, *ws, *wt, ga2[0], ga2[1], parts[0], parts[1], float(slope),
+        H=hidden, BLOCK_M=cfg["BLOCK_M"], K1P=k1p, K2P=k2p, HC=cfg["HC"], KC=cfg["KC"],
+        PREC=prec_code(precision, dev), INVERSE=bool(inverse), num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    x1 = out.index_select(1, kept).to(torch.float32)
+    gs = _reduce(parts[0], ga2[0], x1, s_weights, k1, k2, k1p, k2p, slope, precision)
+    gt = _reduce(parts[1], ga2[1], x1, t_weights, k1, k2, k1p, k2p, slope, precision)
+    return (grad_in, *gs, *gt)
