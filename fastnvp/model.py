@@ -19,8 +19,9 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from fastnvp import ops
+from fastnvp import checks, cpu_conditioner, ops
 from fastnvp.conditioner import is_standard_pair, match_standard_mlp, standard_net
+from fastnvp.invertible import check_memory, check_tolerance, invertible_flow
 from fastnvp.masks import alternating_masks
 from fastnvp.reference import FlowBase, RealNVP
 
@@ -33,12 +34,37 @@ class FastRealNVP(FlowBase):
         nett: zero-argument factory returning the shift net T: (N, D) -> (N, D).
         masks: (L, D) 0/1 tensor, 1 = kept (conditioning) feature; one row per coupling layer.
         prior: a ``torch.distributions`` object over (N, D), or None for N(0, I) (closed form).
+        memory: ``"standard"`` (autograd stores every layer's activations) or ``"invertible"``
+            (backward recovers them by inversion, so activation memory does not grow with depth;
+            see ``fastnvp.invertible``).
+        reconstruction_tolerance: relative error allowed for the activations recovered in
+            invertible backward; None for the dtype's default.
+        clamp: None, or α > 0 to soft-clamp user nets' log-scale, ``s <- α·tanh(s/α)``; layers
+            with the standard conditioner keep their Tanh unchanged (see ``FlowBase``).
+        check: raise ``fastnvp.checks.NonFiniteError`` at the first non-finite layer.
 
     ``f(x) -> (z, log_det)``, ``g(z) -> x``, ``log_prob(x) -> (N,)``, ``sample(n) -> (n, D)``.
+
+    Under ``torch.autocast`` the conditioner matmuls run in the autocast dtype while the coupling
+    update, the flow's state and ``log_det`` stay fp32 (the ops are registered to autocast to fp32).
     """
 
-    def __init__(self, nets, nett, masks, prior=None):
-        super().__init__(nets, nett, masks, prior)
+    def __init__(
+        self,
+        nets,
+        nett,
+        masks,
+        prior=None,
+        *,
+        clamp=None,
+        check=False,
+        memory="standard",
+        reconstruction_tolerance=None,
+    ):
+        super().__init__(nets, nett, masks, prior, clamp=clamp, check=check)
+        self.memory = check_memory(memory)
+        self.reconstruction_tolerance = check_tolerance(reconstruction_tolerance)
+        self.last_reconstruction = None  # set by each invertible backward
         self.register_buffer("split_order", torch.empty(0, dtype=torch.long), persistent=False)
         self._refresh_split()
         # Loading a state_dict may bring other masks: rebuild the split each time.
@@ -48,13 +74,24 @@ class FastRealNVP(FlowBase):
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
-    def standard(cls, dim: int, num_layers: int, hidden: int = 256, negative_slope: float = 0.01):
+    def standard(
+        cls,
+        dim: int,
+        num_layers: int,
+        hidden: int = 256,
+        negative_slope: float = 0.01,
+        *,
+        memory: str = "standard",
+        check: bool = False,
+    ):
         """The standard conditioner (DESIGN §1) with alternating checkerboard masks."""
         masks = alternating_masks(dim, num_layers)
         return cls(
             lambda: standard_net(dim, hidden, tanh=True, negative_slope=negative_slope),
             lambda: standard_net(dim, hidden, tanh=False, negative_slope=negative_slope),
             masks,
+            memory=memory,
+            check=check,
         )
 
     @classmethod
@@ -65,7 +102,12 @@ class FastRealNVP(FlowBase):
         s_nets = iter(copy.deepcopy(list(model.s)))
         t_nets = iter(copy.deepcopy(list(model.t)))
         fast = cls(
-            lambda: next(s_nets), lambda: next(t_nets), model.mask.detach().cpu(), model.prior
+            lambda: next(s_nets),
+            lambda: next(t_nets),
+            model.mask.detach().cpu(),
+            model.prior,
+            clamp=model.clamp,
+            check=model.check,
         )
         anchor = model._anchor()
         return fast.to(device=anchor.device)
@@ -79,6 +121,7 @@ class FastRealNVP(FlowBase):
         self._standard = [
             is_standard_pair(self.s[i], self.t[i], self.dim) for i in range(self.num_layers)
         ]
+        self._clamped = [self.clamp is not None and not std for std in self._standard]
 
     def _split(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         order = self.split_order[i]
@@ -98,6 +141,8 @@ class FastRealNVP(FlowBase):
     def _standard_st(self, i: int, x1, kept, transformed):
         s_mlp = match_standard_mlp(self.s[i], self.dim)
         t_mlp = match_standard_mlp(self.t[i], self.dim)
+        if cpu_conditioner.applies(x1):
+            return cpu_conditioner.standard_st(s_mlp, t_mlp, x1, kept, transformed)
         slope = s_mlp.negative_slope
         outs = []
         for mlp in (s_mlp, t_mlp):
@@ -113,31 +158,49 @@ class FastRealNVP(FlowBase):
             )
         return torch.tanh(outs[0]), outs[1]
 
+    def _layer_st(self, i: int, h: torch.Tensor, kept, transformed, direction: str):
+        """(s, t) of layer ``i`` in ``h``'s dtype, soft-clamped where configured; checked."""
+        x1 = h.index_select(1, kept)
+        s, t = self._conditioner(i, h, x1, kept, transformed)
+        if self._checking():
+            self._check_layer(i, direction, s=s, t=t)
+        # Under autocast the nets return low precision; the coupling runs in the state's dtype.
+        s, t = s.to(h.dtype), t.to(h.dtype)
+        if self._clamped[i]:
+            s = self._soft_clamp(s)
+        return s, t
+
+    def _layer_out(self, i, h, transformed, h2, log_det, direction: str):
+        """Write the new transformed half ``h2`` into ``h``; check the layer's outputs."""
+        # Under autocast the op returns fp32 for a half-precision state: the state follows it.
+        out = h.to(h2.dtype).index_copy(1, transformed, h2)
+        if self._checking():
+            self._check_layer(i, direction, **{"z" if direction == "f" else "x": out})
+            self._check_layer(i, direction, log_det=log_det)
+            checks.watch_grad(out, "z" if direction == "f" else "x", i, direction)
+        return out, log_det
+
     # ----------------------------------------------------------------------------- one layer
     def layer_forward(self, i: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Coupling layer ``i`` in the data -> latent direction.  (N, D) -> ((N, D), (N,))."""
         kept, transformed = self._split(i)
-        x1 = z.index_select(1, kept)
-        s, t = self._conditioner(i, z, x1, kept, transformed)
-        z2, log_det = ops.affine_coupling(
-            z.index_select(1, transformed), s.to(z.dtype), t.to(z.dtype)
-        )
-        return z.index_copy(1, transformed, z2), log_det
+        s, t = self._layer_st(i, z, kept, transformed, "f")
+        z2, log_det = ops.affine_coupling(z.index_select(1, transformed), s, t)
+        return self._layer_out(i, z, transformed, z2, log_det, "f")
 
     def layer_inverse(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Coupling layer ``i`` in the latent -> data direction.  (N, D) -> ((N, D), (N,))."""
         kept, transformed = self._split(i)
-        x1 = x.index_select(1, kept)
-        s, t = self._conditioner(i, x, x1, kept, transformed)
-        x2, log_det = ops.affine_coupling_inverse(
-            x.index_select(1, transformed), s.to(x.dtype), t.to(x.dtype)
-        )
-        return x.index_copy(1, transformed, x2), log_det
+        s, t = self._layer_st(i, x, kept, transformed, "g")
+        x2, log_det = ops.affine_coupling_inverse(x.index_select(1, transformed), s, t)
+        return self._layer_out(i, x, transformed, x2, log_det, "g")
 
     # ----------------------------------------------------------------------------- the flow
     def f(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Data -> latent.  x: (N, D) -> (z (N, D), log_det (N,)), ``log_det = log|det dz/dx|``."""
         self._check_input(x, "x")
+        if check_memory(self.memory) == "invertible" and torch.is_grad_enabled():
+            return invertible_flow(self, x, self.reconstruction_tolerance)
         z = x
         log_det = None
         for i in range(self.num_layers):

@@ -163,3 +163,12 @@ def _backward_inverse(ctx, grad_x2, grad_log_det):
 
 affine_coupling.register_autograd(_backward_forward, setup_context=_setup_forward)
 affine_coupling_inverse.register_autograd(_backward_inverse, setup_context=_setup_inverse)
+
+
+# Under torch.autocast the conditioner's matmuls hand s and t over in bf16/fp16. The coupling
+# (an exp and a row sum that becomes log_det) is precision-sensitive, so, like torch.exp in
+# autocast's fp32 list, it runs in fp32: autocast casts the ops' half-precision inputs to fp32
+# (float64 inputs stay as they are) and the outputs come back fp32.
+for _op in (affine_coupling, affine_coupling_inverse):
+    for _device_type in ("cpu", "cuda"):
+        torch.library.register_autocast(_op, _device_type, torch.float32)

@@ -12,12 +12,14 @@ state_dict key ``mask``, so state_dicts of the widely copied PyTorch notebook lo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from fastnvp.conditioner import standard_net
+from fastnvp import checks
+from fastnvp.conditioner import is_standard_pair, standard_net
 from fastnvp.masks import alternating_masks, check_masks
 from fastnvp.prior import prior_log_prob, prior_sample
 from fastnvp.validation import ensure_batch, ensure_num_samples
@@ -36,12 +38,33 @@ def build_nets(factory: Callable[[], nn.Module], count: int, name: str) -> nn.Mo
     return nn.ModuleList(nets)
 
 
-class FlowBase(nn.Module):
-    """Shared constructor, validation and prior handling of the reference and fast flows."""
+def check_clamp(clamp) -> float | None:
+    """Validate the soft-clamp bound: None (no clamp) or a finite number > 0."""
+    if clamp is None:
+        return None
+    if isinstance(clamp, bool) or not isinstance(clamp, (int, float)):
+        raise TypeError(f"clamp must be None or a float > 0, got {type(clamp).__name__}")
+    if not math.isfinite(clamp) or clamp <= 0:
+        raise ValueError(f"clamp must be None or a finite float > 0, got {clamp}")
+    return float(clamp)
 
-    def __init__(self, nets, nett, masks, prior=None):
+
+class FlowBase(nn.Module):
+    """Shared constructor, validation and prior handling of the reference and fast flows.
+
+    ``clamp=α`` bounds the log-scale of user-supplied scale nets softly, ``s <- α·tanh(s/α)``
+    (identity near 0, |s| < α), so a deep stack cannot overflow ``exp(s)``. Layers whose nets
+    are the standard conditioner pair (DESIGN §1) are left as they are: their Tanh already bounds
+    |s| <= 1. ``check=True`` turns on :mod:`fastnvp.checks` for this model.
+    """
+
+    def __init__(self, nets, nett, masks, prior=None, *, clamp=None, check=False):
         super().__init__()
         masks = check_masks(masks)
+        if not isinstance(check, bool):
+            raise TypeError(f"check must be a bool, got {type(check).__name__}")
+        self.clamp = check_clamp(clamp)
+        self.check = check
         self.register_buffer("mask", masks)
         self.prior = prior
         self.s = build_nets(nets, masks.shape[0], "nets")
@@ -72,7 +95,26 @@ class FlowBase(nn.Module):
             raise TypeError(
                 f"{name} has dtype {x.dtype} but the model's parameters are {anchor.dtype}"
             )
+        if self._checking():
+            checks.check_finite(x, name, None, "f" if name == "x" else "g")
         return x
+
+    def _checking(self) -> bool:
+        """Whether numerical checks run (``check=True`` or inside ``fastnvp.checks.enabled()``)."""
+        return self.check or checks.is_enabled()
+
+    def _clamps(self, i: int) -> bool:
+        """Whether layer ``i``'s log-scale goes through the soft clamp (see the class docstring)."""
+        return self.clamp is not None and not is_standard_pair(self.s[i], self.t[i], self.dim)
+
+    def _soft_clamp(self, s: torch.Tensor) -> torch.Tensor:
+        """``α·tanh(s/α)``: |result| < α, slope 1 at 0."""
+        return self.clamp * torch.tanh(s / self.clamp)
+
+    def _check_layer(self, i: int, direction: str, **tensors: torch.Tensor) -> None:
+        """Raise ``NonFiniteError`` naming layer ``i`` if any given tensor is not finite."""
+        for name, tensor in tensors.items():
+            checks.check_finite(tensor, name, i, direction)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log-density: ``log N(f(x); 0, I) + log_det``.  (N, D) -> (N,)."""
@@ -99,40 +141,71 @@ class RealNVP(FlowBase):
         masks: (L, D) 0/1 tensor, 1 = kept (conditioning) feature; one row per coupling layer.
         prior: a ``torch.distributions`` object with ``log_prob``/``sample`` over (N, D), or None
             for the standard normal N(0, I).
+        clamp: None, or α > 0 to soft-clamp user nets' log-scale to (-α, α) (see FlowBase).
+        check: raise ``fastnvp.checks.NonFiniteError`` at the first non-finite layer.
     """
 
     @classmethod
-    def standard(cls, dim: int, num_layers: int, hidden: int = 256, negative_slope: float = 0.01):
+    def standard(
+        cls,
+        dim: int,
+        num_layers: int,
+        hidden: int = 256,
+        negative_slope: float = 0.01,
+        *,
+        check: bool = False,
+    ):
         """The standard conditioner (DESIGN §1) with alternating checkerboard masks."""
         masks = alternating_masks(dim, num_layers)
         return cls(
             lambda: standard_net(dim, hidden, tanh=True, negative_slope=negative_slope),
             lambda: standard_net(dim, hidden, tanh=False, negative_slope=negative_slope),
             masks,
+            check=check,
         )
 
     def f(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Data -> latent.  x: (N, D) -> (z (N, D), log_det (N,)), ``log_det = log|det dz/dx|``."""
         self._check_input(x, "x")
+        checking = self._checking()
         z = x
         log_det = x.new_zeros(x.shape[0])
         for i in range(self.num_layers):
             m = self.mask[i]
             z_kept = z * m
-            s = self.s[i](z_kept) * (1 - m)
-            t = self.t[i](z_kept) * (1 - m)
+            s = self.s[i](z_kept)
+            t = self.t[i](z_kept)
+            if checking:
+                self._check_layer(i, "f", s=s, t=t)
+            if self._clamps(i):
+                s = self._soft_clamp(s)
+            s = s * (1 - m)
+            t = t * (1 - m)
             z = z_kept + (1 - m) * (z * torch.exp(s) + t)
             log_det = log_det + s.sum(dim=1)
+            if checking:
+                self._check_layer(i, "f", z=z, log_det=log_det)
+                checks.watch_grad(z, "z", i, "f")
         return z, log_det
 
     def g(self, z: torch.Tensor) -> torch.Tensor:
         """Latent -> data, the exact inverse of :meth:`f`.  (N, D) -> (N, D)."""
         self._check_input(z, "z")
+        checking = self._checking()
         x = z
         for i in reversed(range(self.num_layers)):
             m = self.mask[i]
             x_kept = x * m
-            s = self.s[i](x_kept) * (1 - m)
-            t = self.t[i](x_kept) * (1 - m)
+            s = self.s[i](x_kept)
+            t = self.t[i](x_kept)
+            if checking:
+                self._check_layer(i, "g", s=s, t=t)
+            if self._clamps(i):
+                s = self._soft_clamp(s)
+            s = s * (1 - m)
+            t = t * (1 - m)
             x = x_kept + (1 - m) * (x - t) * torch.exp(-s)
+            if checking:
+                self._check_layer(i, "g", x=x)
+                checks.watch_grad(x, "x", i, "g")
         return x
