@@ -276,7 +276,8 @@ def layer_config(hidden: int, precision: str, interpret: bool) -> dict:
         return {"BLOCK_M": 16, "HC": min(hidden, 32), "KC": 16, "num_warps": 1}
     hc = min(hidden, 128)
     block_m = 64 if precision == "ieee" else 128
-    return {"BLOCK_M": block_m, "HC": hc, "KC": 32, "num_warps": 8 if hc >= 128 else 4}
+    kc = min(hidden, 32)
+    return {"BLOCK_M": block_m, "HC": hc, "KC": kc, "num_warps": 8 if hc >= 128 else 4}
 
 
 def dot_shapes(cfg: dict, k1p: int, k2p: int) -> list[tuple[int, int, int]]:
@@ -306,7 +307,8 @@ def _prep(t: torch.Tensor) -> torch.Tensor:
 
 
 def coupling_layer(x, kept, transformed, s_weights, t_weights, slope: float, precision: str,
-                   inverse: bool, config: dict | None = None):  # fmt: skip
+                   inverse: bool, config: dict | None = None,
+                   out=None, log_det=None):  # fmt: skip
     """Launch one fused coupling layer.
 
     Args:
@@ -323,8 +325,9 @@ def coupling_layer(x, kept, transformed, s_weights, t_weights, slope: float, pre
     check_hidden(hidden)
     interpret = not x.is_cuda
     cfg = dict(config or layer_config(hidden, precision, interpret))
-    out = torch.empty_like(x)
-    log_det = torch.empty(n, device=x.device, dtype=torch.float32)
+    # Callers (tests) may pass the output buffers, e.g. NaN-poisoned, to check every write.
+    out = torch.empty_like(x) if out is None else out
+    log_det = torch.empty(n, device=x.device, dtype=torch.float32) if log_det is None else log_det
     ws = [_prep(w) for w in s_weights]
     wt = [_prep(w) for w in t_weights]
     grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
@@ -339,7 +342,8 @@ def coupling_layer(x, kept, transformed, s_weights, t_weights, slope: float, pre
 
 
 def coupling_stack(x, kept, transformed, k1, k2, s_weights, t_weights, slope: float,
-                   precision: str, inverse: bool, config: dict | None = None):  # fmt: skip
+                   precision: str, inverse: bool, config: dict | None = None,
+                   out=None, log_det=None):  # fmt: skip
     """Launch the whole-stack kernel.
 
     Args:
@@ -357,8 +361,9 @@ def coupling_stack(x, kept, transformed, k1, k2, s_weights, t_weights, slope: fl
     check_hidden(hidden)
     interpret = not x.is_cuda
     cfg = dict(config or layer_config(hidden, precision, interpret))
-    out = torch.empty_like(x)
-    log_det = torch.empty(n, device=x.device, dtype=torch.float32)
+    # Callers (tests) may pass the output buffers, e.g. NaN-poisoned, to check every write.
+    out = torch.empty_like(x) if out is None else out
+    log_det = torch.empty(n, device=x.device, dtype=torch.float32) if log_det is None else log_det
     ws = [_prep(w) for w in s_weights]
     wt = [_prep(w) for w in t_weights]
     grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
@@ -377,3 +382,64 @@ def stack_weight_bytes(num_layers: int, hidden: int, k1p: int, k2p: int) -> int:
     """Bytes of fp32 weights the stack kernel streams per row tile (both nets)."""
     per_net = hidden * k1p + hidden + hidden * hidden + hidden + k2p * hidden + k2p
     return 2 * 4 * num_layers * per_net
+
+
+# --------------------------------------------------------------------- sm_90 compile registry
+# Argument types of every kernel argument that is not an fp32 pointer or a constexpr.
+ARG_TYPES = {
+    "kept_ptr": "*i64", "trans_ptr": "*i64", "k1_ptr": "*i32", "k2_ptr": "*i32",
+    "N": "i32", "D": "i32", "K1": "i32", "K2": "i32", "L": "i32", "slope": "fp32",
+}  # fmt: skip
+# Shapes every shipped config is compiled for: (D, H) -> K1 = D // 2 (the larger half kept).
+SHIPPED_HIDDEN = (64, 128, 256, 512)
+SHIPPED_DIMS = (2, 128)
+
+
+def signature_of(kernel, constexprs: dict) -> dict:
+    """ASTSource signature: constexprs as "constexpr", ARG_TYPES as given, the rest "*fp32"."""
+    return {
+        name: "constexpr" if name in constexprs else ARG_TYPES.get(name, "*fp32")
+        for name in kernel.arg_names
+    }
+
+
+def shipped_layer_configs(kernel, stack: bool, config_fn=None) -> list[dict]:
+    """One compile entry per (precision, D, H) the launchers choose on a GPU."""
+    config_fn = config_fn or layer_config
+    entries = []
+    for precision in PRECISIONS:
+        for dim in SHIPPED_DIMS:
+            for hidden in SHIPPED_HIDDEN:
+                if dim == 128 and hidden not in (256, 512):
+                    continue
+                cfg = config_fn(hidden, precision, interpret=False)
+                k1p, k2p = pad_k1(dim - dim // 2), pad_k2(dim // 2)
+                constexprs = {
+                    "H": hidden, "BLOCK_M": cfg["BLOCK_M"], "K1P": k1p, "K2P": k2p,
+                    "HC": cfg["HC"], "KC": cfg["KC"], "PREC": PRECISIONS[precision],
+                    "INVERSE": False,
+                }  # fmt: skip
+                if stack:
+                    constexprs["DP"] = padded(dim)
+                entries.append(
+                    {
+                        "name": f"{kernel.__name__}[{precision},D={dim},H={hidden}]",
+                        "kernel": kernel,
+                        "signature": signature_of(kernel, constexprs),
+                        "constexprs": constexprs,
+                        "num_warps": cfg["num_warps"],
+                        "dots": [(m, k, n, precision) for m, k, n in dot_shapes(cfg, k1p, k2p)],
+                    }
+                )
+    return entries
+
+
+def _sm90_configs() -> list[dict]:
+    return shipped_layer_configs(coupling_layer_kernel, stack=False) + shipped_layer_configs(
+        coupling_stack_kernel, stack=True
+    )
+
+
+# What benchmarks/compile_report.py compiles for sm_90: name, kernel, signature, constexprs,
+# num_warps, and the (M, K, N, precision) of each tl.dot.
+SM90_CONFIGS = _sm90_configs()

@@ -224,12 +224,14 @@ def _reduce(part, ga2, x1, weights, k1, k2, k1p, k2p, slope, precision):
 
 def coupling_layer_backward(out, grad_out, grad_log_det, kept, transformed, s_weights, t_weights,
                             slope: float, precision: str, inverse: bool,
-                            config: dict | None = None):  # fmt: skip
+                            config: dict | None = None, fill: float | None = None):  # fmt: skip
     """Launch the backward kernel and finish the weight gradients.
 
     Args:
         out: (N, D) layer output; grad_out (N, D); grad_log_det (N,); kept (K1,), transformed
             (K2,) int64; s_weights/t_weights (W1 (H, K1), b1, W2 (H, H), b2, W3 (K2, H), b3).
+            fill: when given, every buffer the kernel writes starts filled with it (tests pass
+            NaN to check that every element is written).
     Returns:
         (grad_in (N, D) in out's dtype, 6 gradients of S's weights, 6 of T's).
     """
@@ -245,9 +247,17 @@ def coupling_layer_backward(out, grad_out, grad_log_det, kept, transformed, s_we
     programs = triton.cdiv(n, cfg["BLOCK_M"])
     dev = out.device
     pw = partial_width(hidden, k1p, k2p)
-    parts = [torch.empty(programs, pw, device=dev, dtype=torch.float32) for _ in range(2)]
-    ga2 = [torch.empty(n, hidden, device=dev, dtype=torch.float32) for _ in range(2)]
-    grad_in = torch.empty_like(out)
+
+    def buffer(*shape, like=None):
+        if like is not None:
+            return torch.empty_like(like) if fill is None else torch.full_like(like, fill)
+        if fill is None:
+            return torch.empty(*shape, device=dev, dtype=torch.float32)
+        return torch.full(shape, fill, device=dev, dtype=torch.float32)
+
+    parts = [buffer(programs, pw) for _ in range(2)]
+    ga2 = [buffer(n, hidden) for _ in range(2)]
+    grad_in = buffer(like=out)
     ws = [w.detach().to(torch.float32).contiguous() for w in s_weights]
     wt = [w.detach().to(torch.float32).contiguous() for w in t_weights]
     coupling_layer_backward_kernel[(programs,)](
@@ -260,3 +270,21 @@ def coupling_layer_backward(out, grad_out, grad_log_det, kept, transformed, s_we
     gs = _reduce(parts[0], ga2[0], x1, s_weights, k1, k2, k1p, k2p, slope, precision)
     gt = _reduce(parts[1], ga2[1], x1, t_weights, k1, k2, k1p, k2p, slope, precision)
     return (grad_in, *gs, *gt)
+
+
+def _sm90_configs() -> list[dict]:
+    from fastnvp.kernels.fused_layer import shipped_layer_configs
+
+    entries = shipped_layer_configs(
+        coupling_layer_backward_kernel, stack=False, config_fn=backward_config
+    )
+    for entry in entries:
+        c = entry["constexprs"]
+        cfg = {"BLOCK_M": c["BLOCK_M"], "HC": c["HC"], "KC": c["KC"]}
+        precision = entry["dots"][0][3]
+        entry["dots"] = [(m, k, n, precision) for m, k, n in dot_shapes(cfg, c["K1P"], c["K2P"])]
+    return entries
+
+
+# What benchmarks/compile_report.py compiles for sm_90 (see fastnvp.kernels.fused_layer).
+SM90_CONFIGS = _sm90_configs()
