@@ -12,7 +12,13 @@ import importlib
 import sys
 
 # Command name -> module. Order is the order shown in ``fastnvp --help``.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "train": "fastnvp.commands.train",
+    "sample": "fastnvp.commands.sample",
+    "figures": "fastnvp.commands.figures",
+    "experiment": "fastnvp.commands.experiment",
+    "demo": "fastnvp.commands.demo",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
