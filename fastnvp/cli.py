@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "figures": "fastnvp.commands.figures",
     "experiment": "fastnvp.commands.experiment",
     "demo": "fastnvp.commands.demo",
+    "profile": "fastnvp.commands.profile",
 }
 
 

@@ -26,6 +26,11 @@ how close and guards against drift:
   residual of the transformed half, at the cost of one subtraction and one max per layer;
 - at the end, the reconstructed stack input is compared with the true input (kept for this).
 
+For :class:`fastnvp.FastRealNVP` backward shares one conditioner evaluation between the inversion
+and the recomputation (the conditioner reads only the kept half, which the layer does not
+change): per layer a training step then costs 4 conditioner passes (forward, recompute, and the
+two of backward) against 3 for standard autograd and 5 for the generic inverse + forward walk.
+
 Both are relative errors ``max|a - b| / max(1, max|b|)``, kept on the device during the walk and
 read back once. The report is stored as ``model.last_reconstruction``
 (:class:`ReconstructionReport`). If an error exceeds the tolerance (or is NaN), backward raises
@@ -134,11 +139,87 @@ def _layer_params(model, num_layers: int) -> list[list[Tensor]]:
     return out
 
 
+def _autocast(state):
+    device_type, dtype, enabled = state
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
+def _layer_step(model, i, z, g, grad_log_det, params, autocast):
+    """Generic step through ``layer_inverse`` / ``layer_forward``.
+
+    Reconstructs layer ``i``'s input ``x`` from its output ``z`` (N, D), recomputes the layer with
+    grad and backpropagates ``g`` (N, D) and ``grad_log_det`` (N,) (None: zeros) through it.
+
+    Returns:
+        ``(x, grad_x, grads of params, round-trip error)``.
+    """
+    x, _ = model.layer_inverse(i, z)  # grad mode is off in a Function's backward
+    with torch.enable_grad(), _autocast(autocast):
+        x_leaf = x.detach().requires_grad_(True)
+        z_again, log_det = model.layer_forward(i, x_leaf)
+    if grad_log_det is None:  # only z was used downstream
+        grad_log_det = torch.zeros_like(log_det)
+    out = torch.autograd.grad(
+        (z_again, log_det),
+        (x_leaf, *params),
+        (g.to(z_again.dtype), grad_log_det.to(log_det.dtype)),
+        allow_unused=True,
+    )
+    grad_x = out[0] if out[0] is not None else torch.zeros_like(x)
+    return x, grad_x, out[1:], _relative_error(z_again, z)
+
+
+def _can_share(model) -> bool:
+    """Whether the model exposes the pieces of a layer that :func:`_shared_layer_step` needs."""
+    checking = getattr(model, "_checking", None)
+    if checking is not None and checking():
+        return False  # non-finite checks and gradient watches live in layer_forward
+    return callable(getattr(model, "_split", None)) and callable(getattr(model, "_layer_st", None))
+
+
+def _shared_layer_step(model, i, z, g, grad_log_det, params, autocast):
+    """Like :func:`_layer_step`, evaluating the conditioner once instead of twice.
+
+    The conditioner of layer ``i`` sees only the kept half, and the kept half of the input equals
+    the kept half of the output (``x1 = z1``). So ``(s, t)`` computed from ``z`` with grad serve
+    both the inversion ``x2 = (z2 - t) exp(-s)`` and the recomputed coupling
+    ``z2 = x2 exp(s) + t``. With F the cost of one conditioner forward, a layer's training step
+    costs F (forward) + F (recompute) + 2F (backward) = 4F instead of 5F with the generic step
+    (standard autograd: 3F). FastRealNVP only
+    (``_split``, ``_layer_st``, the coupling ops).
+    """
+    from fastnvp import ops
+
+    kept, transformed = model._split(i)
+    with torch.enable_grad(), _autocast(autocast):
+        h = z.detach().requires_grad_(True)  # stands for x: only its kept half is read
+        s, t = model._layer_st(i, h, kept, transformed, "f")
+    z2 = z.index_select(1, transformed)
+    x2, _ = ops.affine_coupling_inverse(z2, s.detach(), t.detach())
+    with torch.enable_grad(), _autocast(autocast):
+        x2_leaf = x2.detach().requires_grad_(True)
+        z2_again, log_det = ops.affine_coupling(x2_leaf, s, t)
+    if grad_log_det is None:  # only z was used downstream
+        grad_log_det = torch.zeros_like(log_det)
+    out = torch.autograd.grad(
+        (z2_again, log_det),
+        (h, x2_leaf, *params),
+        (g.index_select(1, transformed).to(z2_again.dtype), grad_log_det.to(log_det.dtype)),
+        allow_unused=True,
+    )
+    grad_h, grad_x2 = out[0], out[1]
+    # dz1/dx1 = I: the upstream gradient of the kept half passes through, plus the conditioner's.
+    grad_x = g if grad_h is None else g + grad_h.to(g.dtype)
+    grad_x = grad_x.index_copy(1, transformed, grad_x2.to(g.dtype))
+    x = z.to(x2.dtype).index_copy(1, transformed, x2)
+    return x, grad_x, out[2:], _relative_error(z2_again, z2)
+
+
 class _InvertibleStack(torch.autograd.Function):
     """``(x, *params) -> (z, log_det)`` over all layers; backward by inversion (module doc)."""
 
     @staticmethod
-    def forward(ctx, model, tolerance, layer_params, x, *params):
+    def forward(ctx, model, tolerance, share, layer_params, x, *params):
         # Autograd has switched grad mode off here: nothing is recorded for the layers.
         z = x
         log_det = None
@@ -147,6 +228,7 @@ class _InvertibleStack(torch.autograd.Function):
             log_det = ld if log_det is None else log_det + ld
         ctx.model = model
         ctx.tolerance = tolerance
+        ctx.share = share
         ctx.layer_params = layer_params
         positions = {id(p): k for k, p in enumerate(params)}
         ctx.layer_slots = [[positions[id(p)] for p in lp] for lp in layer_params]
@@ -171,26 +253,14 @@ class _InvertibleStack(torch.autograd.Function):
         grads: list[Tensor | None] = [None] * ctx.num_params
         errors: list[Tensor] = []
         g = grad_z
+        autocast = (device_type, autocast_dtype, autocast_on)
+        step = _shared_layer_step if ctx.share else _layer_step
         for i in reversed(range(model.num_layers)):
-            x, _ = model.layer_inverse(i, z)  # grad mode is off in a Function's backward
-            with (
-                torch.enable_grad(),
-                torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on),
-            ):
-                x_leaf = x.detach().requires_grad_(True)
-                z_again, log_det = model.layer_forward(i, x_leaf)
-            errors.append(_relative_error(z_again, z))
-            if grad_log_det is None:  # only z was used downstream
-                grad_log_det = torch.zeros_like(log_det)
-            layer_params = ctx.layer_params[i]
-            out = torch.autograd.grad(
-                (z_again, log_det),
-                (x_leaf, *layer_params),
-                (g, grad_log_det.to(log_det.dtype)),
-                allow_unused=True,
+            x, g, layer_grads, error = step(
+                model, i, z, g, grad_log_det, ctx.layer_params[i], autocast
             )
-            g = out[0] if out[0] is not None else torch.zeros_like(x)
-            for slot, gp in zip(ctx.layer_slots[i], out[1:]):
+            errors.append(error)
+            for slot, gp in zip(ctx.layer_slots[i], layer_grads):
                 if gp is not None:
                     grads[slot] = gp if grads[slot] is None else grads[slot] + gp
             z = x
@@ -201,8 +271,8 @@ class _InvertibleStack(torch.autograd.Function):
         model.last_reconstruction = report
         if not report.ok:
             raise ReconstructionError(_failure_message(report))
-        grad_x = g if ctx.needs_input_grad[3] else None
-        return (None, None, None, grad_x, *grads)
+        grad_x = g if ctx.needs_input_grad[4] else None
+        return (None, None, None, None, grad_x, *grads)
 
 
 def _failure_message(report: ReconstructionReport) -> str:
@@ -225,7 +295,9 @@ def _failure_message(report: ReconstructionReport) -> str:
     )
 
 
-def invertible_flow(model, x: Tensor, tolerance: float | None = None) -> tuple[Tensor, Tensor]:
+def invertible_flow(
+    model, x: Tensor, tolerance: float | None = None, share_conditioner: bool | None = None
+) -> tuple[Tensor, Tensor]:
     """Run ``model``'s coupling stack data -> latent with memory-saving backward.
 
     Args:
@@ -234,6 +306,9 @@ def invertible_flow(model, x: Tensor, tolerance: float | None = None) -> tuple[T
         x: (N, D) data batch (already validated by the caller).
         tolerance: relative reconstruction error allowed in backward; None for the default of
             ``x``'s dtype (:data:`DEFAULT_TOLERANCE`).
+        share_conditioner: evaluate each layer's conditioner once for both the inversion and the
+            recomputation (:func:`_shared_layer_step`, FastRealNVP without checks) instead of
+            going through ``layer_inverse`` + ``layer_forward``; None: whenever possible.
 
     Returns:
         ``(z (N, D), log_det (N,))``, the same values as the layer-by-layer forward. Backward
@@ -241,8 +316,20 @@ def invertible_flow(model, x: Tensor, tolerance: float | None = None) -> tuple[T
         :class:`ReconstructionError` when the reconstruction is not accurate enough.
     """
     tol = resolve_tolerance(tolerance, x.dtype)
+    possible = _can_share(model)
+    if share_conditioner is None:
+        share_conditioner = possible
+    elif not isinstance(share_conditioner, bool):
+        raise TypeError(
+            f"share_conditioner must be a bool or None, got {type(share_conditioner).__name__}"
+        )
+    elif share_conditioner and not possible:
+        raise ValueError(
+            "share_conditioner=True needs a FastRealNVP without non-finite checks "
+            "(_split and _layer_st)"
+        )
     layer_params = _layer_params(model, model.num_layers)
     params = [p for lp in layer_params for p in lp]
     # A parameter shared between layers appears once among the Function's inputs.
     unique = list({id(p): p for p in params}.values())
-    return _InvertibleStack.apply(model, tol, layer_params, x, *unique)
+    return _InvertibleStack.apply(model, tol, share_conditioner, layer_params, x, *unique)

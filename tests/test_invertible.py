@@ -215,3 +215,30 @@ def test_memory_mode_checked_when_changed_after_construction():
     inv.memory = "cheap"
     with pytest.raises(ValueError, match="memory must be one of"):
         inv.log_prob(torch.randn(4, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_generic_and_shared_conditioner_steps_agree(share, one_thread):
+    from fastnvp.invertible import invertible_flow
+
+    std, inv = _pair(8)
+    x = torch.randn(32, 2, dtype=torch.float64)
+    _, _, gx_s, gp_s = _grads(std, x, LOSSES["nll"])
+    xi = x.clone().requires_grad_(True)
+    z, log_det = invertible_flow(inv, xi, share_conditioner=share)
+    LOSSES["nll"](z, log_det).backward()
+    torch.testing.assert_close(xi.grad, gx_s, rtol=1e-10, atol=1e-12)
+    for a, b in zip(inv.parameters(), gp_s):
+        torch.testing.assert_close(a.grad, b, rtol=1e-10, atol=1e-12)
+    assert inv.last_reconstruction.max_layer_error < 1e-13
+
+
+def test_shared_conditioner_needs_fast_model():
+    from fastnvp.invertible import invertible_flow
+
+    _, inv = _pair(2)
+    inv.check = True  # checks live in layer_forward: the shared step would skip them
+    with pytest.raises(ValueError, match="share_conditioner=True"):
+        invertible_flow(inv, torch.randn(4, 2, dtype=torch.float64), share_conditioner=True)
+    with pytest.raises(TypeError, match="share_conditioner must be a bool"):
+        invertible_flow(inv, torch.randn(4, 2, dtype=torch.float64), share_conditioner=1)

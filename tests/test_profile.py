@@ -1,0 +1,145 @@
+"""``fastnvp profile`` end to end at tiny size, and the pieces it is built from."""
+
+import json
+
+import pytest
+import torch
+
+from fastnvp.cli import main
+from fastnvp.profiling import (
+    ProfileConfig,
+    analyse,
+    build_model,
+    instrument,
+    make_batch,
+    profile_step,
+    profiler_peak_bytes,
+)
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_profile_command_writes_every_artefact(tmp_path, one_thread, capsys):
+    out = tmp_path / "prof"
+    argv = ["profile", "--layers", "2,3", "--batch", "32", "--hidden", "8", "--device", "cpu"]
+    argv += ["--impl", "fast,reference", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "summary.md" in capsys.readouterr().out
+
+    doc = json.loads((out / "results.json").read_text())
+    combos = {(r["impl"], r["mode"], r["layers"]) for r in doc["runs"]}
+    assert combos == {
+        (impl, mode, L)
+        for impl, mode in [("fast", "standard"), ("fast", "invertible"), ("reference", "standard")]
+        for L in (2, 3)
+    }
+    assert doc["skipped"] == [
+        {
+            "impl": "reference",
+            "mode": "invertible",
+            "why": "invertible training needs FastRealNVP's per-layer inverse",
+        }
+    ]
+    assert "profile_memory" in doc["memory_measure"]
+    for run in doc["runs"]:
+        a = run["analysis"]
+        p = a["phases_us"]
+        assert p["forward"] > 0 and p["backward"] > 0 and p["conditioner"] > 0
+        assert p["conditioner"] + p["coupling"] == pytest.approx(p["forward"])
+        assert len(a["layer_forward_us"]) == len(a["layer_backward_us"]) == run["layers"]
+        assert all(v > 0 for v in a["layer_forward_us"] + a["layer_backward_us"])
+        assert a["ops"] > 0 and a["ops_all"] >= a["ops"] and a["kernel_launches"] is None
+        assert 1 <= len(a["hotspots"]) <= 10 and a["hotspots"][0]["self_us"] > 0
+        assert run["peak_bytes"] > 0 and run["param_bytes"] == run["grad_bytes"] > 0
+        assert run["step_s"] > 0
+        if run["mode"] == "invertible":
+            assert {"inverse", "recompute", "gradient"} <= set(p)
+            assert run["reconstruction"]["max_layer_error"] < 1e-5
+        else:
+            assert run["reconstruction"] is None
+    by = {(r["impl"], r["mode"], r["layers"]): r for r in doc["runs"]}
+    for impl, mode in [("fast", "standard"), ("fast", "invertible"), ("reference", "standard")]:
+        assert by[impl, mode, 3]["analysis"]["ops"] > by[impl, mode, 2]["analysis"]["ops"]
+
+    trace = json.loads((out / "trace.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"step.forward", "step.backward", "layer0.forward", "layer1.conditioner"} <= names
+    assert (out / "trace-fast-invertible.json").stat().st_size > 0
+    assert (out / "trace-reference-standard.json").stat().st_size > 0
+
+    summary = (out / "summary.md").read_text()
+    assert "## Top 5 hotspots" in summary and "profile_memory" in summary
+    for impl, mode in [("fast", "standard"), ("fast", "invertible"), ("reference", "standard")]:
+        top = by[impl, mode, 3]["analysis"]["hotspots"][0]["name"]
+        assert f"**{impl} / {mode}, L = 3**" in summary and f"1. `{top}`" in summary
+    for png in ("time_vs_depth.png", "memory_vs_depth.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_instrumentation_is_removed_after_the_step(one_thread):
+    model = build_model("fast", 2, 2, 8, "standard", "cpu")
+    x = make_batch(16, 2, "cpu")
+    with instrument(model):
+        assert "layer_forward" in vars(model) and "_conditioner" in vars(model)
+    assert not {"layer_forward", "layer_inverse", "_conditioner"} & set(vars(model))
+    ref = build_model("reference", 2, 2, 8, "standard", "cpu")
+    with instrument(ref):
+        assert ref.s[0]._forward_pre_hooks
+    assert not ref.s[0]._forward_pre_hooks and not ref.s[0]._forward_hooks
+    # Profiled step: backward of layer 1 is attributed through the autograd sequence numbers.
+    a = analyse(profile_step(model, x, "cpu"), 2, "cpu")
+    assert a["layer_backward_us"][1] > 0
+
+
+def test_cpu_peak_follows_allocations(one_thread):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        a = torch.empty(1 << 20, dtype=torch.uint8)
+        del a
+        b = torch.empty(3 << 20, dtype=torch.uint8)
+        c = torch.empty(1 << 20, dtype=torch.uint8)
+        del b, c
+    assert profiler_peak_bytes(prof, "cpu") == 4 << 20
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"layers": ()}, ValueError, "layers must name"),
+        ({"layers": (4, 4)}, ValueError, "must not repeat"),
+        ({"layers": (0,)}, ValueError, "layers must be >= 1"),
+        ({"batch": 2.5}, TypeError, "batch must be an int"),
+        ({"dim": 1}, ValueError, "dim must be >= 2"),
+        ({"modes": ("checkpoint",)}, ValueError, "modes must be among"),
+        ({"impls": ("nflows",)}, ValueError, "impls must be among"),
+        ({"device": "tpu"}, ValueError, "device must be"),
+        ({"warmup": -1}, ValueError, "warmup must be"),
+        ({"trace_layers": 7}, ValueError, "trace_layers=7"),
+    ],
+)
+def test_config_validation(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        ProfileConfig(**kwargs)
+
+
+def test_reference_has_no_invertible_mode():
+    with pytest.raises(ValueError, match="impl='reference' supports only mode='standard'"):
+        build_model("reference", 2, 2, 8, "invertible", "cpu")
+
+
+@pytest.mark.parametrize(
+    "argv", [["--layers", "a,b"], ["--layers", "0"], ["--mode", "cheap"], ["--impl", "zuko"]]
+)
+def test_bad_arguments_exit_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["profile", *argv])
+    assert info.value.code == 2
+    assert "expected" in capsys.readouterr().err
