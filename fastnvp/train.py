@@ -4,7 +4,8 @@ A run directory holds:
 
 - ``checkpoint.pt``: model state_dict, config, optimizer, scheduler, RNG states, step and loss
   history. Written atomically (temporary file, then ``os.replace``), so an interrupted write
-  never leaves a truncated checkpoint; read with ``torch.load(..., weights_only=True)``.
+  never leaves a truncated checkpoint; read with ``torch.load(..., weights_only=True)`` and
+  verified (digest, weights against config) by :mod:`fastnvp.checkpoint`.
 - ``config.json``: the config, human-readable.
 - ``metrics.json``: test NLL and latent Gaussianity when training finishes.
 
@@ -15,6 +16,10 @@ units, and every reported NLL (train and test) is in nats per sample in data uni
 Resume is bit-for-bit on CPU: the batch order comes from a dedicated ``torch.Generator`` whose
 state is saved, and the optimizer, the learning-rate schedule (a closed-form function of the
 step) and the global torch RNG state are restored exactly.
+
+Data-parallel: pass ``world=fastnvp.distributed.init()`` (``fastnvp train`` does this under
+torchrun). Each rank then trains a DDP replica on its shard of the same global batch, and only
+rank 0 evaluates, shows progress and writes files (see :mod:`fastnvp.distributed`).
 """
 
 from __future__ import annotations
@@ -22,8 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastnvp import checkpoint as ckpt
+from fastnvp import distributed
 from fastnvp.data import DATASETS, Standardizer, load_array, make_dataset, train_test_split
 from fastnvp.validation import ensure_batch, ensure_num_samples
 
@@ -262,20 +267,8 @@ def _make_scheduler(optimizer, config: TrainConfig):
 
 
 def save_checkpoint(path, payload: dict) -> None:
-    """``torch.save`` to a temporary file in the same directory, then atomically rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write atomically with a digest (temporary file, then rename): see ``fastnvp.checkpoint``."""
+    ckpt.save(path, payload)
 
 
 def load_checkpoint(path) -> dict:
@@ -286,22 +279,42 @@ def load_checkpoint(path) -> dict:
     if path.is_dir():
         path = path / CHECKPOINT
     if not path.is_file():
-        raise ValueError(f"no checkpoint at {str(path)!r}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a fastnvp run checkpoint ({CHECKPOINT_FORMAT})")
-    return payload
+        raise ckpt.CheckpointError(f"no checkpoint at {str(path)!r}")
+    return ckpt.load(path, expected_format=CHECKPOINT_FORMAT, kind="fastnvp run")
+
+
+def _built_from(config: TrainConfig) -> str:
+    return f"impl={config.impl}, layers={config.layers}, hidden={config.hidden}"
+
+
+def _model_from_checkpoint(payload: dict, config: TrainConfig, source: str) -> DataFlow:
+    """The model ``config`` describes, loaded with the payload's weights once they fit it."""
+    state = payload.get("model")
+    mean = state.get("mean") if isinstance(state, dict) else None
+    if not isinstance(mean, torch.Tensor) or mean.ndim != 1 or mean.shape[0] < 2:
+        raise ckpt.CheckpointError(f"{source}: the checkpoint has no model state with a (D,) mean")
+    model = DataFlow(
+        build_flow(config.impl, mean.shape[0], config.layers, config.hidden),
+        mean,
+        torch.ones_like(mean),
+    )
+    ckpt.check_state_dict(model, state, source=source, built_from=_built_from(config))
+    model.load_state_dict(state)
+    return model
+
+
+def _checkpoint_config(payload: dict, source) -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(payload.get("config"))
+    except (TypeError, ValueError) as exc:
+        raise ckpt.CheckpointError(f"{str(source)!r}: the stored config is invalid: {exc}") from exc
 
 
 def load_run(path) -> tuple[DataFlow, TrainConfig, dict]:
     """Rebuild the trained model of a run.  -> (model in eval mode, config, checkpoint dict)."""
     payload = load_checkpoint(path)
-    config = TrainConfig.from_dict(payload["config"])
-    state = payload["model"]
-    dim = state["mean"].shape[0]
-    flow = build_flow(config.impl, dim, config.layers, config.hidden)
-    model = DataFlow(flow, state["mean"], state["std"])
-    model.load_state_dict(state)
+    config = _checkpoint_config(payload, path)
+    model = _model_from_checkpoint(payload, config, repr(str(path)))
     return model.eval(), config, payload
 
 
@@ -326,6 +339,7 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     desc: str | None = None,
+    world: distributed.World | None = None,
 ) -> TrainResult:
     """Train (or with ``resume`` continue) the run in ``out_dir`` up to ``config.steps`` steps.
 
@@ -338,10 +352,15 @@ def train(
         stop_after: stop (and checkpoint) once this global step is reached; for interrupting a
             run deliberately, e.g. to test resume.
         desc: label of the progress bar.
+        world: from ``fastnvp.distributed.init()`` for data-parallel training (``config.batch``
+            is the global batch, split evenly across ranks); None trains in this process alone.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     config.validate()
+    world = distributed.World() if world is None else world
+    if not isinstance(world, distributed.World):
+        raise TypeError(f"world must be a fastnvp.distributed.World, got {type(world).__name__}")
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be None or an int >= 1, got {stop_after!r}")
     out = Path(out_dir)
@@ -349,29 +368,34 @@ def train(
     if resume:
         payload = load_checkpoint(out)
         steps = config.steps
-        config = TrainConfig.from_dict(payload["config"])
+        config = _checkpoint_config(payload, out)
         if steps < payload["step"]:
             raise ValueError(f"steps ({steps}) is below the checkpoint's step {payload['step']}")
         config.steps = max(config.steps, steps)
     out.mkdir(parents=True, exist_ok=True)
     split = prepare_data(config)
-    model = build_model(config, split)
+    model = build_model(config, split).to(world.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = _make_scheduler(optimizer, config)
     batches = torch.Generator().manual_seed(config.seed + 1)
     history = {"train_loss": [], "test_steps": [], "test_nll": []}
     step, elapsed = 0, 0.0
     if payload is not None:
-        model.load_state_dict(payload["model"])
+        state = payload.get("model")
+        ckpt.check_state_dict(model, state, source=repr(str(out)), built_from=_built_from(config))
+        model.load_state_dict(state)
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         torch.set_rng_state(payload["rng"]["torch"])
         batches.set_state(payload["rng"]["batches"])
         history = payload["history"]
         step, elapsed = int(payload["step"]), float(payload["elapsed"])
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    if world.is_main:
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     def checkpoint() -> None:
+        if not world.is_main:
+            return
         save_checkpoint(
             out / CHECKPOINT,
             {
@@ -388,20 +412,26 @@ def train(
         )
 
     end = config.steps if stop_after is None else min(config.steps, stop_after)
-    x_train, x_test = split.x_train, split.x_test
+    x_train, x_test = split.x_train.to(world.device), split.x_test.to(world.device)
+    flow = distributed.wrap(model.flow, world)  # DDP replica when distributed
+    sampler = distributed.ShardedBatches(x_train.shape[0], config.batch, batches, world)
     log_scale = float(model.log_scale())
     model.train()
-    bar = _progress_bar(config.steps, step, desc or f"L={config.layers}", progress)
+    bar = _progress_bar(
+        config.steps, step, desc or f"L={config.layers}", progress and world.is_main
+    )
     started = time.perf_counter()
     try:
         while step < end:
-            idx = torch.randint(0, x_train.shape[0], (config.batch,), generator=batches)
-            u = (x_train[idx] - model.mean) / model.std
-            loss = -model.flow.log_prob(u).mean()
-            if not torch.isfinite(loss):
+            idx = sampler.next()
+            u = (x_train[idx.to(world.device)] - model.mean) / model.std
+            loss = distributed.nll(flow, u)
+            # The global batch's loss: every rank sees the same value and stops together.
+            global_loss = distributed.mean_across(loss.detach(), world)
+            if not torch.isfinite(global_loss):
                 raise FloatingPointError(
-                    f"training loss is {float(loss)} at step {step + 1} of L={config.layers}; "
-                    "lower lr or clip"
+                    f"training loss is {float(global_loss)} at step {step + 1} of "
+                    f"L={config.layers}; lower lr or clip"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -411,8 +441,8 @@ def train(
             scheduler.step()
             step += 1
             # Reported in data units, like the test NLL.
-            history["train_loss"].append(loss.item() + log_scale)
-            if step % config.eval_every == 0 or step == config.steps:
+            history["train_loss"].append(global_loss.item() + log_scale)
+            if world.is_main and (step % config.eval_every == 0 or step == config.steps):
                 model.eval()
                 history["test_steps"].append(step)
                 history["test_nll"].append(evaluate_nll(model, x_test))
@@ -433,9 +463,9 @@ def train(
             bar.close()
     elapsed += time.perf_counter() - started
     checkpoint()
-    model.eval()
+    model = model.eval().to("cpu")
     metrics = None
-    if step == config.steps:
+    if step == config.steps and world.is_main:
         metrics = run_metrics(model, config, split, history, elapsed)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return TrainResult(model, config, split, step, history, elapsed, metrics)

@@ -1,4 +1,9 @@
-"""``fastnvp train``: fit a Real NVP to a toy or user data set, with checkpoints and resume."""
+"""``fastnvp train``: fit a Real NVP to a toy or user data set, with checkpoints and resume.
+
+Data-parallel across processes: ``torchrun --nproc_per_node=N -m fastnvp train ...`` (or the
+``fastnvp`` script in place of ``-m fastnvp``); ``--batch`` is the global batch, split evenly
+across the N ranks; rank 0 alone prints and writes the run directory.
+"""
 
 from __future__ import annotations
 
@@ -29,14 +34,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue the run in --out from its checkpoint (its stored settings apply; "
         "--steps larger than stored extends it)",
     )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where to train (default cpu); under torchrun: gloo on cpu, nccl on cuda "
+        "(one GPU per local rank)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     set_threads(args)
+    from fastnvp import distributed
     from fastnvp.train import train
 
     config = config_from_args(args, args.layers)
-    result = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    world = distributed.init(args.device)
+    try:
+        result = train(
+            config, args.out, resume=args.resume, progress=not args.no_progress, world=world
+        )
+    finally:
+        distributed.shutdown(world)
+    if not world.is_main:
+        return 0
     metrics = result.metrics
     print(f"run: {args.out}  step {result.step}/{result.config.steps}")
     if metrics is not None:
