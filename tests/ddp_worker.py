@@ -1,8 +1,9 @@
 """Worker for tests/test_distributed.py: a few data-parallel training steps in float64.
 
-Run under ``torchrun --nproc_per_node=N tests/ddp_worker.py OUT_DIR STEPS``; each rank writes its
-final parameters to ``OUT_DIR/rank<r>.pt``. Imported by the test, :func:`run_steps` gives the
-single-process result for the same global batches.
+Run under ``torchrun --nproc_per_node=N tests/ddp_worker.py OUT_DIR STEPS [TRAIN_ARGS...]``:
+each rank writes its final parameters to ``OUT_DIR/rank<r>.pt``, then (with TRAIN_ARGS) runs the
+``fastnvp train`` command in the same process group. Imported by the test, :func:`run_steps`
+gives the single-process result for the same global batches.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fastnvp import distributed
+from fastnvp import cli, distributed
 from fastnvp.model import FastRealNVP
 
 ROWS, GLOBAL_BATCH, LAYERS, HIDDEN = 256, 32, 4, 16
@@ -38,12 +39,15 @@ def run_steps(world: distributed.World, steps: int) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str]) -> int:
-    out, steps = Path(argv[0]), int(argv[1])
+    out, steps, train_args = Path(argv[0]), int(argv[1]), argv[2:]
     torch.set_num_threads(1)
     world = distributed.init("cpu")
     try:
         state = run_steps(world, steps)
         torch.save({"world_size": world.size, "state": state}, out / f"rank{world.rank}.pt")
+        if train_args:
+            # The command joins the group that is already up and leaves it when done.
+            return cli.main(["train", *train_args])
     finally:
         distributed.shutdown(world)
     return 0

@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import ddp_worker  # noqa: E402
 
 STEPS = 5
+# A tiny `fastnvp train` run: its --batch is the global batch, 8 rows per rank with 2 ranks.
+TRAIN = dict(layers=2, hidden=8, steps=4, batch=16, n_train=64, n_test=32, eval_every=2, seed=3)
 
 
 def free_port() -> int:
@@ -37,9 +39,24 @@ def torchrun(nproc: int, *args: str, timeout: float = 120) -> subprocess.Complet
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def train_args(out: Path) -> list[str]:
+    args = ["--out", str(out), "--impl", "fast", "--no-progress"]
+    for key, value in TRAIN.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
-    result = torchrun(2, str(Path(__file__).parent / "ddp_worker.py"), str(tmp_path), str(STEPS))
+    """One torchrun job, two checks: the float64 DDP loop, then the `fastnvp train` command."""
+    run_dir = tmp_path / "run"
+    worker = str(Path(__file__).parent / "ddp_worker.py")
+    result = torchrun(2, worker, str(tmp_path), str(STEPS), *train_args(run_dir))
     assert result.returncode == 0, result.stderr[-4000:]
+    check_float64_loop(tmp_path)
+    check_train_command(tmp_path, run_dir, result.stdout)
+
+
+def check_float64_loop(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     single = ddp_worker.run_steps(distributed.World(), STEPS)
@@ -94,3 +111,25 @@ def test_sharded_batches_validate():
 def test_init_rejects_bad_device():
     with pytest.raises(ValueError, match="device"):
         distributed.init("meta")
+
+
+def check_train_command(tmp_path, run_dir, stdout):
+    from fastnvp.train import TrainConfig, load_run, train
+
+    # Rank 0 alone reports and writes the run directory.
+    assert stdout.count("run: ") == 1, stdout
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "checkpoint.pt",
+        "config.json",
+        "metrics.json",
+    ]
+    ddp_model, _, payload = load_run(run_dir)
+    assert payload["step"] == TRAIN["steps"]
+    single = train(TrainConfig(impl="fast", **TRAIN), tmp_path / "single", progress=False)
+    for name, expected in single.model.state_dict().items():
+        # float32: DDP sums two half-batch gradients where one process sums one batch.
+        torch.testing.assert_close(ddp_model.state_dict()[name], expected, rtol=1e-4, atol=1e-5)
+    # The logged training loss is the global batch's, as in the single-process run.
+    np_ddp = torch.tensor(payload["history"]["train_loss"])
+    np_single = torch.tensor(single.history["train_loss"])
+    torch.testing.assert_close(np_ddp, np_single, rtol=1e-5, atol=1e-5)
