@@ -27,6 +27,7 @@ from pathlib import Path
 
 # Modules whose SM90_CONFIGS are compiled; a new kernel module is one more line here.
 KERNEL_MODULES = [
+    "fastnvp.kernels.coupling",
     "fastnvp.kernels.fused_layer",
     "fastnvp.kernels.fused_layer_backward",
 ]
@@ -68,9 +69,10 @@ def compile_entry(entry: dict, ptxas: Path) -> dict:
 
     start = time.perf_counter()
     src = ASTSource(entry["kernel"], entry["signature"], entry["constexprs"])
-    compiled = triton.compile(
-        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": entry["num_warps"]}
-    )
+    options = {"num_warps": entry["num_warps"]}
+    if "num_stages" in entry:
+        options["num_stages"] = entry["num_stages"]
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "kernel.ptx"
         ptx.write_text(compiled.asm["ptx"])
@@ -85,6 +87,7 @@ def compile_entry(entry: dict, ptxas: Path) -> dict:
     return {
         "name": entry["name"],
         "num_warps": entry["num_warps"],
+        "num_stages": entry.get("num_stages"),
         "constexprs": {k: v for k, v in entry["constexprs"].items()},
         **stats,
         "shared": shared,
