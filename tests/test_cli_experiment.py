@@ -1,0 +1,90 @@
+"""The train/sample/figures/experiment/demo commands: help, imports, a tiny end-to-end run."""
+
+import json
+import subprocess
+import sys
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from fastnvp.cli import COMMANDS, main
+
+OURS = ("train", "sample", "figures", "experiment", "demo")
+TINY = ["--hidden", "8", "--steps", "6", "--batch", "32", "--n-train", "200", "--n-test", "60"]
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_help(name, capsys):
+    assert name in COMMANDS
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: fastnvp {name}" in out
+
+
+def test_command_modules_import_only_argparse():
+    code = (
+        "import sys\n"
+        + "".join(f"import {COMMANDS[name]}\n" for name in OURS)
+        + "heavy = [m for m in ('torch', 'numpy', 'matplotlib', 'tqdm') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_train_sample_figures_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--layers", "2", "--no-progress", "--eval-every", "3"]
+    assert main(args + TINY) == 0
+    assert "test NLL" in capsys.readouterr().out
+    assert main(["train", "--out", str(run), "--resume", "--steps", "9", "--no-progress"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 9
+
+    assert main(["sample", str(run), "-n", "25", "--out", str(tmp_path / "s.npy")]) == 0
+    assert np.load(tmp_path / "s.npy").shape == (25, 2)
+    assert main(["sample", str(run), "-n", "5", "--out", str(tmp_path / "s.csv")]) == 0
+    assert np.loadtxt(tmp_path / "s.csv", delimiter=",").shape == (5, 2)
+    with pytest.raises(SystemExit, match=r"\.npy or \.csv"):
+        main(["sample", str(run), "--out", str(tmp_path / "s.txt")])
+
+    assert main(["figures", str(run)]) == 0
+    for name in ("losses", "density", "latent", "figure1"):
+        assert matplotlib.image.imread(run / "figures" / f"{name}.png").ndim == 3
+
+
+def test_train_on_a_user_csv(tmp_path):
+    x = np.random.default_rng(0).normal(size=(120, 3))
+    np.savetxt(tmp_path / "d.csv", x, delimiter=",")
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tmp_path / "d.csv"), "--out", str(run), "--layers", "2"]
+    assert main(args + TINY + ["--no-progress"]) == 0
+    assert main(["figures", str(run)]) == 0
+    assert (run / "figures" / "samples.png").is_file()
+
+
+def test_experiment_depth_tiny(tmp_path, capsys):
+    out = tmp_path / "depth"
+    args = ["experiment", "depth", "--out", str(out), "--depths", "2,1", "--no-progress"]
+    assert main(args + TINY) == 0
+    printed = capsys.readouterr().out
+    assert "depth_table.md" in printed and "depth_density.png" in printed
+    summary = json.loads((out / "depth_table.json").read_text())
+    assert [row["layers"] for row in summary["rows"]] == [1, 2]
+    assert summary["entropy"]["value"] == pytest.approx(0.2865, abs=1e-3)
+    for row in summary["rows"]:
+        assert np.isfinite(row["test_nll"]) and len(row["gaussianity"]["ks"]) == 2
+    table = (out / "depth_table.md").read_text()
+    assert table.count("\n") == 4  # header, rule, two depths
+    for name in summary["figures"].values():
+        assert matplotlib.image.imread(out / name).ndim == 3
+    # A second call reuses the finished runs instead of training again.
+    assert main(args + TINY) == 0
+    assert "reusing finished run" in capsys.readouterr().out
+
+
+def test_experiment_rejects_bad_depths(capsys):
+    with pytest.raises(SystemExit):
+        main(["experiment", "depth", "--depths", "0,2"])
+    assert "ints >= 1" in capsys.readouterr().err
