@@ -53,7 +53,7 @@ class FlowBase(nn.Module):
     """Shared constructor, validation and prior handling of the reference and fast flows.
 
     ``clamp=α`` bounds the log-scale of user-supplied scale nets softly, ``s <- α·tanh(s/α)``
-    (identity near 0, |s| < α), so a deep stack cannot overflow ``exp(s)``. Layers whose nets
+    (slope 1 at 0, |s| <= α), so a deep stack cannot overflow ``exp(s)``. Layers whose nets
     are the standard conditioner pair (DESIGN §1) are left as they are: their Tanh already bounds
     |s| <= 1. ``check=True`` turns on :mod:`fastnvp.checks` for this model.
     """
@@ -108,7 +108,7 @@ class FlowBase(nn.Module):
         return self.clamp is not None and not is_standard_pair(self.s[i], self.t[i], self.dim)
 
     def _soft_clamp(self, s: torch.Tensor) -> torch.Tensor:
-        """``α·tanh(s/α)``: |result| < α, slope 1 at 0."""
+        """``α·tanh(s/α)``: |result| <= α (equal once tanh saturates), slope 1 at 0."""
         return self.clamp * torch.tanh(s / self.clamp)
 
     def _check_layer(self, i: int, direction: str, **tensors: torch.Tensor) -> None:
