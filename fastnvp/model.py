@@ -21,7 +21,13 @@ import torch.nn.functional as F
 
 from fastnvp import checks, cpu_conditioner, ops
 from fastnvp.conditioner import is_standard_pair, match_standard_mlp, standard_net
-from fastnvp.invertible import check_memory, check_tolerance, invertible_flow
+from fastnvp.invertible import (
+    DEFAULT_ANCHOR_EVERY,
+    check_anchor_every,
+    check_memory,
+    check_tolerance,
+    invertible_flow,
+)
 from fastnvp.masks import alternating_masks
 from fastnvp.reference import FlowBase, RealNVP
 
@@ -39,6 +45,8 @@ class FastRealNVP(FlowBase):
             see ``fastnvp.invertible``).
         reconstruction_tolerance: relative error allowed for the activations recovered in
             invertible backward; None for the dtype's default.
+        anchor_every: invertible mode keeps every ``anchor_every``-th layer's input, (N, D), and
+            restarts the reconstruction there, bounding drift; None keeps only the stack input.
         clamp: None, or α > 0 to soft-clamp user nets' log-scale, ``s <- α·tanh(s/α)``; layers
             with the standard conditioner keep their Tanh unchanged (see ``FlowBase``).
         check: raise ``fastnvp.checks.NonFiniteError`` at the first non-finite layer.
@@ -60,10 +68,12 @@ class FastRealNVP(FlowBase):
         check=False,
         memory="standard",
         reconstruction_tolerance=None,
+        anchor_every=DEFAULT_ANCHOR_EVERY,
     ):
         super().__init__(nets, nett, masks, prior, clamp=clamp, check=check)
         self.memory = check_memory(memory)
         self.reconstruction_tolerance = check_tolerance(reconstruction_tolerance)
+        self.anchor_every = check_anchor_every(anchor_every)
         self.last_reconstruction = None  # set by each invertible backward
         self.register_buffer("split_order", torch.empty(0, dtype=torch.long), persistent=False)
         self._refresh_split()
@@ -200,7 +210,9 @@ class FastRealNVP(FlowBase):
         """Data -> latent.  x: (N, D) -> (z (N, D), log_det (N,)), ``log_det = log|det dz/dx|``."""
         self._check_input(x, "x")
         if check_memory(self.memory) == "invertible" and torch.is_grad_enabled():
-            return invertible_flow(self, x, self.reconstruction_tolerance)
+            return invertible_flow(
+                self, x, self.reconstruction_tolerance, anchor_every=self.anchor_every
+            )
         z = x
         log_det = None
         for i in range(self.num_layers):

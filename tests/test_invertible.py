@@ -63,7 +63,9 @@ def test_gradients_match_standard_float64(num_layers, loss, one_thread):
     report = inv.last_reconstruction
     assert isinstance(report, ReconstructionReport)
     assert report.layer_errors.shape == (num_layers,)
-    assert report.ok and report.max_layer_error < 1e-13 and report.input_error < 1e-12
+    assert report.anchor_layers == tuple(range(0, num_layers, 8))
+    assert report.anchor_errors.shape == (len(report.anchor_layers),)
+    assert report.ok and report.max_layer_error < 1e-13 and report.drift_error < 1e-12
 
 
 def test_autograd_grad_and_input_without_grad(one_thread):
@@ -151,8 +153,10 @@ def test_activation_memory_flat_in_depth(one_thread):
     assert 0 < inv64 <= 1.25 * inv4
     assert inv64 < std64 / 20
     # Autograd-saved bytes after forward: the stack's input and output (and what the prior and
-    # the loss keep, a few (N, D) tensors), whatever the depth.
-    assert saved_inv4 == saved_inv64 <= 4 * x.numel() * x.element_size()
+    # the loss keep, a few (N, D) tensors), plus one (N, D) anchor per 8 layers (7 at L = 64).
+    row_bytes = x.numel() * x.element_size()
+    assert saved_inv4 <= 4 * row_bytes
+    assert saved_inv64 == saved_inv4 + 7 * row_bytes
     assert saved_std64 > 10 * saved_std4
 
 
@@ -195,6 +199,8 @@ def test_default_tolerance_by_dtype():
         ({"memory": "checkpoint"}, ValueError, "memory must be one of"),
         ({"memory": None}, TypeError, "memory must be a str"),
         ({"reconstruction_tolerance": -1.0}, ValueError, "reconstruction_tolerance must be"),
+        ({"anchor_every": 0}, ValueError, "anchor_every must be >= 1"),
+        ({"anchor_every": 2.0}, TypeError, "anchor_every must be an int"),
         ({"reconstruction_tolerance": float("nan")}, ValueError, "reconstruction_tolerance"),
         ({"reconstruction_tolerance": "1e-3"}, TypeError, "reconstruction_tolerance must be"),
     ],
@@ -242,3 +248,39 @@ def test_shared_conditioner_needs_fast_model():
         invertible_flow(inv, torch.randn(4, 2, dtype=torch.float64), share_conditioner=True)
     with pytest.raises(TypeError, match="share_conditioner must be a bool"):
         invertible_flow(inv, torch.randn(4, 2, dtype=torch.float64), share_conditioner=1)
+
+
+def test_anchors_measure_drift_and_restart_the_walk():
+    _, inv = _pair(6)
+    inv.anchor_every = 2
+    x = torch.randn(32, 2, dtype=torch.float64)
+    loss = -inv.log_prob(x).mean()
+    with torch.no_grad():  # layer 3 now inverts to another input than the forward saw
+        inv.t[3][4].bias.add_(1e-2)
+    with pytest.raises(ReconstructionError, match="drift at anchor layer 2"):
+        loss.backward()
+    report = inv.last_reconstruction
+    assert report.anchor_layers == (0, 2, 4)
+    # Round trips of each layer stay exact; only layer 2's stored input disagrees, and the walk
+    # restarted from it, so the stack input is recovered exactly again.
+    assert report.max_layer_error < 1e-13
+    assert report.anchor_errors[1] > 1e-4
+    assert report.anchor_errors[0] < 1e-13 and report.anchor_errors[2] < 1e-13
+
+
+def test_without_anchors_only_the_stack_input_is_kept():
+    std, inv = _pair(5)
+    inv.anchor_every = None
+    x = torch.randn(16, 2, dtype=torch.float64)
+    _, _, gx_s, gp_s = _grads(std, x, LOSSES["nll"])
+    _, _, gx_i, gp_i = _grads(inv, x, LOSSES["nll"])
+    torch.testing.assert_close(gx_i, gx_s, rtol=1e-10, atol=1e-12)
+    assert inv.last_reconstruction.anchor_layers == (0,)
+
+
+def test_infinite_tolerance_reports_without_raising():
+    _, inv = _pair(4, dtype=torch.float32)
+    inv.reconstruction_tolerance = float("inf")
+    (-inv.log_prob(torch.randn(16, 2)).mean()).backward()
+    assert inv.last_reconstruction.ok
+    assert all(p.grad is not None for p in inv.parameters())

@@ -61,6 +61,7 @@ def test_profile_command_writes_every_artefact(tmp_path, one_thread, capsys):
         if run["mode"] == "invertible":
             assert {"inverse", "recompute", "gradient"} <= set(p)
             assert run["reconstruction"]["max_layer_error"] < 1e-5
+            assert run["reconstruction"]["within_default_tolerance"]
         else:
             assert run["reconstruction"] is None
     by = {(r["impl"], r["mode"], r["layers"]): r for r in doc["runs"]}
