@@ -485,3 +485,158 @@ def stack_layers(layers: Sequence[tuple[Tensor, Tensor, Sequence[Tensor], Sequen
 def stack_weight_bytes(stacked_weights: Sequence[Tensor]) -> int:
     """Bytes of the stacked weights (for the cache-budget choice of stack vs per-layer)."""
     return sum(w.numel() * 4 for w in stacked_weights)
+
+
+# ------------------------------------------------------------------------------- flow helpers
+def layer_weights(flow, layer: int):
+    """``(kept, transformed, s_weights, t_weights)`` of a standard coupling layer of a flow.
+
+    ``flow`` is a :class:`fastnvp.reference.FlowBase` (RealNVP or FastRealNVP) whose layer
+    ``layer`` has a standard conditioner pair (``fastnvp.conditioner.is_standard_pair``). The
+    weights are differentiable gathers of the module's parameters.
+    """
+    from fastnvp.conditioner import match_standard_mlp, standard_weights
+    from fastnvp.masks import split_indices
+
+    s_mlp = match_standard_mlp(flow.s[layer], flow.dim)
+    t_mlp = match_standard_mlp(flow.t[layer], flow.dim)
+    if s_mlp is None or t_mlp is None:
+        raise ValueError(f"layer {layer} does not have a standard conditioner pair")
+    kept, transformed = split_indices(flow.mask[layer])
+    kept = kept.to(s_mlp.lin1.weight.device)
+    transformed = transformed.to(s_mlp.lin1.weight.device)
+    sw = standard_weights(s_mlp, kept, transformed)
+    tw = standard_weights(t_mlp, kept, transformed)
+    return kept, transformed, sw, tw
+
+
+def flow_slope(flow) -> float:
+    """The LeakyReLU slope shared by a flow's standard conditioners."""
+    from fastnvp.conditioner import match_standard_mlp
+
+    return match_standard_mlp(flow.s[0], flow.dim).negative_slope
+
+
+def flow_forward(flow, x: Tensor, precision: str = "ieee") -> tuple[Tensor, Tensor]:
+    """f through all layers, one fused-layer launch each (differentiable).  (N, D) -> (z, ld)."""
+    slope = flow_slope(flow)
+    z, log_det = x, None
+    for layer in range(flow.num_layers):
+        kept, transformed, sw, tw = layer_weights(flow, layer)
+        z, ld = coupling_layer(z, kept, transformed, *sw, *tw, slope, precision)
+        log_det = ld if log_det is None else log_det + ld
+    return z, log_det
+
+
+def flow_inverse(flow, z: Tensor, precision: str = "ieee") -> Tensor:
+    """g through all layers (L-1..0) with one fused-layer launch each.  (N, D) -> (N, D)."""
+    slope = flow_slope(flow)
+    x = z
+    for layer in reversed(range(flow.num_layers)):
+        kept, transformed, sw, tw = layer_weights(flow, layer)
+        x, _ = coupling_layer_inverse(x, kept, transformed, *sw, *tw, slope, precision)
+    return x
+
+
+def flow_stack(flow):
+    """The stack ops' arguments (without x/slope/precision) for a flow: see :func:`stack_layers`."""
+    return stack_layers([layer_weights(flow, i) for i in range(flow.num_layers)])
+
+
+def stack_fits(stacked, budget: int = 40 * 1024 * 1024) -> bool:
+    """True when the stacked weights fit the cache budget of the one-launch stack kernel."""
+    return stack_weight_bytes(stacked[4:]) <= budget
+
+
+# ---------------------------------------------------------------------- FastRealNVP hooks
+FUSED_LEVELS = ("auto", "layer", "op", "none")
+
+
+def check_fused(fused) -> str:
+    """Validate FastRealNVP's ``fused`` level.
+
+    ``auto``: the fused layer (and the whole-stack kernel for inference) on CUDA tensors with
+    the Triton backend, for layers with the standard conditioner; ``layer``: the fused-layer ops
+    wherever the conditioner is standard (the PyTorch path of the ops on CPU); ``op``: only the
+    elementwise coupling op; ``none``: the same, named for symmetry with the reference.
+    """
+    if not isinstance(fused, str) or fused not in FUSED_LEVELS:
+        raise ValueError(f"fused must be one of {FUSED_LEVELS}, got {fused!r}")
+    return fused
+
+
+def check_precision(precision) -> str:
+    """Validate a matmul precision name ("ieee", "tf32" or "bf16")."""
+    _check_precision(precision)
+    return precision
+
+
+def model_uses_fused_layer(model, layer: int, h: Tensor) -> bool:
+    """Whether FastRealNVP layer ``layer`` runs as one fused-layer op on state ``h``."""
+    level = getattr(model, "fused", "none")
+    if level in ("op", "none") or not model._standard[layer]:
+        return False
+    if level == "auto" and not (h.is_cuda and use_triton(h)):
+        return False
+    # Non-finite checks inspect s and t, and autocast changes the nets' precision: both need
+    # the unfused conditioner.
+    if model._checking() or torch.is_autocast_enabled(h.device.type):
+        return False
+    return True
+
+
+def _model_layer_weights(model, layer: int):
+    from fastnvp.conditioner import match_standard_mlp, standard_weights
+
+    kept, transformed = model._split(layer)
+    s_mlp = match_standard_mlp(model.s[layer], model.dim)
+    t_mlp = match_standard_mlp(model.t[layer], model.dim)
+    sw = standard_weights(s_mlp, kept, transformed)
+    tw = standard_weights(t_mlp, kept, transformed)
+    return kept, transformed, sw, tw, s_mlp.negative_slope
+
+
+def model_layer(model, layer: int, h: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    """FastRealNVP layer ``layer`` as one fused-layer op (differentiable).  (N, D) -> (out, ld)."""
+    kept, transformed, sw, tw, slope = _model_layer_weights(model, layer)
+    op = coupling_layer_inverse if inverse else coupling_layer
+    return op(h, kept, transformed, *sw, *tw, slope, model.precision)
+
+
+def _stack_key(model) -> tuple:
+    return tuple((p.data_ptr(), p._version) for p in model.parameters()) + (
+        model.split_order.data_ptr(),
+        model.split_order._version,
+    )
+
+
+def model_stack(model, x: Tensor, inverse: bool):
+    """All layers in one whole-stack launch when nothing needs a gradient, else None.
+
+    Used when every layer takes the fused layer, no gradient is needed, and the stacked weights
+    fit ``STACK_CACHE_BUDGET``. The stacked weights are cached on the model and rebuilt when a
+    parameter changes (in-place updates bump the parameters' version counters).
+    """
+    if not all(model_uses_fused_layer(model, i, x) for i in range(model.num_layers)):
+        return None
+    if torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in model.parameters())
+    ):
+        return None
+    key = _stack_key(model)
+    cache = getattr(model, "_fused_stack_cache", None)
+    if cache is None or cache[0] != key:
+        layers = [_model_layer_weights(model, i) for i in range(model.num_layers)]
+        stacked = stack_layers([w[:4] for w in layers])
+        cache = (key, stacked, layers[0][4], stack_fits(stacked, STACK_CACHE_BUDGET))
+        model._fused_stack_cache = cache
+    _, stacked, slope, fits = cache
+    if not fits:
+        return None
+    op = coupling_stack_inverse if inverse else coupling_stack_forward
+    return op(x, *stacked, slope, model.precision)
+
+
+# Weights of the whole stack at or below this many bytes take the one-launch stack kernel
+# (50 layers at H = 256 are ~27 MB: they stay in the H200's L2 across row tiles).
+STACK_CACHE_BUDGET = 40 * 1024 * 1024

@@ -265,19 +265,32 @@ def pad_k2(k2: int) -> int:
     return padded(k2, 16)
 
 
-def layer_config(hidden: int, precision: str, interpret: bool) -> dict:
-    """Tile sizes for the forward/inverse/stack kernels.
+def layer_config(hidden: int, precision: str, interpret: bool, k1p: int = 1) -> dict:
+    """Tile sizes for the forward/inverse/stack kernels (all measured 0-spill on sm_90).
 
-    GPU (sm_90): 128 output columns x 32-row K chunks of W2 (DESIGN §3.3); 64 rows for ieee
-    (fp32 FMA dots need more registers per element) and 128 rows otherwise. Interpreter: tiny
-    tiles with several chunks, so every loop and mask is exercised.
+    tf32/bf16 (wgmma): 128 output columns x 32-row K chunks of W2 (DESIGN §3.3), 128 rows (64
+    when the first Linear is a dot too). ieee: Triton lowers fp32 dots to FMAs that hold each
+    thread's whole K slice of both operands in registers, so the chunks are narrow (32 columns,
+    16-row K) and the tile is 64 rows (32 with a dot first Linear). Interpreter: tiny tiles with
+    several chunks, so every loop and mask is exercised.
     """
     if interpret:
         return {"BLOCK_M": 16, "HC": min(hidden, 32), "KC": 16, "num_warps": 1}
+    wide_k1 = k1p > OUTER_K1_MAX
+    if precision == "ieee":
+        return {
+            "BLOCK_M": 32 if wide_k1 else 64,
+            "HC": min(hidden, 32),
+            "KC": 8 if wide_k1 else 16,
+            "num_warps": 4,
+        }
     hc = min(hidden, 128)
-    block_m = 64 if precision == "ieee" else 128
-    kc = min(hidden, 32)
-    return {"BLOCK_M": block_m, "HC": hc, "KC": kc, "num_warps": 8 if hc >= 128 else 4}
+    return {
+        "BLOCK_M": 64 if wide_k1 else 128,
+        "HC": hc,
+        "KC": min(hidden, 32),
+        "num_warps": 8 if hc >= 128 else 4,
+    }
 
 
 def dot_shapes(cfg: dict, k1p: int, k2p: int) -> list[tuple[int, int, int]]:
@@ -324,7 +337,7 @@ def coupling_layer(x, kept, transformed, s_weights, t_weights, slope: float, pre
     hidden = s_weights[2].shape[0]
     check_hidden(hidden)
     interpret = not x.is_cuda
-    cfg = dict(config or layer_config(hidden, precision, interpret))
+    cfg = dict(config or layer_config(hidden, precision, interpret, pad_k1(k1)))
     # Callers (tests) may pass the output buffers, e.g. NaN-poisoned, to check every write.
     out = torch.empty_like(x) if out is None else out
     log_det = torch.empty(n, device=x.device, dtype=torch.float32) if log_det is None else log_det
@@ -360,7 +373,7 @@ def coupling_stack(x, kept, transformed, k1, k2, s_weights, t_weights, slope: fl
     hidden = s_weights[2].shape[1]
     check_hidden(hidden)
     interpret = not x.is_cuda
-    cfg = dict(config or layer_config(hidden, precision, interpret))
+    cfg = dict(config or layer_config(hidden, precision, interpret, k1p))
     # Callers (tests) may pass the output buffers, e.g. NaN-poisoned, to check every write.
     out = torch.empty_like(x) if out is None else out
     log_det = torch.empty(n, device=x.device, dtype=torch.float32) if log_det is None else log_det
@@ -412,8 +425,8 @@ def shipped_layer_configs(kernel, stack: bool, config_fn=None) -> list[dict]:
             for hidden in SHIPPED_HIDDEN:
                 if dim == 128 and hidden not in (256, 512):
                     continue
-                cfg = config_fn(hidden, precision, interpret=False)
                 k1p, k2p = pad_k1(dim - dim // 2), pad_k2(dim // 2)
+                cfg = config_fn(hidden, precision, interpret=False, k1p=k1p)
                 constexprs = {
                     "H": hidden, "BLOCK_M": cfg["BLOCK_M"], "K1P": k1p, "K2P": k2p,
                     "HC": cfg["HC"], "KC": cfg["KC"], "PREC": PRECISIONS[precision],

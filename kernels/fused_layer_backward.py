@@ -171,15 +171,15 @@ def coupling_layer_backward_kernel(out_ptr, gout_ptr, gld_ptr, gin_ptr, kept_ptr
     tl.store(gin_ptr + base + tidx[None, :], gin2.to(gin_ptr.dtype.element_ty), mask=m2)
 
 
-def backward_config(hidden: int, precision: str, interpret: bool) -> dict:
-    """Tile sizes of the backward kernel: the forward's, with 64 rows on GPU.
+def backward_config(hidden: int, precision: str, interpret: bool, k1p: int = 1) -> dict:
+    """Tile sizes of the backward kernel: the forward's chunks with at most 64 rows on GPU.
 
     Pass C keeps a (BLOCK_M, KC) gradient and (BLOCK_M, HC) loads live next to pass A's s/t, so
-    the backward uses half the forward's row tile to stay free of spills.
+    the backward uses at most half the forward's row tile to stay free of spills.
     """
-    cfg = layer_config(hidden, precision, interpret)
+    cfg = layer_config(hidden, precision, interpret, k1p)
     if not interpret:
-        cfg["BLOCK_M"] = 64
+        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 64)
     return cfg
 
 
@@ -243,7 +243,7 @@ def coupling_layer_backward(out, grad_out, grad_log_det, kept, transformed, s_we
     hidden = s_weights[2].shape[0]
     check_hidden(hidden)
     k1p, k2p = pad_k1(k1), pad_k2(k2)
-    cfg = dict(config or backward_config(hidden, precision, not out.is_cuda))
+    cfg = dict(config or backward_config(hidden, precision, not out.is_cuda, k1p))
     programs = triton.cdiv(n, cfg["BLOCK_M"])
     dev = out.device
     pw = partial_width(hidden, k1p, k2p)
