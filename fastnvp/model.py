@@ -19,7 +19,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from fastnvp import checks, cpu_conditioner, ops
+from fastnvp import checks, cpu_conditioner, fused_layer, ops
 from fastnvp.conditioner import is_standard_pair, match_standard_mlp, standard_net
 from fastnvp.invertible import (
     DEFAULT_ANCHOR_EVERY,
@@ -50,6 +50,11 @@ class FastRealNVP(FlowBase):
         clamp: None, or α > 0 to soft-clamp user nets' log-scale, ``s <- α·tanh(s/α)``; layers
             with the standard conditioner keep their Tanh unchanged (see ``FlowBase``).
         check: raise ``fastnvp.checks.NonFiniteError`` at the first non-finite layer.
+        fused: ``"auto"`` (default: on CUDA with Triton, each standard-conditioner layer is one
+            fused-layer kernel and inference without gradients is one whole-stack launch),
+            ``"layer"`` (the fused-layer ops on every device), ``"op"`` / ``"none"`` (only the
+            elementwise coupling op). See ``fastnvp.fused_layer``.
+        precision: matmul precision of the fused layer: ``"ieee"`` (fp32), ``"tf32"``, ``"bf16"``.
 
     ``f(x) -> (z, log_det)``, ``g(z) -> x``, ``log_prob(x) -> (N,)``, ``sample(n) -> (n, D)``.
 
@@ -69,8 +74,12 @@ class FastRealNVP(FlowBase):
         memory="standard",
         reconstruction_tolerance=None,
         anchor_every=DEFAULT_ANCHOR_EVERY,
+        fused="auto",
+        precision="ieee",
     ):
         super().__init__(nets, nett, masks, prior, clamp=clamp, check=check)
+        self.fused = fused_layer.check_fused(fused)
+        self.precision = fused_layer.check_precision(precision)
         self.memory = check_memory(memory)
         self.reconstruction_tolerance = check_tolerance(reconstruction_tolerance)
         self.anchor_every = check_anchor_every(anchor_every)
@@ -193,6 +202,8 @@ class FastRealNVP(FlowBase):
     # ----------------------------------------------------------------------------- one layer
     def layer_forward(self, i: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Coupling layer ``i`` in the data -> latent direction.  (N, D) -> ((N, D), (N,))."""
+        if fused_layer.model_uses_fused_layer(self, i, z):
+            return fused_layer.model_layer(self, i, z, inverse=False)
         kept, transformed = self._split(i)
         s, t = self._layer_st(i, z, kept, transformed, "f")
         z2, log_det = ops.affine_coupling(z.index_select(1, transformed), s, t)
@@ -200,6 +211,8 @@ class FastRealNVP(FlowBase):
 
     def layer_inverse(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Coupling layer ``i`` in the latent -> data direction.  (N, D) -> ((N, D), (N,))."""
+        if fused_layer.model_uses_fused_layer(self, i, x):
+            return fused_layer.model_layer(self, i, x, inverse=True)
         kept, transformed = self._split(i)
         s, t = self._layer_st(i, x, kept, transformed, "g")
         x2, log_det = ops.affine_coupling_inverse(x.index_select(1, transformed), s, t)
@@ -209,6 +222,9 @@ class FastRealNVP(FlowBase):
     def f(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Data -> latent.  x: (N, D) -> (z (N, D), log_det (N,)), ``log_det = log|det dz/dx|``."""
         self._check_input(x, "x")
+        stacked = fused_layer.model_stack(self, x, inverse=False)
+        if stacked is not None:
+            return stacked
         if check_memory(self.memory) == "invertible" and torch.is_grad_enabled():
             return invertible_flow(
                 self, x, self.reconstruction_tolerance, anchor_every=self.anchor_every
@@ -223,6 +239,9 @@ class FastRealNVP(FlowBase):
     def g(self, z: torch.Tensor) -> torch.Tensor:
         """Latent -> data, the exact inverse of :meth:`f`.  (N, D) -> (N, D)."""
         self._check_input(z, "z")
+        stacked = fused_layer.model_stack(self, z, inverse=True)
+        if stacked is not None:
+            return stacked[0]
         x = z
         for i in reversed(range(self.num_layers)):
             x, _ = self.layer_inverse(i, x)
