@@ -29,6 +29,12 @@ def build_nets(factory: Callable[[], nn.Module], count: int, name: str) -> nn.Mo
     """Call a zero-argument net factory ``count`` times, checking it returns modules."""
     if not callable(factory):
         raise TypeError(f"{name} must be a zero-argument callable returning an nn.Module")
+    if isinstance(factory, nn.Module):
+        # A module is callable too, but calling it with no input fails obscurely.
+        raise TypeError(
+            f"{name} must be a zero-argument callable returning an nn.Module (e.g. "
+            f"lambda: nn.Linear(D, D)), not a module ({type(factory).__name__})"
+        )
     nets = []
     for _ in range(count):
         net = factory()
@@ -49,6 +55,18 @@ def check_clamp(clamp) -> float | None:
     return float(clamp)
 
 
+def check_prior(prior):
+    """Validate a prior: None (standard normal) or an object with ``log_prob`` and ``sample``."""
+    if prior is not None and not (
+        callable(getattr(prior, "log_prob", None)) and callable(getattr(prior, "sample", None))
+    ):
+        raise TypeError(
+            "prior must be None or a distribution with log_prob and sample methods (e.g. a "
+            f"torch.distributions object over (N, D)), got {type(prior).__name__}"
+        )
+    return prior
+
+
 class FlowBase(nn.Module):
     """Shared constructor, validation and prior handling of the reference and fast flows.
 
@@ -66,7 +84,7 @@ class FlowBase(nn.Module):
         self.clamp = check_clamp(clamp)
         self.check = check
         self.register_buffer("mask", masks)
-        self.prior = prior
+        self.prior = check_prior(prior)
         self.s = build_nets(nets, masks.shape[0], "nets")
         self.t = build_nets(nett, masks.shape[0], "nett")
 
@@ -124,7 +142,17 @@ class FlowBase(nn.Module):
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``num_samples`` points: ``g(z)`` with ``z`` from the prior.  -> (num_samples, D)."""
         ensure_num_samples(num_samples)
-        z = prior_sample(self.prior, num_samples, self.dim, self._anchor(), generator)
+        anchor = self._anchor()
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(
+                    f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+                )
+            if generator.device.type != anchor.device.type:
+                raise ValueError(
+                    f"generator is on {generator.device} but the model is on {anchor.device}"
+                )
+        z = prior_sample(self.prior, num_samples, self.dim, anchor, generator)
         return self.g(z)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
