@@ -202,6 +202,7 @@ class FastRealNVP(FlowBase):
     # ----------------------------------------------------------------------------- one layer
     def layer_forward(self, i: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Coupling layer ``i`` in the data -> latent direction.  (N, D) -> ((N, D), (N,))."""
+        self._check_layer_args(i, z, "z")
         if fused_layer.model_uses_fused_layer(self, i, z):
             return fused_layer.model_layer(self, i, z, inverse=False)
         kept, transformed = self._split(i)
@@ -211,6 +212,7 @@ class FastRealNVP(FlowBase):
 
     def layer_inverse(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Coupling layer ``i`` in the latent -> data direction.  (N, D) -> ((N, D), (N,))."""
+        self._check_layer_args(i, x, "x")
         if fused_layer.model_uses_fused_layer(self, i, x):
             return fused_layer.model_layer(self, i, x, inverse=True)
         kept, transformed = self._split(i)

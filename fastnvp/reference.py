@@ -117,6 +117,17 @@ class FlowBase(nn.Module):
             checks.check_finite(x, name, None, "f" if name == "x" else "g")
         return x
 
+    def _check_layer_args(self, i, h, name: str) -> None:
+        """Validate a per-layer call: ``i`` a layer index, ``h`` an (N, D) batch on our device."""
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"i must be an int layer index, got {type(i).__name__}")
+        if not 0 <= i < self.num_layers:
+            raise ValueError(f"i must be a layer index in [0, {self.num_layers}), got {i}")
+        ensure_batch(h, name, self.dim)
+        anchor = self._anchor()
+        if h.device != anchor.device:
+            raise ValueError(f"{name} is on {h.device} but the model is on {anchor.device}")
+
     def _checking(self) -> bool:
         """Whether numerical checks run (``check=True`` or inside ``fastnvp.checks.enabled()``)."""
         return self.check or checks.is_enabled()

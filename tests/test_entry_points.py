@@ -130,3 +130,21 @@ def test_train_command_rejects_bad_options(tmp_path, capsys):
         assert info.value.code == 2
         assert word in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_per_layer_methods_validate():
+    model = FastRealNVP.standard(2, 3, hidden=4)
+    x = torch.zeros(4, 2)
+    for method in (model.layer_forward, model.layer_inverse):
+        with pytest.raises(ValueError, match=r"i must be a layer index in \[0, 3\), got 3"):
+            method(3, x)
+        with pytest.raises(ValueError, match="got -1"):
+            method(-1, x)
+        with pytest.raises(TypeError, match="i must be an int"):
+            method(1.0, x)
+        with pytest.raises(ValueError, match=r"must have shape \(N, 2\)"):
+            method(0, torch.zeros(4))
+        with pytest.raises(ValueError, match="is on meta"):
+            method(0, torch.zeros(4, 2, device=META))
+    out, log_det = model.layer_forward(2, x)
+    assert out.shape == (4, 2) and log_det.shape == (4,)
