@@ -5,6 +5,9 @@ Public API::
     fastnvp.RealNVP        reference implementation in plain PyTorch
     fastnvp.FastRealNVP    drop-in replacement whose hot paths are fused kernels
     fastnvp.ops            the custom ops (``torch.ops.fastnvp.*``)
+    fastnvp.checks         opt-in non-finite checks: ``with fastnvp.checks.enabled(): ...``
+    fastnvp.checkpoint     atomic, verified checkpoint files (weights_only loading)
+    fastnvp.distributed    data-parallel training under torchrun
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = ["RealNVP", "FastRealNVP", "__version__"]
+
+# Submodules reachable as attributes of the package without an explicit import.
+_LAZY_SUBMODULES = ("checks", "checkpoint", "distributed")
 
 
 def __getattr__(name: str):
@@ -24,4 +30,8 @@ def __getattr__(name: str):
         from fastnvp.model import FastRealNVP
 
         return FastRealNVP
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"fastnvp.{name}")
     raise AttributeError(f"module 'fastnvp' has no attribute {name!r}")

@@ -214,3 +214,10 @@ def test_deep_flow_trains_on_two_moons_without_nan(one_thread):
     x = data[:64]
     err = (flow.g(flow.f(x)[0]) - x).abs().max().item()
     assert err < 1e-3, f"200-layer round trip error {err}"
+
+
+def test_checks_reachable_as_package_attribute():
+    import fastnvp
+
+    assert fastnvp.checks.enabled is checks.enabled
+    assert fastnvp.distributed.World().size == 1
