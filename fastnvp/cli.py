@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "experiment": "fastnvp.commands.experiment",
     "demo": "fastnvp.commands.demo",
     "profile": "fastnvp.commands.profile",
+    "bench": "fastnvp.commands.bench",
 }
 
 

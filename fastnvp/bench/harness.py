@@ -1,0 +1,621 @@
+"""The benchmark harness: workloads, timing, the GEMM ceiling and the results document.
+
+Workloads (B rows, D features; all providers get the same inputs):
+
+- ``log_prob``: ``log_prob(x)`` under ``torch.no_grad``, x (B, D).
+- ``sample``: ``sample(B)`` under ``torch.no_grad`` (prior draw + inverse).
+- ``inverse``: ``g(z)`` under ``torch.no_grad``, z (B, D).
+- ``train``: one step of Adam on ``-log_prob(x).mean()``: zero_grad, forward, backward, step.
+
+Timing (DESIGN §5): all providers of one configuration live in one process and are timed in
+rounds; each round times every provider once, starting at a different provider each round, so
+slow drifts of the machine hit all of them alike. Before the rounds each provider runs warm-up
+calls (the first call of ``torch.compile`` compiles; its duration is reported as ``compile_s``).
+A timed sample repeats the call ``number`` times, chosen from the warm-up so that one sample
+lasts at least ``min_sample_s``. CPU: ``time.perf_counter`` with ``torch.set_num_threads``
+fixed; CUDA: CUDA events after a synchronize. Reported: median and quartiles of the per-call
+times, and the median over rounds of the paired ratio (reference time / provider time of the
+same round; > 1 means faster than the reference).
+
+FLOPs are counted analytically: per row, per layer, per net ``2 (K1 H + H H + H K2)`` for the
+forward; a training step counts three times the forward (forward, two backward GEMMs). The
+ceiling is the best rate of ``addmm`` ((rows, H) @ (H, H) + bias) over several row tiles,
+measured in the same run on the same device, dtype and thread count.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from fastnvp.bench import providers as prov
+from fastnvp.masks import split_indices
+from fastnvp.reference import RealNVP
+
+SCHEMA = "fastnvp-bench/1"
+WORKLOADS = ("log_prob", "sample", "train", "inverse")
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+GEMM_ROWS = (256, 512, 1024, 2048, 4096)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One model and batch: L layers, D features, H hidden units, B rows."""
+
+    layers: int
+    dim: int
+    hidden: int
+    batch: int
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name, lo in (("layers", 1), ("dim", 2), ("hidden", 1), ("batch", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    def label(self) -> str:
+        return f"L={self.layers} D={self.dim} H={self.hidden} B={self.batch}"
+
+
+@dataclass
+class Settings:
+    """How to run: which providers and workloads, how many rounds, threads."""
+
+    providers: Sequence[str] = prov.ALL_PROVIDERS
+    workloads: Sequence[str] = WORKLOADS
+    repeats: int = 5
+    warmup: int = 1
+    min_sample_s: float = 0.02
+    threads: int = 2
+    seed: int = 0
+    compile_max_layers: int = 8
+    lr: float = 1e-5
+
+    def __post_init__(self):
+        if isinstance(self.providers, str) or not self.providers:
+            raise ValueError("providers must be a non-empty list of provider names")
+        for spec in self.providers:
+            prov.parse_provider(spec)
+        if isinstance(self.workloads, str) or not self.workloads:
+            raise ValueError(f"workloads must be a non-empty list from {WORKLOADS}")
+        bad = [w for w in self.workloads if w not in WORKLOADS]
+        if bad:
+            raise ValueError(f"unknown workload(s) {bad}; choose from {WORKLOADS}")
+        for name, lo in (("repeats", 1), ("warmup", 1), ("threads", 1), ("compile_max_layers", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+        if not self.min_sample_s >= 0:
+            raise ValueError(f"min_sample_s must be >= 0, got {self.min_sample_s!r}")
+
+
+@dataclass
+class Plan:
+    """A list of configurations, each with the providers and workloads to run on it."""
+
+    name: str
+    entries: list[tuple[BenchConfig, Settings]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- presets
+def preset(name: str, device: str = "cpu", dtype: str = "float32", threads: int = 2) -> Plan:
+    """Named sweeps.
+
+    - ``quick`` (≤ 3 min on 2 cores): L ∈ {1, 8}, D = 2, H = 256, B = 1024, every provider and
+      workload except ``torch.compile`` (skipped with a message).
+    - ``main``: the headline configuration L = 50, D = 2, H = 256, B = 4096, every provider and
+      workload.
+    - ``full``: ``main`` plus one-factor sweeps around it: depth L ∈ {1, 8, 50, 100, 200}
+      (B = 1024; log_prob and train), D ∈ {16, 64} and H = 64 (L = 8; log_prob and train) and
+      B ∈ {256, 16384} (L = 8; log_prob).
+    """
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
+
+    def cfg(layers, dim=2, hidden=256, batch=4096):
+        return BenchConfig(layers, dim, hidden, batch, device, dtype)
+
+    plan = Plan(name)
+    if name == "quick":
+        # No torch.compile: its cold compile alone takes minutes on a small CPU.
+        base = Settings(repeats=3, warmup=1, threads=threads, compile_max_layers=0)
+        plan.entries += [(cfg(1, batch=1024), base), (cfg(8, batch=1024), base)]
+        return plan
+    main = Settings(repeats=7, warmup=1, threads=threads, compile_max_layers=8)
+    plan.entries.append((cfg(50), main))
+    if name == "main":
+        return plan
+    depth = Settings(
+        workloads=("log_prob", "train"), repeats=3, threads=threads, compile_max_layers=8
+    )
+    plan.entries += [(cfg(layers, batch=1024), depth) for layers in (1, 8, 50, 100, 200)]
+    plan.entries += [(cfg(8, dim=dim), depth) for dim in (16, 64)]
+    plan.entries.append((cfg(8, hidden=64), depth))
+    lp = Settings(workloads=("log_prob",), repeats=3, threads=threads, compile_max_layers=8)
+    plan.entries += [(cfg(8, batch=batch), lp) for batch in (256, 16384)]
+    return plan
+
+
+PRESETS = ("quick", "main", "full")
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def forward_flops_per_row(ref: RealNVP) -> int:
+    """Analytic FLOPs of one forward pass per row: Σ_layers 2 nets · 2 (K1 H + H H + H K2)."""
+    hidden = ref.s[0][0].out_features
+    total = 0
+    for i in range(ref.num_layers):
+        kept, transformed = split_indices(ref.mask[i])
+        k1, k2 = kept.numel(), transformed.numel()
+        total += 2 * 2 * (k1 * hidden + hidden * hidden + hidden * k2)
+    return total
+
+
+def workload_flops(ref: RealNVP, workload: str, batch: int) -> int:
+    """FLOPs of one call of ``workload`` on ``batch`` rows (train = 3 x forward)."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
+    factor = 3 if workload == "train" else 1
+    return factor * batch * forward_flops_per_row(ref)
+
+
+# ----------------------------------------------------------------------------- timing
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(call: Callable[[], object], device: str, number: int = 1) -> float:
+    """Seconds per call of ``call`` (averaged over ``number`` back-to-back calls)."""
+    if device == "cuda":
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(number):
+            call()
+        stop.record()
+        stop.synchronize()
+        return start.elapsed_time(stop) / 1e3 / number
+    t0 = time.perf_counter()
+    for _ in range(number):
+        call()
+    return (time.perf_counter() - t0) / number
+
+
+def gemm_ceiling(
+    hidden: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+    rows: Sequence[int] = GEMM_ROWS,
+    repeats: int = 5,
+    min_sample_s: float = 0.02,
+) -> list[dict]:
+    """Rate of ``addmm`` ((rows, H) @ (H, H) + bias) for each row tile, median of ``repeats``.
+
+    Returns:
+        ``[{"hidden", "rows", "gflops", "device", "dtype"}, ...]``.
+    """
+    dt = DTYPES[dtype]
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(hidden, hidden, generator=gen).to(device=device, dtype=dt).t()
+    bias = torch.randn(hidden, generator=gen).to(device=device, dtype=dt)
+    out = []
+    for r in rows:
+        x = torch.randn(r, hidden, generator=gen).to(device=device, dtype=dt)
+        res = torch.empty(r, hidden, device=device, dtype=dt)
+        call = lambda: torch.addmm(bias, x, weight, out=res)  # noqa: B023 - called right here
+        first = time_call(call, device, 3)
+        number = max(1, math.ceil(min_sample_s / max(first, 1e-9)))
+        times = [time_call(call, device, number) for _ in range(repeats)]
+        flops = 2 * r * hidden * hidden
+        out.append(
+            {
+                "hidden": hidden,
+                "rows": r,
+                "device": device,
+                "dtype": dtype,
+                "gflops": flops / statistics.median(times) / 1e9,
+            }
+        )
+    return out
+
+
+def _quantiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], statistics.median(values), q[2]
+
+
+def _make_call(flow: prov.Flow, workload: str, x, z, lr: float) -> Callable[[], object]:
+    batch = x.shape[0]
+    if workload == "log_prob":
+
+        def call():
+            with torch.no_grad():
+                return flow.log_prob(x)
+
+    elif workload == "sample":
+
+        def call():
+            with torch.no_grad():
+                return flow.sample(batch)
+
+    elif workload == "inverse":
+
+        def call():
+            with torch.no_grad():
+                return flow.inverse(z)
+
+    else:
+        opt = torch.optim.Adam(flow.trainable(), lr=lr)
+
+        def call():
+            opt.zero_grad(set_to_none=True)
+            loss = flow.loss(x)
+            loss.backward()
+            opt.step()
+            return loss
+
+    return call
+
+
+def check_tolerance(cfg: BenchConfig) -> tuple[float, float]:
+    """(rtol, atol) for log_prob agreement with the reference at this depth and dtype."""
+    if cfg.dtype in ("float32", "float64"):
+        base = 1e-4 if cfg.dtype == "float32" else 1e-10
+        return base, base * (1 + 0.1 * cfg.layers)
+    return 2e-2, 2e-2 * (1 + 0.1 * cfg.layers)
+
+
+# ----------------------------------------------------------------------------- one config
+def run_config(cfg: BenchConfig, settings: Settings, log: Callable[[str], None] = print) -> dict:
+    """Build every provider for ``cfg``, check them against the reference, time the workloads."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    dt = DTYPES[cfg.dtype]
+    ref = RealNVP.standard(cfg.dim, cfg.layers, cfg.hidden).to(device=cfg.device, dtype=dt)
+    gen = torch.Generator().manual_seed(settings.seed + 1)
+    x = torch.randn(cfg.batch, cfg.dim, generator=gen).to(device=cfg.device, dtype=dt)
+    z = torch.randn(cfg.batch, cfg.dim, generator=gen).to(device=cfg.device, dtype=dt)
+
+    specs = list(settings.providers)
+    if "reference" not in specs:
+        specs.insert(0, "reference")
+    if cfg.device == "cuda" and "fastnvp" in specs:
+        specs += [s for s in prov.fastnvp_variants("cuda") if s not in specs]
+    flows: dict[str, prov.Flow] = {}
+    checks: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    with torch.no_grad():
+        expected = ref.log_prob(x)
+    rtol, atol = check_tolerance(cfg)
+    for spec in specs:
+        if spec == "torch.compile" and cfg.layers > settings.compile_max_layers:
+            skipped[spec] = (
+                f"skipped at L={cfg.layers} (> compile_max_layers={settings.compile_max_layers};"
+                " cold compile time grows with depth)"
+            )
+            continue
+        try:
+            flow = prov.build(spec, ref)
+        except prov.ProviderUnavailable as exc:
+            skipped[spec] = str(exc)
+            log(f"  skip {spec}: {exc}")
+            continue
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            got = flow.log_prob(x)
+        first_s = time.perf_counter() - t0
+        err = (got.double() - expected.double()).abs()
+        ok = bool(torch.all(err <= atol + rtol * expected.double().abs()).item())
+        checks[flow.name] = {
+            "params_total": flow.params_total,
+            "params_effective": flow.params_effective,
+            "max_abs_err": float(err.max().item()),
+            "rtol": rtol,
+            "atol": atol,
+            "ok": ok,
+        }
+        if flow.compiled:
+            checks[flow.name]["first_log_prob_s"] = first_s
+        if not ok:
+            log(f"  {flow.name}: log_prob differs from the reference (max {err.max().item():.3g})")
+        flows[flow.name] = flow
+    eff = {c["params_effective"] for c in checks.values()}
+    params_match = len(eff) == 1
+    log(
+        "  params (total/effective): "
+        + ", ".join(f"{n} {c['params_total']}/{c['params_effective']}" for n, c in checks.items())
+        + ("" if params_match else "  MISMATCH")
+    )
+
+    results = []
+    names = list(flows)
+    for workload in settings.workloads:
+        calls = {n: _make_call(flows[n], workload, x, z, settings.lr) for n in names}
+        numbers, compile_s = {}, {}
+        for n in names:
+            first = time_call(calls[n], cfg.device)
+            if workload == "log_prob" and "first_log_prob_s" in checks[n]:
+                first = checks[n]["first_log_prob_s"]  # the check above made the cold call
+            for _ in range(settings.warmup):
+                warm = time_call(calls[n], cfg.device)
+            if flows[n].compiled:
+                compile_s[n] = max(first - warm, 0.0)
+            numbers[n] = max(1, math.ceil(settings.min_sample_s / max(warm, 1e-9)))
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(settings.repeats):
+            for k in range(len(names)):
+                n = names[(r + k) % len(names)]
+                times[n].append(time_call(calls[n], cfg.device, numbers[n]))
+        flops = workload_flops(ref, workload, cfg.batch)
+        peers = [n for n in names if n in prov.PEERS]
+        for n in names:
+            q1, med, q3 = _quantiles(times[n])
+            paired = [a / b for a, b in zip(times["reference"], times[n])]
+            pq1, pmed, pq3 = _quantiles(paired)
+            row = {
+                "workload": workload,
+                "provider": n,
+                "times_s": times[n],
+                "number": numbers[n],
+                "median_s": med,
+                "q1_s": q1,
+                "q3_s": q3,
+                "samples_per_s": cfg.batch / med,
+                "gflops": flops / med / 1e9,
+                "ratio_vs_reference": pmed,
+                "ratio_vs_reference_q1": pq1,
+                "ratio_vs_reference_q3": pq3,
+            }
+            if peers:
+                best = [min(times[p][r] for p in peers) / times[n][r] for r in range(len(times[n]))]
+                row["ratio_vs_fastest_peer"] = statistics.median(best)
+            if n in compile_s:
+                row["compile_s"] = compile_s[n]
+            results.append(row)
+        summary = ", ".join(
+            f"{row['provider']} {row['ratio_vs_reference']:.2f}x"
+            for row in results
+            if row["workload"] == workload
+        )
+        log(f"  {workload}: {summary}")
+    return {
+        "config": asdict(cfg),
+        "settings": _settings_dict(settings),
+        "flops_forward_per_row": forward_flops_per_row(ref),
+        "checks": checks,
+        "params_match": params_match,
+        "skipped": skipped,
+        "results": results,
+    }
+
+
+def _settings_dict(settings: Settings) -> dict:
+    d = asdict(settings)
+    d["providers"] = list(d["providers"])
+    d["workloads"] = list(d["workloads"])
+    return d
+
+
+# ----------------------------------------------------------------------------- environment
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def gpu_model() -> str | None:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def machine_name(device: str = "cpu", threads: int = 2) -> str:
+    """A folder name for the machine: ``cpu-<model>-<threads>t`` or ``cuda-<gpu>``."""
+    raw = gpu_model() if device == "cuda" and gpu_model() else f"{cpu_model()}-{threads}t"
+    prefix = "cuda" if device == "cuda" else "cpu"
+    slug = "".join(c.lower() if c.isalnum() else "-" for c in raw)
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return f"{prefix}-{slug.strip('-')}"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        out = subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def versions() -> dict:
+    """Versions of Python, torch, fastnvp and the peers (None where not installed)."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("fastnvp", "numpy", "triton", "nflows", "normflows", "zuko", "FrEIA"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def environment(device: str, threads: int) -> dict:
+    """Machine, versions and commit of this run."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "machine": {
+            "name": machine_name(device, threads),
+            "cpu_model": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "gpu_model": gpu_model(),
+            "platform": platform.platform(),
+            "torch_threads": threads,
+            "mkldnn": torch.backends.mkldnn.is_available(),
+        },
+        "versions": versions(),
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty": bool(status) if status is not None else None,
+    }
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------- a run
+def run(plan: Plan, command: str, log: Callable[[str], None] = print) -> dict:
+    """Run every configuration of ``plan``; returns the results document (see ``SCHEMA``)."""
+    if not plan.entries:
+        raise ValueError("plan has no configurations")
+    first_cfg, first_settings = plan.entries[0]
+    device, threads = first_cfg.device, first_settings.threads
+    torch.set_num_threads(threads)
+    doc = {
+        "schema": SCHEMA,
+        "preset": plan.name,
+        "command": command,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **environment(device, threads),
+        "load_average_start": load_average(),
+    }
+    log(f"machine {doc['machine']['name']}, load average {doc['load_average_start']}")
+    shapes = sorted({(c.hidden, c.device, c.dtype) for c, _ in plan.entries})
+    ceilings = []
+    for hidden, dev, dtype in shapes:
+        ceilings += gemm_ceiling(hidden, dev, dtype)
+    t0 = time.perf_counter()
+    configs = []
+    for cfg, settings in plan.entries:
+        log(f"{cfg.label()} {cfg.device} {cfg.dtype}")
+        configs.append(run_config(cfg, settings, log))
+    # Measured again after the configs; the ceiling is the better of the two passes.
+    for hidden, dev, dtype in shapes:
+        for again in gemm_ceiling(hidden, dev, dtype):
+            for c in ceilings:
+                if (c["hidden"], c["rows"], c["device"], c["dtype"]) == (
+                    again["hidden"],
+                    again["rows"],
+                    again["device"],
+                    again["dtype"],
+                ):
+                    c["gflops_second_pass"] = again["gflops"]
+    for c in ceilings:
+        c["best_gflops"] = max(c["gflops"], c.get("gflops_second_pass", 0.0))
+    for entry in configs:
+        cfg = entry["config"]
+        best = best_ceiling(ceilings, cfg["hidden"], cfg["device"], cfg["dtype"])
+        entry["ceiling_gflops"] = best
+        for row in entry["results"]:
+            row["fraction_of_ceiling"] = row["gflops"] / best if best else None
+    doc["ceilings"] = ceilings
+    doc["configs"] = configs
+    doc["duration_s"] = time.perf_counter() - t0
+    doc["load_average_end"] = load_average()
+    return doc
+
+
+def best_ceiling(ceilings: list[dict], hidden: int, device: str, dtype: str) -> float | None:
+    """Best measured addmm rate for (H, device, dtype) over all row tiles and passes."""
+    rates = [
+        c.get("best_gflops", c["gflops"])
+        for c in ceilings
+        if (c["hidden"], c["device"], c["dtype"]) == (hidden, device, dtype)
+    ]
+    return max(rates) if rates else None
+
+
+# ----------------------------------------------------------------------------- schema
+_TOP_KEYS = {
+    "schema": str,
+    "preset": str,
+    "command": str,
+    "created_utc": str,
+    "machine": dict,
+    "versions": dict,
+    "ceilings": list,
+    "configs": list,
+}
+_ROW_KEYS = {
+    "workload": str,
+    "provider": str,
+    "times_s": list,
+    "median_s": float,
+    "samples_per_s": float,
+    "gflops": float,
+    "ratio_vs_reference": float,
+}
+
+
+def validate(doc: dict) -> dict:
+    """Check a results document against the schema; returns it, raises ValueError otherwise."""
+    if not isinstance(doc, dict):
+        raise TypeError(f"doc must be a dict, got {type(doc).__name__}")
+    for key, kind in _TOP_KEYS.items():
+        if not isinstance(doc.get(key), kind):
+            raise ValueError(f"results: {key!r} must be a {kind.__name__}")
+    if doc["schema"] != SCHEMA:
+        raise ValueError(f"results: schema {doc['schema']!r}, expected {SCHEMA!r}")
+    for key in ("name", "cpu_model"):
+        if not isinstance(doc["machine"].get(key), str):
+            raise ValueError(f"results: machine.{key} must be a string")
+    if "torch" not in doc["versions"]:
+        raise ValueError("results: versions.torch is missing")
+    for i, entry in enumerate(doc["configs"]):
+        cfg = entry.get("config")
+        if not isinstance(cfg, dict):
+            raise ValueError(f"results: configs[{i}].config must be a dict")
+        BenchConfig(**cfg)
+        if not isinstance(entry.get("results"), list) or not isinstance(entry.get("checks"), dict):
+            raise ValueError(f"results: configs[{i}] needs 'results' (list) and 'checks' (dict)")
+        for j, row in enumerate(entry["results"]):
+            for key, kind in _ROW_KEYS.items():
+                value = row.get(key)
+                if kind is float:
+                    ok = isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+                else:
+                    ok = isinstance(value, kind)
+                if not ok:
+                    raise ValueError(f"results: configs[{i}].results[{j}].{key} is invalid")
+            if row["workload"] not in WORKLOADS:
+                raise ValueError(f"results: configs[{i}].results[{j}] has unknown workload")
+    return doc
+
+
+def command_line() -> str:
+    """The command as typed (``fastnvp bench ...``)."""
+    argv = list(sys.argv)
+    argv[0] = os.path.basename(argv[0])
+    if argv[0] in ("__main__.py", "-m"):
+        argv[0] = "python -m fastnvp"
+    return " ".join(argv)

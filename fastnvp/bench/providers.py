@@ -1,0 +1,487 @@
+"""Benchmark providers: one flow per implementation, all computing the reference's function.
+
+Every provider is built from one :class:`fastnvp.reference.RealNVP` with the standard
+conditioner (DESIGN §1) and gets its weights copied from it, so each computes the same
+``log p(x)``:
+
+- ``fastnvp``: :class:`fastnvp.model.FastRealNVP` (the CPU conditioner path on CPU, the fused
+  kernels on CUDA); ``fastnvp[k=v,...]`` variants pass constructor keywords (fused levels).
+- ``reference``: the eager :class:`fastnvp.reference.RealNVP` itself.
+- ``torch.compile``: ``torch.compile`` of the reference's ``log_prob`` / ``g`` / training loss.
+- ``nflows``: ``AffineCouplingTransform`` with the scale ``exp(tanh(.))``; its transform net is
+  the S and T nets on the kept half, outputs concatenated ``[t, s]``.
+- ``normflows``: ``MaskedAffineFlow`` per layer with copies of the reference's full-width nets
+  (its ``forward_and_log_det`` is the data -> latent direction of the reference).
+- ``zuko``: ``CouplingTransform`` whose meta returns ``AffineTransform(t, exp(tanh(s)))``.
+- ``FrEIA``: ``AffineCouplingOneSided`` (clamp 1, TANH) with fixed permutations that bring each
+  layer's kept features first; its subnet is the S and T nets, outputs ``[s, t]``.
+
+Peers with split-half nets hold exactly the weights that influence the function; the
+full-width nets of the reference also hold the weights that only ever see zeros (the
+transformed input columns) or get multiplied by zero (the kept output rows). Both counts are
+reported: ``params_total`` and ``params_effective`` (the latter must agree across providers).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from fastnvp.conditioner import match_standard_mlp
+from fastnvp.masks import split_indices
+from fastnvp.model import FastRealNVP
+from fastnvp.reference import RealNVP
+
+PEERS = ("nflows", "normflows", "zuko", "FrEIA")
+BASE_PROVIDERS = ("fastnvp", "reference", "torch.compile")
+ALL_PROVIDERS = BASE_PROVIDERS + PEERS
+
+
+@dataclass
+class Flow:
+    """One implementation under test.
+
+    Attributes:
+        name: provider name as reported.
+        module: the ``nn.Module`` holding the trainable parameters.
+        log_prob: (N, D) -> (N,).
+        inverse: latent (N, D) -> data (N, D).
+        sample: n -> (n, D).
+        params_total: trainable parameters held.
+        params_effective: trainable parameters that influence the function.
+        compiled: True for ``torch.compile`` (its first calls compile; timed separately).
+        train_loss: optional (N, D) -> scalar loss override (the compiled training loss).
+    """
+
+    name: str
+    module: nn.Module
+    log_prob: Callable[[Tensor], Tensor]
+    inverse: Callable[[Tensor], Tensor]
+    sample: Callable[[int], Tensor]
+    params_total: int
+    params_effective: int
+    compiled: bool = False
+    train_loss: Callable[[Tensor], Tensor] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def loss(self, x: Tensor) -> Tensor:
+        """Negative mean log-likelihood of a batch (the training objective)."""
+        if self.train_loss is not None:
+            return self.train_loss(x)
+        return -self.log_prob(x).mean()
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+
+class ProviderUnavailable(RuntimeError):
+    """A provider cannot be built here (missing optional package, unsupported option)."""
+
+
+# ------------------------------------------------------------------------------ helpers
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _std_normal_log_prob(z: Tensor) -> Tensor:
+    return -0.5 * (z.square().sum(dim=1) + z.shape[1] * math.log(2 * math.pi))
+
+
+def effective_params(ref: RealNVP) -> int:
+    """Parameters of a full-width standard flow that influence its function (see module doc)."""
+    total = 0
+    for i in range(ref.num_layers):
+        kept, transformed = split_indices(ref.mask[i])
+        for net in (ref.s[i], ref.t[i]):
+            mlp = match_standard_mlp(net, ref.dim)
+            if mlp is None:
+                raise ValueError(f"layer {i}: the benchmark needs standard conditioner nets")
+            hidden = mlp.lin1.out_features
+            total += hidden * kept.numel() + hidden  # first Linear on the kept columns
+            total += hidden * hidden + hidden
+            total += transformed.numel() * (hidden + 1)  # last Linear, transformed rows
+    return total
+
+
+def _split_net(net: nn.Module, dim: int, kept: Tensor, transformed: Tensor) -> nn.Sequential:
+    """The standard net restricted to the split halves, without its Tanh, weights copied."""
+    mlp = match_standard_mlp(net, dim)
+    hidden, slope = mlp.lin1.out_features, mlp.negative_slope
+    w = mlp.lin1.weight
+    out = nn.Sequential(
+        nn.Linear(kept.numel(), hidden),
+        nn.LeakyReLU(slope),
+        nn.Linear(hidden, hidden),
+        nn.LeakyReLU(slope),
+        nn.Linear(hidden, transformed.numel()),
+    ).to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        out[0].weight.copy_(mlp.lin1.weight[:, kept])
+        out[0].bias.copy_(mlp.lin1.bias)
+        out[2].weight.copy_(mlp.lin2.weight)
+        out[2].bias.copy_(mlp.lin2.bias)
+        out[4].weight.copy_(mlp.lin3.weight[transformed])
+        out[4].bias.copy_(mlp.lin3.bias[transformed])
+    return out
+
+
+def _layer_halves(ref: RealNVP, i: int):
+    kept, transformed = split_indices(ref.mask[i].cpu())
+    s = _split_net(ref.s[i], ref.dim, kept.to(ref.mask.device), transformed.to(ref.mask.device))
+    t = _split_net(ref.t[i], ref.dim, kept.to(ref.mask.device), transformed.to(ref.mask.device))
+    return kept, transformed, s, t
+
+
+class _Concat(nn.Module):
+    """Two nets on the same input, outputs concatenated (the peers' single "transform net")."""
+
+    def __init__(self, first: nn.Module, second: nn.Module):
+        super().__init__()
+        self.first = first
+        self.second = second
+
+    def forward(self, x: Tensor, context=None) -> Tensor:  # noqa: ARG002 - nflows passes context
+        return torch.cat((self.first(x), self.second(x)), dim=1)
+
+
+def peer_available(name: str) -> bool:
+    """True when the peer package can be imported."""
+    return importlib.util.find_spec(name) is not None
+
+
+def _require(name: str):
+    if not peer_available(name):
+        raise ProviderUnavailable(
+            f"{name} is not installed (pip install 'fastnvp[bench]' or pip install {name})"
+        )
+    return importlib.import_module(name)
+
+
+# ------------------------------------------------------------------------------ providers
+def _fastnvp(ref: RealNVP, options: dict) -> Flow:
+    if options:
+        params = inspect.signature(FastRealNVP.__init__).parameters
+        unknown = sorted(set(options) - set(params))
+        if unknown:
+            raise ProviderUnavailable(f"FastRealNVP has no option(s) {unknown}")
+        s_nets = iter(copy.deepcopy(list(ref.s)))
+        t_nets = iter(copy.deepcopy(list(ref.t)))
+        model = FastRealNVP(
+            lambda: next(s_nets), lambda: next(t_nets), ref.mask.detach().cpu(), **options
+        ).to(device=ref.mask.device)
+        model.load_state_dict(ref.state_dict())
+    else:
+        model = FastRealNVP.from_reference(ref)
+    return Flow(
+        "fastnvp" + _option_suffix(options),
+        model,
+        model.log_prob,
+        model.g,
+        model.sample,
+        _count(model),
+        effective_params(model),
+    )
+
+
+def _option_suffix(options: dict) -> str:
+    if not options:
+        return ""
+    return "[" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + "]"
+
+
+def _reference(ref: RealNVP, options: dict) -> Flow:
+    model = copy.deepcopy(ref)
+    return Flow(
+        "reference",
+        model,
+        model.log_prob,
+        model.g,
+        model.sample,
+        _count(model),
+        effective_params(model),
+    )
+
+
+def _compiled(ref: RealNVP, options: dict) -> Flow:
+    model = copy.deepcopy(ref)
+    log_prob = torch.compile(model.log_prob)
+    g = torch.compile(model.g)
+    loss = torch.compile(lambda x: -model.log_prob(x).mean())
+
+    def sample(n: int) -> Tensor:
+        return g(torch.randn(n, model.dim, device=model.mask.device, dtype=model._anchor().dtype))
+
+    return Flow(
+        "torch.compile",
+        model,
+        log_prob,
+        g,
+        sample,
+        _count(model),
+        effective_params(model),
+        compiled=True,
+        train_loss=loss,
+    )
+
+
+def _nflows(ref: RealNVP, options: dict) -> Flow:
+    _require("nflows")
+    from nflows.distributions.normal import StandardNormal
+    from nflows.flows.base import Flow as NFlow
+    from nflows.transforms.base import CompositeTransform
+    from nflows.transforms.coupling import AffineCouplingTransform
+
+    class ExpTanhAffineCoupling(AffineCouplingTransform):
+        """nflows' affine coupling with the reference's scale ``exp(tanh(u))``."""
+
+        def _scale_and_shift(self, transform_params):
+            k = self.num_transform_features
+            return torch.exp(torch.tanh(transform_params[:, k:])), transform_params[:, :k]
+
+    layers = []
+    for i in range(ref.num_layers):
+        _, _, s, t = _layer_halves(ref, i)
+        net = _Concat(t, s)  # nflows reads [shift, unconstrained scale]
+        layers.append(ExpTanhAffineCoupling((1 - ref.mask[i]).cpu(), lambda _in, _out, n=net: n))
+    dev = ref._anchor()
+    flow = NFlow(CompositeTransform(layers), StandardNormal([ref.dim])).to(
+        device=dev.device, dtype=dev.dtype
+    )
+    return Flow(
+        "nflows",
+        flow,
+        flow.log_prob,
+        lambda z: flow._transform.inverse(z)[0],
+        flow.sample,
+        _count(flow),
+        _count(flow),
+    )
+
+
+def _normflows(ref: RealNVP, options: dict) -> Flow:
+    nf = _require("normflows")
+    flows = [
+        nf.flows.MaskedAffineFlow(
+            ref.mask[i].detach().clone(), t=copy.deepcopy(ref.t[i]), s=copy.deepcopy(ref.s[i])
+        )
+        for i in range(ref.num_layers)
+    ]
+    dev = ref._anchor()
+    model = nf.NormalizingFlow(
+        q0=nf.distributions.DiagGaussian(ref.dim, trainable=False), flows=flows
+    )
+    model = model.to(device=dev.device, dtype=dev.dtype)
+
+    # normflows' flows map latent -> data; MaskedAffineFlow.forward is the reference's f, so
+    # the reference's direction is normflows' forward pass through the same stack.
+    def log_prob(x: Tensor) -> Tensor:
+        z, log_det = model.forward_and_log_det(x)
+        return model.q0.log_prob(z) + log_det
+
+    def sample(n: int) -> Tensor:
+        return model.inverse(model.q0(n)[0])
+
+    return Flow(
+        "normflows",
+        model,
+        log_prob,
+        model.inverse,
+        sample,
+        _count(model),
+        effective_params(ref),
+    )
+
+
+def _zuko(ref: RealNVP, options: dict) -> Flow:
+    _require("zuko")
+    from torch.distributions import AffineTransform
+    from zuko.distributions import DiagNormal
+    from zuko.lazy import Flow as ZFlow
+    from zuko.lazy import LazyTransform, UnconditionalDistribution
+    from zuko.transforms import CouplingTransform
+
+    class ExpTanhCoupling(LazyTransform):
+        """zuko coupling whose meta is the reference's affine map on the transformed half."""
+
+        def __init__(self, mask: Tensor, s: nn.Module, t: nn.Module):
+            super().__init__()
+            self.register_buffer("mask", mask.bool())
+            self.s = s
+            self.t = t
+
+        def meta(self, x_a: Tensor):
+            return AffineTransform(self.t(x_a), torch.exp(torch.tanh(self.s(x_a))), event_dim=1)
+
+        def forward(self, c=None):
+            return CouplingTransform(self.meta, self.mask)
+
+    layers = []
+    for i in range(ref.num_layers):
+        _, _, s, t = _layer_halves(ref, i)
+        layers.append(ExpTanhCoupling(ref.mask[i].detach().clone(), s, t))
+    dev = ref._anchor()
+    zeros = torch.zeros(ref.dim, device=dev.device, dtype=dev.dtype)
+    flow = ZFlow(layers, UnconditionalDistribution(DiagNormal, zeros, zeros + 1, buffer=True))
+    flow = flow.to(device=dev.device, dtype=dev.dtype)
+    return Flow(
+        "zuko",
+        flow,
+        lambda x: flow().log_prob(x),
+        lambda z: flow().transform.inv(z),
+        lambda n: flow().sample((n,)),
+        _count(flow),
+        _count(flow),
+    )
+
+
+def _freia(ref: RealNVP, options: dict) -> Flow:
+    _require("FrEIA")
+    import FrEIA.framework as Ff
+    import FrEIA.modules as Fm
+
+    inn = Ff.SequenceINN(ref.dim)
+    order = list(range(ref.dim))
+
+    def permute(new_order: list[int]) -> None:
+        perm = torch.tensor([order.index(j) for j in new_order])
+        if torch.equal(perm, torch.arange(ref.dim)):
+            return
+        inn.append(Fm.PermuteRandom)
+        block = inn.module_list[-1]
+        block.perm.data = perm
+        block.perm_inv.data = torch.argsort(perm)
+
+    for i in range(ref.num_layers):
+        kept, transformed, s, t = _layer_halves(ref, i)
+        new_order = kept.tolist() + transformed.tolist()
+        permute(new_order)
+        order = new_order
+        net = _Concat(s, t)  # FrEIA reads [s, t] and applies clamp * tanh to s
+        inn.append(
+            Fm.AffineCouplingOneSided,
+            subnet_constructor=lambda _in, _out, n=net: n,
+            clamp=1.0,
+            clamp_activation="TANH",
+            split_len=kept.numel(),
+        )
+    permute(list(range(ref.dim)))
+    dev = ref._anchor()
+    inn = inn.to(device=dev.device, dtype=dev.dtype)
+    for module in inn.module_list:  # the permutation indices stay int64
+        if isinstance(module, Fm.PermuteRandom):
+            module.perm.data = module.perm.data.long()
+            module.perm_inv.data = module.perm_inv.data.long()
+
+    def log_prob(x: Tensor) -> Tensor:
+        z, log_jac = inn(x)
+        return _std_normal_log_prob(z) + log_jac
+
+    def inverse(z: Tensor) -> Tensor:
+        return inn(z, rev=True)[0]
+
+    def sample(n: int) -> Tensor:
+        return inverse(torch.randn(n, ref.dim, device=dev.device, dtype=dev.dtype))
+
+    return Flow("FrEIA", inn, log_prob, inverse, sample, _count(inn), _count(inn))
+
+
+_BUILDERS: dict[str, Callable[[RealNVP, dict], Flow]] = {
+    "fastnvp": _fastnvp,
+    "reference": _reference,
+    "torch.compile": _compiled,
+    "nflows": _nflows,
+    "normflows": _normflows,
+    "zuko": _zuko,
+    "FrEIA": _freia,
+}
+
+
+def parse_provider(spec: str) -> tuple[str, dict]:
+    """``"fastnvp[fused=layer,precision=tf32]"`` -> ``("fastnvp", {...})``; values stay strings
+    except ``true``/``false``/``none`` and integers."""
+    if not isinstance(spec, str) or not spec:
+        raise TypeError(f"provider must be a non-empty string, got {spec!r}")
+    name, options = spec, {}
+    if "[" in spec:
+        if not spec.endswith("]"):
+            raise ValueError(f"provider {spec!r}: options must be written name[k=v,...]")
+        name, body = spec[:-1].split("[", 1)
+        for item in filter(None, body.split(",")):
+            if "=" not in item:
+                raise ValueError(f"provider {spec!r}: option {item!r} is not k=v")
+            key, value = item.split("=", 1)
+            options[key.strip()] = _parse_value(value.strip())
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown provider {name!r}; choose from {list(_BUILDERS)}")
+    if options and name != "fastnvp":
+        raise ValueError(f"provider {name!r} takes no options")
+    return name, options
+
+
+def _parse_value(value: str):
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def fastnvp_variants(device: str) -> list[str]:
+    """The fused levels FastRealNVP offers on ``device``, as provider specs.
+
+    Reads ``FastRealNVP``'s ``fused`` / ``precision`` keywords when it has them; the fused
+    levels are GPU kernels, so on the CPU only the default path is listed.
+    """
+    params = inspect.signature(FastRealNVP.__init__).parameters
+    if device != "cuda" or "fused" not in params:
+        return []
+    from fastnvp import model as model_module
+
+    levels = getattr(model_module, "FUSED_LEVELS", None) or getattr(
+        FastRealNVP, "FUSED_LEVELS", None
+    )
+    precisions = ("ieee",)
+    if "precision" in params:
+        precisions = getattr(model_module, "PRECISIONS", None) or ("ieee", "tf32", "bf16")
+    if not levels:
+        default = params["fused"].default
+        levels = [v for v in (True,) if v != default]
+    specs = []
+    for level in levels:
+        if level in (None, False, "none", "off"):
+            continue
+        for precision in precisions:
+            opts = f"fused={level}" + (f",precision={precision}" if "precision" in params else "")
+            specs.append(f"fastnvp[{opts}]")
+    return specs
+
+
+def build(spec: str, ref: RealNVP) -> Flow:
+    """Build one provider from the reference model ``ref`` (weights copied).
+
+    Raises:
+        ProviderUnavailable: the peer package is missing or the option is not supported.
+    """
+    if not isinstance(ref, RealNVP):
+        raise TypeError(f"ref must be a fastnvp.reference.RealNVP, got {type(ref).__name__}")
+    name, options = parse_provider(spec)
+    try:
+        return _BUILDERS[name](ref, options)
+    except ProviderUnavailable:
+        raise
+    except (TypeError, ValueError, RuntimeError) as exc:
+        if name == "fastnvp" and options:
+            raise ProviderUnavailable(f"{spec}: {exc}") from exc
+        raise

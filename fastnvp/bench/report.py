@@ -1,0 +1,255 @@
+"""Reports generated from a results document: markdown tables, plots, the README section.
+
+Nothing here measures; every number comes from the JSON written by ``fastnvp bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+from fastnvp.bench.harness import WORKLOADS, validate
+from fastnvp.bench.providers import PEERS
+
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+
+
+def load(path: str) -> dict:
+    """Read and validate a results JSON file."""
+    with open(path) as fh:
+        return validate(json.load(fh))
+
+
+def _fastnvp_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["provider"].startswith("fastnvp")]
+
+
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return "–"
+    frac = row.get("fraction_of_ceiling")
+    pct = f", {100 * frac:.0f}%" if frac is not None else ""
+    text = f"{row['ratio_vs_reference']:.2f}× ({row['gflops']:.0f} GF/s{pct})"
+    if "compile_s" in row:
+        text += f" +{row['compile_s']:.0f} s compile"
+    return text
+
+
+def config_title(entry: dict, doc: dict) -> str:
+    c = entry["config"]
+    threads = entry.get("settings", {}).get("threads")
+    where = f"{c['device']} {c['dtype']}" + (f", {threads} threads" if threads else "")
+    return f"L={c['layers']} D={c['dim']} H={c['hidden']} B={c['batch']} ({where})"
+
+
+def config_table(entry: dict, doc: dict) -> str:
+    """One markdown table: providers x workloads, ratio vs reference, GFLOP/s, % of ceiling."""
+    rows = entry["results"]
+    workloads = [w for w in WORKLOADS if any(r["workload"] == w for r in rows)]
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    by = {(r["provider"], r["workload"]): r for r in rows}
+    lines = [
+        "| provider | params (total / effective) | " + " | ".join(workloads) + " |",
+        "|---|---|" + "---|" * len(workloads),
+    ]
+    for p in providers:
+        check = entry["checks"].get(p, {})
+        params = f"{check.get('params_total', '?')} / {check.get('params_effective', '?')}"
+        if check and not check.get("ok", True):
+            params += " (log_prob MISMATCH)"
+        cells = [_cell(by.get((p, w))) for w in workloads]
+        lines.append(f"| {p} | {params} | " + " | ".join(cells) + " |")
+    for name in entry.get("skipped", {}):
+        lines.append(f"| {name} | – | " + " | ".join("–" for _ in workloads) + " |")
+    out = "\n".join(lines)
+    notes = []
+    ceiling = entry.get("ceiling_gflops")
+    if ceiling:
+        notes.append(
+            f"GEMM ceiling (addmm (rows×{entry['config']['hidden']})@"
+            f"({entry['config']['hidden']}×{entry['config']['hidden']}), best row tile): "
+            f"{ceiling:.0f} GFLOP/s"
+        )
+    vs_peer = []
+    for r in _fastnvp_rows(rows):
+        if "ratio_vs_fastest_peer" in r:
+            vs_peer.append(f"{r['provider']} {r['workload']} {r['ratio_vs_fastest_peer']:.2f}×")
+    if vs_peer:
+        notes.append("vs the fastest peer in each round: " + ", ".join(vs_peer))
+    for name, reason in entry.get("skipped", {}).items():
+        notes.append(f"{name}: {reason}")
+    if notes:
+        out += "\n\n" + "\n".join(f"- {n}" for n in notes)
+    return out
+
+
+def markdown(doc: dict, headline_only: bool = False) -> str:
+    """The report: how it was measured, then one table per configuration."""
+    m, v = doc["machine"], doc["versions"]
+    peers = ", ".join(f"{p} {v.get(p)}" for p in PEERS if v.get(p)) or "none installed"
+    head = [
+        f"Measured by `{doc['command']}` on {doc['created_utc']} "
+        f"(commit {str(doc.get('commit'))[:10]}{', dirty tree' if doc.get('dirty') else ''}).",
+        f"Machine: {m['cpu_model']}, {m['cpu_count']} CPUs"
+        + (f", {m['gpu_model']}" if m.get("gpu_model") else "")
+        + f"; torch {v['torch']}, peers: {peers}; "
+        f"load average {doc.get('load_average_start')} → {doc.get('load_average_end')}.",
+        "",
+        "Cells: median over rounds of the paired speed ratio vs the eager reference (> 1 is "
+        "faster), the analytic FLOP rate and its fraction of the GEMM ceiling measured in the "
+        "same run. Providers ran alternately in one process on the same inputs.",
+    ]
+    entries = doc["configs"][:1] if headline_only else doc["configs"]
+    parts = ["\n".join(head)]
+    for entry in entries:
+        parts.append(f"**{config_title(entry, doc)}**\n\n{config_table(entry, doc)}")
+    return "\n\n".join(parts) + "\n"
+
+
+def update_readme(readme_path: str, section: str) -> bool:
+    """Replace the text between the bench markers in ``readme_path`` with ``section``.
+
+    Returns False (file untouched) when the markers are absent.
+
+    Raises:
+        ValueError: the markers are present but out of order or repeated.
+    """
+    with open(readme_path) as fh:
+        text = fh.read()
+    if README_START not in text and README_END not in text:
+        return False
+    if text.count(README_START) != 1 or text.count(README_END) != 1:
+        raise ValueError(f"{readme_path}: expected exactly one {README_START} and {README_END}")
+    start = text.index(README_START) + len(README_START)
+    end = text.index(README_END)
+    if end < start:
+        raise ValueError(f"{readme_path}: {README_END} comes before {README_START}")
+    new = text[:start] + "\n" + section.strip() + "\n" + text[end:]
+    if new != text:
+        with open(readme_path, "w") as fh:
+            fh.write(new)
+    return True
+
+
+def _depth_series(doc: dict) -> tuple[list[dict], str] | None:
+    """Configs that differ only in depth (the largest such group)."""
+    groups: dict[tuple, list[dict]] = {}
+    for entry in doc["configs"]:
+        c = entry["config"]
+        key = (c["dim"], c["hidden"], c["batch"], c["device"], c["dtype"])
+        groups.setdefault(key, []).append(entry)
+    best = max(groups.values(), key=lambda g: len({e["config"]["layers"] for e in g}))
+    if len({e["config"]["layers"] for e in best}) < 2:
+        return None
+    c = best[0]["config"]
+    return sorted(best, key=lambda e: e["config"]["layers"]), (
+        f"D={c['dim']} H={c['hidden']} B={c['batch']} ({c['device']} {c['dtype']})"
+    )
+
+
+def plots(doc: dict, out_prefix: str) -> list[str]:
+    """Throughput vs depth per provider, and ratio vs reference; returns the written paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    series = _depth_series(doc)
+    if series is not None:
+        entries, label = series
+        workloads = [w for w in WORKLOADS if any(r["workload"] == w for r in entries[0]["results"])]
+        fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
+        for ax, w in zip(axes[0], workloads):
+            providers = dict.fromkeys(
+                r["provider"] for e in entries for r in e["results"] if r["workload"] == w
+            )
+            for p in providers:
+                pts = [
+                    (e["config"]["layers"], r["samples_per_s"])
+                    for e in entries
+                    for r in e["results"]
+                    if r["workload"] == w and r["provider"] == p
+                ]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, marker="o", label=p)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("coupling layers L")
+            ax.set_ylabel("samples / s")
+            ax.set_title(w)
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"Throughput vs depth, {label}")
+        fig.tight_layout()
+        path = f"{out_prefix}_throughput_vs_depth.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    entry = doc["configs"][0]
+    rows = entry["results"]
+    workloads = [w for w in WORKLOADS if any(r["workload"] == w for r in rows)]
+    providers = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != "reference"]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.4 * len(workloads) * max(1, len(providers)) / 3, 4))
+    width = 0.8 / max(1, len(providers))
+    for k, p in enumerate(providers):
+        vals = []
+        for w in workloads:
+            match = [r for r in rows if r["provider"] == p and r["workload"] == w]
+            vals.append(match[0]["ratio_vs_reference"] if match else 0.0)
+        ax.bar([i + k * width for i in range(len(workloads))], vals, width, label=p)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + width * (len(providers) - 1) / 2 for i in range(len(workloads))])
+    ax.set_xticklabels(workloads)
+    ax.set_ylabel("speed vs eager reference (×)")
+    ax.set_title(config_title(entry, doc))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = f"{out_prefix}_ratio_vs_reference.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def write_all(doc: dict, out_dir: str, name: str, readme: str | None = None) -> list[str]:
+    """Write ``<name>.json``, ``<name>.md`` and the plots under ``out_dir``; optionally the
+    README section. Returns the paths written."""
+    validate(doc)
+    os.makedirs(out_dir, exist_ok=True)
+    prefix = os.path.join(out_dir, name)
+    with open(prefix + ".json", "w") as fh:
+        json.dump(doc, fh, indent=1)
+    with open(prefix + ".md", "w") as fh:
+        fh.write(markdown(doc))
+    paths = [prefix + ".json", prefix + ".md", *plots(doc, prefix)]
+    if readme is not None:
+        rel = os.path.relpath(prefix + ".md", os.path.dirname(os.path.abspath(readme)) or ".")
+        section = markdown(doc, headline_only=True) + f"\nAll configurations: [{rel}]({rel}).\n"
+        for path in paths[2:]:
+            img = os.path.relpath(path, os.path.dirname(os.path.abspath(readme)) or ".")
+            section += f"\n![{os.path.basename(path)}]({img})\n"
+        if update_readme(readme, section):
+            paths.append(readme)
+    return paths
+
+
+def summary_lines(doc: dict) -> Sequence[str]:
+    """One line per fastnvp result of the headline configuration (for the terminal)."""
+    entry = doc["configs"][0]
+    out = []
+    for r in _fastnvp_rows(entry["results"]):
+        line = (
+            f"{r['provider']} {r['workload']}: {r['ratio_vs_reference']:.2f}× reference, "
+            f"{r['gflops']:.1f} GFLOP/s"
+        )
+        if r.get("fraction_of_ceiling") is not None:
+            line += f" ({100 * r['fraction_of_ceiling']:.0f}% of {entry['ceiling_gflops']:.0f})"
+        if "ratio_vs_fastest_peer" in r:
+            line += f", {r['ratio_vs_fastest_peer']:.2f}× fastest peer"
+        out.append(line)
+    return out

@@ -1,0 +1,230 @@
+"""The benchmark harness at tiny sizes: providers agree, the JSON schema, the reports."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from fastnvp.bench import harness, report
+from fastnvp.bench import providers as prov
+from fastnvp.cli import COMMANDS, main
+from fastnvp.reference import RealNVP
+
+# torch.compile is left out here: its cold compile alone exceeds this file's time budget; the
+# harness checks it against the reference on every run.
+EAGER = [p for p in prov.ALL_PROVIDERS if p != "torch.compile"]
+
+
+def _provider_or_skip(spec, ref):
+    try:
+        return prov.build(spec, ref)
+    except prov.ProviderUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("dim", [2, 5])
+@pytest.mark.parametrize("spec", EAGER)
+def test_provider_matches_reference(spec, dim):
+    ref = RealNVP.standard(dim, 3, hidden=12)
+    flow = _provider_or_skip(spec, ref)
+    x, z = torch.randn(40, dim), torch.randn(40, dim)
+    with torch.no_grad():
+        torch.testing.assert_close(flow.log_prob(x), ref.log_prob(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(flow.inverse(z), ref.g(z), rtol=1e-5, atol=1e-5)
+        assert flow.sample(7).shape == (7, dim)
+    assert flow.params_effective == prov.effective_params(ref)
+    assert flow.params_total in (
+        prov.effective_params(ref),
+        sum(p.numel() for p in ref.parameters()),
+    )
+    # One training step moves the weights and keeps them finite.
+    before = [p.detach().clone() for p in flow.trainable()]
+    opt = torch.optim.Adam(flow.trainable(), lr=1e-2)
+    flow.loss(x).backward()
+    opt.step()
+    after = flow.trainable()
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("spec", EAGER)
+def test_provider_gradients_match_reference(spec):
+    ref = RealNVP.standard(2, 2, hidden=8).double()
+    flow = _provider_or_skip(spec, ref)
+    x = torch.randn(16, 2, dtype=torch.float64)
+    # The loss gradient of the first layer's shared middle weight matches the reference.
+    ref_loss = -ref.log_prob(x).mean()
+    ref_loss.backward()
+    flow.loss(x).backward()
+    expected = ref.s[0][2].weight.grad
+    matches = [
+        p.grad
+        for p in flow.trainable()
+        if p.shape == expected.shape
+        and p.grad is not None
+        and torch.allclose(p, ref.s[0][2].weight)
+    ]
+    assert matches, "no parameter of the provider equals the reference's S[0] middle weight"
+    torch.testing.assert_close(matches[0], expected, rtol=1e-8, atol=1e-10)
+
+
+def test_effective_params_counts_split_halves():
+    ref = RealNVP.standard(2, 1, hidden=8)
+    per_net = (8 * 1 + 8) + (8 * 8 + 8) + (1 * 8 + 1)
+    assert prov.effective_params(ref) == 2 * per_net
+    assert sum(p.numel() for p in ref.parameters()) == 2 * ((8 * 2 + 8) + 72 + (2 * 8 + 2))
+
+
+def test_workload_flops_are_analytic():
+    ref = RealNVP.standard(3, 2, hidden=4)  # kept/transformed: (1, 2) then (2, 1)
+    per_row = 2 * 2 * (1 * 4 + 16 + 4 * 2) + 2 * 2 * (2 * 4 + 16 + 4 * 1)
+    assert harness.forward_flops_per_row(ref) == per_row
+    assert harness.workload_flops(ref, "log_prob", 10) == 10 * per_row
+    assert harness.workload_flops(ref, "train", 10) == 30 * per_row
+    with pytest.raises(ValueError, match="workload"):
+        harness.workload_flops(ref, "nope", 1)
+
+
+def test_parse_provider_and_errors():
+    assert prov.parse_provider("fastnvp") == ("fastnvp", {})
+    assert prov.parse_provider("fastnvp[fused=layer,precision=tf32,tile=64,x=true]") == (
+        "fastnvp",
+        {"fused": "layer", "precision": "tf32", "tile": 64, "x": True},
+    )
+    with pytest.raises(ValueError, match="unknown provider"):
+        prov.parse_provider("pyro")
+    with pytest.raises(ValueError, match="takes no options"):
+        prov.parse_provider("zuko[a=1]")
+    with pytest.raises(ValueError, match="k=v"):
+        prov.parse_provider("fastnvp[fused]")
+    with pytest.raises(TypeError, match="provider"):
+        prov.parse_provider(3)
+    with pytest.raises(prov.ProviderUnavailable, match="no option"):
+        prov.build("fastnvp[no_such_option=1]", RealNVP.standard(2, 1, hidden=4))
+    with pytest.raises(TypeError, match="ref"):
+        prov.build("fastnvp", torch.nn.Linear(2, 2))
+
+
+def test_config_and_settings_validation_names_the_argument():
+    with pytest.raises(ValueError, match="layers"):
+        harness.BenchConfig(0, 2, 8, 8)
+    with pytest.raises(ValueError, match="dim"):
+        harness.BenchConfig(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="device"):
+        harness.BenchConfig(1, 2, 8, 8, device="tpu")
+    with pytest.raises(ValueError, match="dtype"):
+        harness.BenchConfig(1, 2, 8, 8, dtype="int8")
+    with pytest.raises(ValueError, match="workload"):
+        harness.Settings(workloads=("fit",))
+    with pytest.raises(ValueError, match="repeats"):
+        harness.Settings(repeats=0)
+    with pytest.raises(ValueError, match="preset"):
+        harness.preset("huge")
+    assert [c.layers for c, _ in harness.preset("quick").entries] == [1, 8]
+    assert harness.preset("main").entries[0][0] == harness.BenchConfig(50, 2, 256, 4096)
+
+
+@pytest.fixture(scope="module")
+def tiny_doc():
+    settings = harness.Settings(
+        providers=("fastnvp", "reference"), repeats=2, min_sample_s=0.0, threads=1
+    )
+    plan = harness.Plan(
+        "tiny",
+        [
+            (harness.BenchConfig(1, 2, 8, 32), settings),
+            (harness.BenchConfig(2, 2, 8, 32), settings),
+        ],
+    )
+    return harness.run(plan, "fastnvp bench (test)", log=lambda _msg: None)
+
+
+def test_results_document_schema(tiny_doc):
+    doc = json.loads(json.dumps(tiny_doc))  # survives a JSON round trip
+    harness.validate(doc)
+    assert doc["schema"] == harness.SCHEMA
+    assert doc["machine"]["cpu_model"] and doc["versions"]["torch"] == torch.__version__
+    assert doc["load_average_start"] is None or len(doc["load_average_start"]) == 3
+    assert {c["rows"] for c in doc["ceilings"]} == set(harness.GEMM_ROWS)
+    for entry in doc["configs"]:
+        assert entry["params_match"]
+        assert all(c["ok"] for c in entry["checks"].values())
+        rows = entry["results"]
+        assert {(r["provider"], r["workload"]) for r in rows} == {
+            (p, w) for p in ("fastnvp", "reference") for w in harness.WORKLOADS
+        }
+        for r in rows:
+            assert len(r["times_s"]) == 2
+            assert r["q1_s"] <= r["median_s"] <= r["q3_s"]
+            assert r["fraction_of_ceiling"] > 0
+            if r["provider"] == "reference":
+                assert r["ratio_vs_reference"] == 1.0
+
+
+def test_validate_rejects_broken_documents(tiny_doc):
+    for mutate, message in [
+        (lambda d: d.pop("configs"), "configs"),
+        (lambda d: d.update(schema="other/0"), "schema"),
+        (lambda d: d["configs"][0]["results"][0].update(gflops=float("nan")), "gflops"),
+        (lambda d: d["configs"][0]["results"][0].update(workload="fit"), "workload"),
+        (lambda d: d["configs"][0]["config"].update(layers=0), "layers"),
+    ]:
+        doc = copy.deepcopy(tiny_doc)
+        mutate(doc)
+        with pytest.raises(ValueError, match=message):
+            harness.validate(doc)
+
+
+def test_markdown_table(tiny_doc):
+    text = report.markdown(tiny_doc)
+    assert "| provider | params (total / effective) | log_prob | sample | train | inverse |" in text
+    assert text.count("| fastnvp |") == 2 and text.count("| reference |") == 2
+    assert "**L=1 D=2 H=8 B=32" in text and "**L=2 D=2 H=8 B=32" in text
+    assert "GEMM ceiling" in text
+    headline = report.markdown(tiny_doc, headline_only=True)
+    assert "**L=2" not in headline
+    ref_row = next(line for line in text.splitlines() if line.startswith("| reference |"))
+    assert "1.00×" in ref_row
+
+
+def test_write_all_and_readme_section(tiny_doc, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# T\n\nbefore\n<!-- bench:start -->\nold\n<!-- bench:end -->\nafter\n")
+    paths = report.write_all(tiny_doc, str(tmp_path / "res"), "tiny", readme=str(readme))
+    names = {p.rsplit("/", 1)[-1] for p in paths}
+    assert {"tiny.json", "tiny.md", "tiny_throughput_vs_depth.png"} <= names
+    assert "tiny_ratio_vs_reference.png" in names and "README.md" in names
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("# T\n\nbefore\n") and text.endswith("after\n")
+    assert "| fastnvp |" in text and "res/tiny.md" in text
+    assert report.load(str(tmp_path / "res" / "tiny.json"))["preset"] == "tiny"
+    # Regenerating gives the same section.
+    report.write_all(tiny_doc, str(tmp_path / "res"), "tiny", readme=str(readme))
+    assert readme.read_text() == text
+
+
+def test_update_readme_markers(tmp_path):
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    assert report.update_readme(str(plain), "x") is False
+    assert plain.read_text() == "no markers\n"
+    bad = tmp_path / "bad.md"
+    bad.write_text("<!-- bench:end -->\n<!-- bench:start -->\n")
+    with pytest.raises(ValueError, match="before"):
+        report.update_readme(str(bad), "x")
+    twice = tmp_path / "twice.md"
+    twice.write_text("<!-- bench:start --><!-- bench:end --><!-- bench:start -->")
+    with pytest.raises(ValueError, match="exactly one"):
+        report.update_readme(str(twice), "x")
+
+
+def test_cli_registered_and_regenerates_from_json(tiny_doc, tmp_path, capsys):
+    assert COMMANDS["bench"] == "fastnvp.commands.bench"
+    src = tmp_path / "run.json"
+    src.write_text(json.dumps(tiny_doc))
+    assert main(["bench", "--from-json", str(src), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "fastnvp log_prob:" in out and (tmp_path / "o" / "run.md").exists()
+    with pytest.raises(SystemExit):
+        main(["bench", "--providers", "pyro"])
