@@ -17,12 +17,13 @@ them to locate a problem, not in production training loops. They are off by defa
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Iterator
 
 import torch
 
-_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("fastnvp_checks", default=False)
+# A plain module global rather than a ContextVar: torch.compile traces a global read (and guards
+# on its value), while ContextVar.get breaks a fullgraph trace of every flow.
+_enabled_depth = 0
 
 
 class NonFiniteError(FloatingPointError):
@@ -43,17 +44,18 @@ class NonFiniteError(FloatingPointError):
 
 @contextlib.contextmanager
 def enabled() -> Iterator[None]:
-    """Turn checks on for every flow used inside the ``with`` block (this thread/task only)."""
-    token = _ENABLED.set(True)
+    """Turn checks on for every flow used inside the ``with`` block (process-wide; nests)."""
+    global _enabled_depth
+    _enabled_depth += 1
     try:
         yield
     finally:
-        _ENABLED.reset(token)
+        _enabled_depth -= 1
 
 
 def is_enabled() -> bool:
     """True inside :func:`enabled`."""
-    return _ENABLED.get()
+    return _enabled_depth > 0
 
 
 def check_finite(tensor: torch.Tensor, name: str, layer: int | None, direction: str) -> None:
