@@ -6,7 +6,9 @@ One *training step* is ``model.zero_grad(set_to_none=True)``, ``loss = -log_prob
 What is measured, and how:
 
 - **time per step**: wall clock (``time.perf_counter``; CUDA synchronised before and after) over
-  ``repeats`` unprofiled steps after ``warmup`` steps; the median is reported.
+  ``repeats`` unprofiled steps after ``warmup`` steps; the median is reported. At each depth the
+  modes are built with the same weights and timed in turn, step by step, so that a change of
+  machine load hits them alike.
 - **phases and per-layer time**: one extra step under ``torch.profiler``. The model is
   instrumented *from outside* for that step only (no ``record_function`` inside the model, whose
   cost when no profiler runs is tens of microseconds per range): ``layer_forward`` /
@@ -387,10 +389,10 @@ def analyse(prof: profile, num_layers: int, device: str) -> dict:
         "coupling": forward_us - conditioner,
         "backward": backward_us,
     }
+    if inverse:  # the generic step; the shared-conditioner step inverts inside "recompute"
+        phases["inverse"] = inverse
     if inverse or recompute:
-        phases.update(
-            inverse=inverse, recompute=recompute, gradient=backward_us - inverse - recompute
-        )
+        phases.update(recompute=recompute, gradient=backward_us - inverse - recompute)
     return {
         "phases_us": phases,
         "layer_forward_us": layer_fwd,
@@ -435,18 +437,53 @@ class RunResult:
     reconstruction: dict | None = None
 
 
-def profile_one(
-    config: ProfileConfig, impl: str, mode: str, num_layers: int, trace_path: Path | None = None
-) -> RunResult:
-    """Time, profile and measure one training configuration (see the module doc)."""
-    model = build_model(
-        impl, num_layers, config.dim, config.hidden, mode, config.device, config.seed
-    )
+def time_interleaved(
+    models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int, device: str
+) -> dict[str, list[float]]:
+    """Seconds per step of each model, timed in turn (round robin).
+
+    A change of machine load during the measurement then hits every model alike; each model
+    first runs ``warmup`` untimed steps.
+    """
+    for model in models.values():
+        for _ in range(warmup):
+            training_step(model, x)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            times[name] += time_steps(model, x, 1, 0, device)
+    return times
+
+
+def profile_depth(
+    config: ProfileConfig, impl: str, modes: tuple[str, ...], num_layers: int
+) -> tuple[dict[str, tuple[nn.Module, list[float]]], torch.Tensor]:
+    """One model per mode (same weights) and their step times, measured side by side."""
     x = make_batch(config.batch, config.dim, config.device, config.seed)
-    if mode == "invertible":
-        # Measure and report the reconstruction error instead of stopping the sweep on it.
-        model.reconstruction_tolerance = math.inf
-    times = time_steps(model, x, config.repeats, config.warmup, config.device)
+    models = {}
+    for mode in modes:
+        model = build_model(
+            impl, num_layers, config.dim, config.hidden, mode, config.device, config.seed
+        )
+        if mode == "invertible":
+            # Measure and report the reconstruction error instead of stopping the sweep on it.
+            model.reconstruction_tolerance = math.inf
+        models[mode] = model
+    times = time_interleaved(models, x, config.repeats, config.warmup, config.device)
+    return {mode: (models[mode], times[mode]) for mode in modes}, x
+
+
+def measure(
+    config: ProfileConfig,
+    impl: str,
+    mode: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    times: list[float],
+    trace_path: Path | None = None,
+) -> RunResult:
+    """Profile one timed configuration and collect its measurements (see the module doc)."""
+    num_layers = model.num_layers
     prof = profile_step(model, x, config.device)
     if config.device == "cuda":
         peak = cuda_step_peak(model, x)
@@ -485,10 +522,6 @@ def profile_one(
         analysis=analysis,
         reconstruction=reconstruction,
     )
-    del model, prof, x
-    gc.collect()
-    if config.device == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 
@@ -536,29 +569,34 @@ def run_profile(config: ProfileConfig, out: Path, log: Callable[[str], None] = p
     first_trace = True
     started = time.perf_counter()
     for impl in config.impls:
-        for mode in config.modes:
-            if impl == "reference" and mode == "invertible":
-                skipped.append(
-                    {
-                        "impl": impl,
-                        "mode": mode,
-                        "why": "invertible training needs FastRealNVP's per-layer inverse",
-                    }
-                )
-                log("skip reference/invertible: needs FastRealNVP's per-layer inverse")
-                continue
-            for num_layers in config.layers:
+        modes = config.modes
+        if impl == "reference" and "invertible" in modes:
+            why = "invertible training needs FastRealNVP's per-layer inverse"
+            skipped.append({"impl": impl, "mode": "invertible", "why": why})
+            log(f"skip reference/invertible: {why}")
+            modes = tuple(m for m in modes if m != "invertible")
+        if not modes:
+            continue
+        for num_layers in config.layers:
+            built, x = profile_depth(config, impl, modes, num_layers)
+            for mode in modes:
+                model, times = built.pop(mode)
                 trace = None
                 if num_layers == config.trace_layers:
                     trace = out / ("trace.json" if first_trace else f"trace-{impl}-{mode}.json")
                     first_trace = False
-                result = profile_one(config, impl, mode, num_layers, trace)
+                result = measure(config, impl, mode, model, x, times, trace)
                 runs.append(result)
+                del model
                 log(
                     f"{impl:9s} {mode:10s} L={num_layers:4d}  step {result.step_s * 1e3:9.1f} ms"
                     f"  activation peak {result.activation_bytes / MB:9.1f} MB"
                     f"  params {result.param_bytes / MB:7.2f} MB  ops {result.analysis['ops']}"
                 )
+            del built, x
+            gc.collect()
+            if config.device == "cuda":
+                torch.cuda.empty_cache()
     doc = {
         "config": asdict(config),
         "machine": machine_info(config.device),
