@@ -18,6 +18,7 @@ are no-ops, so a training loop can call them unconditionally.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -129,7 +130,12 @@ def wrap(flow: nn.Module, world: World) -> nn.Module:
     if not world.distributed:
         return flow
     device_ids = [world.device.index] if world.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(flow, device_ids=device_ids, broadcast_buffers=False)
+    ddp = nn.parallel.DistributedDataParallel
+    # Newer torch renames broadcast_buffers (and warns on the old name); both keep the sync
+    # at construction and skip the per-step one.
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+        return ddp(flow, device_ids=device_ids, forward_sync_buffers=False)
+    return ddp(flow, device_ids=device_ids, broadcast_buffers=False)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
