@@ -87,3 +87,34 @@ def watch_grad(tensor: torch.Tensor, name: str, layer: int | None, direction: st
     """Check the gradient that reaches ``tensor`` during backward (no-op without autograd)."""
     if tensor.requires_grad:
         tensor.register_hook(lambda grad: check_finite(grad, f"grad of {name}", layer, direction))
+
+
+@contextlib.contextmanager
+def module_outputs_checked(nets: dict, layer: int, direction: str) -> Iterator[None]:
+    """Inside the block, check the output of every submodule of ``nets`` as it is computed.
+
+    Catches a non-finite hidden activation of a user's conditioner net where it first appears,
+    even when a later layer (a Tanh, the soft clamp) would hide it from ``s``.
+
+    Args:
+        nets: prefix -> module, e.g. ``{"s[3]": model.s[3], "t[3]": model.t[3]}``.
+        layer: the coupling layer index, for the message.
+        direction: ``"f"`` or ``"g"``.
+    """
+    names = {
+        id(module): f"{prefix}.{name}" if name else prefix
+        for prefix, net in nets.items()
+        for name, module in net.named_modules()
+    }
+
+    def hook(module, args, output):
+        name = names.get(id(module))
+        if name is not None and isinstance(output, torch.Tensor) and output.is_floating_point():
+            check_finite(output, f"output of {name} ({type(module).__name__})", layer, direction)
+
+    # A global hook sees the nets' modules however they are called; it lives only in the block.
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -180,7 +180,8 @@ class FastRealNVP(FlowBase):
     def _layer_st(self, i: int, h: torch.Tensor, kept, transformed, direction: str):
         """(s, t) of layer ``i`` in ``h``'s dtype, soft-clamped where configured; checked."""
         x1 = h.index_select(1, kept)
-        s, t = self._conditioner(i, h, x1, kept, transformed)
+        with self._nets_checked(i, direction):
+            s, t = self._conditioner(i, h, x1, kept, transformed)
         if self._checking():
             self._check_layer(i, direction, s=s, t=t)
         # Under autocast the nets return low precision; the coupling runs in the state's dtype.

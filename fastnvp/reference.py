@@ -12,6 +12,7 @@ state_dict key ``mask``, so state_dicts of the widely copied PyTorch notebook lo
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -140,6 +141,13 @@ class FlowBase(nn.Module):
         """``α·tanh(s/α)``: |result| <= α (equal once tanh saturates), slope 1 at 0."""
         return self.clamp * torch.tanh(s / self.clamp)
 
+    def _nets_checked(self, i: int, direction: str):
+        """A context that checks every module output of layer ``i``'s nets (in check mode)."""
+        if not self._checking():
+            return contextlib.nullcontext()
+        nets = {f"s[{i}]": self.s[i], f"t[{i}]": self.t[i]}
+        return checks.module_outputs_checked(nets, i, direction)
+
     def _check_layer(self, i: int, direction: str, **tensors: torch.Tensor) -> None:
         """Raise ``NonFiniteError`` naming layer ``i`` if any given tensor is not finite."""
         for name, tensor in tensors.items():
@@ -212,8 +220,9 @@ class RealNVP(FlowBase):
         for i in range(self.num_layers):
             m = self.mask[i]
             z_kept = z * m
-            s = self.s[i](z_kept)
-            t = self.t[i](z_kept)
+            with self._nets_checked(i, "f"):
+                s = self.s[i](z_kept)
+                t = self.t[i](z_kept)
             if checking:
                 self._check_layer(i, "f", s=s, t=t)
             if self._clamps(i):
@@ -235,8 +244,9 @@ class RealNVP(FlowBase):
         for i in reversed(range(self.num_layers)):
             m = self.mask[i]
             x_kept = x * m
-            s = self.s[i](x_kept)
-            t = self.t[i](x_kept)
+            with self._nets_checked(i, "g"):
+                s = self.s[i](x_kept)
+                t = self.t[i](x_kept)
             if checking:
                 self._check_layer(i, "g", s=s, t=t)
             if self._clamps(i):

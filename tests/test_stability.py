@@ -125,7 +125,8 @@ def test_check_names_the_first_bad_layer(cls, backend):
     x = torch.randn(4, 3, dtype=torch.float64)
     with pytest.raises(checks.NonFiniteError, match="coupling layer 3") as info:
         flow.f(x)
-    assert (info.value.name, info.value.layer, info.value.direction) == ("s", 3, "f")
+    assert (info.value.layer, info.value.direction) == (3, "f")
+    assert info.value.name == "output of s[3].lin (Linear)"
     # g walks the layers backwards and meets layer 3 after 4.
     with pytest.raises(checks.NonFiniteError) as info:
         flow.g(x)
@@ -144,6 +145,41 @@ def test_checks_off_by_default_and_on_in_context(cls):
         with pytest.raises(checks.NonFiniteError, match="coupling layer 3"):
             flow.f(x)
     assert not checks.is_enabled()
+
+
+class HiddenOverflow(nn.Module):
+    """Linear -> Linear -> Tanh: a hidden value that overflows to inf is hidden by the Tanh."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.inner = nn.Linear(dim, 4)
+        self.outer = nn.Linear(4, dim)
+        self.act = nn.Tanh()
+
+    def forward(self, x):
+        return self.act(self.outer(self.inner(x)))
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_check_catches_a_hidden_activation_that_the_output_hides(cls):
+    def build(check):
+        make = lambda: HiddenOverflow(2)  # noqa: E731
+        return cls(make, lambda: Scaled(2, 1.0), alternating_masks(2, 3), check=check).double()
+
+    unchecked = build(check=False)
+    with torch.no_grad():
+        unchecked.s[1].inner.bias.fill_(1e300)
+        unchecked.s[1].outer.weight.fill_(1e300)  # 1e300 * 1e300 overflows float64 to inf
+    checked = build(check=True)
+    checked.load_state_dict(unchecked.state_dict())
+    x = torch.rand(4, 2, dtype=torch.float64)
+    z, log_det = unchecked.f(x)
+    # tanh(inf) = 1: the flow's outputs stay finite, only the module-output check sees it.
+    assert torch.isfinite(z).all() and torch.isfinite(log_det).all()
+    with pytest.raises(checks.NonFiniteError) as info:
+        checked.f(x)
+    assert info.value.layer == 1
+    assert info.value.name == "output of s[1].outer (Linear)"
 
 
 @pytest.mark.parametrize("cls", MODELS)
