@@ -44,7 +44,7 @@ from fastnvp.validation import ensure_batch, ensure_tensor
 PRECISIONS = ("ieee", "tf32", "bf16")
 # Kept halves up to this width run the first Linear as fp32 outer products in the kernels (no
 # bf16 rounding); the PyTorch path mirrors it (kernels/fused_layer.py: OUTER_K1_MAX).
-FIRST_LINEAR_OUTER_MAX = 8
+FIRST_LINEAR_OUTER_MAX = 4
 WEIGHT_NAMES = ("w1", "b1", "w2", "b2", "w3", "b3")
 
 
@@ -439,7 +439,7 @@ def pad_widths(k1_max: int, k2_max: int) -> tuple[int, int]:
         return 1 << max(int(k) - 1, 0).bit_length()
 
     k1p = pow2(k1_max)
-    k1p = k1p if k1p <= 8 else max(k1p, 16)
+    k1p = k1p if k1p <= FIRST_LINEAR_OUTER_MAX else max(k1p, 16)
     return k1p, max(pow2(k2_max), 16)
 
 

@@ -20,7 +20,7 @@ output columns (HC) and its K dimension (KC): the accumulator is (BLOCK_M, HC), 
 is recomputed per K chunk (it is K1 FMAs per element, far cheaper than keeping (BLOCK_M, H)
 activations live), and each finished output chunk is folded straight into the last Linear, so no
 (BLOCK_M, H) tensor is ever live. The first Linear is an outer product on CUDA cores when
-K1 <= 8 (fp32 always) and a tl.dot for wider halves; the last Linear is a dot padded to
+K1 <= 4 (fp32 always) and a tl.dot for wider halves; the last Linear is a dot padded to
 K2P >= 16 columns. The kernel reads the full (N, D) input with kept/transformed index vectors and
 writes the full output, so one launch does gather + layer + scatter for any mask. The whole-stack
 kernel keeps a row tile's state in the output buffer (L1/L2 resident; a barrier orders the layers)
@@ -45,7 +45,7 @@ PREC_BF16_EMULATED = 3
 # Weights of the whole stack at or below this many bytes take the one-launch stack kernel.
 STACK_CACHE_BUDGET = 40 * 1024 * 1024
 # The outer-product first Linear is used up to this padded K1; wider halves use tl.dot.
-OUTER_K1_MAX = 8
+OUTER_K1_MAX = 4
 _OUTER_K1_MAX = tl.constexpr(OUTER_K1_MAX)  # the same bound, visible inside @triton.jit
 
 
@@ -97,7 +97,7 @@ def _layer1(x1, k1cols, K1, w1_ptr, w1_stride, b1_ptr, hcols,
         )  # (K1P, KC) = W1[hcols, :]^T
         acc = _dot(x1, w, tl.zeros((BLOCK_M, KC), tl.float32), PREC)
     else:
-        # K1 <= 8: a few outer products in fp32 on CUDA cores beat a 16-wide padded dot.
+        # K1 <= 4: a few outer products in fp32 on CUDA cores beat a 16-wide padded dot.
         acc = tl.zeros((BLOCK_M, KC), tl.float32)
         for k in tl.static_range(K1P):
             xk = tl.sum(tl.where(k1cols[None, :] == k, x1, 0.0), axis=1)
@@ -269,10 +269,10 @@ def layer_config(hidden: int, precision: str, interpret: bool, k1p: int = 1) -> 
     """Tile sizes for the forward/inverse/stack kernels (all measured 0-spill on sm_90).
 
     tf32/bf16 (wgmma): 128 output columns x 32-row K chunks of W2 (DESIGN §3.3), 128 rows (64
-    when the first Linear is a dot too). ieee: Triton lowers fp32 dots to FMAs that hold each
-    thread's whole K slice of both operands in registers, so the chunks are narrow (32 columns,
-    16-row K) and the tile is 64 rows (32 with a dot first Linear). Interpreter: tiny tiles with
-    several chunks, so every loop and mask is exercised.
+    rows x 64 columns when the first Linear is a dot too). ieee: Triton lowers fp32 dots to
+    FMAs that hold each thread's whole K slice of both operands in registers, so the chunks are
+    narrow (32 columns, 16-row K) and the tile is 64 rows (32 with a dot first Linear).
+    Interpreter: tiny tiles with several chunks, so every loop and mask is exercised.
     """
     if interpret:
         return {"BLOCK_M": 16, "HC": min(hidden, 32), "KC": 16, "num_warps": 1}
@@ -284,12 +284,12 @@ def layer_config(hidden: int, precision: str, interpret: bool, k1p: int = 1) -> 
             "KC": 8 if wide_k1 else 16,
             "num_warps": 4,
         }
-    hc = min(hidden, 128)
+    hc = min(hidden, 64 if wide_k1 else 128)
     return {
         "BLOCK_M": 64 if wide_k1 else 128,
         "HC": hc,
         "KC": min(hidden, 32),
-        "num_warps": 8 if hc >= 128 else 4,
+        "num_warps": 8 if hidden >= 128 else 4,
     }
 
 
@@ -403,9 +403,14 @@ ARG_TYPES = {
     "kept_ptr": "*i64", "trans_ptr": "*i64", "k1_ptr": "*i32", "k2_ptr": "*i32",
     "N": "i32", "D": "i32", "K1": "i32", "K2": "i32", "L": "i32", "slope": "fp32",
 }  # fmt: skip
-# Shapes every shipped config is compiled for: (D, H) -> K1 = D // 2 (the larger half kept).
-SHIPPED_HIDDEN = (64, 128, 256, 512)
-SHIPPED_DIMS = (2, 128)
+# Shapes every shipped config is compiled for: (D, H), kept half K1 = D - D // 2. D = 2 takes the
+# outer-product first Linear, D = 16 the dot one with K2P = 16: these compile with 0 spills.
+# D = 128 (K1 = K2 = 64: (rows, 64) halves, 64-wide W3/gu tiles) is compiled and reported
+# too, flagged ``wide``: its forward is 0-spill in ieee but spills a little in tf32/bf16 and the
+# backward spills in every precision (correct, slower).
+SHIPPED_HIDDEN = (64, 256, 512)
+SHIPPED_DIMS = (2, 16, 128)
+WIDE_DIMS = (128,)
 
 
 def signature_of(kernel, constexprs: dict) -> dict:
@@ -423,7 +428,7 @@ def shipped_layer_configs(kernel, stack: bool, config_fn=None) -> list[dict]:
     for precision in PRECISIONS:
         for dim in SHIPPED_DIMS:
             for hidden in SHIPPED_HIDDEN:
-                if dim == 128 and hidden not in (256, 512):
+                if dim != 2 and hidden != 256:
                     continue
                 k1p, k2p = pad_k1(dim - dim // 2), pad_k2(dim // 2)
                 cfg = config_fn(hidden, precision, interpret=False, k1p=k1p)
@@ -441,6 +446,7 @@ def shipped_layer_configs(kernel, stack: bool, config_fn=None) -> list[dict]:
                         "signature": signature_of(kernel, constexprs),
                         "constexprs": constexprs,
                         "num_warps": cfg["num_warps"],
+                        "wide": dim in WIDE_DIMS,
                         "dots": [(m, k, n, precision) for m, k, n in dot_shapes(cfg, k1p, k2p)],
                     }
                 )

@@ -53,7 +53,7 @@ from fastnvp.kernels.fused_layer import (
 
 @triton.jit
 def _net_backward(x1, k1cols, K1, K2, gu, rows, row_ok, pid,
-                  w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, ga2_ptr, part_ptr, slope,
+                  w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, ga2_ptr, ga1_ptr, part_ptr, slope,
                   H: tl.constexpr, BLOCK_M: tl.constexpr, K1P: tl.constexpr, K2P: tl.constexpr,
                   HC: tl.constexpr, KC: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """Passes B and C for one net; returns this net's gx1 (BLOCK_M, K1P).
@@ -100,16 +100,12 @@ def _net_backward(x1, k1cols, K1, K2, gu, rows, row_ok, pid,
         ga1 = gh1 * tl.where(a1 > 0, 1.0, slope)
         tl.store(base + off_b1 + kcols, tl.sum(ga1, axis=0))
         if K1P > _OUTER_K1_MAX:
-            pw1 = _dot(tl.trans(ga1), x1, tl.zeros((KC, K1P), tl.float32), PREC)
-            tl.store(base + kcols[:, None] * K1P + k1cols[None, :], pw1)
-            w1 = tl.load(
-                w1_ptr + kcols[:, None] * K1 + k1cols[None, :],
-                mask=(k1cols < K1)[None, :],
-                other=0.0,
-            )  # (KC, K1P)
-            gx1 = _dot(ga1, w1, gx1, PREC)
+            # Wide kept half: ga1 goes to a scratch; dW1 = ga1^T x1 and gx1 += ga1 W1 are GEMMs
+            # after the kernel (two more wide dots here spill on sm_90).
+            tl.store(ga1_ptr + rows.to(tl.int64)[:, None] * H + kcols[None, :], ga1,
+                     mask=row_ok[:, None])  # fmt: skip
         else:
-            # K1 <= 8: row/column reductions in fp32 instead of dots padded to 16.
+            # K1 <= 4: row/column reductions in fp32 instead of dots padded to 16.
             for k in tl.static_range(K1P):
                 xk = tl.sum(tl.where(k1cols[None, :] == k, x1, 0.0), axis=1)
                 tl.store(base + kcols * K1P + k, tl.sum(ga1 * xk[:, None], axis=0))
@@ -123,7 +119,8 @@ def _net_backward(x1, k1cols, K1, K2, gu, rows, row_ok, pid,
 def coupling_layer_backward_kernel(out_ptr, gout_ptr, gld_ptr, gin_ptr, kept_ptr, trans_ptr,
                                    N, D, K1, K2,
                                    w1s, b1s, w2s, b2s, w3s, b3s, w1t, b1t, w2t, b2t, w3t, b3t,
-                                   ga2s_ptr, ga2t_ptr, parts_ptr, partt_ptr, slope,
+                                   ga2s_ptr, ga2t_ptr, ga1s_ptr, ga1t_ptr, parts_ptr, partt_ptr,
+                                   slope,
                                    H: tl.constexpr, BLOCK_M: tl.constexpr, K1P: tl.constexpr,
                                    K2P: tl.constexpr, HC: tl.constexpr, KC: tl.constexpr,
                                    PREC: tl.constexpr, INVERSE: tl.constexpr):  # fmt: skip
@@ -140,7 +137,6 @@ def coupling_layer_backward_kernel(out_ptr, gout_ptr, gld_ptr, gin_ptr, kept_ptr
     base = rows.to(tl.int64)[:, None] * D
     x1 = tl.load(out_ptr + base + kidx[None, :], mask=m1, other=0.0).to(tl.float32)
     y2 = tl.load(out_ptr + base + tidx[None, :], mask=m2, other=0.0).to(tl.float32)
-    g1 = tl.load(gout_ptr + base + kidx[None, :], mask=m1, other=0.0).to(tl.float32)
     g2 = tl.load(gout_ptr + base + tidx[None, :], mask=m2, other=0.0).to(tl.float32)
     gl = tl.load(gld_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     # Pass A: s and t.
@@ -160,27 +156,33 @@ def coupling_layer_backward_kernel(out_ptr, gout_ptr, gld_ptr, gin_ptr, kept_ptr
         gt = g2
     gu_s = tl.where(m2, gs * (1.0 - s * s), 0.0)
     gu_t = tl.where(m2, gt, 0.0)
-    gx1 = g1
-    gx1 += _net_backward(x1, k1cols, K1, K2, gu_s, rows, row_ok, pid,
-                         w1s, b1s, w2s, b2s, w3s, ga2s_ptr, parts_ptr, slope,
+    # Store gin2 now and load g1 last: fewer (BLOCK_M, K) tensors live through the nets.
+    tl.store(gin_ptr + base + tidx[None, :], gin2.to(gin_ptr.dtype.element_ty), mask=m2)
+    gx1 = _net_backward(x1, k1cols, K1, K2, gu_s, rows, row_ok, pid,
+                         w1s, b1s, w2s, b2s, w3s, ga2s_ptr, ga1s_ptr, parts_ptr, slope,
                          H, BLOCK_M, K1P, K2P, HC, KC, PREC)  # fmt: skip
     gx1 += _net_backward(x1, k1cols, K1, K2, gu_t, rows, row_ok, pid,
-                         w1t, b1t, w2t, b2t, w3t, ga2t_ptr, partt_ptr, slope,
+                         w1t, b1t, w2t, b2t, w3t, ga2t_ptr, ga1t_ptr, partt_ptr, slope,
                          H, BLOCK_M, K1P, K2P, HC, KC, PREC)  # fmt: skip
+    gx1 += tl.load(gout_ptr + base + kidx[None, :], mask=m1, other=0.0).to(tl.float32)
     tl.store(gin_ptr + base + kidx[None, :], gx1.to(gin_ptr.dtype.element_ty), mask=m1)
-    tl.store(gin_ptr + base + tidx[None, :], gin2.to(gin_ptr.dtype.element_ty), mask=m2)
 
 
 def backward_config(hidden: int, precision: str, interpret: bool, k1p: int = 1) -> dict:
-    """Tile sizes of the backward kernel: the forward's chunks with at most 64 rows on GPU.
+    """Tile sizes of the backward kernel (all measured 0-spill on sm_90).
 
     Pass C keeps a (BLOCK_M, KC) gradient and (BLOCK_M, HC) loads live next to pass A's s/t, so
-    the backward uses at most half the forward's row tile to stay free of spills.
+    the backward takes narrower tiles than the forward: tf32/bf16 64 rows x 64 columns x 16-row
+    (tf32) / 32-row (bf16) K chunks on 8 warps; ieee (FMA dots) 32 rows (16 with a dot first
+    Linear) x 32 columns x 8-row K chunks.
     """
-    cfg = layer_config(hidden, precision, interpret, k1p)
-    if not interpret:
-        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 64)
-    return cfg
+    if interpret:
+        return layer_config(hidden, precision, interpret, k1p)
+    if precision == "ieee":
+        block_m = 16 if k1p > OUTER_K1_MAX else 32
+        return {"BLOCK_M": block_m, "HC": min(hidden, 32), "KC": 8, "num_warps": 4}
+    kc = 16 if precision == "tf32" else 32  # tf32 operands are twice bf16's registers
+    return {"BLOCK_M": 64, "HC": min(hidden, 64), "KC": min(hidden, kc), "num_warps": 8}
 
 
 def dot_shapes(cfg: dict, k1p: int, k2p: int) -> list[tuple[int, int, int]]:
@@ -188,7 +190,7 @@ def dot_shapes(cfg: dict, k1p: int, k2p: int) -> list[tuple[int, int, int]]:
     bm, hc, kc = cfg["BLOCK_M"], cfg["HC"], cfg["KC"]
     shapes = [(bm, kc, hc), (bm, hc, k2p), (bm, k2p, hc), (k2p, bm, hc), (bm, hc, kc)]
     if k1p > OUTER_K1_MAX:
-        shapes += [(bm, k1p, kc), (kc, bm, k1p), (bm, kc, k1p)]
+        shapes.append((bm, k1p, kc))
     return shapes
 
 
@@ -257,18 +259,29 @@ def coupling_layer_backward(out, grad_out, grad_log_det, kept, transformed, s_we
 
     parts = [buffer(programs, pw) for _ in range(2)]
     ga2 = [buffer(n, hidden) for _ in range(2)]
+    wide = k1p > OUTER_K1_MAX
+    ga1 = [buffer(n, hidden) for _ in range(2)] if wide else ga2  # unused when not wide
     grad_in = buffer(like=out)
     ws = [w.detach().to(torch.float32).contiguous() for w in s_weights]
     wt = [w.detach().to(torch.float32).contiguous() for w in t_weights]
     coupling_layer_backward_kernel[(programs,)](
         out, grad_out, grad_log_det, grad_in, kept.contiguous(), transformed.contiguous(),
-        n, d, k1, k2, *ws, *wt, ga2[0], ga2[1], parts[0], parts[1], float(slope),
+        n, d, k1, k2, *ws, *wt, ga2[0], ga2[1], ga1[0], ga1[1], parts[0], parts[1], float(slope),
         H=hidden, BLOCK_M=cfg["BLOCK_M"], K1P=k1p, K2P=k2p, HC=cfg["HC"], KC=cfg["KC"],
         PREC=prec_code(precision, dev), INVERSE=bool(inverse), num_warps=cfg["num_warps"],
     )  # fmt: skip
     x1 = out.index_select(1, kept).to(torch.float32)
     gs = _reduce(parts[0], ga2[0], x1, s_weights, k1, k2, k1p, k2p, slope, precision)
     gt = _reduce(parts[1], ga2[1], x1, t_weights, k1, k2, k1p, k2p, slope, precision)
+    if wide:
+        extra = 0
+        for net, (grads, weights) in enumerate(((gs, ws), (gt, wt))):
+            a, xk, w1 = ga1[net], x1, weights[0]
+            if precision == "bf16":  # the kernel's dots would round these operands
+                a, xk, w1 = (v.to(torch.bfloat16).to(torch.float32) for v in (a, xk, w1))
+            grads[0] = (a.T @ xk).to(grads[0].dtype)
+            extra = extra + a @ w1
+        grad_in.index_add_(1, kept, extra.to(grad_in.dtype))
     return (grad_in, *gs, *gt)
 
 
