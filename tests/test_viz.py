@@ -19,6 +19,16 @@ from fastnvp.viz import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: intra-op threads only add synchronisation (and stall badly when
+    # the cores are shared), so run the module on one thread and restore the setting after.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def flow_for(x: torch.Tensor, layers: int = 2) -> DataFlow:
     torch.manual_seed(layers)
     flow = build_flow("reference", x.shape[1], layers, 8)
