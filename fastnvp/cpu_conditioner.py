@@ -23,9 +23,18 @@ concatenates the two gradients, an extra (N, 2H) pass that costs more than the s
 The H x H weights are used through transposed views, never copied; the small gathers
 (``W1[:, kept]``, ``W3[trans]``) are rebuilt on every call, so parameter updates are always seen.
 Gradients are the plain autograd gradients of these ops, i.e. those of the reference.
+
+Whole-stack inference (:func:`rows_parallel`): without autograd the rows of a flow are
+independent through all L layers, so ``FastRealNVP.f`` / ``g`` split the batch into one
+contiguous chunk per intra-op thread and run every chunk through the whole stack on its own
+thread with single-threaded GEMMs. One synchronisation per call replaces the two-thread barriers
+of every GEMM and elementwise op (thousands per call at L = 50, each one a scheduling wait when
+the cores are shared), and each core keeps its own tile in its own L2.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +45,11 @@ from fastnvp.conditioner import StandardMLP, standard_weights
 #: tile, the L2 of two cores; measured fastest among 256 / 512 / 1024 / untiled at H = 256.
 TILE_ROWS = 512
 
+#: Fewest rows per thread for :func:`rows_parallel`; below it a call runs on the caller's thread.
+MIN_ROWS_PER_THREAD = 256
+
 _CPU_DTYPES = (torch.float32, torch.float64)
+_worker = threading.local()  # set on the worker threads of rows_parallel: no nesting
 
 
 def applies(x1: torch.Tensor) -> bool:
@@ -63,7 +76,7 @@ def standard_st(
     x1: torch.Tensor,
     kept: torch.Tensor,
     transformed: torch.Tensor,
-    tile_rows: int = TILE_ROWS,
+    tile_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, t)`` of a standard conditioner pair on the split halves.
 
@@ -72,11 +85,13 @@ def standard_st(
         x1: (N, K1) kept half of the layer's input.
         kept: (K1,) int64 indices of the kept features.
         transformed: (K2,) int64 indices of the transformed features.
-        tile_rows: rows per tile in the no-grad path (>= 1).
+        tile_rows: rows per tile in the no-grad path (>= 1); None for :data:`TILE_ROWS`.
 
     Returns:
         ``s`` (N, K2) = tanh of the scale net's transformed outputs, ``t`` (N, K2).
     """
+    if tile_rows is None:
+        tile_rows = TILE_ROWS
     if not isinstance(tile_rows, int) or isinstance(tile_rows, bool) or tile_rows < 1:
         raise ValueError(f"tile_rows must be an int >= 1, got {tile_rows!r}")
     if x1.ndim != 2 or x1.shape[1] != kept.numel():
@@ -135,3 +150,73 @@ def _tiled_pair(sw, tw, x1: torch.Tensor, slope: float, tile_rows: int):
         torch.addmm(b3s, hs, w3s_t, out=s[start:stop])
         torch.addmm(b3t, ht, w3t_t, out=t[start:stop])
     return s.tanh_(), t
+
+
+def _needs_grad(model, x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in model.parameters())
+    )
+
+
+def rows_parallel(model, x: torch.Tensor, inverse: bool):
+    """Run ``model.f(x)`` (or ``model.g(x)``) as one chunk of rows per intra-op thread.
+
+    Applies to a FastRealNVP on fp32/fp64 CPU tensors when no gradient is needed, every layer
+    has the standard conditioner and takes the CPU path (not the fused-layer ops), checks and
+    autocast are off, ``torch.get_num_threads() > 1`` and every thread gets at least
+    :data:`MIN_ROWS_PER_THREAD` rows; returns None otherwise (the caller runs the usual loop).
+
+    The workers run with one intra-op thread (``torch.set_num_threads(1)``; the caller's
+    setting is restored before returning) and the caller's grad / inference mode.
+
+    Args:
+        model: the FastRealNVP.
+        x: (N, D) input of ``f`` (or ``g`` when ``inverse``).
+
+    Returns:
+        ``f``: ``(z (N, D), log_det (N,))``; ``g``: ``x (N, D)``; or None.
+    """
+    threads = torch.get_num_threads()
+    if (
+        getattr(_worker, "active", False)
+        or threads < 2
+        or x.shape[0] < 2 * MIN_ROWS_PER_THREAD
+        or not applies(x)
+        or getattr(model, "fused", "auto") == "layer"
+        or model._checking()
+        or not all(model._standard)
+        or _needs_grad(model, x)
+    ):
+        return None
+    chunks = x.tensor_split(min(threads, x.shape[0] // MIN_ROWS_PER_THREAD))
+    fn = model.g if inverse else model.f
+    inference = torch.is_inference_mode_enabled()
+    results: list = [None] * len(chunks)
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        _worker.active = True
+        try:
+            torch.set_num_threads(1)
+            mode = torch.inference_mode() if inference else torch.no_grad()
+            with mode:
+                results[k] = fn(chunks[k])
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            errors.append(exc)
+        finally:
+            _worker.active = False
+
+    workers = [threading.Thread(target=work, args=(k,)) for k in range(1, len(chunks))]
+    try:
+        for w in workers:
+            w.start()
+        work(0)  # the caller's thread takes the first chunk
+        for w in workers:
+            w.join()
+    finally:
+        torch.set_num_threads(threads)
+    if errors:
+        raise errors[0]
+    if inverse:
+        return torch.cat(results)
+    return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])

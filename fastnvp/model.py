@@ -228,6 +228,9 @@ class FastRealNVP(FlowBase):
         stacked = fused_layer.model_stack(self, x, inverse=False)
         if stacked is not None:
             return stacked
+        parallel = cpu_conditioner.rows_parallel(self, x, inverse=False)
+        if parallel is not None:
+            return parallel
         if check_memory(self.memory) == "invertible" and torch.is_grad_enabled():
             return invertible_flow(
                 self, x, self.reconstruction_tolerance, anchor_every=self.anchor_every
@@ -245,6 +248,9 @@ class FastRealNVP(FlowBase):
         stacked = fused_layer.model_stack(self, z, inverse=True)
         if stacked is not None:
             return stacked[0]
+        parallel = cpu_conditioner.rows_parallel(self, z, inverse=True)
+        if parallel is not None:
+            return parallel
         x = z
         for i in reversed(range(self.num_layers)):
             x, _ = self.layer_inverse(i, x)

@@ -133,3 +133,56 @@ def test_invalid_arguments_name_the_argument():
     other = match_standard_mlp(standard_net(2, 4, tanh=False, negative_slope=0.3), 2)
     with pytest.raises(ValueError, match="slope"):
         cpu_conditioner.standard_st(s_mlp, other, x1, kept, transformed)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_rows_parallel_matches_reference_and_restores_threads(two_threads):
+    ref = RealNVP.standard(3, 4, hidden=16).double()
+    fast = FastRealNVP.from_reference(ref)
+    n = 2 * cpu_conditioner.MIN_ROWS_PER_THREAD + 3
+    x = torch.randn(n, 3, dtype=torch.float64)
+    with torch.no_grad():
+        z, log_det = cpu_conditioner.rows_parallel(fast, x, inverse=False)
+        z_ref, log_det_ref = ref.f(x)
+        torch.testing.assert_close(z, z_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(log_det, log_det_ref, rtol=1e-12, atol=1e-12)
+        back = cpu_conditioner.rows_parallel(fast, z, inverse=True)
+        torch.testing.assert_close(back, ref.g(z), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fast.log_prob(x), ref.log_prob(x), rtol=1e-12, atol=1e-12)
+    assert torch.get_num_threads() == 2
+    with torch.inference_mode():
+        assert fast.g(z).is_inference()
+
+
+def test_rows_parallel_declines_when_it_does_not_apply(two_threads):
+    fast = FastRealNVP.standard(2, 2, hidden=8)
+    big = torch.randn(2 * cpu_conditioner.MIN_ROWS_PER_THREAD, 2)
+    small = big[: 2 * cpu_conditioner.MIN_ROWS_PER_THREAD - 1]
+    with torch.no_grad():
+        assert cpu_conditioner.rows_parallel(fast, big, inverse=False) is not None
+        assert cpu_conditioner.rows_parallel(fast, small, inverse=False) is None
+    # Parameters require grad: the autograd graph must cover the whole batch.
+    assert cpu_conditioner.rows_parallel(fast, big, inverse=False) is None
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        assert cpu_conditioner.rows_parallel(fast, big, inverse=False) is None
+
+
+def test_rows_parallel_reraises_worker_errors(two_threads, monkeypatch):
+    fast = FastRealNVP.standard(2, 2, hidden=8)
+    x = torch.randn(2 * cpu_conditioner.MIN_ROWS_PER_THREAD, 2)
+
+    def broken(i, h):
+        raise RuntimeError("layer failed")
+
+    monkeypatch.setattr(fast, "layer_forward", broken)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="layer failed"):
+        fast.f(x)
+    assert torch.get_num_threads() == 2
