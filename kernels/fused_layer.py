@@ -268,10 +268,11 @@ def pad_k2(k2: int) -> int:
 def layer_config(hidden: int, precision: str, interpret: bool, k1p: int = 1) -> dict:
     """Tile sizes for the forward/inverse/stack kernels (all measured 0-spill on sm_90).
 
-    tf32/bf16 (wgmma): 128 output columns x 32-row K chunks of W2 (DESIGN §3.3), 128 rows (64
-    rows x 64 columns when the first Linear is a dot too). ieee: Triton lowers fp32 dots to
-    FMAs that hold each thread's whole K slice of both operands in registers, so the chunks are
-    narrow (32 columns, 16-row K) and the tile is 64 rows (32 with a dot first Linear).
+    tf32/bf16 (wgmma): 128 output columns x 32-row (bf16) / 16-row (tf32) K chunks of W2
+    (DESIGN §3.3), 128 rows (64 rows x 64 columns when the first Linear is a dot too). ieee:
+    Triton lowers fp32 dots to FMAs that hold each thread's whole K slice of both operands in
+    registers, so the chunks are narrow (32 columns, 16-row K) and the tile is 64 rows (32 with a
+    dot first Linear).
     Interpreter: tiny tiles with several chunks, so every loop and mask is exercised.
     """
     if interpret:
@@ -285,11 +286,12 @@ def layer_config(hidden: int, precision: str, interpret: bool, k1p: int = 1) -> 
             "num_warps": 4,
         }
     hc = min(hidden, 64 if wide_k1 else 128)
+    kc = 16 if precision == "tf32" else 32  # tf32 operands take twice bf16's registers
     return {
         "BLOCK_M": 64 if wide_k1 else 128,
         "HC": hc,
-        "KC": min(hidden, 32),
-        "num_warps": 8 if hidden >= 128 else 4,
+        "KC": min(hidden, kc),
+        "num_warps": 8 if hidden >= 64 else 4,
     }
 
 

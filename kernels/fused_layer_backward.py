@@ -173,14 +173,15 @@ def backward_config(hidden: int, precision: str, interpret: bool, k1p: int = 1) 
 
     Pass C keeps a (BLOCK_M, KC) gradient and (BLOCK_M, HC) loads live next to pass A's s/t, so
     the backward takes narrower tiles than the forward: tf32/bf16 64 rows x 64 columns x 16-row
-    (tf32) / 32-row (bf16) K chunks on 8 warps; ieee (FMA dots) 32 rows (16 with a dot first
-    Linear) x 32 columns x 8-row K chunks.
+    (tf32) / 32-row (bf16) K chunks on 8 warps; ieee (FMA dots) 32 rows x 16 columns (16 rows x
+    32 columns with a dot first Linear) x 8-row K chunks.
     """
     if interpret:
         return layer_config(hidden, precision, interpret, k1p)
     if precision == "ieee":
-        block_m = 16 if k1p > OUTER_K1_MAX else 32
-        return {"BLOCK_M": block_m, "HC": min(hidden, 32), "KC": 8, "num_warps": 4}
+        if k1p > OUTER_K1_MAX:
+            return {"BLOCK_M": 16, "HC": min(hidden, 32), "KC": 8, "num_warps": 4}
+        return {"BLOCK_M": 32, "HC": 16, "KC": 8, "num_warps": 4}
     kc = 16 if precision == "tf32" else 32  # tf32 operands are twice bf16's registers
     return {"BLOCK_M": 64, "HC": min(hidden, 64), "KC": min(hidden, kc), "num_warps": 8}
 
