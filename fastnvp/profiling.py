@@ -10,8 +10,8 @@ What is measured, and how:
   modes are built with the same weights and timed in turn, step by step, so that a change of
   machine load hits them alike.
 - **phases and per-layer time**: one extra step under ``torch.profiler``. The model is
-  instrumented *from outside* for that step only (no ``record_function`` inside the model, whose
-  cost when no profiler runs is tens of microseconds per range): ``layer_forward`` /
+  instrumented *from outside* for that step only (no ``record_function`` inside the model: a
+  range enters and leaves a dispatcher op even when no profiler runs): ``layer_forward`` /
   ``layer_inverse`` / ``_conditioner`` of :class:`fastnvp.FastRealNVP` are wrapped at instance
   level in ranges ``layer{i}.forward`` / ``layer{i}.inverse`` / ``layer{i}.conditioner``; the
   reference's nets ``s[i]``, ``t[i]`` get forward hooks opening ``layer{i}.conditioner``. Phases:
