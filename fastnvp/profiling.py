@@ -78,6 +78,7 @@ class ProfileConfig:
     trace_layers: int | None = None  # depth whose profile is exported as a trace; None: smallest
     seed: int = 0
     threads: int | None = None  # torch.get_num_threads() when None
+    fused: str | None = None  # FastRealNVP's ``fused`` level; None keeps the model's default
 
     def __post_init__(self) -> None:
         self.layers = _positive_ints(self.layers, "layers")
@@ -99,6 +100,10 @@ class ProfileConfig:
             raise ValueError(f"trace_layers={self.trace_layers} is not one of layers {self.layers}")
         if self.threads is not None:
             _positive_int(self.threads, "threads")
+        if self.fused is not None:
+            from fastnvp.fused_layer import check_fused
+
+            check_fused(self.fused)
 
 
 def _positive_int(value, name: str) -> int:
@@ -133,15 +138,27 @@ def _choices(values, allowed: tuple[str, ...], name: str) -> tuple[str, ...]:
 
 # ----------------------------------------------------------------------------------- the step
 def build_model(
-    impl: str, num_layers: int, dim: int, hidden: int, mode: str, device: str, seed: int = 0
+    impl: str,
+    num_layers: int,
+    dim: int,
+    hidden: int,
+    mode: str,
+    device: str,
+    seed: int = 0,
+    fused: str | None = None,
 ) -> nn.Module:
-    """A standard-conditioner flow (DESIGN §1) of ``impl`` in training-memory ``mode``."""
+    """A standard-conditioner flow (DESIGN §1) of ``impl`` in training-memory ``mode``.
+
+    ``fused`` sets FastRealNVP's fused level (None: its default); the reference ignores it.
+    """
     from fastnvp.model import FastRealNVP
     from fastnvp.reference import RealNVP
 
     torch.manual_seed(seed)
     if impl == "fast":
         model = FastRealNVP.standard(dim, num_layers, hidden, memory=mode)
+        if fused is not None:
+            model.fused = fused
     elif impl == "reference":
         if mode != "standard":
             raise ValueError(
@@ -463,7 +480,14 @@ def profile_depth(
     models = {}
     for mode in modes:
         model = build_model(
-            impl, num_layers, config.dim, config.hidden, mode, config.device, config.seed
+            impl,
+            num_layers,
+            config.dim,
+            config.hidden,
+            mode,
+            config.device,
+            config.seed,
+            config.fused,
         )
         if mode == "invertible":
             # Measure and report the reconstruction error instead of stopping the sweep on it.
@@ -633,6 +657,7 @@ def summary_markdown(doc: dict) -> str:
         "# Training-step profile",
         "",
         f"B = {cfg['batch']}, D = {cfg['dim']}, H = {cfg['hidden']}, device = {cfg['device']}, "
+        f"fused = {cfg.get('fused') or 'auto (default)'}, "
         f"torch {doc['machine']['torch']}, {doc['machine']['threads']} threads; "
         f"median of {cfg['repeats']} steps after {cfg['warmup']} warm-up.",
         "",

@@ -126,11 +126,17 @@ def test_cpu_peak_follows_allocations(one_thread):
         ({"device": "tpu"}, ValueError, "device must be"),
         ({"warmup": -1}, ValueError, "warmup must be"),
         ({"trace_layers": 7}, ValueError, "trace_layers=7"),
+        ({"fused": "kernel"}, ValueError, "fused must be one of"),
     ],
 )
 def test_config_validation(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         ProfileConfig(**kwargs)
+
+
+def test_fused_level_reaches_the_model():
+    assert build_model("fast", 2, 2, 8, "standard", "cpu", fused="layer").fused == "layer"
+    assert build_model("fast", 2, 2, 8, "standard", "cpu").fused == "auto"
 
 
 def test_reference_has_no_invertible_mode():

@@ -63,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--trace-layers", type=int, default=None, help="depth exported as trace (default smallest)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--fused",
+        choices=("auto", "layer", "op", "none"),
+        default=None,
+        help="FastRealNVP's fused level (default: the model's, auto)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and batch")
     parser.add_argument(
         "--out", default="runs/profile", help="output folder (default runs/profile)"
@@ -92,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         trace_layers=args.trace_layers,
         seed=args.seed,
         threads=args.threads,
+        fused=args.fused,
     )
     out = Path(args.out)
     doc = run_profile(config, out)
