@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Command name -> module. Order is the order shown in ``fastnvp --help``.
@@ -47,4 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+        # Bad input from the command line is the user's to fix: one clear line, no traceback.
+        # Set FASTNVP_TRACEBACK=1 to see where it was raised.
+        if os.environ.get("FASTNVP_TRACEBACK"):
+            raise
+        print(f"fastnvp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
