@@ -45,6 +45,9 @@ PRECISIONS = ("ieee", "tf32", "bf16")
 # Kept halves up to this width run the first Linear as fp32 outer products in the kernels (no
 # bf16 rounding); the PyTorch path mirrors it (kernels/fused_layer.py: OUTER_K1_MAX).
 FIRST_LINEAR_OUTER_MAX = 4
+# Weights of the whole stack at or below this many bytes take the one-launch stack kernel
+# (50 layers at H = 256 are ~27 MB of fp32: they stay in the H200's L2 across row tiles).
+STACK_CACHE_BUDGET = 40 * 1024 * 1024
 WEIGHT_NAMES = ("w1", "b1", "w2", "b2", "w3", "b3")
 
 
@@ -543,7 +546,7 @@ def flow_stack(flow):
     return stack_layers([layer_weights(flow, i) for i in range(flow.num_layers)])
 
 
-def stack_fits(stacked, budget: int = 40 * 1024 * 1024) -> bool:
+def stack_fits(stacked, budget: int = STACK_CACHE_BUDGET) -> bool:
     """True when the stacked weights fit the cache budget of the one-launch stack kernel."""
     return stack_weight_bytes(stacked[4:]) <= budget
 
@@ -635,8 +638,3 @@ def model_stack(model, x: Tensor, inverse: bool):
         return None
     op = coupling_stack_inverse if inverse else coupling_stack_forward
     return op(x, *stacked, slope, model.precision)
-
-
-# Weights of the whole stack at or below this many bytes take the one-launch stack kernel
-# (50 layers at H = 256 are ~27 MB: they stay in the H200's L2 across row tiles).
-STACK_CACHE_BUDGET = 40 * 1024 * 1024

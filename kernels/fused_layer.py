@@ -28,7 +28,11 @@ and walks all L layers in one launch.
 
 Limits: fp32 weights; x in fp32/bf16/fp16 (math in fp32). H must be a power of two (>= 16); the
 tf32/bf16 modes need the dot shapes of ``dot_shapes`` to meet the tensor-core minimums, which the
-config tables guarantee. Tanh is ``2 / (1 + exp(-2u)) - 1`` (the interpreter has no tanh).
+config tables guarantee. Tanh is ``2 / (1 + exp(-2u)) - 1`` (the interpreter has no tanh). Up to
+D ~ 16 every config compiles for sm_90 with 0 spills (benchmarks/compile_report.py); at D = 128
+the (rows, 64) halves add register pressure and the bf16 forward spills a little (reported as
+``wide`` configs). Whole-stack inference needs the stacked weights to stay cache resident; the
+caller falls back to per-layer launches above a budget (fastnvp.fused_layer.STACK_CACHE_BUDGET).
 """
 
 from __future__ import annotations
@@ -42,8 +46,6 @@ PRECISIONS = {"ieee": 0, "tf32": 1, "bf16": 2}
 # bf16 runs as mode 3: operands rounded to bf16 (round-to-nearest-even, in integer bit math),
 # products and sums in fp32 -- the same numbers a bf16 tensor-core dot with fp32 accumulation gives.
 PREC_BF16_EMULATED = 3
-# Weights of the whole stack at or below this many bytes take the one-launch stack kernel.
-STACK_CACHE_BUDGET = 40 * 1024 * 1024
 # The outer-product first Linear is used up to this padded K1; wider halves use tl.dot.
 OUTER_K1_MAX = 4
 _OUTER_K1_MAX = tl.constexpr(OUTER_K1_MAX)  # the same bound, visible inside @triton.jit
@@ -391,12 +393,6 @@ def coupling_stack(x, kept, transformed, k1, k2, s_weights, t_weights, slope: fl
         num_warps=cfg["num_warps"],
     )  # fmt: skip
     return out, log_det
-
-
-def stack_weight_bytes(num_layers: int, hidden: int, k1p: int, k2p: int) -> int:
-    """Bytes of fp32 weights the stack kernel streams per row tile (both nets)."""
-    per_net = hidden * k1p + hidden + hidden * hidden + hidden + k2p * hidden + k2p
-    return 2 * 4 * num_layers * per_net
 
 
 # --------------------------------------------------------------------- sm_90 compile registry

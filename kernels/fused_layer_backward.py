@@ -24,7 +24,11 @@ db1, db2, dW3, db3: O(H * (K1 + K2)) per program) are per-program partial sums r
 ``sum(0)`` afterwards — deterministic, no atomics. The H x H gradient dW2 = ga2^T h1 is a GEMM
 on the scratch (cuBLAS at full rate, deterministic): per-program (H, H) partials would cost
 256 KB of writes per 128 rows at H = 256, more than the activations themselves (the
-tiny-cuda-nn choice). Limit: the scratch is N x H fp32 per net (bf16 in bf16 mode would halve it).
+tiny-cuda-nn choice). For a wide kept half (K1 > 4) ga1 goes to a second scratch and dW1 / the
+conditioner's part of gx1 are GEMMs too. Limits: the scratch is N x H fp32 per net (bf16 in bf16
+mode would halve it); the recompute costs one extra H x H product per net; at D = 128 the
+(rows, 64) halves leave too few registers and the backward spills on sm_90 (the ``wide`` rows of
+benchmarks/compile_report.py) -- correct, but slower than the narrow-D configs.
 """
 
 from __future__ import annotations
@@ -181,7 +185,8 @@ def backward_config(hidden: int, precision: str, interpret: bool, k1p: int = 1) 
     if precision == "ieee":
         if k1p > OUTER_K1_MAX:
             return {"BLOCK_M": 16, "HC": min(hidden, 32), "KC": 8, "num_warps": 4}
-        return {"BLOCK_M": 32, "HC": 16, "KC": 8, "num_warps": 4}
+        # 16 columns at H >= 128; at H = 64 the 4 column chunks spill and 32 columns do not.
+        return {"BLOCK_M": 32, "HC": 32 if hidden <= 64 else 16, "KC": 8, "num_warps": 4}
     kc = 16 if precision == "tf32" else 32  # tf32 operands are twice bf16's registers
     return {"BLOCK_M": 64, "HC": min(hidden, 64), "KC": min(hidden, kc), "num_warps": 8}
 
