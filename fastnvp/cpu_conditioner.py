@@ -158,13 +158,21 @@ def _needs_grad(model, x: torch.Tensor) -> bool:
     )
 
 
+#: Training on CPU also splits rows across threads (see :func:`rows_parallel`); False keeps one
+#: autograd graph over the whole batch. Either way the backward is first-order (as the coupling
+#: op's own backward is).
+PARALLEL_TRAINING = True
+
+
 def rows_parallel(model, x: torch.Tensor, inverse: bool):
     """Run ``model.f(x)`` (or ``model.g(x)``) as one chunk of rows per intra-op thread.
 
-    Applies to a FastRealNVP on fp32/fp64 CPU tensors when no gradient is needed, every layer
-    has the standard conditioner and takes the CPU path (not the fused-layer ops), checks and
-    autocast are off, ``torch.get_num_threads() > 1`` and every thread gets at least
-    :data:`MIN_ROWS_PER_THREAD` rows; returns None otherwise (the caller runs the usual loop).
+    Applies to a FastRealNVP on fp32/fp64 CPU tensors when every layer has the standard
+    conditioner and takes the CPU path (not the fused-layer ops), checks and autocast are off,
+    ``torch.get_num_threads() > 1`` and every thread gets at least :data:`MIN_ROWS_PER_THREAD`
+    rows; returns None otherwise (the caller runs the usual loop). When a gradient is needed it
+    applies to ``f`` with ``memory="standard"`` and :data:`PARALLEL_TRAINING` on: one autograd
+    graph per chunk, backward on the threads too, parameter gradients summed (first-order).
 
     The workers run with one intra-op thread (``torch.set_num_threads(1)``; the caller's
     setting is restored before returning) and the caller's grad / inference mode.
@@ -176,6 +184,8 @@ def rows_parallel(model, x: torch.Tensor, inverse: bool):
     Returns:
         ``f``: ``(z (N, D), log_det (N,))``; ``g``: ``x (N, D)``; or None.
     """
+    if torch.compiler.is_compiling():  # traced graphs stay single-threaded Python
+        return None
     threads = torch.get_num_threads()
     if (
         getattr(_worker, "active", False)
@@ -185,28 +195,45 @@ def rows_parallel(model, x: torch.Tensor, inverse: bool):
         or getattr(model, "fused", "auto") == "layer"
         or model._checking()
         or not all(model._standard)
-        or _needs_grad(model, x)
     ):
         return None
     chunks = x.tensor_split(min(threads, x.shape[0] // MIN_ROWS_PER_THREAD))
     fn = model.g if inverse else model.f
+    if _needs_grad(model, x):
+        if not PARALLEL_TRAINING or inverse or getattr(model, "memory", "standard") != "standard":
+            return None
+        params = [p for p in model.parameters() if p.requires_grad]
+        return _RowParallelForward.apply(fn, len(chunks), x, *params)
     inference = torch.is_inference_mode_enabled()
-    results: list = [None] * len(chunks)
+
+    def run(k: int):
+        mode = torch.inference_mode() if inference else torch.no_grad()
+        with mode:
+            return fn(chunks[k])
+
+    results = _on_threads(run, len(chunks))
+    if inverse:
+        return torch.cat(results)
+    return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
+
+
+def _on_threads(task, count: int) -> list:
+    """``[task(0), ..., task(count - 1)]``, each on its own thread with one intra-op thread."""
+    threads = torch.get_num_threads()
+    results: list = [None] * count
     errors: list[BaseException] = []
 
     def work(k: int) -> None:
         _worker.active = True
         try:
             torch.set_num_threads(1)
-            mode = torch.inference_mode() if inference else torch.no_grad()
-            with mode:
-                results[k] = fn(chunks[k])
+            results[k] = task(k)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
             errors.append(exc)
         finally:
             _worker.active = False
 
-    workers = [threading.Thread(target=work, args=(k,)) for k in range(1, len(chunks))]
+    workers = [threading.Thread(target=work, args=(k,)) for k in range(1, count)]
     try:
         for w in workers:
             w.start()
@@ -217,6 +244,60 @@ def rows_parallel(model, x: torch.Tensor, inverse: bool):
         torch.set_num_threads(threads)
     if errors:
         raise errors[0]
-    if inverse:
-        return torch.cat(results)
-    return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
+    return results
+
+
+class _RowParallelForward(torch.autograd.Function):
+    """``f`` of a flow as one autograd graph per chunk of rows, each built on its own thread.
+
+    Forward runs ``f`` on every chunk with grad enabled (a detached, grad-requiring copy of
+    the chunk as input); backward runs ``torch.autograd.grad`` of every chunk's graph on its
+    own thread and sums the parameter gradients. First-order only.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, count: int, x: torch.Tensor, *params: torch.Tensor):
+        chunks = x.detach().tensor_split(count)
+        wants_x = ctx.needs_input_grad[2]
+
+        def run(k: int):
+            with torch.enable_grad():
+                xc = chunks[k].detach().requires_grad_(wants_x)
+                z, log_det = fn(xc)
+            return xc, z, log_det
+
+        graphs = _on_threads(run, count)
+        ctx.graphs = graphs
+        ctx.params = params
+        return (
+            torch.cat([g[1].detach() for g in graphs]),
+            torch.cat([g[2].detach() for g in graphs]),
+        )
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_z, grad_log_det):
+        graphs, params = ctx.graphs, ctx.params
+        sizes = [g[1].shape[0] for g in graphs]
+        gz = grad_z.split(sizes) if grad_z is not None else [None] * len(graphs)
+        gl = grad_log_det.split(sizes) if grad_log_det is not None else [None] * len(graphs)
+        wants_x = ctx.needs_input_grad[2]
+
+        def run(k: int):
+            xc, z, log_det = graphs[k]
+            outs, grads = [], []
+            for out, grad in ((z, gz[k]), (log_det, gl[k])):
+                if grad is not None:
+                    outs.append(out)
+                    grads.append(grad)
+            inputs = ([xc] if wants_x else []) + list(params)
+            return torch.autograd.grad(outs, inputs, grads, retain_graph=True, allow_unused=True)
+
+        per_chunk = _on_threads(run, len(graphs))
+        offset = 1 if wants_x else 0
+        grad_x = torch.cat([g[0] for g in per_chunk]) if wants_x else None
+        grad_params = []
+        for j in range(len(params)):
+            parts = [g[offset + j] for g in per_chunk if g[offset + j] is not None]
+            grad_params.append(torch.stack(parts).sum(0) if parts else None)
+        return (None, None, grad_x, *grad_params)

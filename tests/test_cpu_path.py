@@ -168,8 +168,8 @@ def test_rows_parallel_declines_when_it_does_not_apply(two_threads):
     with torch.no_grad():
         assert cpu_conditioner.rows_parallel(fast, big, inverse=False) is not None
         assert cpu_conditioner.rows_parallel(fast, small, inverse=False) is None
-    # Parameters require grad: the autograd graph must cover the whole batch.
-    assert cpu_conditioner.rows_parallel(fast, big, inverse=False) is None
+    # g under autograd keeps the layer loop.
+    assert cpu_conditioner.rows_parallel(fast, big, inverse=True) is None
     torch.set_num_threads(1)
     with torch.no_grad():
         assert cpu_conditioner.rows_parallel(fast, big, inverse=False) is None
@@ -186,3 +186,34 @@ def test_rows_parallel_reraises_worker_errors(two_threads, monkeypatch):
     with torch.no_grad(), pytest.raises(RuntimeError, match="layer failed"):
         fast.f(x)
     assert torch.get_num_threads() == 2
+
+
+def test_rows_parallel_training_gradients_match_reference(two_threads):
+    ref = RealNVP.standard(3, 4, hidden=16).double()
+    fast = FastRealNVP.from_reference(ref)
+    n = 2 * cpu_conditioner.MIN_ROWS_PER_THREAD + 5
+    x_ref = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
+    x_fast = x_ref.detach().clone().requires_grad_(True)
+    lp_ref, lp_fast = ref.log_prob(x_ref), fast.log_prob(x_fast)
+    torch.testing.assert_close(lp_fast, lp_ref, rtol=1e-12, atol=1e-12)
+    # Backward twice through a retained graph: gradients accumulate like the reference's.
+    for _ in range(2):
+        lp_ref.square().mean().backward(retain_graph=True)
+        lp_fast.square().mean().backward(retain_graph=True)
+    torch.testing.assert_close(x_fast.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+    for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert torch.get_num_threads() == 2
+
+
+def test_rows_parallel_training_can_be_switched_off(two_threads, monkeypatch):
+    fast = FastRealNVP.standard(2, 2, hidden=8).double()
+    x = torch.randn(2 * cpu_conditioner.MIN_ROWS_PER_THREAD, 2, dtype=torch.float64)
+    assert cpu_conditioner.rows_parallel(fast, x, inverse=False) is not None
+    assert cpu_conditioner.rows_parallel(fast, x, inverse=True) is None  # g: no grad path
+    monkeypatch.setattr(cpu_conditioner, "PARALLEL_TRAINING", False)
+    assert cpu_conditioner.rows_parallel(fast, x, inverse=False) is None
+    # Off: one graph over the whole batch, same gradients.
+    x.requires_grad_(True)
+    fast.log_prob(x).sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in fast.parameters())
