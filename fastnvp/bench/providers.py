@@ -439,32 +439,31 @@ def _parse_value(value: str):
 
 
 def fastnvp_variants(device: str) -> list[str]:
-    """The fused levels FastRealNVP offers on ``device``, as provider specs.
+    """FastRealNVP's fused levels other than the default, as provider specs for ``device``.
 
-    Reads ``FastRealNVP``'s ``fused`` / ``precision`` keywords when it has them; the fused
-    levels are GPU kernels, so on the CPU only the default path is listed.
+    Reads ``fastnvp.fused_layer.FUSED_LEVELS`` / ``PRECISIONS`` when FastRealNVP takes
+    ``fused`` / ``precision``. The default ``fused="auto"`` is the plain ``fastnvp`` provider,
+    ``"none"`` is an alias of ``"op"``. On the CPU only ``fused="layer"`` differs from the
+    default (the PyTorch path of the fused-layer ops), and only in fp32: reduced-precision
+    GEMMs are slower than fp32 on CPUs without native bf16.
     """
     params = inspect.signature(FastRealNVP.__init__).parameters
-    if device != "cuda" or "fused" not in params:
+    if "fused" not in params:
         return []
-    from fastnvp import model as model_module
+    from fastnvp import fused_layer
 
-    levels = getattr(model_module, "FUSED_LEVELS", None) or getattr(
-        FastRealNVP, "FUSED_LEVELS", None
-    )
-    precisions = ("ieee",)
+    levels = [v for v in getattr(fused_layer, "FUSED_LEVELS", ()) if v not in ("auto", "none")]
+    if device != "cuda":
+        return ["fastnvp[fused=layer]"] if "layer" in levels else []
+    precisions = ["ieee"]
     if "precision" in params:
-        precisions = getattr(model_module, "PRECISIONS", None) or ("ieee", "tf32", "bf16")
-    if not levels:
-        default = params["fused"].default
-        levels = [v for v in (True,) if v != default]
+        precisions = list(getattr(fused_layer, "PRECISIONS", ("ieee",)))
     specs = []
     for level in levels:
-        if level in (None, False, "none", "off"):
-            continue
-        for precision in precisions:
-            opts = f"fused={level}" + (f",precision={precision}" if "precision" in params else "")
-            specs.append(f"fastnvp[{opts}]")
+        for precision in precisions if level == "layer" else ["ieee"]:
+            extra = f",precision={precision}" if precision != "ieee" else ""
+            specs.append(f"fastnvp[fused={level}{extra}]")
+    specs += [f"fastnvp[precision={p}]" for p in precisions if p != "ieee"]
     return specs
 
 

@@ -105,6 +105,14 @@ def markdown(doc: dict, headline_only: bool = False) -> str:
     parts = ["\n".join(head)]
     for entry in entries:
         parts.append(f"**{config_title(entry, doc)}**\n\n{config_table(entry, doc)}")
+    if doc.get("not_run") and not headline_only:
+        parts.append(
+            "Not run: "
+            + "; ".join(
+                f"L={c['layers']} D={c['dim']} H={c['hidden']} B={c['batch']} ({c['reason']})"
+                for c in doc["not_run"]
+            )
+        )
     return "\n\n".join(parts) + "\n"
 
 

@@ -69,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip torch.compile above this depth (its cold compile grows with L)",
     )
     parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="start no further configuration after this many minutes (the rest is listed)",
+    )
+    parser.add_argument(
         "--out", default=None, help="output folder (default benchmarks/results/<machine>)"
     )
     parser.add_argument("--name", default=None, help="file stem (default: the preset name)")
@@ -121,6 +127,7 @@ def _plan(args):
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark (or regenerate reports) and print where the files are."""
+    import json
     import os
 
     from fastnvp.bench import harness, report
@@ -136,9 +143,25 @@ def run(args: argparse.Namespace) -> int:
             plan = _plan(args)
         except (TypeError, ValueError) as exc:
             raise SystemExit(f"fastnvp bench: {exc}") from exc
-        doc = harness.run(plan, harness.command_line())
-        out = args.out or os.path.join("benchmarks", "results", doc["machine"]["name"])
+        out = args.out or os.path.join(
+            "benchmarks", "results", harness.machine_name(args.device, args.threads)
+        )
         name = args.name or plan.name
+        os.makedirs(out, exist_ok=True)
+
+        def checkpoint(partial: dict) -> None:
+            with open(os.path.join(out, name + ".partial.json"), "w") as fh:
+                json.dump(partial, fh, indent=1)
+
+        try:
+            doc = harness.run(
+                plan, harness.command_line(), max_minutes=args.max_minutes, checkpoint=checkpoint
+            )
+        except ValueError as exc:
+            raise SystemExit(f"fastnvp bench: {exc}") from exc
+        partial = os.path.join(out, name + ".partial.json")
+        if os.path.exists(partial):
+            os.remove(partial)
     paths = report.write_all(doc, out, name, readme=args.readme)
     for line in report.summary_lines(doc):
         print(line)
