@@ -80,7 +80,8 @@ def _train_or_reuse(config: TrainConfig, run_dir: Path, progress: bool, log) -> 
             train(config, run_dir, resume=True, progress=progress)
             return
         log(f"L={config.layers}: {run_dir} holds a run with other settings; training anew")
-    train(config, run_dir, progress=progress)
+    # The study owns its run directories: a run with other settings is replaced.
+    train(config, run_dir, overwrite=True, progress=progress)
 
 
 def _format_row(row: dict, entropy: dict | None) -> str:

@@ -339,6 +339,7 @@ def train(
     out_dir,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
     desc: str | None = None,
@@ -351,6 +352,8 @@ def train(
             except that ``config.steps`` may extend the run (the cosine schedule then stretches
             to the new length, so the result differs from a fresh run of that length).
         out_dir: run directory; created if missing.
+        overwrite: start afresh even if ``out_dir`` holds a checkpoint. Without it (and without
+            ``resume``) an existing run is never replaced: ``FileExistsError``.
         progress: show a tqdm bar with the running loss.
         stop_after: stop (and checkpoint) once this global step is reached; for interrupting a
             run deliberately, e.g. to test resume.
@@ -368,6 +371,11 @@ def train(
         raise ValueError(f"stop_after must be None or an int >= 1, got {stop_after!r}")
     out = Path(out_dir)
     payload = None
+    if not resume and not overwrite and (out / CHECKPOINT).exists():
+        raise FileExistsError(
+            f"{str(out)!r} already holds a run ({CHECKPOINT}); pass resume=True (--resume) to "
+            "continue it or overwrite=True (--overwrite) to replace it"
+        )
     if resume:
         payload = load_checkpoint(out)
         steps = config.steps

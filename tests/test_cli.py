@@ -15,3 +15,15 @@ def test_missing_data_file_is_one_line_not_a_traceback(tmp_path, capsys):
 def test_no_command_prints_help(capsys):
     assert main([]) == 0
     assert "COMMAND" in capsys.readouterr().out
+
+
+def test_train_never_replaces_an_existing_run_silently(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["train", "--layers", "1", "--hidden", "4", "--steps", "2", "--out", str(out)]
+    tiny = ["--n-train", "64", "--n-test", "32", "--batch", "16", "--no-progress"]
+    assert main(common + tiny) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    assert main(common + tiny) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert main(common + tiny + ["--overwrite"]) == 0

@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps larger than stored extends it)",
     )
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --out (without it, an existing run is an error)",
+    )
+    parser.add_argument(
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
@@ -52,7 +57,12 @@ def run(args: argparse.Namespace) -> int:
     world = distributed.init(args.device)
     try:
         result = train(
-            config, args.out, resume=args.resume, progress=not args.no_progress, world=world
+            config,
+            args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            world=world,
         )
     finally:
         distributed.shutdown(world)
