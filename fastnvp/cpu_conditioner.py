@@ -211,13 +211,13 @@ def rows_parallel(model, x: torch.Tensor, inverse: bool):
         with mode:
             return fn(chunks[k])
 
-    results = _on_threads(run, len(chunks))
+    results = on_threads(run, len(chunks))
     if inverse:
         return torch.cat(results)
     return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
 
 
-def _on_threads(task, count: int) -> list:
+def on_threads(task, count: int) -> list:
     """``[task(0), ..., task(count - 1)]``, each on its own thread with one intra-op thread."""
     threads = torch.get_num_threads()
     results: list = [None] * count
@@ -266,7 +266,7 @@ class _RowParallelForward(torch.autograd.Function):
                 z, log_det = fn(xc)
             return xc, z, log_det
 
-        graphs = _on_threads(run, count)
+        graphs = on_threads(run, count)
         ctx.graphs = graphs
         ctx.params = params
         return (
@@ -293,7 +293,7 @@ class _RowParallelForward(torch.autograd.Function):
             inputs = ([xc] if wants_x else []) + list(params)
             return torch.autograd.grad(outs, inputs, grads, retain_graph=True, allow_unused=True)
 
-        per_chunk = _on_threads(run, len(graphs))
+        per_chunk = on_threads(run, len(graphs))
         offset = 1 if wants_x else 0
         grad_x = torch.cat([g[0] for g in per_chunk]) if wants_x else None
         grad_params = []

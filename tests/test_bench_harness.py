@@ -147,6 +147,7 @@ def test_results_document_schema(tiny_doc):
     assert doc["machine"]["cpu_model"] and doc["versions"]["torch"] == torch.__version__
     assert doc["load_average_start"] is None or len(doc["load_average_start"]) == 3
     assert {c["rows"] for c in doc["ceilings"]} == set(harness.GEMM_ROWS)
+    assert all(c["best_gflops"] >= c["gflops"] > 0 for c in doc["ceilings"])
     for entry in doc["configs"]:
         assert entry["params_match"]
         assert all(c["ok"] for c in entry["checks"].values())
@@ -162,6 +163,32 @@ def test_results_document_schema(tiny_doc):
             assert r["fraction_of_ceiling"] > 0
             if r["provider"] == "reference":
                 assert r["ratio_vs_reference"] == 1.0
+
+
+def test_gemm_ceiling_threading_modes():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows = harness.gemm_ceiling(8, rows=(16,), repeats=1, min_sample_s=0.0)
+    finally:
+        torch.set_num_threads(before)
+    assert [r["mode"] for r in rows] == ["intra-op", "per-thread"]
+    assert all(r["gflops"] > 0 and r["rows"] == 16 for r in rows)
+
+
+def test_max_minutes_lists_what_was_not_run():
+    settings = harness.Settings(providers=("reference",), workloads=("log_prob",), repeats=1)
+    plan = harness.Plan(
+        "t",
+        [(harness.BenchConfig(1, 2, 4, 8), settings), (harness.BenchConfig(2, 2, 4, 8), settings)],
+    )
+    seen = []
+    doc = harness.run(plan, "test", log=lambda _m: None, max_minutes=1e-9, checkpoint=seen.append)
+    assert len(doc["configs"]) == 1 and len(seen) == 1
+    assert doc["not_run"][0]["layers"] == 2 and "time limit" in doc["not_run"][0]["reason"]
+    assert "Not run: L=2" in report.markdown(doc)
+    with pytest.raises(ValueError, match="max_minutes"):
+        harness.run(plan, "test", max_minutes=0)
 
 
 def test_validate_rejects_broken_documents(tiny_doc):

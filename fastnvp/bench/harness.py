@@ -19,8 +19,9 @@ same round; > 1 means faster than the reference).
 
 FLOPs are counted analytically: per row, per layer, per net ``2 (K1 H + H H + H K2)`` for the
 forward; a training step counts three times the forward (forward, two backward GEMMs). The
-ceiling is the best rate of ``addmm`` ((rows, H) @ (H, H) + bias) over several row tiles,
-measured in the same run on the same device, dtype and thread count.
+ceiling is the best rate of ``addmm`` ((rows, H) @ (H, H) + bias) over several row tiles and
+both threading modes (see :func:`gemm_ceiling`), measured in the same run on the same device,
+dtype and thread count, before and after the configurations.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from fastnvp.bench import providers as prov
+from fastnvp.cpu_conditioner import on_threads
 from fastnvp.masks import split_indices
 from fastnvp.reference import RealNVP
 
@@ -214,31 +216,50 @@ def gemm_ceiling(
 ) -> list[dict]:
     """Rate of ``addmm`` ((rows, H) @ (H, H) + bias) for each row tile, median of ``repeats``.
 
+    Mode ``intra-op``: one addmm using all intra-op threads; ``per-thread`` (CPU, 2+ threads):
+    every thread runs its own single-threaded addmm on its own tile, rate summed.
+
     Returns:
-        ``[{"hidden", "rows", "gflops", "device", "dtype"}, ...]``.
+        ``[{"hidden", "rows", "mode", "gflops", "device", "dtype"}, ...]``.
     """
     dt = DTYPES[dtype]
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(hidden, hidden, generator=gen).to(device=device, dtype=dt).t()
     bias = torch.randn(hidden, generator=gen).to(device=device, dtype=dt)
+    threads = torch.get_num_threads()
+    # CPU: also each thread on its own (rows, H) tile with a single-threaded addmm, the way
+    # the row-parallel CPU path runs; the rate is the sum over threads.
+    modes = ["intra-op"] + (["per-thread"] if device == "cpu" and threads > 1 else [])
     out = []
-    for r in rows:
-        x = torch.randn(r, hidden, generator=gen).to(device=device, dtype=dt)
-        res = torch.empty(r, hidden, device=device, dtype=dt)
-        call = lambda: torch.addmm(bias, x, weight, out=res)  # noqa: B023 - called right here
-        first = time_call(call, device, 3)
-        number = max(1, math.ceil(min_sample_s / max(first, 1e-9)))
-        times = [time_call(call, device, number) for _ in range(repeats)]
-        flops = 2 * r * hidden * hidden
-        out.append(
-            {
-                "hidden": hidden,
-                "rows": r,
-                "device": device,
-                "dtype": dtype,
-                "gflops": flops / statistics.median(times) / 1e9,
-            }
-        )
+    for mode in modes:
+        for r in rows:
+            copies = threads if mode == "per-thread" else 1
+            xs = [torch.randn(r, hidden, generator=gen).to(device=device, dtype=dt)] * copies
+            res = [torch.empty(r, hidden, device=device, dtype=dt) for _ in range(copies)]
+            if mode == "per-thread":
+
+                def call(xs=xs, res=res, copies=copies):
+                    on_threads(lambda k: torch.addmm(bias, xs[k], weight, out=res[k]), copies)
+
+            else:
+
+                def call(xs=xs, res=res):
+                    torch.addmm(bias, xs[0], weight, out=res[0])
+
+            first = time_call(call, device, 3)
+            number = max(1, math.ceil(min_sample_s / max(first, 1e-9)))
+            times = [time_call(call, device, number) for _ in range(repeats)]
+            flops = 2 * r * hidden * hidden * copies
+            out.append(
+                {
+                    "hidden": hidden,
+                    "rows": r,
+                    "mode": mode,
+                    "device": device,
+                    "dtype": dtype,
+                    "gflops": flops / statistics.median(times) / 1e9,
+                }
+            )
     return out
 
 
@@ -518,8 +539,8 @@ def run(
         plan: the configurations, in priority order.
         command: the command line recorded in the document.
         log: progress messages.
-        max_minutes: start no further configuration after this many minutes; the ones left
-            are listed under ``not_run``. None: no limit.
+        max_minutes: start no configuration after the first once this many minutes passed; the rest
+            is listed under ``not_run``. None: no limit.
         checkpoint: called with the document so far after each configuration (e.g. to write
             it), so an interrupted run keeps what it measured.
     """
@@ -527,6 +548,14 @@ def run(
         raise ValueError("plan has no configurations")
     if max_minutes is not None and not max_minutes > 0:
         raise ValueError(f"max_minutes must be > 0 or None, got {max_minutes!r}")
+    before = torch.get_num_threads()
+    try:
+        return _run(plan, command, log, max_minutes, checkpoint)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(plan, command, log, max_minutes, checkpoint) -> dict:
     first_cfg, first_settings = plan.entries[0]
     device, threads = first_cfg.device, first_settings.threads
     torch.set_num_threads(threads)
@@ -547,7 +576,7 @@ def run(
     configs, not_run = [], []
     doc["configs"], doc["not_run"], doc["ceilings"] = configs, not_run, ceilings
     for cfg, settings in plan.entries:
-        if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:
+        if max_minutes is not None and configs and time.perf_counter() - t0 > 60 * max_minutes:
             not_run.append({**asdict(cfg), "reason": f"time limit of {max_minutes} min reached"})
             log(f"{cfg.label()}: not run (time limit)")
             continue
@@ -560,9 +589,10 @@ def run(
     for hidden, dev, dtype in shapes:
         for again in gemm_ceiling(hidden, dev, dtype):
             for c in ceilings:
-                if (c["hidden"], c["rows"], c["device"], c["dtype"]) == (
+                if (c["hidden"], c["rows"], c["mode"], c["device"], c["dtype"]) == (
                     again["hidden"],
                     again["rows"],
+                    again["mode"],
                     again["device"],
                     again["dtype"],
                 ):

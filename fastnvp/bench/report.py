@@ -69,7 +69,8 @@ def config_table(entry: dict, doc: dict) -> str:
     if ceiling:
         notes.append(
             f"GEMM ceiling (addmm (rows×{entry['config']['hidden']})@"
-            f"({entry['config']['hidden']}×{entry['config']['hidden']}), best row tile): "
+            f"({entry['config']['hidden']}×{entry['config']['hidden']}), best row tile and "
+            "threading): "
             f"{ceiling:.0f} GFLOP/s"
         )
     vs_peer = []
@@ -163,6 +164,7 @@ def plots(doc: dict, out_prefix: str) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     written = []
     series = _depth_series(doc)
@@ -186,6 +188,10 @@ def plots(doc: dict, out_prefix: str) -> list[str]:
                     ax.plot(xs, ys, marker="o", label=p)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            depths = sorted({e["config"]["layers"] for e in entries})
+            ax.set_xticks(depths)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("coupling layers L")
             ax.set_ylabel("samples / s")
             ax.set_title(w)
