@@ -143,7 +143,16 @@ def main(argv=None) -> int:
         import triton
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"triton": triton.__version__, "target": "cuda sm_90 (ptxas -arch=sm_90a)"}
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+        meta = {
+            "triton": triton.__version__,
+            "python": sys.version.split()[0],
+            "target": "cuda sm_90 (ptxas -arch=sm_90a)",
+            "ptxas": ptxas.name,
+            "commit": commit,
+        }
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0 if all(ok(r) for r in rows) else 1
 
