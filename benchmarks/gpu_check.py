@@ -158,7 +158,7 @@ def check_stack(dim, hidden, layers, rows, device, precisions, results):
 
 
 # --------------------------------------------------------------------------------- timing
-def timing(args, device, budget, rows_out):
+def timing(args, device, budget, rows_out, save=lambda: None):
     dim, layers, hidden = args.dim, args.layers, args.hidden
     model = make_model(dim, layers, hidden, device)
     slope = fl.flow_slope(model)
@@ -249,7 +249,9 @@ def timing(args, device, budget, rows_out):
     for name, precision in variants:
         for batch, x in inputs.items():
             for task in ("log_prob", "sample", "train"):
-                if budget.left() < 20:
+                # torch.compile of 50 layers can take minutes: start it only with time to spare.
+                need = 150 if name == "reference compile" else 20
+                if budget.left() < need:
                     rows_out.append({"variant": name, "task": task, "B": batch, "skipped": True})
                     continue
                 if name.startswith("fused stack") and task == "train":
@@ -270,6 +272,7 @@ def timing(args, device, budget, rows_out):
                 row = {"variant": name, "task": task, "B": batch, "ms": ms,
                        "samples_per_s": batch / (ms * 1e-3), "tflops": tflops}  # fmt: skip
                 rows_out.append(row)
+                save()
                 print(f"  {name:<22} {task:<8} B={batch:<6} {ms:9.3f} ms  {tflops:7.2f} TFLOP/s",
                       flush=True)  # fmt: skip
         model.zero_grad(set_to_none=True)
@@ -305,27 +308,34 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     status = 0
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        """Write the JSON so far (an outer timeout still leaves the finished sections)."""
+        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+
     try:
         # The first layer case compiles the kernels the timing uses; the rest come after it.
         print("correctness (max relative error vs float64)", flush=True)
         check_layer(*layer_cases[0], rows, device, PRECISIONS, report["correctness"])
         check_stack(*stack_case, rows, device, PRECISIONS, report["correctness"])
+        save()
         print(f"timing: L={args.layers} D={args.dim} H={args.hidden}", flush=True)
-        timing(args, device, budget.split(0.75), report["timing"])
+        timing(args, device, budget.split(0.75), report["timing"], save)
         print("more correctness", flush=True)
         for dim, hidden in layer_cases[1:]:
             if budget.left() < 45:
                 report["correctness"].append({"check": f"layer D={dim} H={hidden}", "skipped": 1})
                 continue
             check_layer(dim, hidden, rows, device, PRECISIONS, report["correctness"])
+            save()
         if not all(r.get("ok", True) for r in report["correctness"]):
             status = 1
     except Exception:  # noqa: BLE001 - the JSON still records what ran
         report["error"] = traceback.format_exc()
         print(report["error"], file=sys.stderr)
         status = 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    save()
     print(f"wrote {args.out / 'gpu_check.json'}")
     return status
 
