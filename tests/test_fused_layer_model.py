@@ -101,3 +101,14 @@ def test_fused_and_precision_are_validated():
         FastRealNVP(*nets, masks, fused="kernel")
     with pytest.raises(ValueError, match="precision"):
         FastRealNVP(*nets, masks, precision="fp16")
+
+
+def test_stack_over_the_cache_budget_falls_back_to_per_layer(monkeypatch):
+    monkeypatch.setenv("FASTNVP_BACKEND", "torch")
+    monkeypatch.setattr(fl, "STACK_CACHE_BUDGET", 0)
+    ref, fast = models()
+    x = torch.randn(8, 3)
+    with torch.no_grad():
+        assert fl.model_stack(fast, x, inverse=False) is None
+        assert torch.allclose(fast.log_prob(x), ref.log_prob(x), atol=1e-5)
+        assert torch.allclose(fast.g(x), ref.g(x), atol=1e-5)
