@@ -186,7 +186,12 @@ def backward_config(hidden: int, precision: str, interpret: bool, k1p: int = 1) 
         if k1p > OUTER_K1_MAX:
             return {"BLOCK_M": 16, "HC": min(hidden, 32), "KC": 8, "num_warps": 4}
         # 16 columns at H >= 128; at H = 64 the 4 column chunks spill and 32 columns do not.
-        return {"BLOCK_M": 32, "HC": 32 if hidden <= 64 else 16, "KC": 8, "num_warps": 4}
+        return {
+            "BLOCK_M": 32,
+            "HC": min(hidden, 32 if hidden <= 64 else 16),
+            "KC": 8,
+            "num_warps": 4,
+        }
     kc = 16 if precision == "tf32" else 32  # tf32 operands are twice bf16's registers
     return {"BLOCK_M": 64, "HC": min(hidden, 64), "KC": min(hidden, kc), "num_warps": 8}
 
