@@ -1,4 +1,4 @@
-"""The reference Real NVP: log_det against the brute-force Jacobian, round trips, notebook compat."""
+"""The reference Real NVP: log_det vs the brute-force Jacobian, round trips, notebook compat."""
 
 import numpy as np
 import pytest
