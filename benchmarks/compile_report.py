@@ -9,8 +9,7 @@ No GPU is needed. Must run without ``TRITON_INTERPRET`` (the interpreter replace
     python benchmarks/compile_report.py [--json PATH] [--filter SUBSTRING]
 
 Exit status 1 when any config spills or needs more than the 227 KB of shared memory an sm_90
-block can have. Entries flagged ``wide`` (configs for very wide data, see the kernel modules)
-are reported with their spills but only their shared memory is enforced.
+block can have.
 """
 
 from __future__ import annotations
@@ -92,7 +91,6 @@ def compile_entry(entry: dict, ptxas: Path) -> dict:
         "constexprs": {k: v for k, v in entry["constexprs"].items()},
         **stats,
         "shared": shared,
-        "wide": bool(entry.get("wide", False)),
         "wgmma": "wgmma" in compiled.asm["ptx"],
         "compile_s": round(time.perf_counter() - start, 2),
     }
@@ -107,9 +105,9 @@ def registered_configs(modules=KERNEL_MODULES) -> list[dict]:
 
 
 def ok(row: dict) -> bool:
-    """0 spills and shared memory within an sm_90 block's limit (``wide`` rows: shared only)."""
+    """0 spills and shared memory within an sm_90 block's limit."""
     spills = row["spill_stores"] + row["spill_loads"]
-    return (spills == 0 or row["wide"]) and row["shared"] <= SHARED_LIMIT
+    return spills == 0 and row["shared"] <= SHARED_LIMIT
 
 
 def main(argv=None) -> int:
@@ -131,8 +129,6 @@ def main(argv=None) -> int:
         row = compile_entry(entry, ptxas)
         rows.append(row)
         flag = "" if ok(row) else "  <-- FAIL"
-        if ok(row) and row["wide"] and row["spill_stores"] + row["spill_loads"]:
-            flag = "  (wide: known spill)"
         print(
             f"{row['name']:<60} {row['num_warps']:>5} {row['registers']:>5} "
             f"{row['spill_stores']:>5}/{row['spill_loads']:<6} {row['shared']:>8} "

@@ -28,11 +28,13 @@ and walks all L layers in one launch.
 
 Limits: fp32 weights; x in fp32/bf16/fp16 (math in fp32). H must be a power of two (>= 16); the
 tf32/bf16 modes need the dot shapes of ``dot_shapes`` to meet the tensor-core minimums, which the
-config tables guarantee. Tanh is ``2 / (1 + exp(-2u)) - 1`` (the interpreter has no tanh). Up to
-D ~ 16 every config compiles for sm_90 with 0 spills (benchmarks/compile_report.py); at D = 128
-the (rows, 64) halves add register pressure and the bf16 forward spills a little (reported as
-``wide`` configs). Whole-stack inference needs the stacked weights to stay cache resident; the
-caller falls back to per-layer launches above a budget (fastnvp.fused_layer.STACK_CACHE_BUDGET).
+config tables guarantee. Tanh is ``2 / (1 + exp(-2u)) - 1`` (the interpreter has no tanh). Every
+shipped config compiles for sm_90 with 0 spills (benchmarks/compile_report.py: D = 2, 16, 128);
+halves wider than 16 take smaller tiles (``wide_halves``), since the (rows, K) tensors then
+compete with the H x H chunks for registers -- fewer rows or shorter K chunks per program. Halves
+wider than 64 (D > 128) are not compiled by the report. Whole-stack inference needs the stacked
+weights to stay cache resident; the caller falls back to per-layer launches above a budget
+(fastnvp.fused_layer.STACK_CACHE_BUDGET).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ PREC_BF16_EMULATED = 3
 # The outer-product first Linear is used up to this padded K1; wider halves use tl.dot.
 OUTER_K1_MAX = 4
 _OUTER_K1_MAX = tl.constexpr(OUTER_K1_MAX)  # the same bound, visible inside @triton.jit
+# Padded halves wider than this take the wide-data tiles of layer_config / backward_config.
+WIDE_HALF_MIN = 16
 
 
 # --------------------------------------------------------------------------------- jit helpers
@@ -267,7 +271,12 @@ def pad_k2(k2: int) -> int:
     return padded(k2, 16)
 
 
-def layer_config(hidden: int, precision: str, interpret: bool, k1p: int = 1) -> dict:
+def wide_halves(k1p: int, k2p: int) -> bool:
+    """Whether a layer's padded halves take the wide-data tiles (see layer_config)."""
+    return max(k1p, k2p) > WIDE_HALF_MIN
+
+
+def layer_config(hidden: int, precision: str, interpret: bool, k1p: int = 1, k2p: int = 16) -> dict:
     """Tile sizes for the forward/inverse/stack kernels (all measured 0-spill on sm_90).
 
     tf32/bf16 (wgmma): 128 output columns x 32-row (bf16) / 16-row (tf32) K chunks of W2
@@ -275,22 +284,27 @@ def layer_config(hidden: int, precision: str, interpret: bool, k1p: int = 1) -> 
     Triton lowers fp32 dots to FMAs that hold each thread's whole K slice of both operands in
     registers, so the chunks are narrow (32 columns, 16-row K) and the tile is 64 rows (32 with a
     dot first Linear).
+    Wide halves (padded K1 or K2 above 16, D = 128 compiled): the (rows, K) x1/x2/s/t tiles and
+    the K2-wide last Linear take the registers the H x H chunks had, so bf16 drops to 16-row K
+    chunks (32 spilled 12 B at 255 registers) and ieee to 16-row tiles (32 rows spilled 16 B in
+    the stack kernel).
     Interpreter: tiny tiles with several chunks, so every loop and mask is exercised.
     """
     if interpret:
         return {"BLOCK_M": 16, "HC": min(hidden, 32), "KC": 16, "num_warps": 1}
     wide_k1 = k1p > OUTER_K1_MAX
+    wide = wide_halves(k1p, k2p)
     if precision == "ieee":
         return {
-            "BLOCK_M": 32 if wide_k1 else 64,
+            "BLOCK_M": 16 if wide else 32 if wide_k1 else 64,
             "HC": min(hidden, 32),
-            "KC": 8 if wide_k1 else 16,
+            "KC": 8 if wide_k1 or wide else 16,
             "num_warps": 4,
         }
-    hc = min(hidden, 64 if wide_k1 else 128)
-    kc = 16 if precision == "tf32" else 32  # tf32 operands take twice bf16's registers
+    hc = min(hidden, 64 if wide_k1 or wide else 128)
+    kc = 16 if precision == "tf32" or wide else 32  # tf32 operands take twice bf16's registers
     return {
-        "BLOCK_M": 64 if wide_k1 else 128,
+        "BLOCK_M": 64 if wide_k1 or wide else 128,
         "HC": hc,
         "KC": min(hidden, kc),
         "num_warps": 8 if hidden >= 64 else 4,
@@ -341,7 +355,7 @@ def coupling_layer(x, kept, transformed, s_weights, t_weights, slope: float, pre
     hidden = s_weights[2].shape[0]
     check_hidden(hidden)
     interpret = not x.is_cuda
-    cfg = dict(config or layer_config(hidden, precision, interpret, pad_k1(k1)))
+    cfg = dict(config or layer_config(hidden, precision, interpret, pad_k1(k1), pad_k2(k2)))
     # Callers (tests) may pass the output buffers, e.g. NaN-poisoned, to check every write.
     out = torch.empty_like(x) if out is None else out
     log_det = torch.empty(n, device=x.device, dtype=torch.float32) if log_det is None else log_det
@@ -377,7 +391,7 @@ def coupling_stack(x, kept, transformed, k1, k2, s_weights, t_weights, slope: fl
     hidden = s_weights[2].shape[1]
     check_hidden(hidden)
     interpret = not x.is_cuda
-    cfg = dict(config or layer_config(hidden, precision, interpret, k1p))
+    cfg = dict(config or layer_config(hidden, precision, interpret, k1p, k2p))
     # Callers (tests) may pass the output buffers, e.g. NaN-poisoned, to check every write.
     out = torch.empty_like(x) if out is None else out
     log_det = torch.empty(n, device=x.device, dtype=torch.float32) if log_det is None else log_det
@@ -402,13 +416,10 @@ ARG_TYPES = {
     "N": "i32", "D": "i32", "K1": "i32", "K2": "i32", "L": "i32", "slope": "fp32",
 }  # fmt: skip
 # Shapes every shipped config is compiled for: (D, H), kept half K1 = D - D // 2. D = 2 takes the
-# outer-product first Linear, D = 16 the dot one with K2P = 16: these compile with 0 spills.
-# D = 128 (K1 = K2 = 64: (rows, 64) halves, 64-wide W3/gu tiles) is compiled and reported
-# too, flagged ``wide``: its forward is 0-spill in ieee but spills a little in tf32/bf16 and the
-# backward spills in every precision (correct, slower).
+# outer-product first Linear, D = 16 the dot one with K2P = 16, D = 128 (K1 = K2 = 64) the
+# wide-data tiles. All compile with 0 spills.
 SHIPPED_HIDDEN = (64, 256, 512)
 SHIPPED_DIMS = (2, 16, 128)
-WIDE_DIMS = (128,)
 
 
 def signature_of(kernel, constexprs: dict) -> dict:
@@ -429,7 +440,7 @@ def shipped_layer_configs(kernel, stack: bool, config_fn=None) -> list[dict]:
                 if dim != 2 and hidden != 256:
                     continue
                 k1p, k2p = pad_k1(dim - dim // 2), pad_k2(dim // 2)
-                cfg = config_fn(hidden, precision, interpret=False, k1p=k1p)
+                cfg = config_fn(hidden, precision, interpret=False, k1p=k1p, k2p=k2p)
                 constexprs = {
                     "H": hidden, "BLOCK_M": cfg["BLOCK_M"], "K1P": k1p, "K2P": k2p,
                     "HC": cfg["HC"], "KC": cfg["KC"], "PREC": PRECISIONS[precision],
@@ -444,7 +455,6 @@ def shipped_layer_configs(kernel, stack: bool, config_fn=None) -> list[dict]:
                         "signature": signature_of(kernel, constexprs),
                         "constexprs": constexprs,
                         "num_warps": cfg["num_warps"],
-                        "wide": dim in WIDE_DIMS,
                         "dots": [(m, k, n, precision) for m, k, n in dot_shapes(cfg, k1p, k2p)],
                     }
                 )

@@ -26,9 +26,10 @@ on the scratch (cuBLAS at full rate, deterministic): per-program (H, H) partials
 256 KB of writes per 128 rows at H = 256, more than the activations themselves (the
 tiny-cuda-nn choice). For a wide kept half (K1 > 4) ga1 goes to a second scratch and dW1 / the
 conditioner's part of gx1 are GEMMs too. Limits: the scratch is N x H fp32 per net (bf16 in bf16
-mode would halve it); the recompute costs one extra H x H product per net; at D = 128 the
-(rows, 64) halves leave too few registers and the backward spills on sm_90 (the ``wide`` rows of
-benchmarks/compile_report.py) -- correct, but slower than the narrow-D configs.
+mode would halve it); the recompute costs one extra H x H product per net; wide halves (D = 128:
+(rows, 64) x1/gu/gx1 tiles) leave fewer registers for the H x H chunks, so their tiles are
+narrower (16 output columns per chunk: more passes over W2 per row tile) to stay 0-spill on
+sm_90; halves wider than 64 are not compiled by benchmarks/compile_report.py.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from fastnvp.kernels.fused_layer import (
     pad_k1,
     pad_k2,
     prec_code,
+    wide_halves,
 )
 
 
@@ -172,16 +174,27 @@ def coupling_layer_backward_kernel(out_ptr, gout_ptr, gld_ptr, gin_ptr, kept_ptr
     tl.store(gin_ptr + base + kidx[None, :], gx1.to(gin_ptr.dtype.element_ty), mask=m1)
 
 
-def backward_config(hidden: int, precision: str, interpret: bool, k1p: int = 1) -> dict:
+def backward_config(
+    hidden: int, precision: str, interpret: bool, k1p: int = 1, k2p: int = 16
+) -> dict:
     """Tile sizes of the backward kernel (all measured 0-spill on sm_90).
 
     Pass C keeps a (BLOCK_M, KC) gradient and (BLOCK_M, HC) loads live next to pass A's s/t, so
     the backward takes narrower tiles than the forward: tf32/bf16 64 rows x 64 columns x 16-row
     (tf32) / 32-row (bf16) K chunks on 8 warps; ieee (FMA dots) 32 rows x 16 columns (16 rows x
     32 columns with a dot first Linear) x 8-row K chunks.
+    Wide halves (``wide_halves``: D = 128 compiled) also keep x1, gu and gx1 as (rows, 64) tiles
+    and contract over K2P = 64 in gu @ W3: 16 output columns per chunk, and 8-row (tf32) /
+    16-row (bf16) K chunks; ieee keeps 32 rows on 8 warps (twice the threads to hold them).
+    Before this tier the D = 128 backward spilled 388-516 B at 255 registers in every precision.
     """
     if interpret:
-        return layer_config(hidden, precision, interpret, k1p)
+        return layer_config(hidden, precision, interpret, k1p, k2p)
+    if wide_halves(k1p, k2p):
+        if precision == "ieee":
+            return {"BLOCK_M": 32, "HC": min(hidden, 16), "KC": 8, "num_warps": 8}
+        kc = 8 if precision == "tf32" else 16  # the tensor-core minimum K of each precision
+        return {"BLOCK_M": 64, "HC": min(hidden, 16), "KC": min(hidden, kc), "num_warps": 8}
     if precision == "ieee":
         if k1p > OUTER_K1_MAX:
             return {"BLOCK_M": 16, "HC": min(hidden, 32), "KC": 8, "num_warps": 4}
@@ -256,7 +269,7 @@ def coupling_layer_backward(out, grad_out, grad_log_det, kept, transformed, s_we
     hidden = s_weights[2].shape[0]
     check_hidden(hidden)
     k1p, k2p = pad_k1(k1), pad_k2(k2)
-    cfg = dict(config or backward_config(hidden, precision, not out.is_cuda, k1p))
+    cfg = dict(config or backward_config(hidden, precision, not out.is_cuda, k1p, k2p))
     programs = triton.cdiv(n, cfg["BLOCK_M"])
     dev = out.device
     pw = partial_width(hidden, k1p, k2p)

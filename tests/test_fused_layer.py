@@ -88,6 +88,7 @@ LAYER_CASES = [  # (D, H, layer): D = 3 has K1 = 1, 2 by layer; D = 18 takes the
     (3, 64, 1),
     (8, 32, 0),
     (18, 32, 1),
+    (128, 32, 0),  # wide halves: K1P = K2P = 64 (the D = 128 configs of the compile report)
 ]
 
 
@@ -112,7 +113,7 @@ def test_layer_kernel_matches_reference(dim, hidden, layer, precision, inverse):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("dim,hidden,layer", [(2, 32, 0), (3, 32, 1), (18, 32, 0)])
+@pytest.mark.parametrize("dim,hidden,layer", [(2, 32, 0), (3, 32, 1), (18, 32, 0), (128, 32, 1)])
 @pytest.mark.parametrize("inverse", [False, True])
 def test_backward_kernel_matches_reference(dim, hidden, layer, inverse):
     from fastnvp.kernels.fused_layer_backward import coupling_layer_backward
@@ -361,8 +362,8 @@ def test_every_shipped_dot_meets_tensor_core_minimums():
             for dim in (2, 3, 17, 64, 128):
                 k1p = fused_layer.pad_k1(dim - dim // 2)
                 k2p = fused_layer.pad_k2(dim // 2)
-                fwd = fused_layer.layer_config(hidden, precision, interpret=False)
-                bwd = fused_layer_backward.backward_config(hidden, precision, interpret=False)
+                fwd = fused_layer.layer_config(hidden, precision, False, k1p, k2p)
+                bwd = fused_layer_backward.backward_config(hidden, precision, False, k1p, k2p)
                 shapes = fused_layer.dot_shapes(fwd, k1p, k2p)
                 shapes += fused_layer_backward.dot_shapes(bwd, k1p, k2p)
                 for m, k, n in shapes:
