@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastnvp import checks, cpu_conditioner, fused_layer, ops
-from fastnvp.conditioner import is_standard_pair, match_standard_mlp, standard_net
+from fastnvp.conditioner import is_standard_pair, match_standard_mlp
 from fastnvp.invertible import (
     DEFAULT_ANCHOR_EVERY,
     check_anchor_every,
@@ -28,7 +28,6 @@ from fastnvp.invertible import (
     check_tolerance,
     invertible_flow,
 )
-from fastnvp.masks import alternating_masks
 from fastnvp.reference import FlowBase, RealNVP
 
 
@@ -92,27 +91,6 @@ class FastRealNVP(FlowBase):
         )
 
     # ----------------------------------------------------------------------------- construction
-    @classmethod
-    def standard(
-        cls,
-        dim: int,
-        num_layers: int,
-        hidden: int = 256,
-        negative_slope: float = 0.01,
-        *,
-        memory: str = "standard",
-        check: bool = False,
-    ):
-        """The standard conditioner (DESIGN §1) with alternating checkerboard masks."""
-        masks = alternating_masks(dim, num_layers)
-        return cls(
-            lambda: standard_net(dim, hidden, tanh=True, negative_slope=negative_slope),
-            lambda: standard_net(dim, hidden, tanh=False, negative_slope=negative_slope),
-            masks,
-            memory=memory,
-            check=check,
-        )
-
     @classmethod
     def from_reference(cls, model: RealNVP) -> FastRealNVP:
         """A FastRealNVP computing the same function as ``model`` (deep copies of its nets)."""

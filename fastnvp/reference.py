@@ -153,6 +153,28 @@ class FlowBase(nn.Module):
         for name, tensor in tensors.items():
             checks.check_finite(tensor, name, i, direction)
 
+    @classmethod
+    def standard(
+        cls,
+        dim: int,
+        num_layers: int,
+        hidden: int = 256,
+        negative_slope: float = 0.01,
+        **options,
+    ):
+        """The standard conditioner (DESIGN §1) with alternating checkerboard masks.
+
+        ``options`` are the class's keyword arguments (e.g. ``check=True``; for FastRealNVP also
+        ``memory``, ``fused``, ``precision``).
+        """
+        masks = alternating_masks(dim, num_layers)
+        return cls(
+            lambda: standard_net(dim, hidden, tanh=True, negative_slope=negative_slope),
+            lambda: standard_net(dim, hidden, tanh=False, negative_slope=negative_slope),
+            masks,
+            **options,
+        )
+
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log-density: ``log N(f(x); 0, I) + log_det``.  (N, D) -> (N,)."""
         z, log_det = self.f(x)
@@ -191,25 +213,6 @@ class RealNVP(FlowBase):
         clamp: None, or α > 0 to soft-clamp user nets' log-scale to (-α, α) (see FlowBase).
         check: raise ``fastnvp.checks.NonFiniteError`` at the first non-finite layer.
     """
-
-    @classmethod
-    def standard(
-        cls,
-        dim: int,
-        num_layers: int,
-        hidden: int = 256,
-        negative_slope: float = 0.01,
-        *,
-        check: bool = False,
-    ):
-        """The standard conditioner (DESIGN §1) with alternating checkerboard masks."""
-        masks = alternating_masks(dim, num_layers)
-        return cls(
-            lambda: standard_net(dim, hidden, tanh=True, negative_slope=negative_slope),
-            lambda: standard_net(dim, hidden, tanh=False, negative_slope=negative_slope),
-            masks,
-            check=check,
-        )
 
     def f(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Data -> latent.  x: (N, D) -> (z (N, D), log_det (N,)), ``log_det = log|det dz/dx|``."""

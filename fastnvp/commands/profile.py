@@ -4,17 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from fastnvp.commands._training_options import int_list as _int_list
+
 HELP = "profile training steps vs depth: time, phases, op counts, peak memory, trace, plots"
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 1, got {text!r}")
-    return values
 
 
 def _choice_list(allowed: tuple[str, ...]):
