@@ -19,45 +19,17 @@ import argparse
 import json
 import math
 import platform
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from fastnvp.bench.harness import environment
 from fastnvp.data import Standardizer, two_moons
 from fastnvp.model import FastRealNVP
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def machine_name(device: str) -> str:
-    """A stable directory name for the hardware: GPU model, or CPU model."""
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = "cpu " + line.split(":", 1)[1]
-                    break
-        except OSError:
-            pass
-    slug = re.sub(r"\(r\)|\(tm\)|cpu @.*|@.*", "", name.lower())
-    return re.sub(r"[^a-z0-9]+", "-", slug).strip("-") or "unknown"
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def moons(n: int, seed: int) -> torch.Tensor:
@@ -202,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"mean {res['mean_abs']:.2e}",
                     flush=True,
                 )
-    machine = args.machine or machine_name(args.device)
+    env = environment(args.device, torch.get_num_threads())
+    machine = args.machine or env["machine"]["name"]
     doc = {
         "benchmark": "roundtrip_error",
         "machine": machine,
@@ -211,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "commit": commit(),
+        "commit": env["commit"],
         "settings": {
             "depths": depths,
             "train_depths": train_depths if args.train_steps else [],
