@@ -186,7 +186,7 @@ class FastRealNVP(FlowBase):
             return fused_layer.model_layer(self, i, z, inverse=False)
         kept, transformed = self._split(i)
         s, t = self._layer_st(i, z, kept, transformed, "f")
-        z2, log_det = ops.affine_coupling(z.index_select(1, transformed), s, t)
+        z2, log_det = ops.coupling(z.index_select(1, transformed), s, t)
         return self._layer_out(i, z, transformed, z2, log_det, "f")
 
     def layer_inverse(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +196,7 @@ class FastRealNVP(FlowBase):
             return fused_layer.model_layer(self, i, x, inverse=True)
         kept, transformed = self._split(i)
         s, t = self._layer_st(i, x, kept, transformed, "g")
-        x2, log_det = ops.affine_coupling_inverse(x.index_select(1, transformed), s, t)
+        x2, log_det = ops.coupling(x.index_select(1, transformed), s, t, inverse=True)
         return self._layer_out(i, x, transformed, x2, log_det, "g")
 
     # ----------------------------------------------------------------------------- the flow
