@@ -42,9 +42,10 @@ from fastnvp.validation import ensure_batch, ensure_num_samples
 
 # The flow implementation used unless a config names one. "fast" is the fused FastRealNVP;
 # "reference" the plain-PyTorch RealNVP. Both compute the same function and take the same
-# state_dict. The default stays "reference" because training the CPU-sized flows of the depth
-# study (H=64, L=50, batch 256, one thread) measured ~20-30% faster with it than with "fast"
-# (314-347 vs 406-414 ms/step), and the committed docs/experiment results were made with it.
+# state_dict. The default stays "reference" because at the CPU sizes of the depth study the
+# reference trains faster: H=64, L=50, batch 256, one thread, 94 vs 114 ms per step measured
+# side by side (FastRealNVP's per-layer overhead outweighs its GEMM savings at 256 rows; it wins
+# from ~512 rows up), and the committed docs/experiment results were made with it.
 DEFAULT_IMPL = "reference"
 IMPLS = ("fast", "reference")
 SCHEDULES = ("cosine", "constant")
