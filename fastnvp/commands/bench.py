@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from fastnvp.commands._training_options import int_list as _int_list
+
 HELP = "benchmark fastnvp vs the reference, torch.compile and peers; write JSON, table, plots"
 
 _PROVIDERS = ("fastnvp", "reference", "torch.compile", "nflows", "normflows", "zuko", "FrEIA")
 _WORKLOADS = ("log_prob", "sample", "train", "inverse")
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 1, got {text!r}")
-    return values
 
 
 def _str_list(allowed: tuple[str, ...] | None):
