@@ -38,6 +38,17 @@ MAX_BLOCK_K = 64
 
 
 @triton.jit
+def _load_tile(ptr, rows64, cols, stride_n, stride_k, ok, F64: tl.constexpr):
+    """Load a (BLOCK_N, BLOCK_K) tile of a strided 2-D tensor in the compute dtype."""
+    v = tl.load(ptr + rows64[:, None] * stride_n + cols[None, :] * stride_k, mask=ok)
+    if F64:
+        v = v.to(tl.float64)
+    else:
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
 def _coupling_fwd_kernel(
     a_ptr, s_ptr, t_ptr, out_ptr, ld_ptr,
     n_rows, n_cols,
@@ -55,17 +66,9 @@ def _coupling_fwd_kernel(
     for k0 in range(0, n_cols, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         ok = row_ok[:, None] & (cols < n_cols)[None, :]
-        a = tl.load(a_ptr + rows64[:, None] * stride_an + cols[None, :] * stride_ak, mask=ok)
-        s = tl.load(s_ptr + rows64[:, None] * stride_sn + cols[None, :] * stride_sk, mask=ok)
-        t = tl.load(t_ptr + rows64[:, None] * stride_tn + cols[None, :] * stride_tk, mask=ok)
-        if F64:
-            a = a.to(tl.float64)
-            s = s.to(tl.float64)
-            t = t.to(tl.float64)
-        else:
-            a = a.to(tl.float32)
-            s = s.to(tl.float32)
-            t = t.to(tl.float32)
+        a = _load_tile(a_ptr, rows64, cols, stride_an, stride_ak, ok, F64)
+        s = _load_tile(s_ptr, rows64, cols, stride_sn, stride_sk, ok, F64)
+        t = _load_tile(t_ptr, rows64, cols, stride_tn, stride_tk, ok, F64)
         if INVERSE:
             out = (a - t) * tl.exp(-s)
         else:
@@ -97,17 +100,9 @@ def _coupling_bwd_kernel(
     for k0 in range(0, n_cols, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         ok = row_ok[:, None] & (cols < n_cols)[None, :]
-        g = tl.load(g_ptr + rows64[:, None] * stride_gn + cols[None, :] * stride_gk, mask=ok)
-        a = tl.load(a_ptr + rows64[:, None] * stride_an + cols[None, :] * stride_ak, mask=ok)
-        s = tl.load(s_ptr + rows64[:, None] * stride_sn + cols[None, :] * stride_sk, mask=ok)
-        if F64:
-            g = g.to(tl.float64)
-            a = a.to(tl.float64)
-            s = s.to(tl.float64)
-        else:
-            g = g.to(tl.float32)
-            a = a.to(tl.float32)
-            s = s.to(tl.float32)
+        g = _load_tile(g_ptr, rows64, cols, stride_gn, stride_gk, ok, F64)
+        a = _load_tile(a_ptr, rows64, cols, stride_an, stride_ak, ok, F64)
+        s = _load_tile(s_ptr, rows64, cols, stride_sn, stride_sk, ok, F64)
         if INVERSE:
             gin = g * tl.exp(-s)
             gs = -(g * a + gl[:, None])
