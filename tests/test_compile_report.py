@@ -88,3 +88,19 @@ def test_every_shipped_config_compiles_without_spills(tmp_path):
     assert any("coupling_stack_kernel" in n for n in names)
     assert any("D=128" in n for n in names), "the wide-data configs are shipped and compiled"
     check_rows(data["rows"])
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        # The elementwise coupling kernels at their largest tiles: fp64 backward holds the most
+        # registers; the interpreter accepts code that the GPU compiler rejects, so compile here.
+        "_coupling_bwd_kernel[inverse,float64,BLOCK=512x1]",
+        "_coupling_fwd_kernel[forward,bfloat16,BLOCK=1024x1]",
+    ],
+)
+def test_elementwise_coupling_config_compiles_for_sm90(tmp_path, name):
+    proc, data = run_report(tmp_path, "--filter", name, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(data["rows"]) == 1
+    check_rows(data["rows"])
