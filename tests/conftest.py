@@ -28,3 +28,16 @@ def backend(request, monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread, restoring the setting after.
+
+    The models in these tests are tiny: intra-op threads only add synchronisation, and OpenMP
+    spin-waits stall badly when the cores are shared.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

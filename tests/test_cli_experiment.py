@@ -7,19 +7,10 @@ import sys
 import matplotlib.image
 import numpy as np
 import pytest
-import torch
 
 from fastnvp.cli import COMMANDS, main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: intra-op threads only add synchronisation (and stall badly when
-    # the cores are shared), so run the module on one thread and restore the setting after.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 OURS = ("train", "sample", "figures", "experiment", "demo")

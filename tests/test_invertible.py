@@ -11,15 +11,6 @@ from fastnvp.model import FastRealNVP
 from fastnvp.profiling import profiler_peak_bytes, tensor_bytes, training_step
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny ops on a shared machine: one thread avoids OpenMP spin-waits dominating the runtime.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _pair(num_layers, hidden=8, dtype=torch.float64, seed=0):
     """The same flow twice: standard and invertible memory mode."""
     torch.manual_seed(seed)

@@ -17,14 +17,6 @@ from fastnvp.profiling import (
 )
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_profile_command_writes_every_artefact(tmp_path, one_thread, capsys):
     out = tmp_path / "prof"
     argv = ["profile", "--layers", "2,3", "--batch", "32", "--hidden", "8", "--device", "cpu"]

@@ -223,15 +223,6 @@ def test_checks_pass_on_a_healthy_model(backend):
 
 
 # ----------------------------------------------------------------------------------- depth
-@pytest.fixture
-def one_thread():
-    """Many tiny ops: intra-op threads only add contention on a shared CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_deep_flow_trains_on_two_moons_without_nan(one_thread):
     """200 standard layers, a few Adam steps on two moons with checks on: every loss finite."""
     torch.manual_seed(0)

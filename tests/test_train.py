@@ -20,15 +20,7 @@ from fastnvp.train import (
     train,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: intra-op threads only add synchronisation (and stall badly when
-    # the cores are shared), so run the module on one thread and restore the setting after.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(layers=2, hidden=8, steps=12, batch=32, n_train=200, n_test=50, eval_every=4)

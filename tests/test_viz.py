@@ -18,15 +18,7 @@ from fastnvp.viz import (
     plot_samples,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: intra-op threads only add synchronisation (and stall badly when
-    # the cores are shared), so run the module on one thread and restore the setting after.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def flow_for(x: torch.Tensor, layers: int = 2) -> DataFlow:
