@@ -34,13 +34,11 @@ the cores are shared), and each core keeps its own tile in its own L2.
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor, wait
-
 import torch
 import torch.nn.functional as F
 
 from fastnvp.conditioner import StandardMLP, standard_weights
+from fastnvp.cpu_threads import in_worker, on_threads
 
 #: Rows per tile in the no-grad path. 512 rows x 2H fp32 at H = 256 is 1 MiB of activations per
 #: tile, the L2 of two cores; measured fastest among 256 / 512 / 1024 / untiled at H = 256.
@@ -52,7 +50,6 @@ TILE_ROWS = 512
 MIN_ROWS_PER_THREAD = 1024
 
 _CPU_DTYPES = (torch.float32, torch.float64)
-_worker = threading.local()  # set on the worker threads of rows_parallel: no nesting
 
 
 def applies(x1: torch.Tensor) -> bool:
@@ -191,7 +188,7 @@ def rows_parallel(model, x: torch.Tensor, inverse: bool):
         return None
     threads = torch.get_num_threads()
     if (
-        getattr(_worker, "active", False)
+        in_worker()
         or threads < 2
         or x.shape[0] < 2 * MIN_ROWS_PER_THREAD
         or not applies(x)
@@ -218,49 +215,6 @@ def rows_parallel(model, x: torch.Tensor, inverse: bool):
     if inverse:
         return torch.cat(results)
     return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _workers(count: int) -> ThreadPoolExecutor:
-    """A persistent pool of at least ``count`` threads (a fresh thread per call pays the BLAS
-    library's per-thread set-up again: measured ~13 ms per call at L=8, B=1024)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool._max_workers < count:
-            old, _pool = _pool, ThreadPoolExecutor(count, thread_name_prefix="fastnvp-rows")
-            if old is not None:
-                old.shutdown(wait=False)
-        return _pool
-
-
-def on_threads(task, count: int) -> list:
-    """``[task(0), ..., task(count - 1)]``, each on its own thread with one intra-op thread.
-
-    ``task(0)`` runs on the caller's thread, the others on a persistent pool; the caller's
-    intra-op thread count is restored before returning; the first error is re-raised.
-    """
-    threads = torch.get_num_threads()
-
-    def work(k: int):
-        _worker.active = True
-        try:
-            torch.set_num_threads(1)
-            return task(k)
-        finally:
-            _worker.active = False
-
-    try:
-        futures = [_workers(count - 1).submit(work, k) for k in range(1, count)]
-        try:
-            first = work(0)
-        finally:
-            wait(futures)
-        return [first] + [f.result() for f in futures]
-    finally:
-        torch.set_num_threads(threads)
 
 
 class _RowParallelForward(torch.autograd.Function):

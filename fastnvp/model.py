@@ -19,7 +19,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from fastnvp import checks, cpu_conditioner, fused_layer, ops
+from fastnvp import checks, cpu_conditioner, fused_layer, knots, ops
 from fastnvp.conditioner import is_standard_pair, match_standard_mlp
 from fastnvp.invertible import (
     DEFAULT_ANCHOR_EVERY,
@@ -54,6 +54,10 @@ class FastRealNVP(FlowBase):
             ``"layer"`` (the fused-layer ops on every device), ``"op"`` / ``"none"`` (only the
             elementwise coupling op). See ``fastnvp.fused_layer``.
         precision: matmul precision of the fused layer: ``"ieee"`` (fp32), ``"tf32"``, ``"bf16"``.
+        knot_tables: on the CPU, evaluate standard-conditioner layers that keep a single feature
+            (every layer at D = 2) in their exact piecewise-linear form, O(H) per row instead of
+            the O(H²) GEMM (see ``fastnvp.knots``); the tables are cached for calls without
+            autograd. False always uses the GEMM path.
 
     ``f(x) -> (z, log_det)``, ``g(z) -> x``, ``log_prob(x) -> (N,)``, ``sample(n) -> (n, D)``.
 
@@ -75,10 +79,15 @@ class FastRealNVP(FlowBase):
         anchor_every=DEFAULT_ANCHOR_EVERY,
         fused="auto",
         precision="ieee",
+        knot_tables=True,
     ):
         super().__init__(nets, nett, masks, prior, clamp=clamp, check=check)
         self.fused = fused_layer.check_fused(fused)
         self.precision = fused_layer.check_precision(precision)
+        if not isinstance(knot_tables, bool):
+            raise TypeError(f"knot_tables must be a bool, got {type(knot_tables).__name__}")
+        self.knot_tables = knot_tables
+        self._knot_cache = knots.TableCache()
         self.memory = check_memory(memory)
         self.reconstruction_tolerance = check_tolerance(reconstruction_tolerance)
         self.anchor_every = check_anchor_every(anchor_every)
@@ -139,6 +148,9 @@ class FastRealNVP(FlowBase):
         s_mlp = match_standard_mlp(self.s[i], self.dim)
         t_mlp = match_standard_mlp(self.t[i], self.dim)
         if cpu_conditioner.applies(x1):
+            if self.knot_tables and knots.applies(kept, x1.shape[0]):
+                tables = self._knot_cache.pair(i, s_mlp, t_mlp, kept, transformed)
+                return knots.evaluate_pair(*tables, x1)
             return cpu_conditioner.standard_st(s_mlp, t_mlp, x1, kept, transformed)
         slope = s_mlp.negative_slope
         outs = []

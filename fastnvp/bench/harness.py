@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from fastnvp.bench import providers as prov
-from fastnvp.cpu_conditioner import on_threads
+from fastnvp.cpu_threads import on_threads
 from fastnvp.masks import split_indices
 from fastnvp.reference import RealNVP
 

@@ -443,9 +443,10 @@ def fastnvp_variants(device: str) -> list[str]:
 
     Reads ``fastnvp.fused_layer.FUSED_LEVELS`` / ``PRECISIONS`` when FastRealNVP takes
     ``fused`` / ``precision``. The default ``fused="auto"`` is the plain ``fastnvp`` provider,
-    ``"none"`` is an alias of ``"op"``. On the CPU only ``fused="layer"`` differs from the
-    default (the PyTorch path of the fused-layer ops), and only in fp32: reduced-precision
-    GEMMs are slower than fp32 on CPUs without native bf16.
+    ``"none"`` is an alias of ``"op"``. On the CPU: ``fused="layer"`` (the PyTorch path of the
+    fused-layer ops; fp32 only: reduced-precision GEMMs are slower than fp32 on CPUs without
+    native bf16) and ``knot_tables=false`` (single-input layers in the GEMM form instead of the
+    knot form of ``fastnvp.knots``).
     """
     params = inspect.signature(FastRealNVP.__init__).parameters
     if "fused" not in params:
@@ -454,7 +455,10 @@ def fastnvp_variants(device: str) -> list[str]:
 
     levels = [v for v in getattr(fused_layer, "FUSED_LEVELS", ()) if v not in ("auto", "none")]
     if device != "cuda":
-        return ["fastnvp[fused=layer]"] if "layer" in levels else []
+        specs = ["fastnvp[fused=layer]"] if "layer" in levels else []
+        if "knot_tables" in params:
+            specs.append("fastnvp[knot_tables=false]")  # the GEMM form of single-input layers
+        return specs
     precisions = ["ieee"]
     if "precision" in params:
         precisions = list(getattr(fused_layer, "PRECISIONS", ("ieee",)))

@@ -100,7 +100,11 @@ def markdown(doc: dict, headline_only: bool = False) -> str:
         "",
         "Cells: median over rounds of the paired speed ratio vs the eager reference (> 1 is "
         "faster), the analytic FLOP rate and its fraction of the GEMM ceiling measured in the "
-        "same run. Providers ran alternately in one process on the same inputs.",
+        "same run. Providers ran alternately in one process on the same inputs. FLOPs are "
+        "those of the GEMM form: on layers that keep one feature (every layer at D = 2) "
+        "`fastnvp` evaluates the exact piecewise-linear knot form (`fastnvp.knots`), O(H) work "
+        "per row instead of O(H²), so its rate is reference-equivalent and can exceed the "
+        "ceiling; `fastnvp[knot_tables=false]` is the GEMM form.",
     ]
     entries = doc["configs"][:1] if headline_only else doc["configs"]
     parts = ["\n".join(head)]

@@ -1,0 +1,411 @@
+"""Exact piecewise-linear form of a standard conditioner net with a single input feature.
+
+When a coupling layer keeps one feature (every layer of a D = 2 flow, half the layers at D = 3),
+its conditioner nets are functions of one scalar ``x``. The first hidden layer
+``h1(x) = lrelu(x·w1 + b1)`` (H units) is then piecewise linear in ``x``: unit ``j`` changes
+slope only where ``x·w1_j + b1_j = 0``, at the *knot* ``β_j = −b1_j / w1_j``. Between two
+consecutive sorted knots every unit's gate (1 or the LeakyReLU slope ``a``) is fixed, so the
+second layer's pre-activation is an affine function of ``x``::
+
+    W2·h1(x) + b2 = A_k·x + C_k        for β_(k) <= x < β_(k+1),   k = 0..H
+
+    A_0 = W2·(g0 ⊙ w1),   C_0 = W2·(g0 ⊙ b1) + b2      (g0: the gates as x -> -inf)
+    A_k = A_(k-1) + (1 − a)·|w1_j|·W2[:, j]            (j: the unit whose knot is the k-th)
+    C_k = C_(k-1) + (1 − a)·sign(w1_j)·b1_j·W2[:, j]
+
+The table ``[A | C]`` of shape (H + 1, 2H) costs O(H²) to build (a sort and a cumulative sum),
+once per layer and call, independent of the batch. Each row then costs a binary search, a
+row gather, one FMA per unit, the second LeakyReLU and the (H -> K2) output layer: O(H) work
+instead of the O(H²) of the H x H GEMM, which is what dominates the GEMM path (at H = 256 the
+GEMM is about 98% of the FLOPs).
+
+It is the same function, not an approximation: outputs differ from the GEMM form by rounding
+only (the table is accumulated in float64 and rounded once, so it is usually the more accurate
+of the two), and autograd through the table gives the same gradients almost everywhere (at a
+knot both adjacent rows give the same value). The knot order is piecewise constant in the
+weights, so it carries no gradient, exactly as the LeakyReLU's gate does not.
+
+Memory: the table is (H + 1)·2H values per net (0.5 MiB at H = 256 in fp32), and each row
+reads one 2H slice of it. Limit: only layers with one kept feature; wider inputs make the
+linear regions a hyperplane arrangement with far too many cells to tabulate.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from fastnvp.conditioner import StandardMLP
+from fastnvp.cpu_threads import in_worker, on_threads
+
+#: Rows per tile of :func:`evaluate_pair`, forward and backward: 512 x 2H fp32 gathered rows at
+#: H = 256 are 1 MiB, the L2 of two cores.
+TILE_ROWS = 512
+
+#: Fewest rows per thread when :func:`evaluate_pair` splits rows across intra-op threads.
+MIN_ROWS_PER_THREAD = 1024
+
+#: Bytes of knot tables a :class:`TableCache` keeps (a layer at H = 256 in fp32 takes 1 MiB).
+CACHE_BUDGET = 64 * 1024 * 1024
+
+#: Fewest rows for which the knot path is used (below it the table build, O(H²) per layer,
+#: costs more than the GEMMs it saves). Measured crossover on the CPU path at H = 256.
+MIN_ROWS = 64
+
+
+class KnotTable(NamedTuple):
+    """One conditioner net of a single-input layer in knot form.
+
+    Attributes:
+        knots: (H,) sorted knot positions ``−b1_j / w1_j`` (``+inf`` where ``w1_j = 0``).
+        table: (H + 1, 2H) rows ``[A_k | C_k]``, in the weights' dtype.
+        w3: (K2, H) output weight rows of the transformed features.
+        b3: (K2,) their biases.
+        slope: the LeakyReLU negative slope.
+    """
+
+    knots: torch.Tensor
+    table: torch.Tensor
+    w3: torch.Tensor
+    b3: torch.Tensor
+    slope: float
+
+
+def applies(kept: torch.Tensor, rows: int) -> bool:
+    """True when the knot form should be used: one kept feature, at least :data:`MIN_ROWS` rows
+    and not inside ``torch.compile`` (traced graphs use the GEMM form: the tile loops, thread
+    pool and cache here are eager Python)."""
+    return kept.numel() == 1 and rows >= MIN_ROWS and not torch.compiler.is_compiling()
+
+
+def build(mlp: StandardMLP, kept: torch.Tensor, transformed: torch.Tensor) -> KnotTable:
+    """The knot table of a standard net whose input is the single kept feature.
+
+    Differentiable with respect to the net's parameters (autograd records the build).
+
+    Args:
+        mlp: the net's Linear layers and slope.
+        kept: (1,) int64 index of the kept feature.
+        transformed: (K2,) int64 indices of the transformed features.
+    """
+    if kept.numel() != 1:
+        raise ValueError(f"kept must hold exactly one index, got {kept.numel()}")
+    w1 = mlp.lin1.weight.index_select(1, kept).reshape(-1)
+    knots, table = _BuildTable.apply(
+        w1, mlp.lin1.bias, mlp.lin2.weight, mlp.lin2.bias, mlp.negative_slope
+    )
+    w3 = mlp.lin3.weight.index_select(0, transformed)
+    b3 = mlp.lin3.bias.index_select(0, transformed)
+    return KnotTable(knots, table, w3, b3, mlp.negative_slope)
+
+
+class _BuildTable(torch.autograd.Function):
+    """``(knots, table)`` from ``w1, b1 (H,)``, ``W2 (H, H)``, ``b2 (H,)``; backward by hand.
+
+    Built in float64 and rounded once to the weights' dtype. The backward maps the table's
+    gradient ``G`` (H + 1, 2H) back with one reverse running sum ``R_k = Σ_(k' >= k) G_k'``
+    (the gradient of the k-th step) and a few O(H²) products, instead of autograd's flips,
+    concatenations and zero-filled slice gradients (about 3x slower, measured at H = 256).
+    """
+
+    @staticmethod
+    def forward(ctx, w1, b1, w2, b2, slope):
+        dtype = w2.dtype
+        w1, b1, w2 = w1.double(), b1.double(), w2.double()
+        hidden = w1.numel()
+        knots = torch.where(w1 != 0, -b1 / w1, torch.full_like(w1, float("inf")))
+        knots, order = torch.sort(knots)
+        # Gates as x -> -inf: a unit with w1 < 0 is then active; with w1 = 0 it is constant.
+        active = (w1 < 0) | ((w1 == 0) & (b1 > 0))
+        gates = torch.full_like(w1, slope).masked_fill_(active, 1.0)  # float64, exact slope
+        gated = torch.stack((gates * w1, gates * b1))  # (2, H)
+        sign = torch.sign(w1)
+        coef = (1.0 - slope) * torch.stack((w1.abs(), sign * b1)).index_select(1, order)  # (2, H)
+        w2_ordered = w2.index_select(1, order)  # column k: the W2 column of the k-th knot's unit
+        # Transposed layout (2, H, H + 1): column 0 holds A_0 / C_0, column k the k-th knot's
+        # step, so one running sum along the contiguous last dimension gives every interval
+        # (torch's CPU cumsum is about 5x faster along the last dimension than the first).
+        steps = torch.empty((2, hidden, hidden + 1), dtype=torch.float64)
+        torch.mm(gated, w2.t(), out=steps[:, :, 0])  # A_0 and C_0 - b2
+        steps[1, :, 0] += b2
+        torch.mul(coef.unsqueeze(1), w2_ordered.unsqueeze(0), out=steps[:, :, 1:])
+        steps.cumsum_(2)
+        table = steps.reshape(2 * hidden, hidden + 1).t().to(dtype).contiguous()  # (H+1, 2H)
+        ctx.save_for_backward(w2, w2_ordered, order, gated, gates, sign, coef)
+        ctx.slope = slope
+        ctx.mark_non_differentiable(knots)
+        return knots.to(dtype).contiguous(), table
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, _grad_knots, grad_table):
+        w2, w2_ordered, order, gated, gates, sign, coef = ctx.saved_tensors
+        hidden = w2.shape[0]
+        grad = grad_table.t().double().reshape(2, hidden, hidden + 1)
+        # Reverse running sum along the knots: R_k = total - (sum up to k) + G_k.
+        reverse = grad.sum(2, keepdim=True) - grad.cumsum(2) + grad
+        grad_row0 = reverse[:, :, 0]  # (2, H): d A_0, d C_0
+        grad_steps = reverse[:, :, 1:]  # (2, H, H)
+        grad_w2 = torch.empty_like(w2)
+        grad_w2.index_copy_(1, order, (grad_steps * coef.unsqueeze(1)).sum(0))
+        grad_w2 += grad_row0.t() @ gated
+        grad_coef = (grad_steps * w2_ordered.unsqueeze(0)).sum(1)  # (2, H), knot order
+        grad_gated = grad_row0 @ w2  # (2, H)
+        grad_coef_units = torch.empty_like(grad_coef).index_copy_(1, order, grad_coef)
+        scale = (1.0 - ctx.slope) * sign
+        grad_w1 = gates * grad_gated[0] + scale * grad_coef_units[0]
+        grad_b1 = gates * grad_gated[1] + scale * grad_coef_units[1]
+        dtype = grad_table.dtype
+        return (
+            grad_w1.to(dtype),
+            grad_b1.to(dtype),
+            grad_w2.to(dtype),
+            grad_row0[1].to(dtype),
+            None,
+        )
+
+
+class TableCache:
+    """Knot tables of a flow's layers for calls without autograd, rebuilt when a weight changes.
+
+    An entry is keyed on the storage address and version counter of each weight of the layer's
+    two nets and of the split indices; in-place updates (optimizer steps, ``load_state_dict``,
+    ``copy_`` under ``no_grad``) bump the version, so they are always seen. Writes through
+    ``.data`` bypass version counters and are not seen: call :meth:`clear` after them.
+    Layers are cached while the total stays within ``budget`` bytes; the others are rebuilt on
+    every call. A deep copy or pickle of the cache is empty.
+    """
+
+    def __init__(self, budget: int = CACHE_BUDGET):
+        self.budget = budget
+        self._entries: dict[int, tuple[tuple, tuple[KnotTable, KnotTable], int]] = {}
+
+    def __deepcopy__(self, memo):
+        return TableCache(self.budget)
+
+    def __getstate__(self):
+        return {"budget": self.budget, "_entries": {}}
+
+    def clear(self) -> None:
+        """Drop every cached table."""
+        self._entries.clear()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached tables."""
+        return sum(size for *_, size in self._entries.values())
+
+    def pair(
+        self,
+        layer: int,
+        s_mlp: StandardMLP,
+        t_mlp: StandardMLP,
+        kept: torch.Tensor,
+        transformed: torch.Tensor,
+    ) -> tuple[KnotTable, KnotTable]:
+        """The tables of layer ``layer``'s scale and shift nets.
+
+        Built fresh (and recorded by autograd) when grad mode is on and a weight requires a
+        gradient; otherwise served from the cache, built on a miss.
+        """
+        linears = (s_mlp.lin1, s_mlp.lin2, s_mlp.lin3, t_mlp.lin1, t_mlp.lin2, t_mlp.lin3)
+        params = [p for lin in linears for p in (lin.weight, lin.bias)]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return build(s_mlp, kept, transformed), build(t_mlp, kept, transformed)
+        key = tuple((p.data_ptr(), p._version) for p in params) + (
+            kept.data_ptr(),
+            kept._version,
+            transformed.data_ptr(),
+        )
+        entry = self._entries.get(layer)
+        if entry is not None and entry[0] == key:
+            return entry[1]
+        # Plain tensors even under inference_mode, so a later autograd call may save them.
+        with torch.inference_mode(False), torch.no_grad():
+            tables = (build(s_mlp, kept, transformed), build(t_mlp, kept, transformed))
+        size = sum(t.knots.nbytes + t.table.nbytes for t in tables)
+        others = self.nbytes - (entry[2] if entry is not None else 0)
+        if others + size <= self.budget:
+            self._entries[layer] = (key, tables, size)
+        elif entry is not None:
+            del self._entries[layer]
+        return tables
+
+
+def evaluate_pair(
+    s_net: KnotTable, t_net: KnotTable, x1: torch.Tensor, tile_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tanh(S(x1)), T(x1))`` on the transformed features, from the two nets' knot tables.
+
+    Differentiable in ``x1`` and in each table, ``w3`` and ``b3`` (hence, through :func:`build`,
+    in every weight of both nets); the backward is first-order.
+
+    Rows are processed in tiles of ``tile_rows`` through reused buffers, forward and backward, so
+    the (tile, 2H) gathered rows and (tile, H) activations stay in cache and no multi-MB
+    temporary is allocated per call (a fresh buffer's page faults cost as much as the arithmetic
+    on it). Nothing of size (N, H) is saved for the backward: it gathers the rows again and
+    recomputes the activations (one gather and one FMA per unit), keeping only the interval
+    index (N,) per net and ``s`` (N, K2).
+
+    Args:
+        s_net, t_net: knot tables of the scale net (with Tanh) and the shift net.
+        x1: (N, 1) the kept feature.
+        tile_rows: rows per tile (>= 1); None for :data:`TILE_ROWS`.
+
+    Returns:
+        ``s`` (N, K2) and ``t`` (N, K2): ``lrelu(A_k·x1 + C_k) @ w3.T + b3``, with Tanh for
+        ``s``, where ``k`` is each row's knot interval in that net.
+    """
+    if x1.ndim != 2 or x1.shape[1] != 1:
+        raise ValueError(f"x1 must have shape (N, 1), got {tuple(x1.shape)}")
+    if s_net.slope != t_net.slope:
+        raise ValueError("s_net and t_net must share one LeakyReLU slope")
+    if tile_rows is None:
+        tile_rows = TILE_ROWS
+    if not isinstance(tile_rows, int) or isinstance(tile_rows, bool) or tile_rows < 1:
+        raise ValueError(f"tile_rows must be an int >= 1, got {tile_rows!r}")
+    return _KnotPair.apply(x1, tile_rows, s_net.slope, *s_net[:4], *t_net[:4])
+
+
+class _KnotPair(torch.autograd.Function):
+    """Both conditioner nets of one layer from their knot tables; tiled forward and backward.
+
+    With several intra-op threads and enough rows, the rows are split into one contiguous
+    range per thread (``fastnvp.cpu_threads``), each run through the same tile loop with
+    single-threaded ops; the backward sums the per-thread table and ``w3`` gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x1, tile_rows, slope, *nets_flat):
+        nets = (nets_flat[:4], nets_flat[4:])  # (knots, table, w3, b3) per net
+        x = x1.reshape(-1).contiguous()
+        indices = [torch.searchsorted(knots, x) for knots, *_ in nets]
+        n = x.shape[0]
+        outs = [x1.new_empty((n, net[2].shape[0])) for net in nets]
+        for_ranges(
+            n, tile_rows, lambda a, b: _forward_rows(x, indices, nets, outs, slope, tile_rows, a, b)
+        )
+        s, t = outs
+        s.tanh_()
+        ctx.save_for_backward(x, s, *indices, nets[0][1], nets[0][2], nets[1][1], nets[1][2])
+        ctx.tile_rows, ctx.slope = tile_rows, slope
+        return s, t
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_s, grad_t):
+        x, s, s_idx, t_idx, s_table, s_w3, t_table, t_w3 = ctx.saved_tensors
+        needs = ctx.needs_input_grad  # x1, tile_rows, slope, then (knots, table, w3, b3) x 2
+        n = x.shape[0]
+        grad_x = x.new_zeros((n, 1)) if needs[0] else None
+        grad_s_pre = grad_s * (1 - s * s)  # through the Tanh
+        nets = ((grad_s_pre, s_idx, s_table, s_w3), (grad_t, t_idx, t_table, t_w3))
+        wanted = [needs[4 + 4 * k : 6 + 4 * k] for k in range(2)]  # (table, w3) per net
+
+        def rows(a: int, b: int):
+            partial = []
+            for (grad_out, idx, table, w3), (need_table, need_w3) in zip(nets, wanted, strict=True):
+                grad_table = torch.zeros_like(table) if need_table else None
+                grad_w3 = torch.zeros_like(w3) if need_w3 else None
+                if grad_x is not None or need_table or need_w3:
+                    _backward_rows(
+                        x, idx, table, w3, grad_out, ctx.slope, ctx.tile_rows, a, b,
+                        grad_x, grad_table, grad_w3,
+                    )  # fmt: skip
+                partial.append((grad_table, grad_w3))
+            return partial
+
+        per_range = for_ranges(n, ctx.tile_rows, rows)
+        grads: list[torch.Tensor | None] = [grad_x, None, None]
+        for k, (grad_out, *_) in enumerate(nets):
+            summed = [_sum_parts([p[k][j] for p in per_range]) for j in range(2)]
+            grad_b3 = grad_out.sum(0) if needs[6 + 4 * k] else None
+            grads += [None, summed[0], summed[1], grad_b3]
+        return tuple(grads)
+
+
+def _sum_parts(parts: list) -> torch.Tensor | None:
+    if parts[0] is None:
+        return None
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+def for_ranges(n: int, tile_rows: int, task) -> list:
+    """``[task(start, stop), ...]`` over contiguous row ranges covering ``0..n``.
+
+    One range per intra-op thread (each run by ``fastnvp.cpu_threads.on_threads``) when there
+    are several threads, at least :data:`MIN_ROWS_PER_THREAD` rows for each and no enclosing
+    row-parallel task; otherwise one range on the caller's thread.
+    """
+    threads = min(torch.get_num_threads(), n // max(MIN_ROWS_PER_THREAD, tile_rows))
+    if threads < 2 or in_worker():
+        return [task(0, n)]
+    bounds = [n * k // threads for k in range(threads + 1)]
+    return on_threads(lambda k: task(bounds[k], bounds[k + 1]), threads)
+
+
+@torch.no_grad()  # grad mode is per thread: worker threads must turn it off themselves
+def _forward_rows(x, indices, nets, outs, slope, tile_rows, first, last):
+    """Rows ``first..last`` of both nets' outputs into ``outs``, tile by tile."""
+    hidden = nets[0][1].shape[1] // 2
+    rows = max(1, min(tile_rows, last - first))
+    gathered = x.new_empty((rows, 2 * hidden))
+    h_buf = x.new_empty((rows, hidden))
+    column = x.unsqueeze(1)
+    for start in range(first, last, rows):
+        stop = min(start + rows, last)
+        g, h = gathered[: stop - start], h_buf[: stop - start]
+        for (_, table, w3, b3), idx, out in zip(nets, indices, outs, strict=True):
+            torch.index_select(table, 0, idx[start:stop], out=g)
+            torch.addcmul(g[:, hidden:], g[:, :hidden], column[start:stop], out=h)
+            F.leaky_relu(h, slope, inplace=True)
+            torch.addmm(b3, h, w3.t(), out=out[start:stop])
+
+
+@torch.no_grad()
+def _backward_rows(
+    x, idx, table, w3, grad_out, slope, tile_rows, first, last, grad_x, grad_table, grad_w3
+):
+    """Accumulate one net's gradients over rows ``first..last``, tile by tile, into ``grad_x``
+    (N, 1), ``grad_table`` (H + 1, 2H) and ``grad_w3`` (K2, H), each None when not wanted.
+
+    Per tile: gather ``[A_k | C_k]`` again, recompute ``pre = A_k·x + C_k``; then
+    ``d pre = (d out @ w3) · lrelu'(pre)``, ``d x = Σ_j d pre_j · A_kj``,
+    ``d [A_k | C_k] += [d pre · x | d pre]`` (index_add over the rows of each interval) and
+    ``d w3 += d out^T @ lrelu(pre)``.
+    """
+    hidden = table.shape[1] // 2
+    rows = max(1, min(tile_rows, last - first))
+    gathered = x.new_empty((rows, 2 * hidden))
+    pre_buf = x.new_empty((rows, hidden))
+    grad_h_buf = x.new_empty((rows, hidden))
+    grad_rows_buf = x.new_empty((rows, 2 * hidden))
+    dot_buf = x.new_empty((rows,))
+    column = x.unsqueeze(1)
+    for start in range(first, last, rows):
+        stop = min(start + rows, last)
+        m = stop - start
+        g, pre, grad_h, grad_rows = gathered[:m], pre_buf[:m], grad_h_buf[:m], grad_rows_buf[:m]
+        col = column[start:stop]
+        torch.index_select(table, 0, idx[start:stop], out=g)
+        torch.addcmul(g[:, hidden:], g[:, :hidden], col, out=pre)
+        torch.mm(grad_out[start:stop], w3, out=grad_h)
+        grad_pre = grad_rows[:, hidden:]  # d C_k is d pre itself
+        torch.ops.aten.leaky_relu_backward.grad_input(
+            grad_h, pre, slope, False, grad_input=grad_pre
+        )
+        if grad_x is not None:
+            torch.mul(grad_pre, g[:, :hidden], out=grad_h)
+            torch.sum(grad_h, 1, out=dot_buf[:m])
+            grad_x[start:stop, 0] += dot_buf[:m]
+        if grad_table is not None:
+            torch.mul(grad_pre, col, out=grad_rows[:, :hidden])
+            grad_table.index_add_(0, idx[start:stop], grad_rows)
+        if grad_w3 is not None:
+            F.leaky_relu(pre, slope, inplace=True)
+            grad_w3.addmm_(grad_out[start:stop].t(), pre)

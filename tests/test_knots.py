@@ -1,0 +1,275 @@
+"""The knot form of single-input conditioner layers (fastnvp.knots) against float64 oracles."""
+
+import copy
+
+import pytest
+import torch
+
+from fastnvp import knots
+from fastnvp.conditioner import match_standard_mlp, standard_net
+from fastnvp.model import FastRealNVP
+from fastnvp.reference import RealNVP
+
+KEPT = torch.tensor([0])
+TRANSFORMED = torch.tensor([1])
+
+
+def _net(hidden, slope, tanh, dtype=torch.float64, dead_units=True):
+    """A D = 2 standard net with some awkward first-layer units: w1 = 0 with b1 of either sign
+    (no knot), and two units sharing one knot."""
+    net = standard_net(2, hidden, tanh=tanh, negative_slope=slope).to(dtype)
+    with torch.no_grad():
+        net[0].weight.mul_(3)
+        if dead_units and hidden >= 4:
+            net[0].weight[0, 0] = 0.0
+            net[0].bias[0] = 0.7
+            net[0].weight[1, 0] = 0.0
+            net[0].bias[1] = -0.4
+            net[0].weight[3, 0] = 2 * net[0].weight[2, 0]
+            net[0].bias[3] = 2 * net[0].bias[2]
+    return net
+
+
+def _oracle(net, x1):
+    """The module itself on (x1, 0) in float64, transformed column only."""
+    double = copy.deepcopy(net).double()
+    with torch.no_grad():
+        x = torch.cat((x1.double(), torch.zeros_like(x1, dtype=torch.float64)), dim=1)
+        return double(x)[:, 1:]
+
+
+def _inputs(rows, net, dtype=torch.float64):
+    x1 = torch.randn(rows, 1, dtype=dtype) * 4
+    w1, b1 = net[0].weight[:, 0].detach(), net[0].bias.detach()
+    on_knots = (-b1 / w1)[w1 != 0][: rows // 3]
+    x1[: on_knots.numel(), 0] = on_knots.to(dtype)  # exactly on a knot: both sides agree
+    if rows > 4:
+        x1[-1, 0] = 1e4
+        x1[-2, 0] = -1e4
+    return x1
+
+
+@pytest.mark.parametrize("hidden", [1, 5, 33])
+@pytest.mark.parametrize("slope", [0.01, 0.0, -0.3, 1.7])
+@pytest.mark.parametrize("rows,tile", [(1, 4), (7, 4), (300, 64)])
+def test_pair_matches_modules_float64(hidden, slope, rows, tile):
+    s_net, t_net = _net(hidden, slope, True), _net(hidden, slope, False)
+    x1 = _inputs(rows, s_net)
+    with torch.no_grad():
+        tables = [knots.build(match_standard_mlp(n, 2), KEPT, TRANSFORMED) for n in (s_net, t_net)]
+        s, t = knots.evaluate_pair(*tables, x1, tile_rows=tile)
+    for got, net in ((s, s_net), (t, t_net)):
+        want = _oracle(net, x1)
+        scale = want.abs().max().clamp_min(1.0)
+        assert torch.isfinite(got).all()
+        assert (got - want).abs().max() <= 1e-12 * scale
+
+
+def test_pair_float32_is_as_accurate_as_the_gemm_form():
+    torch.manual_seed(3)
+    s_net, t_net = _net(256, 0.01, True, torch.float32), _net(256, 0.01, False, torch.float32)
+    x1 = torch.randn(2000, 1) * 3
+    with torch.no_grad():
+        tables = [knots.build(match_standard_mlp(n, 2), KEPT, TRANSFORMED) for n in (s_net, t_net)]
+        s, t = knots.evaluate_pair(*tables, x1)
+        gemm_t = t_net(torch.cat((x1, torch.zeros_like(x1)), 1))[:, 1:]
+    want_t = _oracle(t_net, x1)
+    knot_error = (t.double() - want_t).abs().max()
+    gemm_error = (gemm_t.double() - want_t).abs().max()
+    assert knot_error <= 2 * gemm_error + 1e-7 * want_t.abs().max()
+    assert (s.double() - _oracle(s_net, x1)).abs().max() <= 1e-5
+
+
+def test_non_finite_inputs_and_weights_propagate():
+    s_net, t_net = _net(8, 0.01, True), _net(8, 0.01, False)
+    x1 = torch.randn(6, 1, dtype=torch.float64)
+    x1[2, 0] = float("nan")
+    with torch.no_grad():
+        tables = [knots.build(match_standard_mlp(n, 2), KEPT, TRANSFORMED) for n in (s_net, t_net)]
+        s, t = knots.evaluate_pair(*tables, x1)
+    assert torch.isnan(s[2]).all() and torch.isnan(t[2]).all()
+    assert torch.isfinite(s[[0, 1, 3, 4, 5]]).all()
+    with torch.no_grad():
+        t_net[2].weight[0, 5] = float("nan")
+        tables = [knots.build(match_standard_mlp(n, 2), KEPT, TRANSFORMED) for n in (s_net, t_net)]
+        _, t = knots.evaluate_pair(*tables, torch.randn(5, 1, dtype=torch.float64))
+    assert torch.isnan(t).all()
+
+
+@pytest.mark.parametrize("slope", [0.01, -0.3])
+def test_evaluate_pair_gradcheck(slope):
+    torch.manual_seed(0)
+    s_net, t_net = _net(6, slope, True), _net(6, slope, False)
+    with torch.no_grad():
+        tables = [knots.build(match_standard_mlp(n, 2), KEPT, TRANSFORMED) for n in (s_net, t_net)]
+    leaves = [
+        p.detach().clone().requires_grad_() for tab in tables for p in (tab.table, tab.w3, tab.b3)
+    ]
+    x1 = torch.randn(9, 1, dtype=torch.float64, requires_grad=True)
+
+    def fn(x1, s_table, s_w3, s_b3, t_table, t_w3, t_b3):
+        s_tab = tables[0]._replace(table=s_table, w3=s_w3, b3=s_b3)
+        t_tab = tables[1]._replace(table=t_table, w3=t_w3, b3=t_b3)
+        return knots.evaluate_pair(s_tab, t_tab, x1, tile_rows=4)
+
+    assert torch.autograd.gradcheck(fn, (x1, *leaves))
+
+
+@pytest.mark.parametrize("slope", [0.01, 0.2])
+def test_build_gradcheck(slope):
+    torch.manual_seed(1)
+    net = _net(5, slope, False, dead_units=False)
+    w1 = net[0].weight[:, 0].detach().clone().requires_grad_()
+    b1 = net[0].bias.detach().clone().requires_grad_()
+    w2 = net[2].weight.detach().clone().requires_grad_()
+    b2 = net[2].bias.detach().clone().requires_grad_()
+
+    def fn(w1, b1, w2, b2):
+        return knots._BuildTable.apply(w1, b1, w2, b2, slope)[1]
+
+    assert torch.autograd.gradcheck(fn, (w1, b1, w2, b2))
+
+
+def _flows(dim, layers, hidden, **options):
+    torch.manual_seed(0)
+    ref = RealNVP.standard(dim, layers, hidden=hidden).double()
+    fast = FastRealNVP.from_reference(ref)
+    for key, value in options.items():
+        setattr(fast, key, value)
+    return ref, fast
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_flow_matches_reference_float64(dim, threads, monkeypatch, one_thread):
+    """Outputs and every gradient, including the row split across threads."""
+    monkeypatch.setattr(knots, "MIN_ROWS", 4)
+    monkeypatch.setattr(knots, "MIN_ROWS_PER_THREAD", 8)
+    torch.set_num_threads(threads)
+    ref, fast = _flows(dim, 4, 16)
+    x = torch.randn(37, dim, dtype=torch.float64) * 2
+    z_ref, ld_ref = ref.f(x)
+    z, ld = fast.f(x)
+    torch.testing.assert_close(z, z_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ld, ld_ref, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.g(z_ref), x, rtol=1e-12, atol=1e-12)
+    grads = []
+    for model in (ref, fast):
+        xx = x.clone().requires_grad_()
+        loss = -model.log_prob(xx).mean()
+        grads.append(torch.autograd.grad(loss, [xx, *model.parameters()]))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_invertible_memory_mode_matches_standard(monkeypatch, one_thread):
+    monkeypatch.setattr(knots, "MIN_ROWS", 4)
+    _, fast = _flows(2, 6, 16)
+    x = torch.randn(40, 2, dtype=torch.float64)
+    grads = {}
+    for memory in ("standard", "invertible"):
+        fast.memory = memory
+        fast.zero_grad()
+        (-fast.log_prob(x).mean()).backward()
+        grads[memory] = [p.grad.clone() for p in fast.parameters()]
+    for got, want in zip(grads["invertible"], grads["standard"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_flow_gradcheck_through_tables(monkeypatch):
+    monkeypatch.setattr(knots, "MIN_ROWS", 1)
+    _, fast = _flows(2, 2, 4)
+    x = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: fast.log_prob(x), (x,))
+
+
+def _count_builds(monkeypatch):
+    calls = []
+    real = knots.build
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(knots, "build", counting)
+    return calls
+
+
+def test_knot_tables_off_and_small_batches_use_the_gemm_path(monkeypatch):
+    calls = _count_builds(monkeypatch)
+    ref, fast = _flows(2, 3, 8, knot_tables=False)
+    x = torch.randn(knots.MIN_ROWS, 2, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.log_prob(x), ref.log_prob(x))
+        assert not calls
+        fast.knot_tables = True
+        fast.log_prob(x[: knots.MIN_ROWS - 1])
+        assert not calls
+        fast.log_prob(x)
+    assert len(calls) == 2 * 3
+
+
+def test_cache_serves_no_grad_calls_and_sees_weight_updates(monkeypatch):
+    calls = _count_builds(monkeypatch)
+    ref, fast = _flows(2, 3, 8)
+    x = torch.randn(knots.MIN_ROWS + 3, 2, dtype=torch.float64)
+    with torch.no_grad():
+        first = fast.log_prob(x)
+        fast.log_prob(x)
+        fast.sample(knots.MIN_ROWS)
+    assert len(calls) == 6  # built once, then served
+    assert fast._knot_cache.nbytes > 0
+    torch.testing.assert_close(first, ref.log_prob(x).detach(), rtol=1e-12, atol=1e-12)
+
+    optimizer = torch.optim.SGD(fast.parameters(), lr=0.1)
+    (-fast.log_prob(x).mean()).backward()  # grad mode: fresh tables, not cached
+    optimizer.step()
+    assert len(calls) == 12
+    ref.load_state_dict(fast.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fast.log_prob(x), ref.log_prob(x), rtol=1e-12, atol=1e-12)
+    assert len(calls) == 18  # every layer rebuilt after the step
+
+    state = {k: v.clone() * 0.5 for k, v in ref.state_dict().items() if k != "mask"}
+    ref.load_state_dict(state, strict=False)
+    fast.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.log_prob(x), ref.log_prob(x), rtol=1e-12, atol=1e-12)
+    assert len(calls) == 24
+
+    clone = copy.deepcopy(fast)
+    assert clone._knot_cache.nbytes == 0
+
+
+def test_cache_budget_and_inference_mode_tables(monkeypatch):
+    _, fast = _flows(2, 3, 8)
+    fast._knot_cache.budget = 0
+    x = torch.randn(knots.MIN_ROWS, 2, dtype=torch.float64)
+    with torch.no_grad():
+        fast.log_prob(x)
+    assert fast._knot_cache.nbytes == 0
+    fast._knot_cache.budget = knots.CACHE_BUDGET
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    with torch.inference_mode():
+        fast.log_prob(x)
+    # Tables cached under inference_mode serve a later call that differentiates the input.
+    xx = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(fast.log_prob(xx).sum(), xx)
+    assert torch.isfinite(grad).all()
+
+
+def test_bad_arguments_are_rejected():
+    s_net, t_net = _net(4, 0.01, True), _net(4, 0.01, False)
+    tables = [knots.build(match_standard_mlp(n, 2), KEPT, TRANSFORMED) for n in (s_net, t_net)]
+    with pytest.raises(ValueError, match=r"x1 must have shape \(N, 1\)"):
+        knots.evaluate_pair(*tables, torch.randn(3, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="tile_rows"):
+        knots.evaluate_pair(*tables, torch.randn(3, 1, dtype=torch.float64), tile_rows=0)
+    with pytest.raises(ValueError, match="one LeakyReLU slope"):
+        knots.evaluate_pair(tables[0], tables[1]._replace(slope=0.2), torch.randn(3, 1))
+    with pytest.raises(ValueError, match="exactly one index"):
+        knots.build(match_standard_mlp(s_net, 2), torch.tensor([0, 1]), TRANSFORMED)
+    with pytest.raises(TypeError, match="knot_tables must be a bool"):
+        FastRealNVP.standard(2, 2, hidden=4, knot_tables="yes")
