@@ -32,6 +32,8 @@ linear regions a hyperplane arrangement with far too many cells to tabulate.
 
 from __future__ import annotations
 
+import math
+import threading
 from typing import NamedTuple
 
 import torch
@@ -50,9 +52,20 @@ MIN_ROWS_PER_THREAD = 1024
 #: Bytes of knot tables a :class:`TableCache` keeps (a layer at H = 256 in fp32 takes 1 MiB).
 CACHE_BUDGET = 64 * 1024 * 1024
 
-#: Fewest rows for which the knot path is used (below it the table build, O(H²) per layer,
-#: costs more than the GEMMs it saves). Measured crossover on the CPU path at H = 256.
-MIN_ROWS = 64
+#: The knot form is used from this hidden width on. Its per-row work is O(H) but with a larger
+#: constant than the GEMM's O(H²) (about 15 passes over an (N, H) tile in forward + backward):
+#: measured on 2 cores, training at H = 64 stays ~2x faster in the GEMM form even at
+#: B = 16384, while at H = 256 the knot form is 2-2.6x faster from B = 1024 on.
+MIN_HIDDEN = 128
+
+#: Least GEMM work per net, rows x H², for the knot form without autograd (cached tables): at
+#: H = 256 from 64 rows (measured crossover between 16 and 64 rows at L = 8).
+MIN_WORK = 4 * 1024 * 1024
+
+#: Least rows x H² when the tables are built under autograd (built and differentiated on
+#: every call, about 3 ms per net at H = 256): at H = 256 from 1024 rows (measured crossover
+#: between 512 and 1024 rows for a training step at L = 8).
+MIN_WORK_GRAD = 64 * 1024 * 1024
 
 
 class KnotTable(NamedTuple):
@@ -73,11 +86,21 @@ class KnotTable(NamedTuple):
     slope: float
 
 
-def applies(kept: torch.Tensor, rows: int) -> bool:
-    """True when the knot form should be used: one kept feature, at least :data:`MIN_ROWS` rows
-    and not inside ``torch.compile`` (traced graphs use the GEMM form: the tile loops, thread
-    pool and cache here are eager Python)."""
-    return kept.numel() == 1 and rows >= MIN_ROWS and not torch.compiler.is_compiling()
+def applies(kept: torch.Tensor, rows: int, hidden: int, grad: bool) -> bool:
+    """True when the knot form should be used for a layer.
+
+    One kept feature, ``hidden >= MIN_HIDDEN``, enough work (``rows·hidden²`` at least
+    :data:`MIN_WORK`, or :data:`MIN_WORK_GRAD` when ``grad``: the tables are then built and
+    differentiated on every call) and not inside ``torch.compile`` (traced graphs use the GEMM
+    form: the tile loops, thread pool and cache here are eager Python).
+    """
+    work = rows * hidden * hidden
+    return (
+        kept.numel() == 1
+        and hidden >= MIN_HIDDEN
+        and work >= (MIN_WORK_GRAD if grad else MIN_WORK)
+        and not torch.compiler.is_compiling()
+    )
 
 
 def build(mlp: StandardMLP, kept: torch.Tensor, transformed: torch.Tensor) -> KnotTable:
@@ -113,8 +136,8 @@ class _BuildTable(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w1, b1, w2, b2, slope):
         dtype = w2.dtype
-        w1, b1, w2 = w1.double(), b1.double(), w2.double()
         hidden = w1.numel()
+        w1, b1 = w1.double(), b1.double()
         knots = torch.where(w1 != 0, -b1 / w1, torch.full_like(w1, float("inf")))
         knots, order = torch.sort(knots)
         # Gates as x -> -inf: a unit with w1 < 0 is then active; with w1 = 0 it is constant.
@@ -123,17 +146,25 @@ class _BuildTable(torch.autograd.Function):
         gated = torch.stack((gates * w1, gates * b1))  # (2, H)
         sign = torch.sign(w1)
         coef = (1.0 - slope) * torch.stack((w1.abs(), sign * b1)).index_select(1, order)  # (2, H)
-        w2_ordered = w2.index_select(1, order)  # column k: the W2 column of the k-th knot's unit
         # Transposed layout (2, H, H + 1): column 0 holds A_0 / C_0, column k the k-th knot's
         # step, so one running sum along the contiguous last dimension gives every interval
         # (torch's CPU cumsum is about 5x faster along the last dimension than the first).
-        steps = torch.empty((2, hidden, hidden + 1), dtype=torch.float64)
-        torch.mm(gated, w2.t(), out=steps[:, :, 0])  # A_0 and C_0 - b2
+        steps = scratch("build_steps", (2, hidden, hidden + 1), torch.float64)
+        w2_64 = scratch("build_w2", (hidden, hidden), torch.float64)
+        w2_64.copy_(w2)
+        torch.mm(gated, w2_64.t(), out=steps[:, :, 0])  # A_0 and C_0 - b2
         steps[1, :, 0] += b2
+        # Step k: the W2 column of the k-th knot's unit, scaled (float64 by promotion).
+        # (gather with an expanded index: 3x faster than index_select along dim 1 here)
+        columns = order.expand(hidden, hidden)
+        w2_ordered = torch.gather(
+            w2_64, 1, columns, out=scratch("build_w2o", w2_64.shape, w2_64.dtype)
+        )
         torch.mul(coef.unsqueeze(1), w2_ordered.unsqueeze(0), out=steps[:, :, 1:])
         steps.cumsum_(2)
-        table = steps.reshape(2 * hidden, hidden + 1).t().to(dtype).contiguous()  # (H+1, 2H)
-        ctx.save_for_backward(w2, w2_ordered, order, gated, gates, sign, coef)
+        table = torch.empty((hidden + 1, 2 * hidden), dtype=dtype)
+        table.copy_(steps.view(2 * hidden, hidden + 1).t())  # (H + 1, 2H), rounded once
+        ctx.save_for_backward(w2, order, gated, gates, sign, coef)
         ctx.slope = slope
         ctx.mark_non_differentiable(knots)
         return knots.to(dtype).contiguous(), table
@@ -141,19 +172,34 @@ class _BuildTable(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, _grad_knots, grad_table):
-        w2, w2_ordered, order, gated, gates, sign, coef = ctx.saved_tensors
+        w2, order, gated, gates, sign, coef = ctx.saved_tensors
         hidden = w2.shape[0]
-        grad = grad_table.t().double().reshape(2, hidden, hidden + 1)
+        grad = scratch("build_grad", (2, hidden, hidden + 1), torch.float64)
+        grad.view(2 * hidden, hidden + 1).copy_(grad_table.t())
         # Reverse running sum along the knots: R_k = total - (sum up to k) + G_k.
-        reverse = grad.sum(2, keepdim=True) - grad.cumsum(2) + grad
+        reverse = scratch("build_reverse", (2, hidden, hidden + 1), torch.float64)
+        torch.cumsum(grad, 2, out=reverse)
+        torch.sub(grad.sum(2, keepdim=True), reverse, out=reverse).add_(grad)
         grad_row0 = reverse[:, :, 0]  # (2, H): d A_0, d C_0
-        grad_steps = reverse[:, :, 1:]  # (2, H, H)
-        grad_w2 = torch.empty_like(w2)
-        grad_w2.index_copy_(1, order, (grad_steps * coef.unsqueeze(1)).sum(0))
-        grad_w2 += grad_row0.t() @ gated
-        grad_coef = (grad_steps * w2_ordered.unsqueeze(0)).sum(1)  # (2, H), knot order
-        grad_gated = grad_row0 @ w2  # (2, H)
-        grad_coef_units = torch.empty_like(grad_coef).index_copy_(1, order, grad_coef)
+        grad_steps = reverse[:, :, 1:]  # (2, H, H): d step_k
+        columns = order.expand(hidden, hidden)
+        w2_64 = scratch("build_w2", (hidden, hidden), torch.float64)
+        w2_64.copy_(w2)
+        w2_ordered = torch.gather(
+            w2_64, 1, columns, out=scratch("build_w2o", w2_64.shape, w2_64.dtype)
+        )
+        # d W2[:, unit of knot k] = Σ_c d step_k[c] · coef[c, k]; the A_0 / C_0 row adds an outer
+        # product. d coef[c, k] = Σ_i d step_k[c, i] · W2[i, unit of knot k].
+        grad_w2_ordered = scratch("build_gw2", (hidden, hidden), torch.float64)
+        torch.mul(grad_steps[0], coef[0], out=grad_w2_ordered).addcmul_(grad_steps[1], coef[1])
+        grad_w2 = torch.empty((hidden, hidden), dtype=torch.float64)
+        grad_w2.scatter_(1, columns, grad_w2_ordered).addmm_(grad_row0.t(), gated)
+        grad_coef = torch.stack(
+            [torch.mul(grad_steps[c], w2_ordered, out=grad_w2_ordered).sum(0) for c in range(2)]
+        )  # (2, H), knot order
+        grad_gated = grad_row0 @ w2_64  # (2, H)
+        grad_coef_units = torch.empty_like(grad_coef)
+        grad_coef_units[:, order] = grad_coef
         scale = (1.0 - ctx.slope) * sign
         grad_w1 = gates * grad_gated[0] + scale * grad_coef_units[0]
         grad_b1 = gates * grad_gated[1] + scale * grad_coef_units[1]
@@ -162,9 +208,28 @@ class _BuildTable(torch.autograd.Function):
             grad_w1.to(dtype),
             grad_b1.to(dtype),
             grad_w2.to(dtype),
-            grad_row0[1].to(dtype),
+            grad_row0[1].to(dtype, copy=True),  # not a view of the scratch buffer
             None,
         )
+
+
+_scratch = threading.local()
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread work buffer, reused across calls (contents undefined).
+
+    Fresh multi-hundred-KB tensors are returned to the OS when freed and page-faulted back on
+    the next allocation; in a VM that costs more than the arithmetic on them (measured: the
+    table build's backward at H = 256 took ~3 ms with fresh temporaries, ~0.5 ms without).
+    Callers must not keep a buffer beyond their own call, nor take the same name twice at once.
+    """
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buf = buffers.get(name)
+    if buf is None or buf.dtype != dtype or buf.numel() < math.prod(shape):
+        buf = torch.empty(math.prod(shape), dtype=dtype)
+        buffers[name] = buf
+    return buf[: math.prod(shape)].view(shape)
 
 
 class TableCache:
@@ -342,7 +407,7 @@ def for_ranges(n: int, tile_rows: int, task) -> list:
     are several threads, at least :data:`MIN_ROWS_PER_THREAD` rows for each and no enclosing
     row-parallel task; otherwise one range on the caller's thread.
     """
-    threads = min(torch.get_num_threads(), n // max(MIN_ROWS_PER_THREAD, tile_rows))
+    threads = min(torch.get_num_threads(), n // MIN_ROWS_PER_THREAD)
     if threads < 2 or in_worker():
         return [task(0, n)]
     bounds = [n * k // threads for k in range(threads + 1)]

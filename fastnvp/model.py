@@ -148,7 +148,9 @@ class FastRealNVP(FlowBase):
         s_mlp = match_standard_mlp(self.s[i], self.dim)
         t_mlp = match_standard_mlp(self.t[i], self.dim)
         if cpu_conditioner.applies(x1):
-            if self.knot_tables and knots.applies(kept, x1.shape[0]):
+            grad = torch.is_grad_enabled() and s_mlp.lin2.weight.requires_grad
+            hidden = s_mlp.lin2.weight.shape[0]
+            if self.knot_tables and knots.applies(kept, x1.shape[0], hidden, grad):
                 tables = self._knot_cache.pair(i, s_mlp, t_mlp, kept, transformed)
                 return knots.evaluate_pair(*tables, x1)
             return cpu_conditioner.standard_st(s_mlp, t_mlp, x1, kept, transformed)

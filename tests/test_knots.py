@@ -10,6 +10,7 @@ from fastnvp.conditioner import match_standard_mlp, standard_net
 from fastnvp.model import FastRealNVP
 from fastnvp.reference import RealNVP
 
+ROWS = 64  # a batch size for the flow-level tests
 KEPT = torch.tensor([0])
 TRANSFORMED = torch.tensor([1])
 
@@ -130,6 +131,22 @@ def test_build_gradcheck(slope):
     assert torch.autograd.gradcheck(fn, (w1, b1, w2, b2))
 
 
+def _always_knots(monkeypatch):
+    monkeypatch.setattr(knots, "MIN_HIDDEN", 1)
+    monkeypatch.setattr(knots, "MIN_WORK", 1)
+    monkeypatch.setattr(knots, "MIN_WORK_GRAD", 1)
+
+
+def test_applies_thresholds():
+    one, two = torch.tensor([0]), torch.tensor([0, 1])
+    assert knots.applies(one, 64, 256, grad=False)
+    assert not knots.applies(one, 63, 256, grad=False)
+    assert knots.applies(one, 1024, 256, grad=True)
+    assert not knots.applies(one, 1023, 256, grad=True)
+    assert not knots.applies(one, 10**6, 64, grad=False)  # narrow nets: the GEMM form
+    assert not knots.applies(two, 10**6, 256, grad=False)  # two kept features
+
+
 def _flows(dim, layers, hidden, **options):
     torch.manual_seed(0)
     ref = RealNVP.standard(dim, layers, hidden=hidden).double()
@@ -143,9 +160,12 @@ def _flows(dim, layers, hidden, **options):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_flow_matches_reference_float64(dim, threads, monkeypatch, one_thread):
     """Outputs and every gradient, including the row split across threads."""
-    monkeypatch.setattr(knots, "MIN_ROWS", 4)
+    _always_knots(monkeypatch)
     monkeypatch.setattr(knots, "MIN_ROWS_PER_THREAD", 8)
     torch.set_num_threads(threads)
+    splits = []
+    real = knots.on_threads
+    monkeypatch.setattr(knots, "on_threads", lambda task, n: splits.append(n) or real(task, n))
     ref, fast = _flows(dim, 4, 16)
     x = torch.randn(37, dim, dtype=torch.float64) * 2
     z_ref, ld_ref = ref.f(x)
@@ -161,10 +181,11 @@ def test_flow_matches_reference_float64(dim, threads, monkeypatch, one_thread):
         grads.append(torch.autograd.grad(loss, [xx, *model.parameters()]))
     for got, want in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert (set(splits) == {2}) if threads == 2 else not splits  # rows split across threads
 
 
 def test_invertible_memory_mode_matches_standard(monkeypatch, one_thread):
-    monkeypatch.setattr(knots, "MIN_ROWS", 4)
+    _always_knots(monkeypatch)
     _, fast = _flows(2, 6, 16)
     x = torch.randn(40, 2, dtype=torch.float64)
     grads = {}
@@ -178,7 +199,7 @@ def test_invertible_memory_mode_matches_standard(monkeypatch, one_thread):
 
 
 def test_flow_gradcheck_through_tables(monkeypatch):
-    monkeypatch.setattr(knots, "MIN_ROWS", 1)
+    _always_knots(monkeypatch)
     _, fast = _flows(2, 2, 4)
     x = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: fast.log_prob(x), (x,))
@@ -197,27 +218,30 @@ def _count_builds(monkeypatch):
 
 
 def test_knot_tables_off_and_small_batches_use_the_gemm_path(monkeypatch):
+    _always_knots(monkeypatch)
+    monkeypatch.setattr(knots, "MIN_WORK", ROWS * 8 * 8)
     calls = _count_builds(monkeypatch)
     ref, fast = _flows(2, 3, 8, knot_tables=False)
-    x = torch.randn(knots.MIN_ROWS, 2, dtype=torch.float64)
+    x = torch.randn(ROWS, 2, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fast.log_prob(x), ref.log_prob(x))
         assert not calls
         fast.knot_tables = True
-        fast.log_prob(x[: knots.MIN_ROWS - 1])
+        fast.log_prob(x[: ROWS - 1])
         assert not calls
         fast.log_prob(x)
     assert len(calls) == 2 * 3
 
 
 def test_cache_serves_no_grad_calls_and_sees_weight_updates(monkeypatch):
+    _always_knots(monkeypatch)
     calls = _count_builds(monkeypatch)
     ref, fast = _flows(2, 3, 8)
-    x = torch.randn(knots.MIN_ROWS + 3, 2, dtype=torch.float64)
+    x = torch.randn(ROWS + 3, 2, dtype=torch.float64)
     with torch.no_grad():
         first = fast.log_prob(x)
         fast.log_prob(x)
-        fast.sample(knots.MIN_ROWS)
+        fast.sample(ROWS)
     assert len(calls) == 6  # built once, then served
     assert fast._knot_cache.nbytes > 0
     torch.testing.assert_close(first, ref.log_prob(x).detach(), rtol=1e-12, atol=1e-12)
@@ -243,9 +267,10 @@ def test_cache_serves_no_grad_calls_and_sees_weight_updates(monkeypatch):
 
 
 def test_cache_budget_and_inference_mode_tables(monkeypatch):
+    _always_knots(monkeypatch)
     _, fast = _flows(2, 3, 8)
     fast._knot_cache.budget = 0
-    x = torch.randn(knots.MIN_ROWS, 2, dtype=torch.float64)
+    x = torch.randn(ROWS, 2, dtype=torch.float64)
     with torch.no_grad():
         fast.log_prob(x)
     assert fast._knot_cache.nbytes == 0

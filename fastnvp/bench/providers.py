@@ -445,7 +445,7 @@ def fastnvp_variants(device: str) -> list[str]:
     ``fused`` / ``precision``. The default ``fused="auto"`` is the plain ``fastnvp`` provider,
     ``"none"`` is an alias of ``"op"``. On the CPU: ``fused="layer"`` (the PyTorch path of the
     fused-layer ops; fp32 only: reduced-precision GEMMs are slower than fp32 on CPUs without
-    native bf16) and ``knot_tables=false`` (single-input layers in the GEMM form instead of the
+    native bf16) and ``knot_tables=False`` (single-input layers in the GEMM form instead of the
     knot form of ``fastnvp.knots``).
     """
     params = inspect.signature(FastRealNVP.__init__).parameters
@@ -457,7 +457,7 @@ def fastnvp_variants(device: str) -> list[str]:
     if device != "cuda":
         specs = ["fastnvp[fused=layer]"] if "layer" in levels else []
         if "knot_tables" in params:
-            specs.append("fastnvp[knot_tables=false]")  # the GEMM form of single-input layers
+            specs.append("fastnvp[knot_tables=False]")  # the GEMM form of single-input layers
         return specs
     precisions = ["ieee"]
     if "precision" in params:

@@ -104,7 +104,7 @@ def markdown(doc: dict, headline_only: bool = False) -> str:
         "those of the GEMM form: on layers that keep one feature (every layer at D = 2) "
         "`fastnvp` evaluates the exact piecewise-linear knot form (`fastnvp.knots`), O(H) work "
         "per row instead of O(H²), so its rate is reference-equivalent and can exceed the "
-        "ceiling; `fastnvp[knot_tables=false]` is the GEMM form.",
+        "ceiling; `fastnvp[knot_tables=False]` is the GEMM form.",
     ]
     entries = doc["configs"][:1] if headline_only else doc["configs"]
     parts = ["\n".join(head)]
