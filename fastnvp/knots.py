@@ -49,6 +49,10 @@ TILE_ROWS = 512
 #: Fewest rows per thread when :func:`evaluate_pair` splits rows across intra-op threads.
 MIN_ROWS_PER_THREAD = 1024
 
+#: Most pieces of a net in the piece form, per hidden unit (bounds its build's temporaries:
+#: (P, H) float64 values); a net with more zero crossings keeps the interval form.
+MAX_PIECES_PER_UNIT = 16
+
 #: Bytes of knot tables a :class:`TableCache` keeps (a layer at H = 256 in fp32 takes 1 MiB).
 CACHE_BUDGET = 64 * 1024 * 1024
 
@@ -124,6 +128,46 @@ def build(mlp: StandardMLP, kept: torch.Tensor, transformed: torch.Tensor) -> Kn
     return KnotTable(knots, table, w3, b3, mlp.negative_slope)
 
 
+class _Intervals(NamedTuple):
+    knots: torch.Tensor  # (H,) float64, sorted (+inf for w1 = 0)
+    order: torch.Tensor  # (H,) unit of each sorted knot
+    gated: torch.Tensor  # (2, H) gates·w1 and gates·b1 as x -> -inf
+    gates: torch.Tensor  # (H,)
+    sign: torch.Tensor  # (H,) sign(w1)
+    coef: torch.Tensor  # (2, H) (1 - a)·(|w1|, sign·b1) in knot order
+    steps: torch.Tensor  # (2, H, H + 1) float64 scratch: [A | C] transposed, after the running sum
+
+
+@torch.no_grad()
+def _intervals(w1, b1, w2, b2, slope: float) -> _Intervals:
+    """The affine form ``A_k·x + C_k`` of the second layer's pre-activation on every interval."""
+    hidden = w1.numel()
+    w1, b1 = w1.double(), b1.double()
+    knots = torch.where(w1 != 0, -b1 / w1, torch.full_like(w1, float("inf")))
+    knots, order = torch.sort(knots)
+    # Gates as x -> -inf: a unit with w1 < 0 is then active; with w1 = 0 it is constant.
+    active = (w1 < 0) | ((w1 == 0) & (b1 > 0))
+    gates = torch.full_like(w1, slope).masked_fill_(active, 1.0)  # float64, exact slope
+    gated = torch.stack((gates * w1, gates * b1))  # (2, H)
+    sign = torch.sign(w1)
+    coef = (1.0 - slope) * torch.stack((w1.abs(), sign * b1)).index_select(1, order)  # (2, H)
+    # Transposed layout (2, H, H + 1): column 0 holds A_0 / C_0, column k the k-th knot's
+    # step, so one running sum along the contiguous last dimension gives every interval
+    # (torch's CPU cumsum is about 5x faster along the last dimension than the first).
+    steps = scratch("build_steps", (2, hidden, hidden + 1), torch.float64)
+    w2_64 = scratch("build_w2", (hidden, hidden), torch.float64)
+    w2_64.copy_(w2)
+    torch.mm(gated, w2_64.t(), out=steps[:, :, 0])  # A_0 and C_0 - b2
+    steps[1, :, 0] += b2
+    # Step k: the W2 column of the k-th knot's unit, scaled (float64 by promotion).
+    # (gather with an expanded index: 3x faster than index_select along dim 1 here)
+    columns = order.expand(hidden, hidden)
+    w2_ordered = torch.gather(w2_64, 1, columns, out=scratch("build_w2o", w2_64.shape, w2_64.dtype))
+    torch.mul(coef.unsqueeze(1), w2_ordered.unsqueeze(0), out=steps[:, :, 1:])
+    steps.cumsum_(2)
+    return _Intervals(knots, order, gated, gates, sign, coef, steps)
+
+
 class _BuildTable(torch.autograd.Function):
     """``(knots, table)`` from ``w1, b1 (H,)``, ``W2 (H, H)``, ``b2 (H,)``; backward by hand.
 
@@ -137,37 +181,16 @@ class _BuildTable(torch.autograd.Function):
     def forward(ctx, w1, b1, w2, b2, slope):
         dtype = w2.dtype
         hidden = w1.numel()
-        w1, b1 = w1.double(), b1.double()
-        knots = torch.where(w1 != 0, -b1 / w1, torch.full_like(w1, float("inf")))
-        knots, order = torch.sort(knots)
-        # Gates as x -> -inf: a unit with w1 < 0 is then active; with w1 = 0 it is constant.
-        active = (w1 < 0) | ((w1 == 0) & (b1 > 0))
-        gates = torch.full_like(w1, slope).masked_fill_(active, 1.0)  # float64, exact slope
-        gated = torch.stack((gates * w1, gates * b1))  # (2, H)
-        sign = torch.sign(w1)
-        coef = (1.0 - slope) * torch.stack((w1.abs(), sign * b1)).index_select(1, order)  # (2, H)
-        # Transposed layout (2, H, H + 1): column 0 holds A_0 / C_0, column k the k-th knot's
-        # step, so one running sum along the contiguous last dimension gives every interval
-        # (torch's CPU cumsum is about 5x faster along the last dimension than the first).
-        steps = scratch("build_steps", (2, hidden, hidden + 1), torch.float64)
-        w2_64 = scratch("build_w2", (hidden, hidden), torch.float64)
-        w2_64.copy_(w2)
-        torch.mm(gated, w2_64.t(), out=steps[:, :, 0])  # A_0 and C_0 - b2
-        steps[1, :, 0] += b2
-        # Step k: the W2 column of the k-th knot's unit, scaled (float64 by promotion).
-        # (gather with an expanded index: 3x faster than index_select along dim 1 here)
-        columns = order.expand(hidden, hidden)
-        w2_ordered = torch.gather(
-            w2_64, 1, columns, out=scratch("build_w2o", w2_64.shape, w2_64.dtype)
-        )
-        torch.mul(coef.unsqueeze(1), w2_ordered.unsqueeze(0), out=steps[:, :, 1:])
-        steps.cumsum_(2)
+        intervals = _intervals(w1, b1, w2, b2, slope)
         table = torch.empty((hidden + 1, 2 * hidden), dtype=dtype)
-        table.copy_(steps.view(2 * hidden, hidden + 1).t())  # (H + 1, 2H), rounded once
-        ctx.save_for_backward(w2, order, gated, gates, sign, coef)
+        table.copy_(intervals.steps.view(2 * hidden, hidden + 1).t())  # (H + 1, 2H), rounded once
+        ctx.save_for_backward(
+            w2, intervals.order, intervals.gated, intervals.gates, intervals.sign, intervals.coef
+        )
         ctx.slope = slope
+        knots = intervals.knots.to(dtype).contiguous()
         ctx.mark_non_differentiable(knots)
-        return knots.to(dtype).contiguous(), table
+        return knots, table
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -232,6 +255,119 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
     return buf[: math.prod(shape)].view(shape)
 
 
+class PieceTable(NamedTuple):
+    """Both nets of a single-input layer as one piecewise-linear function of ``x`` (no autograd).
+
+    Attributes:
+        knots: (P,) sorted positions where either net's output changes slope: the first
+            layers' finite knots and the second layers' zero crossings, of both nets.
+        anchors: (P + 1,) a point of each piece: its left knot (the first piece: its right one).
+        table: (P + 1, 4·K2) rows ``[S value | T value | S slope | T slope]`` at the anchor
+            (S before its Tanh).
+    """
+
+    knots: torch.Tensor
+    anchors: torch.Tensor
+    table: torch.Tensor
+
+
+@torch.no_grad()
+def _net_pieces(mlp: StandardMLP, kept: torch.Tensor, transformed: torch.Tensor):
+    """One net as ``(knots (P,), slopes (P + 1, K2), intercepts (P + 1, K2))`` in float64, or
+    None past ``MAX_PIECES_PER_UNIT·H`` pieces. Piece ``p`` covers ``[knots[p-1], knots[p])``.
+
+    Inside interval ``k`` of the first layer, second-layer unit ``i`` is ``A_ki·x + C_ki`` and
+    changes its LeakyReLU gate only at its zero crossing ``−C_ki / A_ki`` if that falls inside
+    the interval; the first layer's knots and these crossings split the line into pieces on
+    which ``w3·lrelu(A_k·x + C_k) + b3`` is affine, with the gates of any interior point.
+    """
+    slope = mlp.negative_slope
+    w1 = mlp.lin1.weight.index_select(1, kept).reshape(-1)
+    intervals = _intervals(w1, mlp.lin1.bias, mlp.lin2.weight, mlp.lin2.bias, slope)
+    slopes_a = intervals.steps[0].t().contiguous()  # (H + 1, H): A_k
+    offsets_c = intervals.steps[1].t().contiguous()  # (H + 1, H): C_k
+    inf = intervals.knots.new_full((1,), float("inf"))
+    low = torch.cat((-inf, intervals.knots)).unsqueeze(1)
+    high = torch.cat((intervals.knots, inf)).unsqueeze(1)
+    crossing = -offsets_c / slopes_a  # A = 0: ±inf or nan, never strictly inside
+    crossings = crossing[(crossing > low) & (crossing < high)]
+    if crossings.numel() > MAX_PIECES_PER_UNIT * w1.numel():
+        return None
+    first = intervals.knots[torch.isfinite(intervals.knots)]
+    knots = torch.sort(torch.cat((first, crossings))).values
+    inside = _interior_points(knots)
+    interval = torch.searchsorted(intervals.knots, inside)
+    a_k, c_k = slopes_a.index_select(0, interval), offsets_c.index_select(0, interval)
+    gate = torch.full_like(a_k, slope).masked_fill_(a_k * inside.unsqueeze(1) + c_k > 0, 1.0)
+    w3 = mlp.lin3.weight.index_select(0, transformed).double()  # (K2, H)
+    b3 = mlp.lin3.bias.index_select(0, transformed).double()
+    return knots, (gate * a_k) @ w3.t(), torch.addmm(b3, gate * c_k, w3.t())
+
+
+def _interior_points(knots: torch.Tensor) -> torch.Tensor:
+    """(P + 1,) one point inside each piece cut by the sorted ``knots`` (P,)."""
+    if knots.numel() == 0:
+        return knots.new_zeros(1)
+    return torch.cat((knots[:1] - 1, (knots[:-1] + knots[1:]) / 2, knots[-1:] + 1))
+
+
+@torch.no_grad()
+def build_pieces(
+    s_mlp: StandardMLP, t_mlp: StandardMLP, kept: torch.Tensor, transformed: torch.Tensor
+) -> PieceTable | None:
+    """Both nets of a single-input layer, up to their output layers, as one piece table.
+
+    Each net's pieces are computed in float64 (O(P·H), see :func:`_net_pieces`), then merged
+    on the union of their knots with a common anchor per piece, so evaluating a row is one
+    binary search, one row gather and one FMA per output. No autograd: for inference only.
+
+    Returns:
+        The table, or None when a net has more than ``MAX_PIECES_PER_UNIT·H`` pieces (then the
+        interval form of :func:`build` is used).
+    """
+    if kept.numel() != 1:
+        raise ValueError(f"kept must hold exactly one index, got {kept.numel()}")
+    nets = [_net_pieces(mlp, kept, transformed) for mlp in (s_mlp, t_mlp)]
+    if any(net is None for net in nets):
+        return None
+    dtype = s_mlp.lin2.weight.dtype
+    knots = torch.sort(torch.cat([net[0] for net in nets])).values
+    anchors = torch.cat((knots[:1], knots)) if knots.numel() else knots.new_zeros(1)
+    # Anchors as stored (rounded to the weights' dtype), so evaluation is consistent with them.
+    anchors = anchors.to(dtype).double()
+    inside = _interior_points(knots)
+    values, slopes = [], []
+    for net_knots, net_slopes, net_intercepts in nets:
+        piece = torch.searchsorted(net_knots, inside)
+        slope = net_slopes.index_select(0, piece)
+        values.append(torch.addcmul(net_intercepts.index_select(0, piece), slope, anchors[:, None]))
+        slopes.append(slope)
+    table = torch.cat(values + slopes, dim=1).to(dtype)
+    return PieceTable(knots.to(dtype).contiguous(), anchors.to(dtype), table)
+
+
+def evaluate_pieces(table: PieceTable, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tanh(S(x1)), T(x1))`` from a layer's piece table (no autograd).
+
+    Args:
+        table: the layer's :class:`PieceTable`.
+        x1: (N, 1) the kept feature.
+
+    Returns:
+        ``s`` (N, K2) and ``t`` (N, K2) (views of one (N, 2·K2) result).
+    """
+    if x1.ndim != 2 or x1.shape[1] != 1:
+        raise ValueError(f"x1 must have shape (N, 1), got {tuple(x1.shape)}")
+    x = x1.reshape(-1).contiguous()
+    piece = torch.searchsorted(table.knots, x)
+    rows = table.table.index_select(0, piece)
+    half = rows.shape[1] // 2
+    offset = (x - table.anchors.index_select(0, piece)).unsqueeze(1)
+    out = torch.addcmul(rows[:, :half], rows[:, half:], offset)
+    k2 = half // 2
+    return out[:, :k2].tanh_(), out[:, k2:]
+
+
 class TableCache:
     """Knot tables of a flow's layers for calls without autograd, rebuilt when a weight changes.
 
@@ -245,7 +381,7 @@ class TableCache:
 
     def __init__(self, budget: int = CACHE_BUDGET):
         self.budget = budget
-        self._entries: dict[int, tuple[tuple, tuple[KnotTable, KnotTable], int]] = {}
+        self._entries: dict[tuple[str, int], tuple[tuple, tuple | None, int]] = {}
 
     def __deepcopy__(self, memo):
         return TableCache(self.budget)
@@ -270,33 +406,56 @@ class TableCache:
         kept: torch.Tensor,
         transformed: torch.Tensor,
     ) -> tuple[KnotTable, KnotTable]:
-        """The tables of layer ``layer``'s scale and shift nets.
+        """The interval tables of layer ``layer``'s scale and shift nets.
 
         Built fresh (and recorded by autograd) when grad mode is on and a weight requires a
         gradient; otherwise served from the cache, built on a miss.
         """
-        linears = (s_mlp.lin1, s_mlp.lin2, s_mlp.lin3, t_mlp.lin1, t_mlp.lin2, t_mlp.lin3)
-        params = [p for lin in linears for p in (lin.weight, lin.bias)]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        if torch.is_grad_enabled() and any(p.requires_grad for p in _weights(s_mlp, t_mlp)):
             return build(s_mlp, kept, transformed), build(t_mlp, kept, transformed)
-        key = tuple((p.data_ptr(), p._version) for p in params) + (
+        return self._cached(("intervals", layer), build, s_mlp, t_mlp, kept, transformed)
+
+    def pieces(
+        self,
+        layer: int,
+        s_mlp: StandardMLP,
+        t_mlp: StandardMLP,
+        kept: torch.Tensor,
+        transformed: torch.Tensor,
+    ) -> PieceTable | None:
+        """The piece table of layer ``layer`` (cached), or None when a net has too many pieces
+        (see :func:`build_pieces`)."""
+        return self._cached(("pieces", layer), build_pieces, s_mlp, t_mlp, kept, transformed, True)
+
+    def _cached(self, slot, builder, s_mlp, t_mlp, kept, transformed, joint=False):
+        key = tuple((p.data_ptr(), p._version) for p in _weights(s_mlp, t_mlp)) + (
             kept.data_ptr(),
             kept._version,
             transformed.data_ptr(),
         )
-        entry = self._entries.get(layer)
+        entry = self._entries.get(slot)
         if entry is not None and entry[0] == key:
             return entry[1]
         # Plain tensors even under inference_mode, so a later autograd call may save them.
         with torch.inference_mode(False), torch.no_grad():
-            tables = (build(s_mlp, kept, transformed), build(t_mlp, kept, transformed))
-        size = sum(t.knots.nbytes + t.table.nbytes for t in tables)
+            if joint:
+                tables = builder(s_mlp, t_mlp, kept, transformed)
+                parts = [tables] if tables is not None else []
+            else:
+                tables = (builder(s_mlp, kept, transformed), builder(t_mlp, kept, transformed))
+                parts = list(tables)
+        size = sum(x.nbytes for t in parts for x in t if isinstance(x, torch.Tensor))
         others = self.nbytes - (entry[2] if entry is not None else 0)
         if others + size <= self.budget:
-            self._entries[layer] = (key, tables, size)
+            self._entries[slot] = (key, tables, size)
         elif entry is not None:
-            del self._entries[layer]
+            del self._entries[slot]
         return tables
+
+
+def _weights(s_mlp: StandardMLP, t_mlp: StandardMLP) -> list[torch.Tensor]:
+    linears = (s_mlp.lin1, s_mlp.lin2, s_mlp.lin3, t_mlp.lin1, t_mlp.lin2, t_mlp.lin3)
+    return [p for lin in linears for p in (lin.weight, lin.bias)]
 
 
 def evaluate_pair(

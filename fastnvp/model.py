@@ -151,6 +151,10 @@ class FastRealNVP(FlowBase):
             grad = torch.is_grad_enabled() and s_mlp.lin2.weight.requires_grad
             hidden = s_mlp.lin2.weight.shape[0]
             if self.knot_tables and knots.applies(kept, x1.shape[0], hidden, grad):
+                if not grad and not (torch.is_grad_enabled() and x1.requires_grad):
+                    pieces = self._knot_cache.pieces(i, s_mlp, t_mlp, kept, transformed)
+                    if pieces is not None:
+                        return knots.evaluate_pieces(pieces, x1)
                 tables = self._knot_cache.pair(i, s_mlp, t_mlp, kept, transformed)
                 return knots.evaluate_pair(*tables, x1)
             return cpu_conditioner.standard_st(s_mlp, t_mlp, x1, kept, transformed)

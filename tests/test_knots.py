@@ -206,14 +206,20 @@ def test_flow_gradcheck_through_tables(monkeypatch):
 
 
 def _count_builds(monkeypatch):
+    """Record each table build: "intervals" per net, "pieces" per layer."""
     calls = []
-    real = knots.build
+    real_build, real_pieces = knots.build, knots.build_pieces
 
-    def counting(*args):
-        calls.append(1)
-        return real(*args)
+    def build(*args):
+        calls.append("intervals")
+        return real_build(*args)
 
-    monkeypatch.setattr(knots, "build", counting)
+    def build_pieces(*args):
+        calls.append("pieces")
+        return real_pieces(*args)
+
+    monkeypatch.setattr(knots, "build", build)
+    monkeypatch.setattr(knots, "build_pieces", build_pieces)
     return calls
 
 
@@ -230,7 +236,7 @@ def test_knot_tables_off_and_small_batches_use_the_gemm_path(monkeypatch):
         fast.log_prob(x[: ROWS - 1])
         assert not calls
         fast.log_prob(x)
-    assert len(calls) == 2 * 3
+    assert calls == ["pieces"] * 3
 
 
 def test_cache_serves_no_grad_calls_and_sees_weight_updates(monkeypatch):
@@ -242,28 +248,93 @@ def test_cache_serves_no_grad_calls_and_sees_weight_updates(monkeypatch):
         first = fast.log_prob(x)
         fast.log_prob(x)
         fast.sample(ROWS)
-    assert len(calls) == 6  # built once, then served
+    assert calls == ["pieces"] * 3  # built once per layer, then served
     assert fast._knot_cache.nbytes > 0
     torch.testing.assert_close(first, ref.log_prob(x).detach(), rtol=1e-12, atol=1e-12)
 
     optimizer = torch.optim.SGD(fast.parameters(), lr=0.1)
-    (-fast.log_prob(x).mean()).backward()  # grad mode: fresh tables, not cached
+    (-fast.log_prob(x).mean()).backward()  # grad mode: fresh interval tables, not cached
     optimizer.step()
-    assert len(calls) == 12
+    assert calls[3:] == ["intervals"] * 6
     ref.load_state_dict(fast.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(fast.log_prob(x), ref.log_prob(x), rtol=1e-12, atol=1e-12)
-    assert len(calls) == 18  # every layer rebuilt after the step
+    assert calls[9:] == ["pieces"] * 3  # every layer rebuilt after the step
 
     state = {k: v.clone() * 0.5 for k, v in ref.state_dict().items() if k != "mask"}
     ref.load_state_dict(state, strict=False)
     fast.load_state_dict(state, strict=False)
     with torch.no_grad():
         torch.testing.assert_close(fast.log_prob(x), ref.log_prob(x), rtol=1e-12, atol=1e-12)
-    assert len(calls) == 24
+    assert calls[12:] == ["pieces"] * 3
+
+    # The input's gradient without weight gradients: the (cached) interval tables.
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    xx = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(fast.log_prob(xx).sum(), xx)
+    (want,) = torch.autograd.grad(ref.log_prob(xx).sum(), xx)
+    torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-12)
+    assert calls[15:] == ["intervals"] * 6
 
     clone = copy.deepcopy(fast)
     assert clone._knot_cache.nbytes == 0
+
+
+@pytest.mark.parametrize("dim,kept_index", [(2, 0), (2, 1), (3, 1)])
+@pytest.mark.parametrize("hidden", [1, 5, 33])
+@pytest.mark.parametrize("slope", [0.01, 0.0, -0.3, 1.7])
+def test_piece_form_matches_modules_float64(dim, kept_index, hidden, slope):
+    torch.manual_seed(hidden)
+    nets = [standard_net(dim, hidden, tanh=tanh, negative_slope=slope).double() for tanh in (1, 0)]
+    for net in nets:
+        with torch.no_grad():
+            net[0].weight.mul_(3)
+            if hidden >= 4:  # units with no knot, and two units sharing one
+                net[0].weight[:2, kept_index] = 0.0
+                net[0].weight[3] = 2 * net[0].weight[2]
+                net[0].bias[3] = 2 * net[0].bias[2]
+    kept = torch.tensor([kept_index])
+    transformed = torch.tensor([j for j in range(dim) if j != kept_index])
+    mlps = [match_standard_mlp(net, dim) for net in nets]
+    table = knots.build_pieces(*mlps, kept, transformed)
+    w1, b1 = nets[0][0].weight[:, kept_index].detach(), nets[0][0].bias.detach()
+    x1 = torch.cat((torch.randn(200, 1, dtype=torch.float64) * 4, (-b1 / w1)[w1 != 0].unsqueeze(1)))
+    x1 = torch.cat((x1, torch.tensor([[1e4], [-1e4], [0.0]], dtype=torch.float64)))
+    s, t = knots.evaluate_pieces(table, x1)
+    full = torch.zeros(x1.shape[0], dim, dtype=torch.float64)
+    full[:, kept_index] = x1[:, 0]
+    with torch.no_grad():
+        want = [net(full)[:, transformed] for net in nets]
+    for got, ref in zip((s, t), want, strict=True):
+        scale = ref.abs().max().clamp_min(1.0)
+        assert torch.isfinite(got).all()
+        assert (got - ref).abs().max() <= 1e-12 * scale
+
+
+def test_piece_form_non_finite_and_too_many_pieces(monkeypatch):
+    s_net, t_net = _net(8, 0.01, True), _net(8, 0.01, False)
+    mlps = [match_standard_mlp(n, 2) for n in (s_net, t_net)]
+    table = knots.build_pieces(*mlps, KEPT, TRANSFORMED)
+    x1 = torch.randn(6, 1, dtype=torch.float64)
+    x1[2, 0] = float("nan")
+    s, t = knots.evaluate_pieces(table, x1)
+    assert torch.isnan(s[2]).all() and torch.isnan(t[2]).all()
+    assert torch.isfinite(s[[0, 1, 3, 4, 5]]).all()
+    with torch.no_grad():
+        t_net[2].weight[0, 5] = float("nan")
+    _, t = knots.evaluate_pieces(knots.build_pieces(*mlps, KEPT, TRANSFORMED), x1)
+    assert torch.isnan(t).all()
+    # A net past the piece limit keeps the interval form, with the same results.
+    monkeypatch.setattr(knots, "MAX_PIECES_PER_UNIT", 0)
+    assert knots.build_pieces(*mlps, KEPT, TRANSFORMED) is None
+    _always_knots(monkeypatch)
+    ref, fast = _flows(2, 3, 8)
+    x = torch.randn(ROWS, 2, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.log_prob(x), ref.log_prob(x), rtol=1e-12, atol=1e-12)
+    layer0 = [match_standard_mlp(net[0], 2) for net in (fast.s, fast.t)]
+    assert fast._knot_cache.pieces(0, *layer0, *fast._split(0)) is None
 
 
 def test_cache_budget_and_inference_mode_tables(monkeypatch):
