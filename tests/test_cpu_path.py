@@ -162,12 +162,15 @@ def test_rows_parallel_matches_reference_and_restores_threads(two_threads):
 
 
 def test_rows_parallel_declines_when_it_does_not_apply(two_threads):
-    fast = FastRealNVP.standard(2, 2, hidden=8)
+    fast = FastRealNVP.standard(2, 2, hidden=8, knot_tables=False)
     big = torch.randn(2 * cpu_conditioner.MIN_ROWS_PER_THREAD, 2)
     small = big[: 2 * cpu_conditioner.MIN_ROWS_PER_THREAD - 1]
     with torch.no_grad():
         assert cpu_conditioner.rows_parallel(fast, big, inverse=False) is not None
         assert cpu_conditioner.rows_parallel(fast, small, inverse=False) is None
+        fast.knot_tables = True  # every layer in the piece form: one thread is faster
+        assert cpu_conditioner.rows_parallel(fast, big, inverse=False) is None
+        fast.knot_tables = False
     # g under autograd keeps the layer loop.
     assert cpu_conditioner.rows_parallel(fast, big, inverse=True) is None
     torch.set_num_threads(1)
@@ -176,7 +179,7 @@ def test_rows_parallel_declines_when_it_does_not_apply(two_threads):
 
 
 def test_rows_parallel_reraises_worker_errors(two_threads, monkeypatch):
-    fast = FastRealNVP.standard(2, 2, hidden=8)
+    fast = FastRealNVP.standard(2, 2, hidden=8, knot_tables=False)
     x = torch.randn(2 * cpu_conditioner.MIN_ROWS_PER_THREAD, 2)
 
     def broken(i, h):

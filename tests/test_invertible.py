@@ -43,9 +43,10 @@ def test_gradients_match_standard_float64(num_layers, loss, one_thread):
     x = torch.randn(32, 2, dtype=torch.float64)
     z_s, ld_s, gx_s, gp_s = _grads(std, x, LOSSES[loss])
     z_i, ld_i, gx_i, gp_i = _grads(inv, x, LOSSES[loss])
-    # Forward runs the same layers: identical values.
-    torch.testing.assert_close(z_i, z_s, rtol=0, atol=0)
-    torch.testing.assert_close(ld_i, ld_s, rtol=0, atol=0)
+    # Same function; the invertible forward runs without autograd, in the knot piece form
+    # (fastnvp.knots) where the standard one runs the GEMM form: equal up to rounding.
+    torch.testing.assert_close(z_i, z_s, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ld_i, ld_s, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx_i, gx_s, rtol=1e-10, atol=1e-12)
     assert len(gp_i) == len(gp_s) == 12 * num_layers
     for a, b in zip(gp_i, gp_s):

@@ -133,17 +133,15 @@ def test_build_gradcheck(slope):
 
 def _always_knots(monkeypatch):
     monkeypatch.setattr(knots, "MIN_HIDDEN", 1)
-    monkeypatch.setattr(knots, "MIN_WORK", 1)
     monkeypatch.setattr(knots, "MIN_WORK_GRAD", 1)
 
 
 def test_applies_thresholds():
     one, two = torch.tensor([0]), torch.tensor([0, 1])
-    assert knots.applies(one, 64, 256, grad=False)
-    assert not knots.applies(one, 63, 256, grad=False)
+    assert knots.applies(one, 1, 16, grad=False)  # the piece form: any width, any batch
     assert knots.applies(one, 1024, 256, grad=True)
     assert not knots.applies(one, 1023, 256, grad=True)
-    assert not knots.applies(one, 10**6, 64, grad=False)  # narrow nets: the GEMM form
+    assert not knots.applies(one, 10**6, 64, grad=True)  # narrow nets train in the GEMM form
     assert not knots.applies(two, 10**6, 256, grad=False)  # two kept features
 
 
@@ -223,20 +221,24 @@ def _count_builds(monkeypatch):
     return calls
 
 
-def test_knot_tables_off_and_small_batches_use_the_gemm_path(monkeypatch):
-    _always_knots(monkeypatch)
-    monkeypatch.setattr(knots, "MIN_WORK", ROWS * 8 * 8)
+def test_knot_tables_off_and_small_training_batches_use_the_gemm_path(monkeypatch):
+    monkeypatch.setattr(knots, "MIN_HIDDEN", 1)
+    monkeypatch.setattr(knots, "MIN_WORK_GRAD", ROWS * 8 * 8)
     calls = _count_builds(monkeypatch)
     ref, fast = _flows(2, 3, 8, knot_tables=False)
     x = torch.randn(ROWS, 2, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fast.log_prob(x), ref.log_prob(x))
-        assert not calls
-        fast.knot_tables = True
-        fast.log_prob(x[: ROWS - 1])
-        assert not calls
-        fast.log_prob(x)
-    assert calls == ["pieces"] * 3
+    fast.log_prob(x).sum().backward()
+    assert not calls
+    fast.knot_tables = True
+    fast.log_prob(x[: ROWS - 1]).sum().backward()
+    assert not calls
+    fast.log_prob(x).sum().backward()
+    assert calls == ["intervals"] * 6
+    with torch.no_grad():
+        fast.log_prob(x[:1])
+    assert calls[6:] == ["pieces"] * 3
 
 
 def test_cache_serves_no_grad_calls_and_sees_weight_updates(monkeypatch):
