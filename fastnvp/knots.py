@@ -32,6 +32,7 @@ linear regions a hyperplane arrangement with far too many cells to tabulate.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from typing import NamedTuple
@@ -174,61 +175,150 @@ class _BuildTable(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w1, b1, w2, b2, slope):
-        dtype = w2.dtype
-        hidden = w1.numel()
-        intervals = _intervals(w1, b1, w2, b2, slope)
-        table = torch.empty((hidden + 1, 2 * hidden), dtype=dtype)
-        table.copy_(intervals.steps.view(2 * hidden, hidden + 1).t())  # (H + 1, 2H), rounded once
-        ctx.save_for_backward(
-            w2, intervals.order, intervals.gated, intervals.gates, intervals.sign, intervals.coef
-        )
+        knots, table, saved = _table_forward(w1, b1, w2, b2, slope)
+        ctx.save_for_backward(w2, *saved)
         ctx.slope = slope
-        knots = intervals.knots.to(dtype).contiguous()
         ctx.mark_non_differentiable(knots)
         return knots, table
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, _grad_knots, grad_table):
-        w2, order, gated, gates, sign, coef = ctx.saved_tensors
-        hidden = w2.shape[0]
-        grad = scratch("build_grad", (2, hidden, hidden + 1), torch.float64)
-        grad.view(2 * hidden, hidden + 1).copy_(grad_table.t())
-        # Reverse running sum along the knots: R_k = total - (sum up to k) + G_k.
-        reverse = scratch("build_reverse", (2, hidden, hidden + 1), torch.float64)
-        torch.cumsum(grad, 2, out=reverse)
-        torch.sub(grad.sum(2, keepdim=True), reverse, out=reverse).add_(grad)
-        grad_row0 = reverse[:, :, 0]  # (2, H): d A_0, d C_0
-        grad_steps = reverse[:, :, 1:]  # (2, H, H): d step_k
-        columns = order.expand(hidden, hidden)
-        w2_64 = scratch("build_w2", (hidden, hidden), torch.float64)
-        w2_64.copy_(w2)
-        w2_ordered = torch.gather(
-            w2_64, 1, columns, out=scratch("build_w2o", w2_64.shape, w2_64.dtype)
-        )
-        # d W2[:, unit of knot k] = Σ_c d step_k[c] · coef[c, k]; the A_0 / C_0 row adds an outer
-        # product. d coef[c, k] = Σ_i d step_k[c, i] · W2[i, unit of knot k].
-        grad_w2_ordered = scratch("build_gw2", (hidden, hidden), torch.float64)
-        torch.mul(grad_steps[0], coef[0], out=grad_w2_ordered).addcmul_(grad_steps[1], coef[1])
-        grad_w2 = torch.empty((hidden, hidden), dtype=torch.float64)
-        grad_w2.scatter_(1, columns, grad_w2_ordered).addmm_(grad_row0.t(), gated)
-        grad_coef = torch.stack(
-            [torch.mul(grad_steps[c], w2_ordered, out=grad_w2_ordered).sum(0) for c in range(2)]
-        )  # (2, H), knot order
-        grad_gated = grad_row0 @ w2_64  # (2, H)
-        grad_coef_units = torch.empty_like(grad_coef)
-        grad_coef_units[:, order] = grad_coef
-        scale = (1.0 - ctx.slope) * sign
-        grad_w1 = gates * grad_gated[0] + scale * grad_coef_units[0]
-        grad_b1 = gates * grad_gated[1] + scale * grad_coef_units[1]
-        dtype = grad_table.dtype
-        return (
-            grad_w1.to(dtype),
-            grad_b1.to(dtype),
-            grad_w2.to(dtype),
-            grad_row0[1].to(dtype, copy=True),  # not a view of the scratch buffer
-            None,
-        )
+        w2, *saved = ctx.saved_tensors
+        return (*_table_backward(w2, saved, grad_table, ctx.slope), None)
+
+
+class _BuildTables(torch.autograd.Function):
+    """:class:`_BuildTable` for many nets at once, split across intra-op threads.
+
+    Inputs: ``slope`` and, per net, ``w1, b1, w2, b2``; outputs, per net, ``knots, table``.
+    With several threads each builds (and, in the backward, differentiates) a contiguous share
+    of the nets with single-threaded ops: a flow's tables do not depend on the data, so a
+    training step can build all of them up front and use both cores for the O(H²) work that
+    otherwise runs layer by layer on one.
+    """
+
+    @staticmethod
+    def forward(ctx, slope, *flat):
+        nets = [flat[k : k + 4] for k in range(0, len(flat), 4)]
+
+        @torch.no_grad()  # grad mode is per thread
+        def share(first: int, last: int):
+            return [_table_forward(*nets[k], slope) for k in range(first, last)]
+
+        built = [b for part in _over_shares(len(nets), share) for b in part]
+        ctx.save_for_backward(*(net[2] for net in nets))
+        ctx.saved = [saved for _, _, saved in built]
+        ctx.slope = slope
+        outputs = []
+        for knots, table, _ in built:
+            ctx.mark_non_differentiable(knots)
+            outputs += [knots, table]
+        return tuple(outputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        w2s, saved, slope = ctx.saved_tensors, ctx.saved, ctx.slope
+        tables = grads[1::2]
+
+        @torch.no_grad()
+        def share(first: int, last: int):
+            return [
+                _table_backward(w2s[k], saved[k], tables[k], slope)
+                if tables[k] is not None
+                else (None, None, None, None)
+                for k in range(first, last)
+            ]
+
+        out: list = [None]
+        for part in _over_shares(len(w2s), share):
+            for grads_k in part:
+                out += list(grads_k)
+        return tuple(out)
+
+
+def _over_shares(count: int, task) -> list:
+    """``[task(first, last), ...]`` over contiguous shares of ``range(count)``: one per intra-op
+    thread (``fastnvp.cpu_threads.on_threads``), or one share on this thread."""
+    threads = min(torch.get_num_threads(), count)
+    if threads < 2 or in_worker():
+        return [task(0, count)]
+    bounds = [count * k // threads for k in range(threads + 1)]
+    return on_threads(lambda k: task(bounds[k], bounds[k + 1]), threads)
+
+
+def _table_forward(w1, b1, w2, b2, slope: float):
+    """``(knots, table, saved)`` of one net; ``saved`` is what :func:`_table_backward` needs."""
+    dtype = w2.dtype
+    hidden = w1.numel()
+    intervals = _intervals(w1, b1, w2, b2, slope)
+    table = torch.empty((hidden + 1, 2 * hidden), dtype=dtype)
+    table.copy_(intervals.steps.view(2 * hidden, hidden + 1).t())  # (H + 1, 2H), rounded once
+    saved = (intervals.order, intervals.gated, intervals.gates, intervals.sign, intervals.coef)
+    return intervals.knots.to(dtype).contiguous(), table, saved
+
+
+def _table_backward(w2, saved, grad_table, slope: float):
+    """``(d w1, d b1, d W2, d b2)`` of one net from the gradient of its table (H + 1, 2H)."""
+    order, gated, gates, sign, coef = saved
+    hidden = w2.shape[0]
+    grad = scratch("build_grad", (2, hidden, hidden + 1), torch.float64)
+    grad.view(2 * hidden, hidden + 1).copy_(grad_table.t())
+    # Reverse running sum along the knots: R_k = total - (sum up to k) + G_k.
+    reverse = scratch("build_reverse", (2, hidden, hidden + 1), torch.float64)
+    torch.cumsum(grad, 2, out=reverse)
+    torch.sub(grad.sum(2, keepdim=True), reverse, out=reverse).add_(grad)
+    grad_row0 = reverse[:, :, 0]  # (2, H): d A_0, d C_0
+    grad_steps = reverse[:, :, 1:]  # (2, H, H): d step_k
+    columns = order.expand(hidden, hidden)
+    w2_64 = scratch("build_w2", (hidden, hidden), torch.float64)
+    w2_64.copy_(w2)
+    w2_ordered = torch.gather(w2_64, 1, columns, out=scratch("build_w2o", w2_64.shape, w2_64.dtype))
+    # d W2[:, unit of knot k] = Σ_c d step_k[c] · coef[c, k]; the A_0 / C_0 row adds an outer
+    # product. d coef[c, k] = Σ_i d step_k[c, i] · W2[i, unit of knot k].
+    grad_w2_ordered = scratch("build_gw2", (hidden, hidden), torch.float64)
+    torch.mul(grad_steps[0], coef[0], out=grad_w2_ordered).addcmul_(grad_steps[1], coef[1])
+    grad_w2 = torch.empty((hidden, hidden), dtype=torch.float64)
+    grad_w2.scatter_(1, columns, grad_w2_ordered).addmm_(grad_row0.t(), gated)
+    grad_coef = torch.stack(
+        [torch.mul(grad_steps[c], w2_ordered, out=grad_w2_ordered).sum(0) for c in range(2)]
+    )  # (2, H), knot order
+    grad_gated = grad_row0 @ w2_64  # (2, H)
+    grad_coef_units = torch.empty_like(grad_coef)
+    grad_coef_units[:, order] = grad_coef
+    scale = (1.0 - slope) * sign
+    grad_w1 = gates * grad_gated[0] + scale * grad_coef_units[0]
+    grad_b1 = gates * grad_gated[1] + scale * grad_coef_units[1]
+    dtype = grad_table.dtype
+    return (
+        grad_w1.to(dtype),
+        grad_b1.to(dtype),
+        grad_w2.to(dtype),
+        grad_row0[1].to(dtype, copy=True),  # not a view of the scratch buffer
+    )
+
+
+def build_many(nets: list[tuple[StandardMLP, torch.Tensor, torch.Tensor]]) -> list[KnotTable]:
+    """:func:`build` for several nets ``(mlp, kept, transformed)`` sharing one slope, the O(H²)
+    table work split across the intra-op threads (see :class:`_BuildTables`)."""
+    slopes = {mlp.negative_slope for mlp, _, _ in nets}
+    if len(slopes) != 1:
+        raise ValueError(f"nets must share one LeakyReLU slope, got {sorted(slopes)}")
+    (slope,) = slopes
+    flat = []
+    for mlp, kept, _ in nets:
+        if kept.numel() != 1:
+            raise ValueError(f"kept must hold exactly one index, got {kept.numel()}")
+        w1 = mlp.lin1.weight.index_select(1, kept).reshape(-1)
+        flat += [w1, mlp.lin1.bias, mlp.lin2.weight, mlp.lin2.bias]
+    outputs = _BuildTables.apply(slope, *flat)
+    tables = []
+    for k, (mlp, _, transformed) in enumerate(nets):
+        w3 = mlp.lin3.weight.index_select(0, transformed)
+        b3 = mlp.lin3.bias.index_select(0, transformed)
+        tables.append(KnotTable(outputs[2 * k], outputs[2 * k + 1], w3, b3, slope))
+    return tables
 
 
 _scratch = threading.local()
@@ -372,17 +462,32 @@ class TableCache:
     ``.data`` bypass version counters and are not seen: call :meth:`clear` after them.
     Layers are cached while the total stays within ``budget`` bytes; the others are rebuilt on
     every call. A deep copy or pickle of the cache is empty.
+
+    Under autograd :meth:`prebuilt` lends, for the duration of one call on this thread, tables
+    built for all layers at once (:func:`build_many`).
     """
 
     def __init__(self, budget: int = CACHE_BUDGET):
         self.budget = budget
         self._entries: dict[tuple[str, int], tuple[tuple, tuple | None, int]] = {}
+        self._lent: dict[int, dict[int, tuple[KnotTable, KnotTable]]] = {}  # thread -> layers
 
     def __deepcopy__(self, memo):
         return TableCache(self.budget)
 
     def __getstate__(self):
-        return {"budget": self.budget, "_entries": {}}
+        return {"budget": self.budget, "_entries": {}, "_lent": {}}
+
+    @contextlib.contextmanager
+    def prebuilt(self, tables: dict[int, tuple[KnotTable, KnotTable]]):
+        """Serve ``tables`` (layer -> (S, T) tables, built with autograd) to :meth:`pair` on
+        this thread while the block runs."""
+        thread = threading.get_ident()
+        self._lent[thread] = tables
+        try:
+            yield
+        finally:
+            self._lent.pop(thread, None)
 
     def clear(self) -> None:
         """Drop every cached table."""
@@ -407,6 +512,9 @@ class TableCache:
         gradient; otherwise served from the cache, built on a miss.
         """
         if torch.is_grad_enabled() and any(p.requires_grad for p in _weights(s_mlp, t_mlp)):
+            lent = self._lent.get(threading.get_ident(), {}).get(layer)
+            if lent is not None:
+                return lent
             return build(s_mlp, kept, transformed), build(t_mlp, kept, transformed)
         return self._cached(("intervals", layer), build, s_mlp, t_mlp, kept, transformed)
 

@@ -231,12 +231,45 @@ class FastRealNVP(FlowBase):
             return invertible_flow(
                 self, x, self.reconstruction_tolerance, anchor_every=self.anchor_every
             )
+        tables = {} if torch.compiler.is_compiling() else self._knot_tables_for_training(x)
+        if tables:
+            with self._knot_cache.prebuilt(tables):
+                return self._layers_forward(x)
+        return self._layers_forward(x)
+
+    def _layers_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = x
         log_det = None
         for i in range(self.num_layers):
             z, ld = self.layer_forward(i, z)
             log_det = ld if log_det is None else log_det + ld
         return z, log_det
+
+    def _knot_tables_for_training(self, x: torch.Tensor) -> dict:
+        """Under autograd, the knot tables of every layer that will take the knot form, built
+        at once with the work split across threads (``fastnvp.knots.build_many``); else {}."""
+        if not (
+            self.knot_tables
+            and torch.is_grad_enabled()
+            and cpu_conditioner.applies(x)
+            and getattr(self, "fused", "auto") != "layer"
+        ):
+            return {}
+        layers, nets = [], []
+        for i in range(self.num_layers):
+            if not self._standard[i]:
+                continue
+            s_mlp = match_standard_mlp(self.s[i], self.dim)
+            t_mlp = match_standard_mlp(self.t[i], self.dim)
+            kept, transformed = self._split(i)
+            hidden = s_mlp.lin2.weight.shape[0]
+            if s_mlp.lin2.weight.requires_grad and knots.applies(kept, x.shape[0], hidden, True):
+                layers.append(i)
+                nets += [(s_mlp, kept, transformed), (t_mlp, kept, transformed)]
+        if len(layers) < 2 or len({mlp.negative_slope for mlp, _, _ in nets}) != 1:
+            return {}
+        tables = knots.build_many(nets)
+        return {i: (tables[2 * k], tables[2 * k + 1]) for k, i in enumerate(layers)}
 
     def g(self, z: torch.Tensor) -> torch.Tensor:
         """Latent -> data, the exact inverse of :meth:`f`.  (N, D) -> (N, D)."""

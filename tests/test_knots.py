@@ -116,6 +116,40 @@ def test_evaluate_pair_gradcheck(slope):
     assert torch.autograd.gradcheck(fn, (x1, *leaves))
 
 
+def test_build_many_matches_build_on_two_threads(two_threads_knots):
+    torch.manual_seed(2)
+    nets = [match_standard_mlp(_net(7, 0.01, tanh), 2) for tanh in (True, False, True, False)]
+    many = knots.build_many([(mlp, KEPT, TRANSFORMED) for mlp in nets])
+    single = [knots.build(mlp, KEPT, TRANSFORMED) for mlp in nets]
+    grads = []
+    for tables in (many, single):
+        loss = sum(
+            (t.table * torch.linspace(-1, 1, t.table.numel()).view_as(t.table)).sum()
+            for t in tables
+        )
+        params = [p for mlp in nets for lin in (mlp.lin1, mlp.lin2) for p in lin.parameters()]
+        grads.append(torch.autograd.grad(loss, params))
+    for a, b in zip(many, single, strict=True):
+        assert torch.equal(a.knots, b.knots) and torch.equal(a.table, b.table)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one LeakyReLU slope"):
+        knots.build_many(
+            [
+                (nets[0], KEPT, TRANSFORMED),
+                (match_standard_mlp(_net(7, 0.2, 0), 2), KEPT, TRANSFORMED),
+            ]
+        )
+
+
+@pytest.fixture
+def two_threads_knots():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("slope", [0.01, 0.2])
 def test_build_gradcheck(slope):
     torch.manual_seed(1)
@@ -206,17 +240,22 @@ def test_flow_gradcheck_through_tables(monkeypatch):
 def _count_builds(monkeypatch):
     """Record each table build: "intervals" per net, "pieces" per layer."""
     calls = []
-    real_build, real_pieces = knots.build, knots.build_pieces
+    real_build, real_many, real_pieces = knots.build, knots.build_many, knots.build_pieces
 
     def build(*args):
         calls.append("intervals")
         return real_build(*args)
+
+    def build_many(nets):
+        calls.extend(["intervals"] * len(nets))
+        return real_many(nets)
 
     def build_pieces(*args):
         calls.append("pieces")
         return real_pieces(*args)
 
     monkeypatch.setattr(knots, "build", build)
+    monkeypatch.setattr(knots, "build_many", build_many)
     monkeypatch.setattr(knots, "build_pieces", build_pieces)
     return calls
 
