@@ -63,3 +63,17 @@ def on_threads(task, count: int) -> list:
         return [first] + [f.result() for f in futures]
     finally:
         torch.set_num_threads(threads)
+
+
+def over_shares(count: int, task, least: int = 1) -> list:
+    """``[task(first, last), ...]`` over contiguous shares of ``range(count)``.
+
+    One share per intra-op thread (run by :func:`on_threads`) when there are several threads,
+    each share has at least ``least`` items and no enclosing task runs; otherwise one share on
+    the caller's thread.
+    """
+    threads = min(torch.get_num_threads(), count // max(1, least))
+    if threads < 2 or in_worker():
+        return [task(0, count)]
+    bounds = [count * k // threads for k in range(threads + 1)]
+    return on_threads(lambda k: task(bounds[k], bounds[k + 1]), threads)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from fastnvp.conditioner import StandardMLP
-from fastnvp.cpu_threads import in_worker, on_threads
+from fastnvp.cpu_threads import over_shares
 
 #: Rows per tile of :func:`evaluate_pair`, forward and backward: 512 x 2H fp32 gathered rows at
 #: H = 256 are 1 MiB, the L2 of two cores.
@@ -206,7 +206,7 @@ class _BuildTables(torch.autograd.Function):
         def share(first: int, last: int):
             return [_table_forward(*nets[k], slope) for k in range(first, last)]
 
-        built = [b for part in _over_shares(len(nets), share) for b in part]
+        built = [b for part in over_shares(len(nets), share) for b in part]
         ctx.save_for_backward(*(net[2] for net in nets))
         ctx.saved = [saved for _, _, saved in built]
         ctx.slope = slope
@@ -232,20 +232,10 @@ class _BuildTables(torch.autograd.Function):
             ]
 
         out: list = [None]
-        for part in _over_shares(len(w2s), share):
+        for part in over_shares(len(w2s), share):
             for grads_k in part:
                 out += list(grads_k)
         return tuple(out)
-
-
-def _over_shares(count: int, task) -> list:
-    """``[task(first, last), ...]`` over contiguous shares of ``range(count)``: one per intra-op
-    thread (``fastnvp.cpu_threads.on_threads``), or one share on this thread."""
-    threads = min(torch.get_num_threads(), count)
-    if threads < 2 or in_worker():
-        return [task(0, count)]
-    bounds = [count * k // threads for k in range(threads + 1)]
-    return on_threads(lambda k: task(bounds[k], bounds[k + 1]), threads)
 
 
 def _table_forward(w1, b1, w2, b2, slope: float):
@@ -611,8 +601,10 @@ class _KnotPair(torch.autograd.Function):
         indices = [torch.searchsorted(knots, x) for knots, *_ in nets]
         n = x.shape[0]
         outs = [x1.new_empty((n, net[2].shape[0])) for net in nets]
-        for_ranges(
-            n, tile_rows, lambda a, b: _forward_rows(x, indices, nets, outs, slope, tile_rows, a, b)
+        over_shares(
+            n,
+            lambda a, b: _forward_rows(x, indices, nets, outs, slope, tile_rows, a, b),
+            MIN_ROWS_PER_THREAD,
         )
         s, t = outs
         s.tanh_()
@@ -644,7 +636,7 @@ class _KnotPair(torch.autograd.Function):
                 partial.append((grad_table, grad_w3))
             return partial
 
-        per_range = for_ranges(n, ctx.tile_rows, rows)
+        per_range = over_shares(n, rows, MIN_ROWS_PER_THREAD)
         grads: list[torch.Tensor | None] = [grad_x, None, None]
         for k, (grad_out, *_) in enumerate(nets):
             summed = [_sum_parts([p[k][j] for p in per_range]) for j in range(2)]
@@ -660,20 +652,6 @@ def _sum_parts(parts: list) -> torch.Tensor | None:
     for part in parts[1:]:
         total += part
     return total
-
-
-def for_ranges(n: int, tile_rows: int, task) -> list:
-    """``[task(start, stop), ...]`` over contiguous row ranges covering ``0..n``.
-
-    One range per intra-op thread (each run by ``fastnvp.cpu_threads.on_threads``) when there
-    are several threads, at least :data:`MIN_ROWS_PER_THREAD` rows for each and no enclosing
-    row-parallel task; otherwise one range on the caller's thread.
-    """
-    threads = min(torch.get_num_threads(), n // MIN_ROWS_PER_THREAD)
-    if threads < 2 or in_worker():
-        return [task(0, n)]
-    bounds = [n * k // threads for k in range(threads + 1)]
-    return on_threads(lambda k: task(bounds[k], bounds[k + 1]), threads)
 
 
 @torch.no_grad()  # grad mode is per thread: worker threads must turn it off themselves

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from fastnvp import knots
+from fastnvp import cpu_threads, knots
 from fastnvp.conditioner import match_standard_mlp, standard_net
 from fastnvp.model import FastRealNVP
 from fastnvp.reference import RealNVP
@@ -196,8 +196,10 @@ def test_flow_matches_reference_float64(dim, threads, monkeypatch, one_thread):
     monkeypatch.setattr(knots, "MIN_ROWS_PER_THREAD", 8)
     torch.set_num_threads(threads)
     splits = []
-    real = knots.on_threads
-    monkeypatch.setattr(knots, "on_threads", lambda task, n: splits.append(n) or real(task, n))
+    real = cpu_threads.on_threads
+    monkeypatch.setattr(
+        cpu_threads, "on_threads", lambda task, n: splits.append(n) or real(task, n)
+    )
     ref, fast = _flows(dim, 4, 16)
     x = torch.randn(37, dim, dtype=torch.float64) * 2
     z_ref, ld_ref = ref.f(x)
