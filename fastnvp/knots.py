@@ -501,7 +501,7 @@ class TableCache:
         Built fresh (and recorded by autograd) when grad mode is on and a weight requires a
         gradient; otherwise served from the cache, built on a miss.
         """
-        if torch.is_grad_enabled() and any(p.requires_grad for p in _weights(s_mlp, t_mlp)):
+        if torch.is_grad_enabled() and any(p.requires_grad for p in net_weights(s_mlp, t_mlp)):
             lent = self._lent.get(threading.get_ident(), {}).get(layer)
             if lent is not None:
                 return lent
@@ -521,7 +521,7 @@ class TableCache:
         return self._cached(("pieces", layer), build_pieces, s_mlp, t_mlp, kept, transformed, True)
 
     def _cached(self, slot, builder, s_mlp, t_mlp, kept, transformed, joint=False):
-        key = tuple((p.data_ptr(), p._version) for p in _weights(s_mlp, t_mlp)) + (
+        key = tuple((p.data_ptr(), p._version) for p in net_weights(s_mlp, t_mlp)) + (
             kept.data_ptr(),
             kept._version,
             transformed.data_ptr(),
@@ -546,7 +546,8 @@ class TableCache:
         return tables
 
 
-def _weights(s_mlp: StandardMLP, t_mlp: StandardMLP) -> list[torch.Tensor]:
+def net_weights(s_mlp: StandardMLP, t_mlp: StandardMLP) -> list[torch.Tensor]:
+    """The 12 weights and biases of a layer's two standard nets."""
     linears = (s_mlp.lin1, s_mlp.lin2, s_mlp.lin3, t_mlp.lin1, t_mlp.lin2, t_mlp.lin3)
     return [p for lin in linears for p in (lin.weight, lin.bias)]
 

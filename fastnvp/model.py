@@ -148,7 +148,8 @@ class FastRealNVP(FlowBase):
         s_mlp = match_standard_mlp(self.s[i], self.dim)
         t_mlp = match_standard_mlp(self.t[i], self.dim)
         if cpu_conditioner.applies(x1):
-            grad = torch.is_grad_enabled() and s_mlp.lin2.weight.requires_grad
+            weights = knots.net_weights(s_mlp, t_mlp)
+            grad = torch.is_grad_enabled() and any(p.requires_grad for p in weights)
             hidden = s_mlp.lin2.weight.shape[0]
             if self.knot_tables and knots.applies(kept, x1.shape[0], hidden, grad):
                 if not grad and not (torch.is_grad_enabled() and x1.requires_grad):
@@ -263,7 +264,8 @@ class FastRealNVP(FlowBase):
             t_mlp = match_standard_mlp(self.t[i], self.dim)
             kept, transformed = self._split(i)
             hidden = s_mlp.lin2.weight.shape[0]
-            if s_mlp.lin2.weight.requires_grad and knots.applies(kept, x.shape[0], hidden, True):
+            trained = any(p.requires_grad for p in knots.net_weights(s_mlp, t_mlp))
+            if trained and knots.applies(kept, x.shape[0], hidden, True):
                 layers.append(i)
                 nets += [(s_mlp, kept, transformed), (t_mlp, kept, transformed)]
         if len(layers) < 2 or len({mlp.negative_slope for mlp, _, _ in nets}) != 1:

@@ -232,6 +232,24 @@ def test_invertible_memory_mode_matches_standard(monkeypatch, one_thread):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
+def test_partly_frozen_weights_keep_their_gradients(monkeypatch, one_thread):
+    """Freezing some weights (here every H x H Linear) must not switch to the piece form,
+    which has no autograd: the other weights still get the reference's gradients."""
+    _always_knots(monkeypatch)
+    ref, fast = _flows(2, 3, 8)
+    for model in (ref, fast):
+        for nets in (model.s, model.t):
+            for net in nets:
+                net[2].weight.requires_grad_(False)
+    x = torch.randn(ROWS, 2, dtype=torch.float64)
+    grads = []
+    for model in (ref, fast):
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads.append(torch.autograd.grad(model.log_prob(x).sum(), params))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_flow_gradcheck_through_tables(monkeypatch):
     _always_knots(monkeypatch)
     _, fast = _flows(2, 2, 4)
