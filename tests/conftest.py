@@ -37,7 +37,17 @@ def one_thread():
     The models in these tests are tiny: intra-op threads only add synchronisation, and OpenMP
     spin-waits stall badly when the cores are shared.
     """
+    yield from _threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """Run a test on two torch threads (the row-splitting paths), restoring the setting after."""
+    yield from _threads(2)
+
+
+def _threads(count: int):
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     yield
     torch.set_num_threads(threads)

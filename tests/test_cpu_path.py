@@ -135,14 +135,6 @@ def test_invalid_arguments_name_the_argument():
         cpu_conditioner.standard_st(s_mlp, other, x1, kept, transformed)
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_rows_parallel_matches_reference_and_restores_threads(two_threads):
     ref = RealNVP.standard(3, 4, hidden=16).double()
     fast = FastRealNVP.from_reference(ref)

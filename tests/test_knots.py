@@ -116,7 +116,7 @@ def test_evaluate_pair_gradcheck(slope):
     assert torch.autograd.gradcheck(fn, (x1, *leaves))
 
 
-def test_build_many_matches_build_on_two_threads(two_threads_knots):
+def test_build_many_matches_build_on_two_threads(two_threads):
     torch.manual_seed(2)
     nets = [match_standard_mlp(_net(7, 0.01, tanh), 2) for tanh in (True, False, True, False)]
     many = knots.build_many([(mlp, KEPT, TRANSFORMED) for mlp in nets])
@@ -140,14 +140,6 @@ def test_build_many_matches_build_on_two_threads(two_threads_knots):
                 (match_standard_mlp(_net(7, 0.2, 0), 2), KEPT, TRANSFORMED),
             ]
         )
-
-
-@pytest.fixture
-def two_threads_knots():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("slope", [0.01, 0.2])
