@@ -25,8 +25,14 @@ of the two), and autograd through the table gives the same gradients almost ever
 knot both adjacent rows give the same value). The knot order is piecewise constant in the
 weights, so it carries no gradient, exactly as the LeakyReLU's gate does not.
 
-Memory: the table is (H + 1)·2H values per net (0.5 MiB at H = 256 in fp32), and each row
-reads one 2H slice of it. Limit: only layers with one kept feature; wider inputs make the
+Without autograd one more level is tabulated (:func:`build_pieces`): inside interval k,
+second-layer unit i changes its gate only at its zero crossing ``−C_ki / A_ki``, so the net's
+whole output is affine between the first layer's knots and those crossings (about 2H pieces
+per net at random initialisation). Each row is then a binary search and one multiply-add per
+output. Tables built without autograd are cached (:class:`TableCache`).
+
+Memory: the interval table is (H + 1)·2H values per net (0.5 MiB at H = 256 in fp32), and each
+row reads one 2H slice of it. Limit: only layers with one kept feature; wider inputs make the
 linear regions a hyperplane arrangement with far too many cells to tabulate.
 """
 
