@@ -180,14 +180,13 @@ def _fastnvp(ref: RealNVP, options: dict) -> Flow:
         model.load_state_dict(ref.state_dict())
     else:
         model = FastRealNVP.from_reference(ref)
+    return _flow_of("fastnvp" + _option_suffix(options), model)
+
+
+def _flow_of(name: str, model) -> Flow:
+    """A provider for a fastnvp flow (RealNVP or FastRealNVP): its own methods."""
     return Flow(
-        "fastnvp" + _option_suffix(options),
-        model,
-        model.log_prob,
-        model.g,
-        model.sample,
-        _count(model),
-        effective_params(model),
+        name, model, model.log_prob, model.g, model.sample, _count(model), effective_params(model)
     )
 
 
@@ -198,16 +197,7 @@ def _option_suffix(options: dict) -> str:
 
 
 def _reference(ref: RealNVP, options: dict) -> Flow:
-    model = copy.deepcopy(ref)
-    return Flow(
-        "reference",
-        model,
-        model.log_prob,
-        model.g,
-        model.sample,
-        _count(model),
-        effective_params(model),
-    )
+    return _flow_of("reference", copy.deepcopy(ref))
 
 
 def _compiled(ref: RealNVP, options: dict) -> Flow:
