@@ -254,6 +254,7 @@ class FastRealNVP(FlowBase):
             and torch.is_grad_enabled()
             and cpu_conditioner.applies(x)
             and getattr(self, "fused", "auto") != "layer"
+            and 1 in self._num_kept  # no single-input layer: skip the per-layer checks
         ):
             return {}
         layers, nets = [], []

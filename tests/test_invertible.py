@@ -222,17 +222,22 @@ def test_memory_mode_checked_when_changed_after_construction():
 
 @pytest.mark.parametrize("share", [False, True])
 def test_generic_and_shared_conditioner_steps_agree(share, one_thread):
+    std, inv = _pair(8)
+    _check_invertible_flow(std, inv, share, rtol=1e-10, atol=1e-12)
+
+
+def _check_invertible_flow(std, inv, share: bool, rtol: float, atol: float) -> None:
+    """``invertible_flow`` of ``inv`` gives ``std``'s standard-autograd gradients (float64)."""
     from fastnvp.invertible import invertible_flow
 
-    std, inv = _pair(8)
     x = torch.randn(32, 2, dtype=torch.float64)
     _, _, gx_s, gp_s = _grads(std, x, LOSSES["nll"])
     xi = x.clone().requires_grad_(True)
     z, log_det = invertible_flow(inv, xi, share_conditioner=share)
     LOSSES["nll"](z, log_det).backward()
-    torch.testing.assert_close(xi.grad, gx_s, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(xi.grad, gx_s, rtol=rtol, atol=atol)
     for a, b in zip(inv.parameters(), gp_s):
-        torch.testing.assert_close(a.grad, b, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a.grad, b, rtol=rtol, atol=atol)
     assert inv.last_reconstruction.max_layer_error < 1e-13
 
 
@@ -288,16 +293,6 @@ def test_through_the_fused_layer_ops(share, one_thread):
     # fused="layer" runs each layer as the fused-layer ops (their PyTorch path on CPU), as
     # fused="auto" does on CUDA: the generic step goes through them, the shared step through the
     # unfused conditioner and the coupling op.
-    from fastnvp.invertible import invertible_flow
-
     std, inv = _pair(8)
     std.fused = inv.fused = "layer"
-    x = torch.randn(32, 2, dtype=torch.float64)
-    _, _, gx_s, gp_s = _grads(std, x, LOSSES["nll"])
-    xi = x.clone().requires_grad_(True)
-    z, log_det = invertible_flow(inv, xi, share_conditioner=share)
-    LOSSES["nll"](z, log_det).backward()
-    torch.testing.assert_close(xi.grad, gx_s, rtol=1e-8, atol=1e-10)
-    for a, b in zip(inv.parameters(), gp_s):
-        torch.testing.assert_close(a.grad, b, rtol=1e-8, atol=1e-10)
-    assert inv.last_reconstruction.max_layer_error < 1e-13
+    _check_invertible_flow(std, inv, share, rtol=1e-8, atol=1e-10)
