@@ -5,10 +5,11 @@ activations need not be stored for backward: they can be recovered from the outp
 
 - Forward runs every layer under ``no_grad`` and keeps only (N, D) tensors: the stack's input
   and output, and the input of every ``anchor_every``-th layer (default 8; below).
-- Backward walks the layers from the last: it reconstructs layer ``i``'s input with
-  ``model.layer_inverse(i, z)``, recomputes ``model.layer_forward(i, x)`` with grad enabled and
-  backpropagates through that one layer, then moves on with the reconstructed input. At any time
-  the autograd graph of one layer is alive.
+- Backward walks the layers from the last: it reconstructs layer ``i``'s input by inverting the
+  layer on its output, recomputes the layer's forward with grad enabled and backpropagates
+  through that one layer, then moves on with the reconstructed input; each layer with the same
+  kernel and precision as its forward (the steps below). At any time the autograd graph of one
+  layer is alive.
 
 All of this is one ``torch.autograd.Function`` over the whole stack. It takes the parameters as
 inputs, so their gradients flow through the normal autograd machinery (``loss.backward()``,
@@ -16,6 +17,27 @@ inputs, so their gradients flow through the normal autograd machinery (``loss.ba
 provide ``num_layers``, ``layer_forward(i, z) -> (z, log_det)``, ``layer_inverse(i, x) ->
 (x, log_det)`` and per-layer nets ``s[i]``, ``t[i]`` holding layer ``i``'s parameters; the layers
 must be deterministic (no dropout), or the recomputation would differ from the forward.
+
+Each layer is recomputed with the kernel and precision its forward ran, decided once per call
+(in forward, per layer) and kept for backward:
+
+- a layer that ran the fused-layer op (``fastnvp.fused_layer.model_uses_fused_layer``:
+  ``fused="layer"``, or ``"auto"`` on CUDA, for the standard conditioner) takes
+  :func:`_fused_layer_step`: the fused layer's inverse reconstructs the input and the fused layer
+  is recomputed and backpropagated through its fused backward, all in the model's ``precision``.
+  With ``precision="tf32"`` or ``"bf16"`` the forward rounded the matmul operands, so only the
+  same op differentiates the function the forward computed (an fp32 recomputation would not).
+  Cost per layer: a fused inverse, a fused forward and the fused backward (which recomputes
+  the nets from the output), two fused launches more than standard autograd's forward and
+  backward;
+- every other layer of a :class:`fastnvp.FastRealNVP` takes :func:`_shared_layer_step`, which
+  shares one conditioner evaluation between the inversion and the recomputation (the conditioner
+  reads only the kept half, which the layer does not change): per layer a training step then
+  costs 4 conditioner passes (forward, recompute, and the two of backward) against 3 for
+  standard autograd and 5 for the generic inverse + forward walk;
+- other models, and FastRealNVP with non-finite checks (they live in ``layer_forward``) or with
+  ``share_conditioner=False``, take the generic :func:`_layer_step` through ``layer_inverse`` and
+  ``layer_forward``.
 
 Reconstruction is exact in exact arithmetic and close to it in floating point; the engine measures
 how close and guards against drift:
@@ -29,11 +51,6 @@ how close and guards against drift:
   walk reaches it, the reconstructed input is compared with the stored one (the drift, measured
   exactly) and replaced by it, so drift never accumulates over more than ``anchor_every``
   layers. An anchor is one (N, D) tensor, tiny next to one layer's (N, H) activations.
-
-For :class:`fastnvp.FastRealNVP` backward shares one conditioner evaluation between the inversion
-and the recomputation (the conditioner reads only the kept half, which the layer does not
-change): per layer a training step then costs 4 conditioner passes (forward, recompute, and the
-two of backward) against 3 for standard autograd and 5 for the generic inverse + forward walk.
 
 All are relative errors ``max|a - b| / max(1, max|b|)``, kept on the device during the walk and
 read back once. The report is stored as ``model.last_reconstruction``
@@ -181,19 +198,20 @@ def _autocast(state):
     return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
-def _layer_step(model, i, z, g, grad_log_det, params, autocast):
-    """Generic step through ``layer_inverse`` / ``layer_forward``.
+def _recompute_step(inverse, forward, z, g, grad_log_det, params, autocast):
+    """Reconstruct a layer's input with ``inverse``, recompute ``forward`` with grad, backprop.
 
-    Reconstructs layer ``i``'s input ``x`` from its output ``z`` (N, D), recomputes the layer with
-    grad and backpropagates ``g`` (N, D) and ``grad_log_det`` (N,) (None: zeros) through it.
+    ``inverse`` / ``forward``: (N, D) -> ((N, D), (N,)), the layer in each direction. Reconstructs
+    the input ``x`` from the output ``z`` (N, D), recomputes the layer with grad and
+    backpropagates ``g`` (N, D) and ``grad_log_det`` (N,) (None: zeros) through it.
 
     Returns:
         ``(x, grad_x, grads of params, round-trip error)``.
     """
-    x, _ = model.layer_inverse(i, z)  # grad mode is off in a Function's backward
+    x, _ = inverse(z)  # grad mode is off in a Function's backward
     with torch.enable_grad(), _autocast(autocast):
         x_leaf = x.detach().requires_grad_(True)
-        z_again, log_det = model.layer_forward(i, x_leaf)
+        z_again, log_det = forward(x_leaf)
     if grad_log_det is None:  # only z was used downstream
         grad_log_det = torch.zeros_like(log_det)
     out = torch.autograd.grad(
@@ -204,6 +222,64 @@ def _layer_step(model, i, z, g, grad_log_det, params, autocast):
     )
     grad_x = out[0] if out[0] is not None else torch.zeros_like(x)
     return x, grad_x, out[1:], _relative_error(z_again, z)
+
+
+def _layer_step(model, i, z, g, grad_log_det, params, autocast):
+    """Generic step through ``model.layer_inverse`` / ``model.layer_forward``.
+
+    Returns:
+        ``(x, grad_x, grads of params, round-trip error)`` (see :func:`_recompute_step`).
+    """
+    return _recompute_step(
+        lambda h: model.layer_inverse(i, h),
+        lambda h: model.layer_forward(i, h),
+        z,
+        g,
+        grad_log_det,
+        params,
+        autocast,
+    )
+
+
+def _fused_layer_step(model, i, z, g, grad_log_det, params, autocast):
+    """Step of a layer whose forward ran the fused-layer op: the same op, the same precision.
+
+    The fused layer's inverse (``fastnvp::coupling_layer_inverse``) reconstructs the input, and
+    the fused layer (``fastnvp::coupling_layer``) is recomputed with grad, so backward runs its
+    fused backward (``fastnvp::coupling_layer_backward``) in the model's ``precision``: the
+    gradients are those of the function the forward computed, rounded matmul operands included.
+    Calls :func:`fastnvp.fused_layer.model_layer` directly, as the forward's dispatch decided.
+
+    Returns:
+        ``(x, grad_x, grads of params, round-trip error)`` (see :func:`_recompute_step`).
+    """
+    from fastnvp import fused_layer
+
+    # The forward ran the fused layer only with autocast off, so ``autocast`` keeps it off here.
+    with _autocast(autocast):
+        return _recompute_step(
+            lambda h: fused_layer.model_layer(model, i, h, inverse=True),
+            lambda h: fused_layer.model_layer(model, i, h, inverse=False),
+            z,
+            g,
+            grad_log_det,
+            params,
+            autocast,
+        )
+
+
+def _fused_layers(model, x: Tensor) -> tuple[bool, ...]:
+    """Per layer, whether ``model.layer_forward`` runs it as the fused-layer op on state ``x``.
+
+    The forward's dispatch (``fastnvp.fused_layer.model_uses_fused_layer``) depends on the model
+    and on the state's device and autocast, not on its values: one decision per call serves
+    every layer's forward and the backward. False for every layer of models without fused levels.
+    """
+    if getattr(model, "fused", "none") in ("op", "none"):
+        return (False,) * model.num_layers
+    from fastnvp import fused_layer
+
+    return tuple(fused_layer.model_uses_fused_layer(model, i, x) for i in range(model.num_layers))
 
 
 def _can_share(model) -> bool:
@@ -258,6 +334,8 @@ class _InvertibleStack(torch.autograd.Function):
     @staticmethod
     def forward(ctx, model, tolerance, share, anchor_every, layer_params, x, *params):
         # Autograd has switched grad mode off here: nothing is recorded for the layers.
+        # Which layers run the fused-layer op, decided once: backward recomputes them with it.
+        ctx.fused_layers = _fused_layers(model, x)
         z = x
         log_det = None
         anchors = []
@@ -300,9 +378,12 @@ class _InvertibleStack(torch.autograd.Function):
         errors: list[Tensor] = []
         g = grad_z
         autocast = (device_type, autocast_dtype, autocast_on)
-        step = _shared_layer_step if ctx.share else _layer_step
+        # One step per layer, chosen once: the forward's fused layers through the fused op, the
+        # others through the shared conditioner where possible (module doc).
+        plain = _shared_layer_step if ctx.share else _layer_step
+        steps = [_fused_layer_step if fused else plain for fused in ctx.fused_layers]
         for i in reversed(range(model.num_layers)):
-            x, g, layer_grads, error = step(
+            x, g, layer_grads, error = steps[i](
                 model, i, z, g, grad_log_det, ctx.layer_params[i], autocast
             )
             errors.append(error)
@@ -372,7 +453,8 @@ def invertible_flow(
             ``x``'s dtype (:data:`DEFAULT_TOLERANCE`).
         share_conditioner: evaluate each layer's conditioner once for both the inversion and the
             recomputation (:func:`_shared_layer_step`, FastRealNVP without checks) instead of
-            going through ``layer_inverse`` + ``layer_forward``; None: whenever possible.
+            going through ``layer_inverse`` + ``layer_forward``; None: whenever possible. Layers
+            that run the fused-layer op always take :func:`_fused_layer_step` (module doc).
         anchor_every: keep the input of every ``anchor_every``-th layer, (N, D) each, and restart
             the reconstruction from it (bounding drift to that many layers); None keeps only the
             stack input.
