@@ -6,10 +6,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastnvp-installed
 # A machine without an NVIDIA driver gets the CPU build of torch first, so the
-# `torch>=2.6` requirement is already met and no multi-GB CUDA wheel is pulled.
+# `torch>=2.7` requirement is already met and no multi-GB CUDA wheel is pulled.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install demo test test-all lint format bench clean
+.PHONY: install demo test test-all lint format bench compat compat-ci clean
 
 install: $(STAMP)
 
@@ -41,6 +41,18 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m fastnvp bench --quick
 	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-autosave
+
+# Every kernel on every Triton a supported torch ships with: a cached venv per Triton under
+# .compat/, the sm_90 compile report and the interpreter kernel tests in each; the table goes to
+# benchmarks/results/compat/. compat-ci: the GPU image's Triton (3.6.0) and the floor's only.
+TRITONS ?= 3.3.1,3.4.0,3.5.1,3.6.0,3.9.0
+CI_TRITONS ?= 3.6.0,3.3.1
+
+compat:
+	$(PYTHON) benchmarks/compat.py --tritons $(TRITONS)
+
+compat-ci:
+	$(PYTHON) benchmarks/compat.py --tritons $(CI_TRITONS) --out .compat/ci
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -8,8 +8,10 @@ No GPU is needed. Must run without ``TRITON_INTERPRET`` (the interpreter replace
 
     python benchmarks/compile_report.py [--json PATH] [--filter SUBSTRING]
 
-Exit status 1 when any config spills or needs more than the 227 KB of shared memory an sm_90
-block can have.
+Exit status 1 when any config fails to compile, spills or needs more than the 227 KB of shared
+memory an sm_90 block can have. A config that fails to compile is reported as a row with its
+error (and no registers), and the report goes on with the next one, so one run shows every
+failure of a Triton version.
 """
 
 from __future__ import annotations
@@ -104,10 +106,51 @@ def registered_configs(modules=KERNEL_MODULES) -> list[dict]:
     return entries
 
 
+def compile_or_error(entry: dict, ptxas: Path) -> dict:
+    """:func:`compile_entry`, or a row carrying the error when the compiler rejects the config."""
+    try:
+        return compile_entry(entry, ptxas)
+    except Exception as exc:  # noqa: BLE001 - recorded in the row, the report goes on
+        message = f"{type(exc).__name__}: {exc}".strip().splitlines()
+        return {
+            "name": entry["name"],
+            "num_warps": entry["num_warps"],
+            "num_stages": entry.get("num_stages"),
+            "constexprs": dict(entry["constexprs"]),
+            "error": " ".join(message)[:400],
+        }
+
+
 def ok(row: dict) -> bool:
-    """0 spills and shared memory within an sm_90 block's limit."""
+    """Compiled, 0 spills and shared memory within an sm_90 block's limit."""
+    if "error" in row:
+        return False
     spills = row["spill_stores"] + row["spill_loads"]
     return spills == 0 and row["shared"] <= SHARED_LIMIT
+
+
+def _writer(path: Path | None, ptxas: Path, rows: list):
+    """A function writing ``rows`` with the run's metadata to ``path`` (a no-op without one)."""
+    if path is None:
+        return lambda: None
+    import triton
+
+    from fastnvp.kernels.triton_limits import UNSHIPPED, _in_force
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
+    meta = {
+        "triton": triton.__version__,
+        "python": sys.version.split()[0],
+        "target": "cuda sm_90 (ptxas -arch=sm_90a)",
+        "ptxas": ptxas.name,
+        "commit": commit,
+        # Kernels this Triton runs as PyTorch instead (fastnvp.kernels.triton_limits.UNSHIPPED).
+        "unshipped": sorted("/".join(key) for table in _in_force(UNSHIPPED) for key in table),
+    }
+    return lambda: path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
 def main(argv=None) -> int:
@@ -120,14 +163,23 @@ def main(argv=None) -> int:
         return 2
     ptxas = ptxas_path()
     rows = []
+    save = _writer(args.json, ptxas, rows)
     header = f"{'config':<60} {'warps':>5} {'regs':>5} {'spill st/ld':>12} {'shared':>8} wgmma"
     print(header)
     print("-" * len(header))
     for entry in registered_configs():
         if args.filter not in entry["name"]:
             continue
-        row = compile_entry(entry, ptxas)
-        rows.append(row)
+        # A compiler that aborts the process (an assertion in C++) leaves the rows so far.
+        rows.append({"name": entry["name"], "num_warps": entry["num_warps"],
+                     "error": "the compiler aborted the process on this config"})  # fmt: skip
+        save()
+        row = compile_or_error(entry, ptxas)
+        rows[-1] = row
+        save()
+        if "error" in row:
+            print(f"{row['name']:<60} {row['num_warps']:>5}  ERROR {row['error']}", flush=True)
+            continue
         flag = "" if ok(row) else "  <-- FAIL"
         print(
             f"{row['name']:<60} {row['num_warps']:>5} {row['registers']:>5} "
@@ -135,21 +187,6 @@ def main(argv=None) -> int:
             f"{'yes' if row['wgmma'] else 'no':>5}{flag}",
             flush=True,
         )
-    if args.json:
-        import triton
-
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-        meta = {
-            "triton": triton.__version__,
-            "python": sys.version.split()[0],
-            "target": "cuda sm_90 (ptxas -arch=sm_90a)",
-            "ptxas": ptxas.name,
-            "commit": commit,
-        }
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0 if all(ok(r) for r in rows) else 1
 
 

@@ -256,8 +256,13 @@ def _layer(x, kept, transformed, sw, tw, slope, precision, inverse):
 def _layer_backward(out, g, gl, kept, transformed, sw, tw, slope, precision, inverse):
     if _triton_ok(out):
         from fastnvp.kernels.fused_layer_backward import coupling_layer_backward as launch
+        from fastnvp.kernels.fused_layer_backward import ships
 
-        return launch(out, g, gl, kept, transformed, sw, tw, slope, precision, inverse)
+        # A Triton that cannot compile this backward without spills (kernels.triton_limits)
+        # runs it as the PyTorch GEMMs below, with the same operand rounding; the interpreter
+        # has no registers, so it always runs the kernel.
+        if not out.is_cuda or ships(precision, kept.numel(), transformed.numel()):
+            return launch(out, g, gl, kept, transformed, sw, tw, slope, precision, inverse)
     return torch_layer_backward(out, g, gl, kept, transformed, sw, tw, slope, inverse, precision)
 
 

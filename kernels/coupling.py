@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastnvp.kernels.triton_limits import elementwise_warps
+
 # Elements per program: 8 per thread at 4 warps (4 for fp64). The sm_90 compile report showed
 # 16 per thread using all 255 registers and spilling in the backward and fp64 kernels.
 ELEMENTS_PER_PROGRAM = 1024
@@ -54,6 +56,7 @@ def _coupling_fwd_kernel(
     n_rows, n_cols,
     stride_an, stride_ak, stride_sn, stride_sk, stride_tn, stride_tk,
     INVERSE: tl.constexpr, F64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STATIC_COLS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -63,7 +66,10 @@ def _coupling_fwd_kernel(
         acc = tl.zeros((BLOCK_N,), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, n_cols, BLOCK_K):
+    # The interpreters of Triton <= 3.6 pass runtime scalars as 1-element arrays, which NumPy
+    # >= 2.4 refuses as a range bound: the interpreter gets the width as a constexpr
+    # (STATIC_COLS > 0); on a GPU STATIC_COLS = 0 and the loop runs to the runtime n_cols.
+    for k0 in range(0, n_cols if STATIC_COLS == 0 else STATIC_COLS, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         ok = row_ok[:, None] & (cols < n_cols)[None, :]
         a = _load_tile(a_ptr, rows64, cols, stride_an, stride_ak, ok, F64)
@@ -87,6 +93,7 @@ def _coupling_bwd_kernel(
     n_rows, n_cols,
     stride_gn, stride_gk, stride_an, stride_ak, stride_sn, stride_sk,
     INVERSE: tl.constexpr, F64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STATIC_COLS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -97,7 +104,8 @@ def _coupling_bwd_kernel(
         gl = gl.to(tl.float64)
     else:
         gl = gl.to(tl.float32)
-    for k0 in range(0, n_cols, BLOCK_K):
+    # STATIC_COLS: the interpreter's bound (see _coupling_fwd_kernel).
+    for k0 in range(0, n_cols if STATIC_COLS == 0 else STATIC_COLS, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         ok = row_ok[:, None] & (cols < n_cols)[None, :]
         g = _load_tile(g_ptr, rows64, cols, stride_gn, stride_gk, ok, F64)
@@ -125,6 +133,10 @@ def block_sizes(n_cols: int, dtype: torch.dtype = torch.float32) -> tuple[int, i
     return block_n, block_k
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _log_det_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -150,6 +162,8 @@ def coupling_forward(
         a, s, t, out, log_det, n, k,
         a.stride(0), a.stride(1), s.stride(0), s.stride(1), t.stride(0), t.stride(1),
         INVERSE=inverse, F64=a.dtype == torch.float64, BLOCK_N=block_n, BLOCK_K=block_k,
+        STATIC_COLS=0 if a.is_cuda else k,
+        num_warps=elementwise_warps("inverse" if inverse else "forward", _name(a.dtype), block_k),
     )  # fmt: skip
     return out, log_det
 
@@ -181,6 +195,7 @@ def coupling_backward(
         grad_out, grad_log_det, a, s, *grads, n, k,
         grad_out.stride(0), grad_out.stride(1), a.stride(0), a.stride(1), s.stride(0), s.stride(1),
         INVERSE=inverse, F64=a.dtype == torch.float64, BLOCK_N=block_n, BLOCK_K=block_k,
+        STATIC_COLS=0 if a.is_cuda else k,
     )  # fmt: skip
     return tuple(grads)
 
@@ -204,10 +219,11 @@ def _sm90_configs() -> list[dict]:
             for inverse in (False, True):
                 common = {
                     "INVERSE": inverse, "F64": dtype == torch.float64,
-                    "BLOCK_N": block_n, "BLOCK_K": block_k,
+                    "BLOCK_N": block_n, "BLOCK_K": block_k, "STATIC_COLS": 0,
                 }  # fmt: skip
                 direction = "inverse" if inverse else "forward"
-                tag = f"{str(dtype).removeprefix('torch.')},BLOCK={block_n}x{block_k}"
+                warps = elementwise_warps(direction, _name(dtype), block_k)
+                tag = f"{_name(dtype)},BLOCK={block_n}x{block_k}"
                 fwd_sig = dict.fromkeys(("a_ptr", "s_ptr", "t_ptr", "out_ptr"), ptr)
                 fwd_sig["ld_ptr"] = ld
                 bwd_sig = dict.fromkeys(
@@ -228,7 +244,7 @@ def _sm90_configs() -> list[dict]:
                             "kernel": kernel,
                             "signature": signature,
                             "constexprs": common,
-                            "num_warps": 4,
+                            "num_warps": warps if kernel is _coupling_fwd_kernel else 4,
                             "dots": [],
                         }
                     )

@@ -39,9 +39,13 @@ weights to stay cache resident; the caller falls back to per-layer launches abov
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+from fastnvp.kernels.triton_limits import dot_k_min, tile_override
 
 PRECISIONS = {"ieee": 0, "tf32": 1, "bf16": 2}
 # Triton's interpreter mis-computes bf16 dots (and truncates on conversion), so on CPU tensors
@@ -215,7 +219,8 @@ def coupling_stack_kernel(x_ptr, out_ptr, ld_ptr, kept_ptr, trans_ptr, k1_ptr, k
                           w1s, b1s, w2s, b2s, w3s, b3s, w1t, b1t, w2t, b2t, w3t, b3t, slope,
                           H: tl.constexpr, BLOCK_M: tl.constexpr, K1P: tl.constexpr,
                           K2P: tl.constexpr, HC: tl.constexpr, KC: tl.constexpr,
-                          DP: tl.constexpr, PREC: tl.constexpr, INVERSE: tl.constexpr):  # fmt: skip
+                          DP: tl.constexpr, PREC: tl.constexpr, INVERSE: tl.constexpr,
+                          STATIC_L: tl.constexpr):  # fmt: skip
     """All L layers on one row tile (forward: 0..L-1, inverse: L-1..0).
 
     Stacked, zero-padded weights: w1 (L, H, K1P), b1 (L, H), w2 (L, H, H), b2 (L, H),
@@ -231,7 +236,11 @@ def coupling_stack_kernel(x_ptr, out_ptr, ld_ptr, kept_ptr, trans_ptr, k1_ptr, k
     tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=ok), mask=ok)
     tl.debug_barrier()
     log_det = tl.zeros((BLOCK_M,), tl.float32)
-    for i in range(L):
+    # The interpreters of Triton <= 3.6 pass runtime scalars as 1-element arrays, which NumPy
+    # >= 2.4 refuses as a range bound, so the interpreter gets the depth as a constexpr
+    # (STATIC_L > 0). On a GPU STATIC_L = 0 and the loop is an scf.for over the runtime L (a
+    # while loop here makes Triton 3.3's fence-insertion pass fail).
+    for i in range(L if STATIC_L == 0 else STATIC_L):
         if INVERSE:
             layer = L - 1 - i
         else:
@@ -276,7 +285,32 @@ def wide_halves(k1p: int, k2p: int) -> bool:
     return max(k1p, k2p) > WIDE_HALF_MIN
 
 
-def layer_config(hidden: int, precision: str, interpret: bool, k1p: int = 1, k2p: int = 16) -> dict:
+def tile_tier(k1p: int, k2p: int) -> str:
+    """Which tile table a layer's padded halves take: "narrow", "dot_k1" or "wide"."""
+    if wide_halves(k1p, k2p):
+        return "wide"
+    return "dot_k1" if k1p > OUTER_K1_MAX else "narrow"
+
+
+def for_this_triton(cfg: dict, kernel: str, precision: str, hidden: int, k1p: int, k2p: int):
+    """Apply the installed Triton's limits to a default tile (``fastnvp.kernels.triton_limits``):
+    its override for this (kernel, precision, tier) if it has one, and K chunks no shorter than
+    its smallest dot K."""
+    tile = tile_override(kernel, precision, tile_tier(k1p, k2p), hidden)
+    cfg = dict(cfg if tile is None else tile)
+    cfg["HC"] = min(cfg["HC"], hidden)
+    cfg["KC"] = min(max(cfg["KC"], dot_k_min(16 if precision == "bf16" else 32)), hidden)
+    return cfg
+
+
+def layer_config(
+    hidden: int,
+    precision: str,
+    interpret: bool,
+    k1p: int = 1,
+    k2p: int = 16,
+    kernel: str = "layer",
+) -> dict:
     """Tile sizes for the forward/inverse/stack kernels (all measured 0-spill on sm_90).
 
     tf32/bf16 (wgmma): 128 output columns x 32-row (bf16) / 16-row (tf32) K chunks of W2
@@ -288,6 +322,8 @@ def layer_config(hidden: int, precision: str, interpret: bool, k1p: int = 1, k2p
     the K2-wide last Linear take the registers the H x H chunks had, so bf16 drops to 16-row K
     chunks (32 spilled 12 B at 255 registers) and ieee to 16-row tiles (32 rows spilled 16 B in
     the stack kernel).
+    These are the tiles measured on Triton 3.9; ``for_this_triton`` adapts them to the installed
+    Triton (``kernel``: "layer" for the forward / inverse kernel, "stack" for the whole stack).
     Interpreter: tiny tiles with several chunks, so every loop and mask is exercised.
     """
     if interpret:
@@ -295,20 +331,21 @@ def layer_config(hidden: int, precision: str, interpret: bool, k1p: int = 1, k2p
     wide_k1 = k1p > OUTER_K1_MAX
     wide = wide_halves(k1p, k2p)
     if precision == "ieee":
-        return {
+        cfg = {
             "BLOCK_M": 16 if wide else 32 if wide_k1 else 64,
             "HC": min(hidden, 32),
             "KC": 8 if wide_k1 or wide else 16,
             "num_warps": 4,
         }
-    hc = min(hidden, 64 if wide_k1 or wide else 128)
-    kc = 16 if precision == "tf32" or wide else 32  # tf32 operands take twice bf16's registers
-    return {
-        "BLOCK_M": 64 if wide_k1 or wide else 128,
-        "HC": hc,
-        "KC": min(hidden, kc),
-        "num_warps": 8 if hidden >= 64 else 4,
-    }
+    else:
+        kc = 16 if precision == "tf32" or wide else 32  # tf32 operands: twice bf16's registers
+        cfg = {
+            "BLOCK_M": 64 if wide_k1 or wide else 128,
+            "HC": min(hidden, 64 if wide_k1 or wide else 128),
+            "KC": min(hidden, kc),
+            "num_warps": 8 if hidden >= 64 else 4,
+        }
+    return for_this_triton(cfg, kernel, precision, hidden, k1p, k2p)
 
 
 def dot_shapes(cfg: dict, k1p: int, k2p: int) -> list[tuple[int, int, int]]:
@@ -391,7 +428,7 @@ def coupling_stack(x, kept, transformed, k1, k2, s_weights, t_weights, slope: fl
     hidden = s_weights[2].shape[1]
     check_hidden(hidden)
     interpret = not x.is_cuda
-    cfg = dict(config or layer_config(hidden, precision, interpret, k1p, k2p))
+    cfg = dict(config or layer_config(hidden, precision, interpret, k1p, k2p, kernel="stack"))
     # Callers (tests) may pass the output buffers, e.g. NaN-poisoned, to check every write.
     out = torch.empty_like(x) if out is None else out
     log_det = torch.empty(n, device=x.device, dtype=torch.float32) if log_det is None else log_det
@@ -404,7 +441,7 @@ def coupling_stack(x, kept, transformed, k1, k2, s_weights, t_weights, slope: fl
         *ws, *wt, float(slope),
         H=hidden, BLOCK_M=cfg["BLOCK_M"], K1P=k1p, K2P=k2p, HC=cfg["HC"], KC=cfg["KC"],
         DP=padded(d), PREC=prec_code(precision, x.device), INVERSE=bool(inverse),
-        num_warps=cfg["num_warps"],
+        STATIC_L=num_layers if interpret else 0, num_warps=cfg["num_warps"],
     )  # fmt: skip
     return out, log_det
 
@@ -430,9 +467,13 @@ def signature_of(kernel, constexprs: dict) -> dict:
     }
 
 
-def shipped_layer_configs(kernel, stack: bool, config_fn=None) -> list[dict]:
-    """One compile entry per (precision, D, H) the launchers choose on a GPU."""
-    config_fn = config_fn or layer_config
+def shipped_layer_configs(kernel, stack: bool, config_fn=None, kind=None) -> list[dict]:
+    """One compile entry per (precision, D, H) the launchers choose on a GPU.
+
+    ``kind``: the ``kernel`` argument of ``config_fn`` ("layer", "stack" or "backward").
+    """
+    kind = kind or ("stack" if stack else "layer")
+    config_fn = config_fn or functools.partial(layer_config, kernel=kind)
     entries = []
     for precision in PRECISIONS:
         for dim in SHIPPED_DIMS:
@@ -448,6 +489,7 @@ def shipped_layer_configs(kernel, stack: bool, config_fn=None) -> list[dict]:
                 }  # fmt: skip
                 if stack:
                     constexprs["DP"] = padded(dim)
+                    constexprs["STATIC_L"] = 0  # the runtime depth, as on a GPU
                 entries.append(
                     {
                         "name": f"{kernel.__name__}[{precision},D={dim},H={hidden}]",

@@ -49,12 +49,15 @@ from fastnvp.kernels.fused_layer import (
     _net,
     _tanh,
     check_hidden,
+    for_this_triton,
     layer_config,
     pad_k1,
     pad_k2,
     prec_code,
+    tile_tier,
     wide_halves,
 )
+from fastnvp.kernels.triton_limits import kernel_ships
 
 
 @triton.jit
@@ -187,26 +190,38 @@ def backward_config(
     and contract over K2P = 64 in gu @ W3: 16 output columns per chunk, and 8-row (tf32) /
     16-row (bf16) K chunks; ieee keeps 32 rows on 8 warps (twice the threads to hold them).
     Before this tier the D = 128 backward spilled 388-516 B at 255 registers in every precision.
+    These are the tiles measured on Triton 3.9; ``for_this_triton`` adapts them to the installed
+    Triton (``fastnvp.kernels.triton_limits``).
     """
     if interpret:
         return layer_config(hidden, precision, interpret, k1p, k2p)
     if wide_halves(k1p, k2p):
         if precision == "ieee":
-            return {"BLOCK_M": 32, "HC": min(hidden, 16), "KC": 8, "num_warps": 8}
-        kc = 8 if precision == "tf32" else 16  # the tensor-core minimum K of each precision
-        return {"BLOCK_M": 64, "HC": min(hidden, 16), "KC": min(hidden, kc), "num_warps": 8}
-    if precision == "ieee":
+            cfg = {"BLOCK_M": 32, "HC": min(hidden, 16), "KC": 8, "num_warps": 8}
+        else:
+            kc = 8 if precision == "tf32" else 16  # the tensor-core minimum K of each precision
+            cfg = {"BLOCK_M": 64, "HC": min(hidden, 16), "KC": min(hidden, kc), "num_warps": 8}
+    elif precision == "ieee":
         if k1p > OUTER_K1_MAX:
-            return {"BLOCK_M": 16, "HC": min(hidden, 32), "KC": 8, "num_warps": 4}
-        # 16 columns at H >= 128; at H = 64 the 4 column chunks spill and 32 columns do not.
-        return {
-            "BLOCK_M": 32,
-            "HC": min(hidden, 32 if hidden <= 64 else 16),
-            "KC": 8,
-            "num_warps": 4,
-        }
-    kc = 16 if precision == "tf32" else 32  # tf32 operands are twice bf16's registers
-    return {"BLOCK_M": 64, "HC": min(hidden, 64), "KC": min(hidden, kc), "num_warps": 8}
+            cfg = {"BLOCK_M": 16, "HC": min(hidden, 32), "KC": 8, "num_warps": 4}
+        else:
+            # 16 columns at H >= 128; at H = 64 the 4 column chunks spill and 32 columns do not.
+            cfg = {
+                "BLOCK_M": 32,
+                "HC": min(hidden, 32 if hidden <= 64 else 16),
+                "KC": 8,
+                "num_warps": 4,
+            }
+    else:
+        kc = 16 if precision == "tf32" else 32  # tf32 operands are twice bf16's registers
+        cfg = {"BLOCK_M": 64, "HC": min(hidden, 64), "KC": min(hidden, kc), "num_warps": 8}
+    return for_this_triton(cfg, "backward", precision, hidden, k1p, k2p)
+
+
+def ships(precision: str, k1: int, k2: int) -> bool:
+    """Whether this Triton's fused backward kernel runs for a layer with K1 kept and K2
+    transformed features (``triton_limits.UNSHIPPED``: else the PyTorch backward runs)."""
+    return kernel_ships("backward", precision, tile_tier(pad_k1(k1), pad_k2(k2)))
 
 
 def dot_shapes(cfg: dict, k1p: int, k2p: int) -> list[tuple[int, int, int]]:
@@ -240,7 +255,9 @@ def _reduce(part, ga2, x1, weights, k1, k2, k1p, k2p, slope, precision):
     b1 = weights[1].detach().to(torch.float32)
     h1 = F.leaky_relu(F.linear(x1, w1, b1), slope)
     if precision == "bf16":
-        gw2 = (ga2.to(torch.bfloat16).T @ h1.to(torch.bfloat16)).to(torch.float32)
+        # bf16 operands, fp32 products and sums (the kernel's dots): a bf16 matmul would also
+        # round the result to bf16, ~3e-3 from the fp32-accumulated gradient.
+        gw2 = ga2.to(torch.bfloat16).to(torch.float32).T @ h1.to(torch.bfloat16).to(torch.float32)
     else:
         gw2 = ga2.T @ h1
     grads = (gw1, gb1, gw2, gb2, gw3, gb3)
@@ -313,8 +330,13 @@ def _sm90_configs() -> list[dict]:
     from fastnvp.kernels.fused_layer import shipped_layer_configs
 
     entries = shipped_layer_configs(
-        coupling_layer_backward_kernel, stack=False, config_fn=backward_config
+        coupling_layer_backward_kernel, stack=False, config_fn=backward_config, kind="backward"
     )
+    entries = [
+        e for e in entries
+        if kernel_ships("backward", e["dots"][0][3], tile_tier(e["constexprs"]["K1P"],
+                                                                e["constexprs"]["K2P"]))
+    ]  # fmt: skip
     for entry in entries:
         c = entry["constexprs"]
         cfg = {"BLOCK_M": c["BLOCK_M"], "HC": c["HC"], "KC": c["KC"]}
