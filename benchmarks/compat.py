@@ -274,11 +274,27 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compat")
     parser.add_argument("--cache", type=Path, default=ROOT / ".compat", help="venv cache")
     parser.add_argument("--no-tests", action="store_true", help="compile report only")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        help="instead of running, merge the rows of these matrix.json files (runs split across "
+        "processes) into one table under --out, with their compile reports",
+    )
     args = parser.parse_args(argv)
-    versions = [v.strip() for v in args.tritons.split(",") if v.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for version in versions:
+    if args.merge:
+        for path in args.merge:
+            rows += json.loads(path.read_text())["rows"]
+            for report in path.parent.glob("compile_triton-*.json"):
+                (args.out / report.name).write_text(report.read_text())
+        order = {v: i for i, v in enumerate(TRITONS)}
+        rows.sort(key=lambda r: order.get(r["triton"], len(order)))
+        versions = [r["triton"] for r in rows]
+    else:
+        versions = [v.strip() for v in args.tritons.split(",") if v.strip()]
+    for version in [] if args.merge else versions:
         print(f"== Triton {version}", flush=True)
         row = triton_row(version, args.cache, args.out, not args.no_tests)
         rows.append(row)

@@ -163,7 +163,7 @@ def coupling_forward(
         a.stride(0), a.stride(1), s.stride(0), s.stride(1), t.stride(0), t.stride(1),
         INVERSE=inverse, F64=a.dtype == torch.float64, BLOCK_N=block_n, BLOCK_K=block_k,
         STATIC_COLS=0 if a.is_cuda else k,
-        num_warps=elementwise_warps("inverse" if inverse else "forward", _name(a.dtype), block_k),
+        num_warps=elementwise_warps(block_k),
     )  # fmt: skip
     return out, log_det
 
@@ -195,7 +195,7 @@ def coupling_backward(
         grad_out, grad_log_det, a, s, *grads, n, k,
         grad_out.stride(0), grad_out.stride(1), a.stride(0), a.stride(1), s.stride(0), s.stride(1),
         INVERSE=inverse, F64=a.dtype == torch.float64, BLOCK_N=block_n, BLOCK_K=block_k,
-        STATIC_COLS=0 if a.is_cuda else k,
+        STATIC_COLS=0 if a.is_cuda else k, num_warps=elementwise_warps(block_k),
     )  # fmt: skip
     return tuple(grads)
 
@@ -222,7 +222,7 @@ def _sm90_configs() -> list[dict]:
                     "BLOCK_N": block_n, "BLOCK_K": block_k, "STATIC_COLS": 0,
                 }  # fmt: skip
                 direction = "inverse" if inverse else "forward"
-                warps = elementwise_warps(direction, _name(dtype), block_k)
+                warps = elementwise_warps(block_k)
                 tag = f"{_name(dtype)},BLOCK={block_n}x{block_k}"
                 fwd_sig = dict.fromkeys(("a_ptr", "s_ptr", "t_ptr", "out_ptr"), ptr)
                 fwd_sig["ld_ptr"] = ld
@@ -244,7 +244,7 @@ def _sm90_configs() -> list[dict]:
                             "kernel": kernel,
                             "signature": signature,
                             "constexprs": common,
-                            "num_warps": warps if kernel is _coupling_fwd_kernel else 4,
+                            "num_warps": warps,
                             "dots": [],
                         }
                     )

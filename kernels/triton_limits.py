@@ -31,50 +31,109 @@ TRITON_VERSION = tuple(int(p) for p in triton.__version__.split("+")[0].split(".
 
 # (first version, last version) inclusive -> {(kernel, precision, tier): tile}. kernel: "layer"
 # (forward / inverse), "stack" (whole stack), "backward"; tier: fused_layer.tile_tier. A tile
-# may carry "min_hidden": it then applies only from that hidden width on. Found by
+# may carry "min_hidden": the last tile of a key's list whose min_hidden <= H applies. Found by
 # benchmarks/tune_configs.py on 3.3.1 and 3.6.0; the 3.9 defaults need none.
 _T = dict  # one tile: BLOCK_M rows, HC output columns, KC K chunk, num_warps
-TILE_OVERRIDES: dict[tuple[tuple[int, int], tuple[int, int]], dict[tuple[str, str, str], dict]] = {
-    ((3, 3), (3, 5)): {
-        ("layer", "tf32", "narrow"): _T(BLOCK_M=128, HC=64, KC=32, num_warps=8, min_hidden=128),
-        ("layer", "tf32", "wide"): _T(BLOCK_M=16, HC=64, KC=16, num_warps=8),
-        ("layer", "bf16", "wide"): _T(BLOCK_M=64, HC=32, KC=16, num_warps=8),
-        ("stack", "ieee", "dot_k1"): _T(BLOCK_M=32, HC=32, KC=32, num_warps=4),
-        ("stack", "tf32", "narrow"): _T(BLOCK_M=128, HC=64, KC=32, num_warps=8, min_hidden=128),
-        ("stack", "tf32", "wide"): _T(BLOCK_M=32, HC=64, KC=32, num_warps=8),
-        ("backward", "bf16", "dot_k1"): _T(BLOCK_M=64, HC=16, KC=64, num_warps=8),
+TILE_OVERRIDES: dict[tuple[tuple[int, int], tuple[int, int]], dict[tuple[str, str, str], list]] = {
+    ((3, 3), (3, 3)): {
+        ("layer", "tf32", "narrow"): [_T(BLOCK_M=128, HC=64, KC=32, num_warps=8, min_hidden=128)],
+        ("layer", "tf32", "wide"): [_T(BLOCK_M=16, HC=64, KC=16, num_warps=8)],
+        ("layer", "bf16", "wide"): [_T(BLOCK_M=64, HC=32, KC=16, num_warps=8)],
+        ("stack", "ieee", "dot_k1"): [_T(BLOCK_M=32, HC=32, KC=32, num_warps=4)],
+        ("stack", "tf32", "narrow"): [_T(BLOCK_M=128, HC=64, KC=32, num_warps=8, min_hidden=128)],
+        ("stack", "tf32", "wide"): [_T(BLOCK_M=32, HC=64, KC=32, num_warps=8)],
+        ("stack", "bf16", "wide"): [_T(BLOCK_M=64, HC=32, KC=32, num_warps=8)],
+        ("backward", "ieee", "wide"): [_T(BLOCK_M=16, HC=16, KC=16, num_warps=8)],
+        ("backward", "tf32", "narrow"): [
+            _T(BLOCK_M=64, HC=32, KC=32, num_warps=8),
+            _T(BLOCK_M=64, HC=16, KC=32, num_warps=8, min_hidden=128),
+        ],
+        ("backward", "tf32", "dot_k1"): [_T(BLOCK_M=64, HC=16, KC=32, num_warps=8)],
+        ("backward", "bf16", "narrow"): [
+            _T(BLOCK_M=32, HC=64, KC=64, num_warps=8),
+            _T(BLOCK_M=64, HC=16, KC=64, num_warps=8, min_hidden=128),
+        ],
+    },
+    ((3, 4), (3, 4)): {
+        ("layer", "ieee", "narrow"): [
+            _T(BLOCK_M=64, HC=32, KC=32, num_warps=4),
+            _T(BLOCK_M=64, HC=16, KC=32, num_warps=4, min_hidden=128),
+        ],
+        ("layer", "tf32", "narrow"): [_T(BLOCK_M=128, HC=64, KC=32, num_warps=8, min_hidden=128)],
+        ("layer", "tf32", "wide"): [_T(BLOCK_M=64, HC=32, KC=16, num_warps=8)],
+        ("layer", "bf16", "wide"): [_T(BLOCK_M=32, HC=64, KC=32, num_warps=8)],
+        ("stack", "ieee", "dot_k1"): [_T(BLOCK_M=32, HC=32, KC=32, num_warps=4)],
+        ("stack", "tf32", "narrow"): [_T(BLOCK_M=128, HC=64, KC=32, num_warps=8, min_hidden=128)],
+        ("stack", "tf32", "wide"): [_T(BLOCK_M=32, HC=64, KC=32, num_warps=8)],
+        ("stack", "bf16", "narrow"): [_T(BLOCK_M=128, HC=32, KC=64, num_warps=8, min_hidden=128)],
+        ("stack", "bf16", "wide"): [_T(BLOCK_M=32, HC=64, KC=32, num_warps=8)],
+        ("backward", "tf32", "narrow"): [
+            _T(BLOCK_M=32, HC=64, KC=32, num_warps=8),
+            _T(BLOCK_M=64, HC=16, KC=32, num_warps=8, min_hidden=128),
+        ],
+        ("backward", "tf32", "dot_k1"): [_T(BLOCK_M=64, HC=16, KC=32, num_warps=8)],
+        ("backward", "bf16", "narrow"): [
+            _T(BLOCK_M=64, HC=32, KC=64, num_warps=8),
+            _T(BLOCK_M=64, HC=16, KC=64, num_warps=8, min_hidden=128),
+        ],
+        ("backward", "bf16", "dot_k1"): [_T(BLOCK_M=64, HC=16, KC=32, num_warps=8)],
+    },
+    ((3, 5), (3, 5)): {
+        ("layer", "tf32", "narrow"): [_T(BLOCK_M=128, HC=64, KC=32, num_warps=8, min_hidden=128)],
+        ("layer", "tf32", "wide"): [_T(BLOCK_M=32, HC=64, KC=32, num_warps=8)],
+        ("layer", "bf16", "wide"): [_T(BLOCK_M=32, HC=64, KC=32, num_warps=8)],
+        ("stack", "tf32", "narrow"): [_T(BLOCK_M=128, HC=64, KC=32, num_warps=8, min_hidden=128)],
+        ("stack", "tf32", "wide"): [_T(BLOCK_M=64, HC=32, KC=32, num_warps=8)],
+        ("backward", "tf32", "dot_k1"): [_T(BLOCK_M=64, HC=16, KC=32, num_warps=8)],
+        ("backward", "bf16", "narrow"): [_T(BLOCK_M=64, HC=32, KC=64, num_warps=8, min_hidden=128)],
+        ("backward", "bf16", "dot_k1"): [_T(BLOCK_M=64, HC=32, KC=64, num_warps=8)],
     },
     ((3, 6), (3, 8)): {
-        ("layer", "tf32", "wide"): _T(BLOCK_M=32, HC=64, KC=32, num_warps=8),
-        ("layer", "bf16", "wide"): _T(BLOCK_M=32, HC=64, KC=32, num_warps=8),
-        ("stack", "tf32", "narrow"): _T(BLOCK_M=128, HC=64, KC=32, num_warps=8, min_hidden=128),
-        ("stack", "tf32", "wide"): _T(BLOCK_M=64, HC=32, KC=32, num_warps=8),
-        ("backward", "ieee", "dot_k1"): _T(BLOCK_M=16, HC=32, KC=32, num_warps=8),
-        ("backward", "ieee", "wide"): _T(BLOCK_M=16, HC=16, KC=16, num_warps=8),
-        ("backward", "tf32", "narrow"): _T(BLOCK_M=64, HC=16, KC=32, num_warps=8, min_hidden=128),
-        ("backward", "tf32", "dot_k1"): _T(BLOCK_M=64, HC=16, KC=32, num_warps=8),
-        ("backward", "bf16", "narrow"): _T(BLOCK_M=64, HC=32, KC=64, num_warps=8, min_hidden=128),
-        ("backward", "bf16", "dot_k1"): _T(BLOCK_M=64, HC=16, KC=64, num_warps=8),
+        ("layer", "tf32", "wide"): [_T(BLOCK_M=32, HC=64, KC=32, num_warps=8)],
+        ("layer", "bf16", "wide"): [_T(BLOCK_M=32, HC=64, KC=32, num_warps=8)],
+        ("stack", "tf32", "narrow"): [_T(BLOCK_M=128, HC=64, KC=32, num_warps=8, min_hidden=128)],
+        ("stack", "tf32", "wide"): [_T(BLOCK_M=64, HC=32, KC=32, num_warps=8)],
+        ("backward", "ieee", "dot_k1"): [_T(BLOCK_M=16, HC=32, KC=32, num_warps=8)],
+        ("backward", "ieee", "wide"): [_T(BLOCK_M=16, HC=16, KC=16, num_warps=8)],
+        ("backward", "tf32", "narrow"): [_T(BLOCK_M=64, HC=16, KC=32, num_warps=8, min_hidden=128)],
+        ("backward", "tf32", "dot_k1"): [_T(BLOCK_M=64, HC=16, KC=32, num_warps=8)],
+        ("backward", "bf16", "narrow"): [_T(BLOCK_M=64, HC=32, KC=64, num_warps=8, min_hidden=128)],
+        ("backward", "bf16", "dot_k1"): [_T(BLOCK_M=64, HC=16, KC=64, num_warps=8)],
     },
 }
 
 # (first, last) -> the (kernel, precision, tier) whose fused kernel this Triton cannot compile
-# without spills at any tile tried: the backward of wide halves (D > 32) in tf32 / bf16 keeps
+# without spills at any tile tried: the backward of wide halves (D > 32; on 3.4-3.5 in every
+# precision, elsewhere in tf32 / bf16; 3.3 also bf16 halves of 5-16 features) keeps
 # (rows, 64) x1 / gu / gx1 tiles live beside the tensor-core chunks, and with K chunks of 16
 # (the dot minimum before 3.9; 3.9 fits it with K = 8) every tile from 64x16 down to 16x16
 # spilled 24-1248 B. There the layer's backward runs as PyTorch GEMMs
 # (fastnvp.fused_layer.torch_layer_backward: bf16 operands rounded as the kernel rounds them,
 # tf32 as fp32); the forward stays fused.
 UNSHIPPED: dict[tuple[tuple[int, int], tuple[int, int]], set[tuple[str, str, str]]] = {
-    ((3, 3), (3, 5)): {("backward", "bf16", "wide")},
+    ((3, 3), (3, 3)): {
+        ("backward", "tf32", "wide"),
+        ("backward", "bf16", "wide"),
+        ("backward", "bf16", "dot_k1"),
+    },
+    ((3, 4), (3, 4)): {
+        ("backward", "ieee", "wide"),
+        ("backward", "tf32", "wide"),
+        ("backward", "bf16", "wide"),
+    },
+    ((3, 5), (3, 5)): {
+        ("backward", "ieee", "wide"),
+        ("backward", "tf32", "wide"),
+        ("backward", "bf16", "wide"),
+    },
     ((3, 6), (3, 8)): {("backward", "tf32", "wide"), ("backward", "bf16", "wide")},
 }
 
-# (first, last) -> {(direction, dtype name, BLOCK_K): num_warps} for the elementwise coupling
-# kernels (default 4 warps). Triton 3.6's ptxas spills 4 B (at 56 registers) in the fp32 inverse
-# at 256 x 4; at 8 warps the same tile takes 40 registers and no spill.
-ELEMENTWISE_WARPS: dict[tuple[tuple[int, int], tuple[int, int]], dict[tuple, int]] = {
-    ((3, 6), (3, 8)): {("inverse", "float32", 4): 8},
+# (first, last) -> {BLOCK_K: num_warps} for the elementwise coupling kernels (default 4 warps).
+# On Triton 3.4-3.6 ptxas spills 4 B (at 56 registers) in the 256 x 4 tile (K = 3 or 4) of the
+# fp32 inverse / fp16 forward at 4 warps; at 8 warps the same tile takes ~40 and no spill.
+ELEMENTWISE_WARPS: dict[tuple[tuple[int, int], tuple[int, int]], dict[int, int]] = {
+    ((3, 3), (3, 8)): {4: 8},
 }
 
 
@@ -89,11 +148,11 @@ def kernel_ships(kernel: str, precision: str, tier: str) -> bool:
     return not any((kernel, precision, tier) in entries for entries in _in_force(UNSHIPPED))
 
 
-def elementwise_warps(direction: str, dtype_name: str, block_k: int) -> int:
+def elementwise_warps(block_k: int) -> int:
     """Warps of an elementwise coupling launch on this Triton (4 unless ELEMENTWISE_WARPS)."""
     for entries in _in_force(ELEMENTWISE_WARPS):
-        if (direction, dtype_name, block_k) in entries:
-            return entries[(direction, dtype_name, block_k)]
+        if block_k in entries:
+            return entries[block_k]
     return 4
 
 
@@ -113,7 +172,8 @@ def dot_k_min(bits: int = 32) -> int:
 def tile_override(kernel: str, precision: str, tier: str, hidden: int) -> dict | None:
     """The tile that replaces the default for this Triton, or None to keep the default."""
     for table in _in_force(TILE_OVERRIDES):
-        tile = table.get((kernel, precision, tier))
-        if tile is not None and hidden >= tile.get("min_hidden", 0):
-            return {k: v for k, v in tile.items() if k != "min_hidden"}
+        tiles = table.get((kernel, precision, tier), ())
+        fitting = [t for t in tiles if hidden >= t.get("min_hidden", 0)]
+        if fitting:
+            return {k: v for k, v in fitting[-1].items() if k != "min_hidden"}
     return None

@@ -36,7 +36,7 @@ def test_every_shipped_dot_meets_this_tritons_minimum(entry):
 def test_overrides_apply_only_inside_their_version_range(monkeypatch):
     tile = {"BLOCK_M": 32, "HC": 64, "KC": 32, "num_warps": 8, "min_hidden": 128}
     monkeypatch.setattr(
-        triton_limits, "TILE_OVERRIDES", {((3, 3), (3, 6)): {("stack", "tf32", "narrow"): tile}}
+        triton_limits, "TILE_OVERRIDES", {((3, 3), (3, 6)): {("stack", "tf32", "narrow"): [tile]}}
     )
     monkeypatch.setattr(triton_limits, "TRITON_VERSION", (3, 6))
     got = triton_limits.tile_override("stack", "tf32", "narrow", 256)
@@ -51,7 +51,7 @@ def test_layer_config_takes_the_override_and_clamps_to_the_width(monkeypatch):
     tile = {"BLOCK_M": 32, "HC": 128, "KC": 8, "num_warps": 4}
     version = triton_limits.TRITON_VERSION
     monkeypatch.setattr(
-        triton_limits, "TILE_OVERRIDES", {(version, version): {("stack", "bf16", "narrow"): tile}}
+        triton_limits, "TILE_OVERRIDES", {(version, version): {("stack", "bf16", "narrow"): [tile]}}
     )
     cfg = fused_layer.layer_config(64, "bf16", False, 1, 16, kernel="stack")
     assert cfg["BLOCK_M"] == 32 and cfg["num_warps"] == 4
