@@ -81,3 +81,24 @@ def test_a_family_with_no_configs_is_not_green():
 def test_every_supported_torch_has_its_triton_in_the_default_matrix():
     assert set(compat.TORCH_TRITON.values()) == set(compat.TRITONS)
     assert "3.6.0" in compat.TRITONS, "the GPU image's Triton"
+
+
+def test_pytest_summary_is_parsed_per_module():
+    text = (
+        "PASSED tests/test_ops.py::test_a[torch]\n"
+        "PASSED tests/test_ops.py::test_b\n"
+        "FAILED tests/test_fused_layer.py::test_c[triton-bf16] - AssertionError\n"
+        "1 failed, 2 passed in 1.0s\n"
+    )
+    got = compat.parse_pytest(text, list(compat.TEST_FAMILIES), 1)
+    assert got["per_file"]["tests/test_ops.py"] == {"passed": 2, "failed": 0}
+    assert got["per_file"]["tests/test_fused_layer.py"] == {"passed": 0, "failed": 1}
+    assert got["failures"] == [
+        "FAILED tests/test_fused_layer.py::test_c[triton-bf16] - AssertionError"
+    ]
+
+
+def test_a_run_with_no_passed_test_is_not_green():
+    tests = compat.parse_pytest("no tests ran in 0.1s\n", list(compat.TEST_FAMILIES), 0)
+    row = {"triton": "3.6.0", "compile": compat.compile_cells(_report()), "tests": tests}
+    assert not compat.green(row)

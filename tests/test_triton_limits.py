@@ -66,3 +66,23 @@ def test_tiers():
     assert fused_layer.tile_tier(1, 16) == "narrow"
     assert fused_layer.tile_tier(16, 16) == "dot_k1"
     assert fused_layer.tile_tier(64, 64) == "wide"
+
+
+def test_unshipped_backward_is_not_compiled_and_not_launched(monkeypatch):
+    version = triton_limits.TRITON_VERSION
+    monkeypatch.setattr(
+        triton_limits, "UNSHIPPED", {(version, version): {("backward", "bf16", "wide")}}
+    )
+    assert not fused_layer_backward.ships("bf16", 64, 64)
+    assert fused_layer_backward.ships("bf16", 1, 1), "narrow halves still run the kernel"
+    assert fused_layer_backward.ships("ieee", 64, 64), "other precisions still run the kernel"
+    names = [e["name"] for e in fused_layer_backward._sm90_configs()]
+    assert "coupling_layer_backward_kernel[bf16,D=128,H=256]" not in names
+    assert "coupling_layer_backward_kernel[ieee,D=128,H=256]" in names
+
+
+def test_elementwise_warps_follow_the_table(monkeypatch):
+    version = triton_limits.TRITON_VERSION
+    monkeypatch.setattr(triton_limits, "ELEMENTWISE_WARPS", {(version, version): {4: 8}})
+    assert triton_limits.elementwise_warps(4) == 8
+    assert triton_limits.elementwise_warps(1) == 4
