@@ -1,9 +1,10 @@
 """Round-trip error |g(f(x)) - x| of FastRealNVP against depth, in float32 and float64.
 
-For each depth L, a standard flow (DESIGN §1) is built from a fixed seed; the same weights are
-evaluated in float64 and float32 on standardized two-moons points. With ``--train-steps S`` a
-second set of flows (hidden ``--train-hidden``) is first trained for S Adam steps on two moons,
-since trained scales are larger than at initialisation and errors grow with them.
+For each depth L, a standard flow (docs/design.md §1.3) is built from a fixed seed; the same
+weights are evaluated in float64 and float32 on standardized two-moons points. With
+``--train-steps S`` a second set of flows (hidden ``--train-hidden``) is first trained for S
+Adam steps on two moons, since trained scales are larger than at initialisation and errors
+grow with them.
 
 Writes ``roundtrip_error.json`` (machine, versions, commit, settings, one row per
 model/depth/dtype) and ``roundtrip_error.md`` (the table) under

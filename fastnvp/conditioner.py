@@ -1,6 +1,6 @@
 """The standard Real NVP conditioner and its structural detection.
 
-Standard conditioner (DESIGN §1), for data dimension D and hidden width H::
+Standard conditioner (docs/design.md §1.3), for data dimension D and hidden width H::
 
     S = Linear(D, H) - LeakyReLU - Linear(H, H) - LeakyReLU - Linear(H, D) - Tanh
     T = Linear(D, H) - LeakyReLU - Linear(H, H) - LeakyReLU - Linear(H, D)

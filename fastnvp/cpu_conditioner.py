@@ -1,7 +1,7 @@
 """CPU path of the standard conditioner pair (S, T) on the split halves of one coupling layer.
 
-Same function as the two standard MLPs (DESIGN §1) restricted to the kept input columns and the
-transformed output rows::
+Same function as the two standard MLPs (docs/design.md §1.3) restricted to the kept input
+columns and the transformed output rows::
 
     h_s = lrelu(x1 @ W1s[:, kept].T + b1s)       h_t = lrelu(x1 @ W1t[:, kept].T + b1t)
     h_s = lrelu(h_s @ W2s.T + b2s)               h_t = lrelu(h_t @ W2t.T + b2t)

@@ -1,4 +1,4 @@
-"""The fully fused coupling layer as custom ops (DESIGN §3.3–3.4).
+"""The fully fused coupling layer as custom ops (docs/design.md §4.2–4.4).
 
 One op computes a whole standard coupling layer — both conditioner MLPs on the kept half, the
 affine update of the transformed half and log_det — from the full (N, D) input::
@@ -583,6 +583,11 @@ def model_uses_fused_layer(model, layer: int, h: Tensor) -> bool:
     """Whether FastRealNVP layer ``layer`` runs as one fused-layer op on state ``h``."""
     level = getattr(model, "fused", "none")
     if level in ("op", "none") or not model._standard[layer]:
+        return False
+    # The kernel tiles H in powers of two (>= 16, docs/design.md §4.5): other widths take the
+    # unfused path at every level instead of failing in the launcher.
+    hidden = model.s[layer][0].out_features
+    if hidden < 16 or hidden & (hidden - 1):
         return False
     if level == "auto" and not (h.is_cuda and use_triton(h)):
         return False

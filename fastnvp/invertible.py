@@ -1,6 +1,6 @@
 """Memory-saving training: backward by inversion, so activation memory does not grow with depth.
 
-DESIGN §3.5 (the RevNet / MemCNN idea). A coupling stack is invertible, so its intermediate
+docs/design.md §5 (the RevNet / MemCNN idea). A coupling stack is invertible, so its intermediate
 activations need not be stored for backward: they can be recovered from the output.
 
 - Forward runs every layer under ``no_grad`` and keeps only (N, D) tensors: the stack's input

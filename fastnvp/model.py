@@ -1,7 +1,7 @@
 """FastRealNVP: a drop-in replacement for :class:`fastnvp.reference.RealNVP`.
 
 Same constructor, methods, return shapes and ``state_dict`` keys as the reference; the same
-function (DESIGN §1). What differs is how it is computed:
+function (docs/design.md §1). What differs is how it is computed:
 
 - each layer works on the split halves ``x1 = x[:, kept]``, ``x2 = x[:, transformed]``; no
   multiply-by-mask on full-width tensors and no discarded conditioner outputs;

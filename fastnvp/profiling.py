@@ -147,7 +147,7 @@ def build_model(
     seed: int = 0,
     fused: str | None = None,
 ) -> nn.Module:
-    """A standard-conditioner flow (DESIGN §1) of ``impl`` in training-memory ``mode``.
+    """A standard-conditioner flow (docs/design.md §1.3) of ``impl`` in training-memory ``mode``.
 
     ``fused`` sets FastRealNVP's fused level (None: its default); the reference ignores it.
     """

@@ -1,6 +1,7 @@
 """Reference Real NVP in plain PyTorch: the definition of "correct" for every fast path.
 
-Convention (DESIGN §1): ``f`` maps data -> latent, layer 0 first. With mask ``m`` (1 = kept)::
+Convention (docs/design.md §1.1): ``f`` maps data -> latent, layer 0 first. With mask ``m``
+(1 = kept)::
 
     s = S(x * m) * (1 - m),  t = T(x * m) * (1 - m)
     z = x * m + (1 - m) * (x * exp(s) + t),   log_det += sum(s)
@@ -73,8 +74,8 @@ class FlowBase(nn.Module):
 
     ``clamp=α`` bounds the log-scale of user-supplied scale nets softly, ``s <- α·tanh(s/α)``
     (slope 1 at 0, |s| <= α), so a deep stack cannot overflow ``exp(s)``. Layers whose nets
-    are the standard conditioner pair (DESIGN §1) are left as they are: their Tanh already bounds
-    |s| <= 1. ``check=True`` turns on :mod:`fastnvp.checks` for this model.
+    are the standard conditioner pair (docs/design.md §1.3) are left as they are: their Tanh
+    already bounds |s| <= 1. ``check=True`` turns on :mod:`fastnvp.checks` for this model.
     """
 
     def __init__(self, nets, nett, masks, prior=None, *, clamp=None, check=False):
@@ -162,7 +163,7 @@ class FlowBase(nn.Module):
         negative_slope: float = 0.01,
         **options,
     ):
-        """The standard conditioner (DESIGN §1) with alternating checkerboard masks.
+        """The standard conditioner (docs/design.md §1.3) with alternating checkerboard masks.
 
         ``options`` are the class's keyword arguments (e.g. ``check=True``; for FastRealNVP also
         ``memory``, ``fused``, ``precision``).

@@ -1,7 +1,7 @@
 """Elementwise affine coupling: the transform and its log-determinant in one pass.
 
-Math (DESIGN §1), per row n and transformed feature k, with sign σ = +1 (forward f, data ->
-latent) or σ = -1 (inverse g):
+Math (docs/design.md §1.1, §1.5), per row n and transformed feature k, with sign σ = +1
+(forward f, data -> latent) or σ = -1 (inverse g):
 
     forward:  z2 = x2 * exp(s) + t            log_det[n] =  Σ_k s[n, k]
     inverse:  x2 = (z2 - t) * exp(-s)         log_det[n] = -Σ_k s[n, k]
@@ -12,7 +12,7 @@ data-side half (x2: the forward's input, the inverse's output):
     forward:  gx2 = g * exp(s),   gs = gx2 * a + gl,       gt = g
     inverse:  gz2 = g * exp(-s),  gs = -(g * a + gl),      gt = -gz2
 
-(``gx2 * a`` equals DESIGN's ``g * (z2 - t)`` without the cancellation of ``z2 - t``.)
+(``gx2 * a`` equals docs/design.md §1.5's ``g * (z2 - t)`` without the cancellation of ``z2 - t``.)
 
 Memory traffic: forward/inverse read 3 and write 1 element per (n, k) plus one log_det per
 row; backward reads 3 (+1 per row) and writes 3. Each kernel is one pass over memory; math is

@@ -1,7 +1,8 @@
 """Fully fused coupling layer (forward f / inverse g) and whole-stack inference.
 
-Math (DESIGN §1), per row with kept half x1 (K1 features) and transformed half x2 (K2 features),
-for each conditioner net P in {S, T} with weights W1 (H, K1), W2 (H, H), W3 (K2, H) and slope a::
+Math (docs/design.md §1.1, §4.2), per row with kept half x1 (K1 features) and transformed
+half x2 (K2 features), for each conditioner net P in {S, T} with weights W1 (H, K1), W2 (H, H),
+W3 (K2, H) and slope a::
 
     a1 = x1 @ W1^T + b1        h1 = leaky(a1)          (the first Linear, K = K1, often 1)
     a2 = h1 @ W2^T + b2        h2 = leaky(a2)          (the H x H Linear: ~98% of the FLOPs)
@@ -314,7 +315,7 @@ def layer_config(
     """Tile sizes for the forward/inverse/stack kernels (all measured 0-spill on sm_90).
 
     tf32/bf16 (wgmma): 128 output columns x 32-row (bf16) / 16-row (tf32) K chunks of W2
-    (DESIGN §3.3), 128 rows (64 rows x 64 columns when the first Linear is a dot too). ieee:
+    (docs/design.md §4.5), 128 rows (64 rows x 64 columns when the first Linear is a dot too). ieee:
     Triton lowers fp32 dots to FMAs that hold each thread's whole K slice of both operands in
     registers, so the chunks are narrow (32 columns, 16-row K) and the tile is 64 rows (32 with a
     dot first Linear).

@@ -1,7 +1,8 @@
 """Backward of the fully fused coupling layer, recomputed from the layer's output.
 
-Math (DESIGN §1), with the layer output y (its kept half x1 equals the input's), upstream g
-(per element, halves g1/g2) and gl (per row); a1, a2 are the pre-activations of each net::
+Math (docs/design.md §4.3), with the layer output y (its kept half x1 equals the input's),
+upstream g (per element, halves g1/g2) and gl (per row); a1, a2 are the pre-activations of each
+net::
 
     forward layer:  gin2 = g2 * exp(s),   gs = g2 * (y2 - t) + gl,   gt = g2
     inverse layer:  gin2 = g2 * exp(-s),  gs = -(g2 * y2 + gl),      gt = -gin2

@@ -48,7 +48,7 @@ def split_weights(model: RealNVP, layer: int, dtype=torch.float64):
 
 
 def ref_layer(model: RealNVP, layer: int, x: torch.Tensor, inverse: bool):
-    """The reference layer on the masked full-width input (DESIGN §1), float64."""
+    """The reference layer on the masked full-width input (docs/design.md §1.2), float64."""
     m = model.mask[layer].to(x.dtype)
     s = model.s[layer](x * m) * (1 - m)
     t = model.t[layer](x * m) * (1 - m)
@@ -371,3 +371,18 @@ def test_every_shipped_dot_meets_tensor_core_minimums():
                     assert k >= (16 if precision == "bf16" else 8), (hidden, precision, dim)
                 for cfg in (fwd, bwd):
                     assert hidden % cfg["HC"] == 0 and hidden % cfg["KC"] == 0
+
+
+def test_flow_with_unsupported_hidden_width_takes_unfused_path():
+    """A width the kernel cannot tile (H = 24) falls back per layer instead of raising."""
+    from fastnvp import FastRealNVP
+
+    torch.manual_seed(3)
+    ref = make_flow(4, 24)
+    fast = FastRealNVP.from_reference(ref)
+    fast.fused = "layer"
+    assert not fl.model_uses_fused_layer(fast, 0, torch.zeros(1, 4, dtype=torch.float64))
+    x = torch.randn(9, 4, dtype=torch.float64)
+    z, ld = fast.f(x)
+    z_ref, ld_ref = ref.f(x)
+    assert torch.allclose(z, z_ref, atol=1e-12) and torch.allclose(ld, ld_ref, atol=1e-12)

@@ -7,15 +7,15 @@ Workloads (B rows, D features; all providers get the same inputs):
 - ``inverse``: ``g(z)`` under ``torch.no_grad``, z (B, D).
 - ``train``: one step of Adam on ``-log_prob(x).mean()``: zero_grad, forward, backward, step.
 
-Timing (DESIGN §5): all providers of one configuration live in one process and are timed in
-rounds; each round times every provider once, starting at a different provider each round, so
-slow drifts of the machine hit all of them alike. Before the rounds each provider runs warm-up
-calls (the first call of ``torch.compile`` compiles; its duration is reported as ``compile_s``).
-A timed sample repeats the call ``number`` times, chosen from the warm-up so that one sample
-lasts at least ``min_sample_s``. CPU: ``time.perf_counter`` with ``torch.set_num_threads``
-fixed; CUDA: CUDA events after a synchronize. Reported: median and quartiles of the per-call
-times, and the median over rounds of the paired ratio (reference time / provider time of the
-same round; > 1 means faster than the reference).
+Timing (docs/design.md §6.6): all providers of one configuration live in one process and are
+timed in rounds; each round times every provider once, starting at a different provider each
+round, so slow drifts of the machine hit all of them alike. Before the rounds each provider runs
+warm-up calls (the first call of ``torch.compile`` compiles; its duration is reported as
+``compile_s``). A timed sample repeats the call ``number`` times, chosen from the warm-up so
+that one sample lasts at least ``min_sample_s``. CPU: ``time.perf_counter`` with
+``torch.set_num_threads`` fixed; CUDA: CUDA events after a synchronize. Reported: median and
+quartiles of the per-call times, and the median over rounds of the paired ratio (reference time
+/ provider time of the same round; > 1 means faster than the reference).
 
 FLOPs are counted analytically: per row, per layer, per net ``2 (K1 H + H H + H K2)`` for the
 forward; a training step counts three times the forward (forward, two backward GEMMs). The

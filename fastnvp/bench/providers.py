@@ -1,7 +1,7 @@
 """Benchmark providers: one flow per implementation, all computing the reference's function.
 
 Every provider is built from one :class:`fastnvp.reference.RealNVP` with the standard
-conditioner (DESIGN §1) and gets its weights copied from it, so each computes the same
+conditioner (docs/design.md §1.3) and gets its weights copied from it, so each computes the same
 ``log p(x)``:
 
 - ``fastnvp``: :class:`fastnvp.model.FastRealNVP` (the CPU conditioner path on CPU, the fused
