@@ -257,3 +257,141 @@ def test_cli_registered_and_regenerates_from_json(tiny_doc, tmp_path, capsys):
     assert "fastnvp log_prob:" in out and (tmp_path / "o" / "run.md").exists()
     with pytest.raises(SystemExit):
         main(["bench", "--providers", "pyro"])
+
+
+# ----------------------------------------------------------------------------- the grid preset
+TINY_AXES = {"dim": (2, 3), "hidden": (8,), "batch": (16,), "layers": (1,)}
+
+
+def test_grid_preset_axes_and_size():
+    plan = harness.preset("grid")
+    shapes = {(c.dim, c.hidden, c.batch, c.layers) for c, _ in plan.entries}
+    assert len(plan.entries) == len(shapes) == 72 == plan.grid["size"] == plan.grid["planned"]
+    assert {c.dim for c, _ in plan.entries} == {2, 6, 16, 64}
+    assert {c.hidden for c, _ in plan.entries} == {32, 64, 256}
+    assert {c.batch for c, _ in plan.entries} == {256, 1024, 4096}
+    assert {c.layers for c, _ in plan.entries} == {8, 50}
+    for _, settings in plan.entries:
+        assert tuple(settings.providers) == ("fastnvp", "reference", "zuko", "FrEIA")
+        assert tuple(settings.workloads) == ("train", "log_prob", "sample")
+        assert not settings.fastnvp_variants
+    assert plan.grid["sample"] is None and plan.grid["seed"] == 0 and plan.grid["rule"]
+    assert plan.grid["shapes"] == [[c.dim, c.hidden, c.batch, c.layers] for c, _ in plan.entries]
+    assert plan.grid["every_value_after"] == 4  # the longest axis (D) has 4 values
+
+
+def test_grid_sample_is_deterministic_and_covers_every_value():
+    order = harness.grid_order(harness.GRID_AXES, seed=0)
+    assert order == harness.grid_order(harness.GRID_AXES, seed=0)
+    assert sorted(order) == harness.grid_shapes() and len(set(order)) == 72
+    assert order != harness.grid_order(harness.GRID_AXES, seed=1)  # the seed breaks ties
+    for seed in (0, 1, 7):
+        first = harness.grid_order(harness.GRID_AXES, seed)
+        assert harness.grid_coverage(harness.GRID_AXES, first[:4])["every_value"]
+        assert not harness.grid_coverage(harness.GRID_AXES, first[:3])["every_value"]
+    plan = harness.preset("grid", grid_sample=6, grid_seed=3)
+    assert len(plan.entries) == plan.grid["planned"] == 6 and plan.grid["sample"] == 6
+    again = harness.preset("grid", grid_sample=6, grid_seed=3)
+    assert [c for c, _ in plan.entries] == [c for c, _ in again.entries]
+    shapes = [(c.dim, c.hidden, c.batch, c.layers) for c, _ in plan.entries]
+    assert shapes == harness.grid_order(harness.GRID_AXES, 3)[:6]
+    n_pairs = plan.grid["every_pair_after"]
+    assert harness.grid_coverage(harness.GRID_AXES, order[:n_pairs])["every_pair"]
+    for bad in (3, 73, 0):
+        with pytest.raises(ValueError, match="grid_sample"):
+            harness.preset("grid", grid_sample=bad)
+    with pytest.raises(ValueError, match="grid_sample"):
+        harness.preset("full", grid_sample=8)
+    with pytest.raises(ValueError, match="axes"):
+        harness.grid_plan({"dim": (2,)})
+    with pytest.raises(ValueError, match="seed"):
+        harness.grid_order(seed="0")
+
+
+def _synthetic_grid_doc(tiny_doc):
+    """A grid document built from tiny_doc's measured entry, with known ratios per shape."""
+    doc = copy.deepcopy(tiny_doc)
+    doc["preset"] = "grid"
+    plan = harness.grid_plan(
+        {"dim": (2, 6), "hidden": (8, 16), "batch": (32,), "layers": (1, 2)}, sample=3, seed=0
+    )
+    template = doc["configs"][0]
+    doc["configs"] = []
+    for k, (cfg, _) in enumerate(plan.entries):
+        entry = copy.deepcopy(template)
+        entry["config"].update(dim=cfg.dim, hidden=cfg.hidden, batch=cfg.batch, layers=cfg.layers)
+        entry["results"] = [r for r in entry["results"] if r["workload"] in harness.GRID_WORKLOADS]
+        for r in entry["results"]:
+            if r["provider"] == "fastnvp":
+                r["ratio_vs_reference"] = 2.0 ** (k - 1)  # 0.5x, 1x, 2x
+                r["ratio_vs_fastest_peer"] = 1.5
+        doc["configs"].append(entry)
+    doc["grid"] = {**plan.grid, "shapes_run": 3, "every_value_run": True, "every_pair_run": False}
+    doc["not_run"] = []
+    return harness.validate(doc)
+
+
+def test_grid_report_table_and_heatmap(tiny_doc, tmp_path):
+    doc = _synthetic_grid_doc(tiny_doc)
+    text = report.markdown(doc)
+    assert (
+        "| D | H | B | L | train vs reference | log_prob vs reference | sample vs reference "
+        "| train vs best peer | log_prob vs best peer | sample vs best peer |" in text
+    )
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "×" in line]
+    assert len(rows) == 3
+    assert sorted(r.split(" | ")[4] for r in rows) == ["0.50×", "1.00×", "2.00×"]
+    assert all(r.rstrip(" |").endswith("1.50×") for r in rows)
+    assert "Shapes: 3 of the 8-shape grid" in text and "first 3 shapes" in text
+    assert "seed 0" in text and "greedy, cover first" in text
+    assert any("geometric mean over 3 shapes" in line for line in report.summary_lines(doc))
+    paths = report.write_all(doc, str(tmp_path), "grid")
+    names = {p.rsplit("/", 1)[-1] for p in paths}
+    assert names == {
+        "grid.json",
+        "grid.md",
+        "grid_heatmap_vs_reference.png",
+        "grid_heatmap_vs_peer.png",
+    }
+    png = (tmp_path / "grid_heatmap_vs_reference.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert report.load(str(tmp_path / "grid.json"))["grid"]["sample"] == 3
+    with pytest.raises(ValueError, match="> 0"):
+        from fastnvp.bench.heatmap import ratio_heatmap
+
+        ratio_heatmap({"t": {(1, 1): 0.0}}, [1], [1], str(tmp_path / "x.png"), "t")
+
+
+def test_grid_end_to_end_on_tiny_shapes(tmp_path, capsys):
+    settings = harness.Settings(
+        providers=harness.GRID_PROVIDERS,
+        workloads=harness.GRID_WORKLOADS,
+        repeats=1,
+        min_sample_s=0.0,
+        threads=1,
+        fastnvp_variants=False,
+    )
+    plan = harness.grid_plan(TINY_AXES, settings=settings)
+    assert sorted(c.dim for c, _ in plan.entries) == [2, 3]
+    doc = harness.run(plan, "fastnvp bench --preset grid (test)", log=lambda _m: None)
+    doc = json.loads(json.dumps(doc))
+    harness.validate(doc)
+    assert doc["grid"]["shapes_run"] == 2 and doc["grid"]["every_value_run"]
+    ratios = report.grid_ratios(doc)
+    assert set(ratios) == {(2, 8, 16, 1), (3, 8, 16, 1)}
+    for r in ratios.values():
+        assert r["provider"] == "fastnvp" and r["ok"]
+        assert set(r["reference"]) == set(harness.GRID_WORKLOADS)
+        peers_ran = {p for e in doc["configs"] for p in e["checks"]} & {"zuko", "FrEIA"}
+        assert set(r["peer"]) == (set(harness.GRID_WORKLOADS) if peers_ran else set())
+    src = tmp_path / "grid.json"
+    src.write_text(json.dumps(doc))
+    assert main(["bench", "--from-json", str(src), "--out", str(tmp_path / "o")]) == 0
+    assert "train: fastnvp" in capsys.readouterr().out
+    assert (tmp_path / "o" / "grid_heatmap_vs_reference.png").exists()
+    for argv in (
+        ["--preset", "full", "--grid-sample", "8"],
+        ["--preset", "grid", "--grid-sample", "2"],
+    ):
+        with pytest.raises(SystemExit):
+            main(["bench", *argv])

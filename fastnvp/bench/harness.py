@@ -27,9 +27,11 @@ dtype and thread count, before and after the configurations.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -110,14 +112,26 @@ class Settings:
 
 @dataclass
 class Plan:
-    """A list of configurations, each with the providers and workloads to run on it."""
+    """A list of configurations, each with the providers and workloads to run on it.
+
+    ``grid``: for the grid preset, how the shapes were chosen and ordered (see
+    :func:`grid_plan`); :func:`run` copies it into the results document.
+    """
 
     name: str
     entries: list[tuple[BenchConfig, Settings]] = field(default_factory=list)
+    grid: dict | None = None
 
 
 # ----------------------------------------------------------------------------- presets
-def preset(name: str, device: str = "cpu", dtype: str = "float32", threads: int = 2) -> Plan:
+def preset(
+    name: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+    threads: int = 2,
+    grid_sample: int | None = None,
+    grid_seed: int = 0,
+) -> Plan:
     """Named sweeps.
 
     - ``quick`` (≤ 3 min on 2 cores): L ∈ {1, 8}, D = 2, H = 256, B = 1024, every provider and
@@ -127,9 +141,18 @@ def preset(name: str, device: str = "cpu", dtype: str = "float32", threads: int 
     - ``full``: ``main`` plus one-factor sweeps around it: depth L ∈ {1, 8, 50, 100, 200}
       (B = 1024; log_prob and train), D ∈ {16, 64} and H = 64 (L = 8; log_prob and train) and
       B ∈ {256, 16384} (L = 8; log_prob).
+    - ``grid``: the product :data:`GRID_AXES` (D ∈ {2, 6, 16, 64}, H ∈ {32, 64, 256},
+      B ∈ {256, 1024, 4096}, L ∈ {8, 50}: 72 shapes) with :data:`GRID_PROVIDERS` and
+      :data:`GRID_WORKLOADS`, in the cover-first order of :func:`grid_order` (seed
+      ``grid_seed``); ``grid_sample``: keep only the first that many shapes (see
+      :func:`grid_plan`).
     """
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
+    if name == "grid":
+        return grid_plan(GRID_AXES, grid_sample, grid_seed, device, dtype, threads)
+    if grid_sample is not None:
+        raise ValueError(f"grid_sample applies to the grid preset only, not to {name!r}")
 
     def cfg(layers, dim=2, hidden=256, batch=4096):
         return BenchConfig(layers, dim, hidden, batch, device, dtype)
@@ -160,7 +183,169 @@ def preset(name: str, device: str = "cpu", dtype: str = "float32", threads: int 
     return plan
 
 
-PRESETS = ("quick", "main", "full")
+PRESETS = ("quick", "main", "full", "grid")
+
+# ----------------------------------------------------------------------------- the grid
+#: The grid preset's axes, in the order of a shape tuple (D, H, B, L).
+GRID_AXES = {
+    "dim": (2, 6, 16, 64),
+    "hidden": (32, 64, 256),
+    "batch": (256, 1024, 4096),
+    "layers": (8, 50),
+}
+GRID_PROVIDERS = ("fastnvp", "reference", "zuko", "FrEIA")
+GRID_WORKLOADS = ("train", "log_prob", "sample")
+GRID_RULE = (
+    "greedy, cover first: each next shape is the one with the most axis values not yet "
+    "in the order, then the most new pairs of values of two axes, then the most new triples "
+    "(ties: the order of random.Random(seed).random() keys, one per shape in product order); "
+    "the first max-axis-length shapes contain every value of every axis. A sample of N keeps "
+    "the first N shapes; --max-minutes starts shapes in this order until the budget is spent."
+)
+
+
+def _check_axes(axes: dict) -> dict[str, tuple[int, ...]]:
+    if not isinstance(axes, dict) or set(axes) != set(GRID_AXES):
+        raise ValueError(f"axes must be a dict with the keys {tuple(GRID_AXES)}, got {axes!r}")
+    out = {}
+    for name in GRID_AXES:
+        values = tuple(axes[name]) if isinstance(axes[name], (list, tuple)) else ()
+        if not values or len(set(values)) != len(values):
+            raise ValueError(
+                f"axes[{name!r}] must be a non-empty list of distinct values, got {axes[name]!r}"
+            )
+        out[name] = tuple(sorted(values))
+    return out
+
+
+def grid_shapes(axes: dict = GRID_AXES) -> list[tuple[int, int, int, int]]:
+    """Every shape (D, H, B, L) of the product of ``axes``, in product order."""
+    axes = _check_axes(axes)
+    return list(itertools.product(*(axes[n] for n in GRID_AXES)))
+
+
+def _combos(shape: tuple, k: int) -> set[tuple]:
+    """The k-way (axis, value) combinations of a shape."""
+    return set(itertools.combinations(enumerate(shape), k))
+
+
+def grid_order(axes: dict = GRID_AXES, seed: int = 0) -> list[tuple[int, int, int, int]]:
+    """Every shape (D, H, B, L) of the grid in the cover-first order of :data:`GRID_RULE`.
+
+    Greedy: the next shape maximises (new axis values, new 2-way value pairs, new 3-way value
+    triples) lexicographically, counted against the shapes already ordered. On a full product
+    every pick can take an unseen value on each axis that still has one, so the first
+    ``max(len(values))`` shapes contain every value of every axis (4 on :data:`GRID_AXES`),
+    and the pairs follow soon after; a prefix is therefore a spread-out subsample.
+
+    Ties are broken by one ``random.Random(seed).random()`` key per shape (in product order):
+    ``random()``'s stream is the part of the module that Python keeps stable across versions,
+    so the order depends only on ``axes`` and ``seed``.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    shapes = grid_shapes(axes)
+    rng = random.Random(seed)
+    keys = {shape: rng.random() for shape in shapes}
+    remaining = sorted(shapes, key=keys.__getitem__)
+    ways = range(1, len(GRID_AXES))
+    seen: dict[int, set] = {k: set() for k in ways}
+    order = []
+    while remaining:
+        # max() keeps the first of equal gains, i.e. the lowest tie-break key.
+        best = max(remaining, key=lambda s: tuple(len(_combos(s, k) - seen[k]) for k in ways))
+        remaining.remove(best)
+        order.append(best)
+        for k in ways:
+            seen[k] |= _combos(best, k)
+    return order
+
+
+def grid_coverage(axes: dict, shapes: Sequence[tuple]) -> dict[str, bool]:
+    """Whether ``shapes`` (D, H, B, L) contain every axis value and every 2-axis value pair."""
+    everything = grid_shapes(axes)
+    out = {}
+    for key, k in (("every_value", 1), ("every_pair", 2)):
+        need = set().union(*(_combos(s, k) for s in everything))
+        have = set().union(*(_combos(tuple(s), k) for s in shapes)) if shapes else set()
+        out[key] = need <= have
+    return out
+
+
+def _prefix_covering(axes: dict, order: list[tuple], key: str) -> int:
+    """Length of the shortest prefix of ``order`` with ``grid_coverage(...)[key]``."""
+    for n in range(1, len(order) + 1):
+        if grid_coverage(axes, order[:n])[key]:
+            return n
+    return len(order)
+
+
+def grid_plan(
+    axes: dict = GRID_AXES,
+    sample: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    threads: int = 2,
+    settings: Settings | None = None,
+) -> Plan:
+    """The grid preset: every shape of ``axes`` (or the first ``sample``) in :func:`grid_order`.
+
+    Every shape gets the same ``settings`` (default: :data:`GRID_PROVIDERS` and
+    :data:`GRID_WORKLOADS`, 3 rounds, no fused-level variants), so providers are paired and
+    alternated exactly as in the other presets (:func:`run_config`).
+
+    Args:
+        axes: ``{"dim", "hidden", "batch", "layers"}`` -> values.
+        sample: None: the whole grid (``--max-minutes`` may still stop it early, in order);
+            else keep the first ``sample`` shapes, at least ``max(len(values))`` so that every
+            axis value is in the sample.
+        seed: tie-break seed of :func:`grid_order`.
+
+    Returns:
+        The plan, with ``plan.grid`` describing the axes, rule, seed, sample and the order
+        (``shapes``: [[D, H, B, L], ...] as planned).
+    """
+    axes = _check_axes(axes)
+    full = grid_order(axes, seed)
+    order = full
+    cover = max(len(v) for v in axes.values())
+    if sample is not None:
+        if (
+            isinstance(sample, bool)
+            or not isinstance(sample, int)
+            or not (cover <= sample <= len(order))
+        ):
+            raise ValueError(
+                f"grid_sample must be an int in [{cover}, {len(order)}] (the first {cover} shapes"
+                f" contain every axis value), got {sample!r}"
+            )
+        order = order[:sample]
+    if settings is None:
+        # No fused-level variants: on the grid the question is fastnvp (its default path) vs
+        # the reference and the peers, and each variant would add a full timing per workload.
+        settings = Settings(
+            providers=GRID_PROVIDERS,
+            workloads=GRID_WORKLOADS,
+            repeats=3,
+            threads=threads,
+            fastnvp_variants=False,
+        )
+    plan = Plan("grid")
+    for dim, hidden, batch, layers in order:
+        plan.entries.append((BenchConfig(layers, dim, hidden, batch, device, dtype), settings))
+    plan.grid = {
+        "axes": {n: list(v) for n, v in axes.items()},
+        "size": len(full),
+        "rule": GRID_RULE,
+        "seed": seed,
+        "sample": sample,
+        "planned": len(order),
+        "every_value_after": _prefix_covering(axes, full, "every_value"),
+        "every_pair_after": _prefix_covering(axes, full, "every_pair"),
+        "shapes": [list(s) for s in order],
+    }
+    return plan
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -567,6 +752,13 @@ def _run(plan, command, log, max_minutes, checkpoint) -> dict:
         **environment(device, threads),
         "load_average_start": load_average(),
     }
+    if plan.grid is not None:
+        doc["grid"] = {
+            **plan.grid,
+            "shapes_run": 0,
+            "every_value_run": False,
+            "every_pair_run": False,
+        }
     log(f"machine {doc['machine']['name']}, load average {doc['load_average_start']}")
     shapes = sorted({(c.hidden, c.device, c.dtype) for c, _ in plan.entries})
     ceilings = []
@@ -582,6 +774,8 @@ def _run(plan, command, log, max_minutes, checkpoint) -> dict:
             continue
         log(f"{cfg.label()} {cfg.device} {cfg.dtype}")
         configs.append(run_config(cfg, settings, log))
+        if plan.grid is not None:
+            _grid_progress(doc)
         if checkpoint is not None:
             _attach_ceilings(configs, ceilings)
             checkpoint(doc)
@@ -601,6 +795,18 @@ def _run(plan, command, log, max_minutes, checkpoint) -> dict:
     doc["duration_s"] = time.perf_counter() - t0
     doc["load_average_end"] = load_average()
     return doc
+
+
+def _grid_progress(doc: dict) -> None:
+    """Record in ``doc["grid"]`` how many shapes ran and whether they cover every axis value."""
+    shapes = [
+        (c["dim"], c["hidden"], c["batch"], c["layers"])
+        for c in (e["config"] for e in doc["configs"])
+    ]
+    cover = grid_coverage(doc["grid"]["axes"], shapes)
+    doc["grid"]["shapes_run"] = len(shapes)
+    doc["grid"]["every_value_run"] = cover["every_value"]
+    doc["grid"]["every_pair_run"] = cover["every_pair"]
 
 
 def _attach_ceilings(configs: list[dict], ceilings: list[dict]) -> None:
@@ -660,6 +866,11 @@ def validate(doc: dict) -> dict:
             raise ValueError(f"results: machine.{key} must be a string")
     if "torch" not in doc["versions"]:
         raise ValueError("results: versions.torch is missing")
+    if "grid" in doc:
+        grid = doc["grid"]
+        if not isinstance(grid, dict) or not isinstance(grid.get("axes"), dict):
+            raise ValueError("results: grid must be a dict with 'axes'")
+        _check_axes(grid["axes"])
     for i, entry in enumerate(doc["configs"]):
         cfg = entry.get("config")
         if not isinstance(cfg, dict):

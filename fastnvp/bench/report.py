@@ -6,10 +6,11 @@ Nothing here measures; every number comes from the JSON written by ``fastnvp ben
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 
-from fastnvp.bench.harness import WORKLOADS, validate
+from fastnvp.bench.harness import GRID_WORKLOADS, WORKLOADS, validate
 from fastnvp.bench.providers import PEERS
 
 README_START = "<!-- bench:start -->"
@@ -86,17 +87,27 @@ def config_table(entry: dict, doc: dict) -> str:
     return out
 
 
-def markdown(doc: dict, headline_only: bool = False) -> str:
-    """The report: how it was measured, then one table per configuration."""
+def _measured_by(doc: dict) -> list[str]:
+    """The command, date, commit, machine, versions and load of a run (two lines)."""
     m, v = doc["machine"], doc["versions"]
     peers = ", ".join(f"{p} {v.get(p)}" for p in PEERS if v.get(p)) or "none installed"
-    head = [
+    return [
         f"Measured by `{doc['command']}` on {doc['created_utc']} "
         f"(commit {str(doc.get('commit'))[:10]}{', dirty tree' if doc.get('dirty') else ''}).",
         f"Machine: {m['cpu_model']}, {m['cpu_count']} CPUs"
         + (f", {m['gpu_model']}" if m.get("gpu_model") else "")
         + f"; torch {v['torch']}, peers: {peers}; "
         f"load average {doc.get('load_average_start')} → {doc.get('load_average_end')}.",
+    ]
+
+
+def markdown(doc: dict, headline_only: bool = False) -> str:
+    """The report: how it was measured, then one table per configuration (the grid preset: one
+    table with a row per shape, :func:`grid_markdown`)."""
+    if is_grid(doc):
+        return grid_markdown(doc, headline_only)
+    head = [
+        *_measured_by(doc),
         "",
         "Cells: median over rounds of the paired speed ratio vs the eager reference (> 1 is "
         "faster), the analytic FLOP rate and its fraction of the GEMM ceiling measured in the "
@@ -163,7 +174,11 @@ def _depth_series(doc: dict) -> tuple[list[dict], str] | None:
 
 
 def plots(doc: dict, out_prefix: str) -> list[str]:
-    """Throughput vs depth per provider, and ratio vs reference; returns the written paths."""
+    """Throughput vs depth per provider, and ratio vs reference; returns the written paths.
+
+    The grid preset gets its heatmaps instead (:func:`grid_plots`)."""
+    if is_grid(doc):
+        return grid_plots(doc, out_prefix)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,7 +272,10 @@ def write_all(doc: dict, out_dir: str, name: str, readme: str | None = None) -> 
 
 
 def summary_lines(doc: dict) -> Sequence[str]:
-    """One line per fastnvp result of the headline configuration (for the terminal)."""
+    """One line per fastnvp result of the headline configuration (for the terminal); the grid
+    preset: one line per workload and ratio over all shapes (:func:`grid_summary`)."""
+    if is_grid(doc):
+        return grid_summary(doc)
     entry = doc["configs"][0]
     out = []
     for r in _fastnvp_rows(entry["results"]):
@@ -271,3 +289,220 @@ def summary_lines(doc: dict) -> Sequence[str]:
             line += f", {r['ratio_vs_fastest_peer']:.2f}× fastest peer"
         out.append(line)
     return out
+
+
+# ----------------------------------------------------------------------------- the grid preset
+def is_grid(doc: dict) -> bool:
+    """True for a results document of the grid preset (it carries a ``grid`` block)."""
+    return isinstance(doc.get("grid"), dict)
+
+
+def _shape(entry: dict) -> tuple[int, int, int, int]:
+    c = entry["config"]
+    return c["dim"], c["hidden"], c["batch"], c["layers"]
+
+
+def _shape_label(shape: tuple) -> str:
+    return "D={} H={} B={} L={}".format(*shape)
+
+
+def grid_workloads(doc: dict) -> list[str]:
+    """The workloads in the document: :data:`GRID_WORKLOADS` order, then any others."""
+    present = {r["workload"] for e in doc["configs"] for r in e["results"]}
+    extra = [w for w in WORKLOADS if w not in GRID_WORKLOADS]
+    return [w for w in (*GRID_WORKLOADS, *extra) if w in present]
+
+
+def grid_ratios(doc: dict) -> dict[tuple[int, int, int, int], dict]:
+    """The fastnvp provider's paired ratios per shape that ran.
+
+    The fastnvp provider of a shape is the first ``fastnvp*`` provider of its results (the
+    plain ``fastnvp`` in the grid preset).
+
+    Returns:
+        ``{(D, H, B, L): {"provider": str | None, "reference": {workload: ratio},
+        "peer": {workload: ratio vs the fastest peer of each round}, "ok": bool}}``; ``ok`` is
+        False when the provider's log_prob missed the reference's tolerance or the providers'
+        effective parameter counts differ.
+    """
+    out = {}
+    for entry in doc["configs"]:
+        names = [r["provider"] for r in entry["results"] if r["provider"].startswith("fastnvp")]
+        provider = names[0] if names else None
+        rows = [r for r in entry["results"] if r["provider"] == provider]
+        check = entry["checks"].get(provider, {})
+        out[_shape(entry)] = {
+            "provider": provider,
+            "reference": {r["workload"]: r["ratio_vs_reference"] for r in rows},
+            "peer": {
+                r["workload"]: r["ratio_vs_fastest_peer"]
+                for r in rows
+                if "ratio_vs_fastest_peer" in r
+            },
+            "ok": bool(check.get("ok", True)) and bool(entry.get("params_match", True)),
+        }
+    return out
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def grid_table(doc: dict) -> str:
+    """Markdown table, one row per shape that ran (sorted by D, H, B, L): the fastnvp /
+    reference speed ratio per workload, then fastnvp vs the fastest peer per workload."""
+    ratios = grid_ratios(doc)
+    workloads = grid_workloads(doc)
+    with_peer = any(r["peer"] for r in ratios.values())
+    head = ["D", "H", "B", "L", *(f"{w} vs reference" for w in workloads)]
+    if with_peer:
+        head += [f"{w} vs best peer" for w in workloads]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for shape in sorted(ratios):
+        r = ratios[shape]
+        cells = [str(v) for v in shape] + [_ratio(r["reference"].get(w)) for w in workloads]
+        if with_peer:
+            cells += [_ratio(r["peer"].get(w)) for w in workloads]
+        if not r["ok"]:
+            cells[3] += " ⚠"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def grid_summary(doc: dict) -> list[str]:
+    """Per workload and ratio: geometric mean, lowest and highest over the shapes that ran."""
+    ratios = grid_ratios(doc)
+    out = []
+    for kind, label in (("reference", "the reference"), ("peer", "the fastest peer")):
+        for w in grid_workloads(doc):
+            pts = {s: r[kind][w] for s, r in ratios.items() if w in r[kind]}
+            if not pts:
+                continue
+            lo, hi = min(pts, key=pts.get), max(pts, key=pts.get)
+            out.append(
+                f"{w}: fastnvp {_geomean(list(pts.values())):.2f}× {label} (geometric mean over "
+                f"{len(pts)} shapes; lowest {pts[lo]:.2f}× at {_shape_label(lo)}, highest "
+                f"{pts[hi]:.2f}× at {_shape_label(hi)})"
+            )
+    return out
+
+
+def grid_sampling(doc: dict) -> str:
+    """One paragraph: which shapes of the grid ran, by which rule, and what they cover."""
+    g = doc["grid"]
+    axes = "; ".join(
+        f"{sym} ∈ {{{', '.join(str(v) for v in g['axes'][name])}}}"
+        for sym, name in (("D", "dim"), ("H", "hidden"), ("B", "batch"), ("L", "layers"))
+    )
+    run = len(doc["configs"])
+    if g.get("sample") is None:
+        planned = "the whole grid planned"
+    else:
+        planned = f"a sample of the first {g['sample']} shapes of the order"
+    not_run = len(doc.get("not_run", []))
+    if not_run:
+        planned += f", {not_run} not started within the time limit"
+    values = "yes" if g.get("every_value_run") else "NO"
+    pairs = "yes" if g.get("every_pair_run") else "no"
+    return (
+        f"Shapes: {run} of the {g['size']}-shape grid {axes} ({planned}; seed {g['seed']}). "
+        f"Order: {g['rule']} On this order the first {g['every_value_after']} shapes contain "
+        f"every axis value and the first {g['every_pair_after']} every pair of values. Among "
+        f"the shapes that ran: every axis value {values}; every pair of values of two axes "
+        f"{pairs}."
+    )
+
+
+def grid_markdown(doc: dict, headline_only: bool = False) -> str:
+    """The grid report: how it was measured and sampled, the table, a summary and notes.
+
+    ``headline_only`` (the README section) leaves out the list of shapes not run."""
+    ratios = grid_ratios(doc)
+    providers = {r["provider"] for r in ratios.values()} - {None}
+    peers = sorted({r["provider"] for e in doc["configs"] for r in e["results"]} & set(PEERS))
+    head = [
+        *_measured_by(doc),
+        "",
+        f"Cells: median over rounds of the paired speed ratio of {', '.join(sorted(providers))} "
+        "to the eager reference (reference time / fastnvp time in the same round; > 1 is "
+        "faster) and, per round, to the fastest of the peers that ran "
+        f"({', '.join(peers) or 'none'}). Providers ran alternately in one process on the same "
+        "inputs; quartiles and raw times are in the JSON. On the CPU, layers that keep one "
+        "feature (every layer at D = 2) are evaluated by fastnvp in the exact piecewise-linear "
+        "knot form (`fastnvp.knots`) where it applies, O(H) work per row instead of O(H²).",
+        "",
+        grid_sampling(doc),
+    ]
+    parts = ["\n".join(head), grid_table(doc)]
+    notes = list(grid_summary(doc))
+    bad = [_shape_label(s) for s, r in sorted(ratios.items()) if not r["ok"]]
+    if bad:
+        notes.append(
+            "⚠: log_prob outside the reference's tolerance or effective parameter counts differ "
+            "(see `checks` in the JSON): " + ", ".join(bad)
+        )
+    skipped: dict[str, set] = {}
+    for entry in doc["configs"]:
+        for name, reason in entry.get("skipped", {}).items():
+            skipped.setdefault(name, set()).add(reason)
+    for name, reasons in skipped.items():
+        notes.append(f"{name}: {'; '.join(sorted(reasons))}")
+    if notes:
+        parts.append("\n".join(f"- {n}" for n in notes))
+    if doc.get("not_run") and not headline_only:
+        parts.append(
+            "Not run: "
+            + ", ".join(
+                _shape_label((c["dim"], c["hidden"], c["batch"], c["layers"]))
+                for c in doc["not_run"]
+            )
+            + f" ({doc['not_run'][0]['reason']})."
+        )
+    return "\n\n".join(parts) + "\n"
+
+
+def grid_plots(doc: dict, out_prefix: str) -> list[str]:
+    """``<prefix>_heatmap_vs_reference.png`` and, when peers ran, ``_heatmap_vs_peer.png``:
+    one panel per workload, rows (D, H), columns (B, L), colour log2 of fastnvp's ratio."""
+    from fastnvp.bench.heatmap import ratio_heatmap
+
+    axes = doc["grid"]["axes"]
+    rows = [(d, h) for d in axes["dim"] for h in axes["hidden"]]
+    cols = [(b, n) for b in axes["batch"] for n in axes["layers"]]
+    ratios = grid_ratios(doc)
+    workloads = grid_workloads(doc)
+    written = []
+    for kind, suffix, name in (
+        ("reference", "vs_reference", "fastnvp / reference"),
+        ("peer", "vs_peer", "fastnvp / fastest peer"),
+    ):
+        panels = {
+            w: {((s[0], s[1]), (s[2], s[3])): r[kind][w] for s, r in ratios.items() if w in r[kind]}
+            for w in workloads
+        }
+        if not any(panels.values()):
+            continue
+        c = doc["configs"][0]["config"]
+        threads = doc["configs"][0].get("settings", {}).get("threads")
+        title = (
+            f"{name} speed ratio over the grid ({c['device']} {c['dtype']}"
+            + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
+            + f"; {len(ratios)} of {doc['grid']['size']} shapes; grey: not measured)"
+        )
+        written.append(
+            ratio_heatmap(
+                panels,
+                rows,
+                cols,
+                f"{out_prefix}_heatmap_{suffix}.png",
+                title,
+                row_label=lambda r: f"D={r[0]} H={r[1]}",
+                col_label=lambda c: f"B={c[0]}\nL={c[1]}",
+                ratio_name=name,
+            )
+        )
+    return written

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from fastnvp.commands._training_options import int_list as _int_list
+from fastnvp.commands._training_options import nonnegative_int, positive_int
 
 HELP = "benchmark fastnvp vs the reference, torch.compile and peers; write JSON, table, plots"
 
@@ -33,9 +34,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--preset",
-        choices=("quick", "main", "full"),
+        choices=("quick", "main", "full", "grid"),
         default=None,
-        help="main: L=50 D=2 H=256 B=4096; full: main + sweeps of L, D, H, B (default main)",
+        help="main: L=50 D=2 H=256 B=4096; full: main + sweeps of L, D, H, B; grid: "
+        "D=2,6,16,64 x H=32,64,256 x B=256,1024,4096 x L=8,50 (72 shapes; train, log_prob, "
+        "sample; fastnvp, reference, zuko, FrEIA), written as a table and ratio heatmaps "
+        "(default main)",
+    )
+    parser.add_argument(
+        "--grid-sample",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="grid preset: run only the first N shapes (N >= 4) of its cover-first order. The "
+        "order is greedy: each next shape adds the most axis values not yet in it, then the "
+        "most new value pairs of two axes, then triples; ties by --grid-seed. The first 4 "
+        "shapes contain every value of every axis. Default: the whole grid in that order, and "
+        "with --max-minutes shapes start in that order until the budget is spent, so a budget "
+        "that fits runs the full grid and a smaller one a cover-first prefix. The result JSON "
+        "records the rule, seed, sample and coverage under 'grid'",
+    )
+    parser.add_argument(
+        "--grid-seed",
+        type=nonnegative_int,
+        default=None,
+        help="grid preset: tie-break seed of the shape order (default 0)",
     )
     parser.add_argument("--layers", type=_int_list, help="custom sweep: depths L, e.g. 8,50")
     parser.add_argument("--dim", type=_int_list, help="custom sweep: data dimensions D")
@@ -90,6 +113,8 @@ def _plan(args):
     from fastnvp.bench import harness
 
     custom = any(v is not None for v in (args.layers, args.dim, args.hidden, args.batch))
+    if custom and (args.grid_sample is not None or args.grid_seed is not None):
+        raise ValueError("--grid-sample/--grid-seed need --preset grid, not a custom sweep")
     name = "quick" if args.quick else (args.preset or ("custom" if custom else "main"))
     if custom:
         settings = harness.Settings(threads=args.threads)
@@ -100,7 +125,14 @@ def _plan(args):
             cfg = harness.BenchConfig(layers, dim, hidden, batch, args.device, args.dtype)
             plan.entries.append((cfg, settings))
     else:
-        plan = harness.preset(name, args.device, args.dtype, args.threads)
+        grid = {}
+        if args.grid_sample is not None:
+            grid["grid_sample"] = args.grid_sample
+        if args.grid_seed is not None:
+            grid["grid_seed"] = args.grid_seed
+        if grid and name != "grid":
+            raise ValueError(f"--grid-sample/--grid-seed need --preset grid, not {name!r}")
+        plan = harness.preset(name, args.device, args.dtype, args.threads, **grid)
     overrides = {}
     if args.providers is not None:
         overrides["providers"] = args.providers
