@@ -37,18 +37,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastnvp import knots
-from fastnvp.conditioner import StandardMLP, match_standard_mlp, standard_weights
-from fastnvp.cpu_threads import in_worker, on_threads
+from fastnvp.conditioner import StandardMLP, standard_weights
+from fastnvp.cpu_threads import on_threads
 
 #: Rows per tile in the no-grad path. 512 rows x 2H fp32 at H = 256 is 1 MiB of activations per
 #: tile, the L2 of two cores; measured fastest among 256 / 512 / 1024 / untiled at H = 256.
 TILE_ROWS = 512
-
-#: Fewest rows per thread for :func:`rows_parallel`; below it a call runs on the caller's thread.
-#: At B = 1024 on two idle cores the per-chunk Python work (serialised by the GIL) outweighs
-#: the saved barriers: L=8 log_prob 0.70x the reference row-parallel vs 0.89x without.
-MIN_ROWS_PER_THREAD = 1024
 
 _CPU_DTYPES = (torch.float32, torch.float64)
 
@@ -153,27 +147,20 @@ def _tiled_pair(sw, tw, x1: torch.Tensor, slope: float, tile_rows: int):
     return s.tanh_(), t
 
 
-def _needs_grad(model, x: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for p in model.parameters())
-    )
+#: Training on CPU also splits rows across threads (see :func:`rows_parallel`); the switch is
+#: ``fastnvp.engine.plan.Policy.parallel_training``. Either way the backward is first-order.
 
 
-#: Training on CPU also splits rows across threads (see :func:`rows_parallel`); False keeps one
-#: autograd graph over the whole batch. Either way the backward is first-order (as the coupling
-#: op's own backward is).
-PARALLEL_TRAINING = True
-
-
-def rows_parallel(model, x: torch.Tensor, inverse: bool):
+def rows_parallel(model, x: torch.Tensor, inverse: bool, run_chunk):
     """Run ``model.f(x)`` (or ``model.g(x)``) as one chunk of rows per intra-op thread.
 
-    Applies to a FastRealNVP on fp32/fp64 CPU tensors when every layer has the standard
-    conditioner and takes the CPU path (not the fused-layer ops), checks and autocast are off,
-    ``torch.get_num_threads() > 1`` and every thread gets at least :data:`MIN_ROWS_PER_THREAD`
-    rows; returns None otherwise (the caller runs the usual loop). When a gradient is needed it
-    applies to ``f`` with ``memory="standard"`` and :data:`PARALLEL_TRAINING` on: one autograd
-    graph per chunk, backward on the threads too, parameter gradients summed (first-order).
+    The plan (``fastnvp.engine.plan``, stack ``rows_parallel``) has decided that it applies:
+    a CPU fp32/fp64 state, standard layers on the CPU paths, no checks or autocast, several
+    threads and at least ``2 * Policy.min_rows_per_thread`` rows. Each worker runs its chunk
+    with ``run_chunk``, which executes the sub-plan chosen for the chunk inside a worker (a
+    worker never splits again). When a gradient is needed (``f`` with ``memory="standard"``):
+    one autograd graph per chunk, backward on the threads too, parameter gradients summed
+    (first-order).
 
     The workers run with one intra-op thread (``torch.set_num_threads(1)``; the caller's
     setting is restored before returning) and the caller's grad / inference mode.
@@ -181,55 +168,32 @@ def rows_parallel(model, x: torch.Tensor, inverse: bool):
     Args:
         model: the FastRealNVP.
         x: (N, D) input of ``f`` (or ``g`` when ``inverse``).
+        inverse: run ``g``.
+        run_chunk: ``(n, D) tensor -> f's or g's result`` on the worker's thread.
 
     Returns:
-        ``f``: ``(z (N, D), log_det (N,))``; ``g``: ``x (N, D)``; or None.
+        ``f``: ``(z (N, D), log_det (N,))``; ``g``: ``x (N, D)``.
     """
-    if torch.compiler.is_compiling():  # traced graphs stay single-threaded Python
-        return None
     threads = torch.get_num_threads()
-    if (
-        in_worker()
-        or threads < 2
-        or x.shape[0] < 2 * MIN_ROWS_PER_THREAD
-        or not applies(x)
-        or getattr(model, "fused", "auto") == "layer"
-        or model._checking()
-        or not all(model._standard)
-    ):
-        return None
-    needs_grad = _needs_grad(model, x)
-    if not needs_grad and _all_piece_form(model, x.shape[0]):
-        return None  # a binary search and an FMA per layer: splitting rows costs more
-    chunks = x.tensor_split(min(threads, x.shape[0] // MIN_ROWS_PER_THREAD))
-    fn = model.g if inverse else model.f
-    if needs_grad:
-        if not PARALLEL_TRAINING or inverse or getattr(model, "memory", "standard") != "standard":
-            return None
+    per_thread = model.policy.min_rows_per_thread
+    chunks = x.tensor_split(max(1, min(threads, x.shape[0] // per_thread)))
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in model.parameters())
+    )
+    if grad:
         params = [p for p in model.parameters() if p.requires_grad]
-        return _RowParallelForward.apply(fn, len(chunks), x, *params)
+        return _RowParallelForward.apply(run_chunk, len(chunks), x, *params)
     inference = torch.is_inference_mode_enabled()
 
     def run(k: int):
         mode = torch.inference_mode() if inference else torch.no_grad()
         with mode:
-            return fn(chunks[k])
+            return run_chunk(chunks[k])
 
     results = on_threads(run, len(chunks))
     if inverse:
         return torch.cat(results)
     return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
-
-
-def _all_piece_form(model, rows: int) -> bool:
-    """True when every layer of ``model`` takes the knot form without autograd (its piece form,
-    measured faster on one thread than split: L = 50, B = 4096, 2 threads, 47 vs 61 ms)."""
-    if not getattr(model, "knot_tables", False):
-        return False
-    hidden = match_standard_mlp(model.s[0], model.dim).lin2.weight.shape[0]
-    return all(
-        knots.applies(model._split(i)[0], rows, hidden, grad=False) for i in range(model.num_layers)
-    )
 
 
 class _RowParallelForward(torch.autograd.Function):

@@ -580,22 +580,11 @@ def check_precision(precision) -> str:
 
 
 def model_uses_fused_layer(model, layer: int, h: Tensor) -> bool:
-    """Whether FastRealNVP layer ``layer`` runs as one fused-layer op on state ``h``."""
-    level = getattr(model, "fused", "none")
-    if level in ("op", "none") or not model._standard[layer]:
-        return False
-    # The kernel tiles H in powers of two (>= 16, docs/design.md §4.5): other widths take the
-    # unfused path at every level instead of failing in the launcher.
-    hidden = model.s[layer][0].out_features
-    if hidden < 16 or hidden & (hidden - 1):
-        return False
-    if level == "auto" and not (h.is_cuda and use_triton(h)):
-        return False
-    # Non-finite checks inspect s and t, and autocast changes the nets' precision: both need
-    # the unfused conditioner.
-    if model._checking() or torch.is_autocast_enabled(h.device.type):
-        return False
-    return True
+    """Whether FastRealNVP layer ``layer`` runs as one fused-layer op on state ``h``.
+
+    The plan decides it (``fastnvp.engine.plan.layer_path``, docs/design.md §3).
+    """
+    return model._plan(h, "f").layers[layer] == "fused_layer"
 
 
 def _model_layer_weights(model, layer: int):

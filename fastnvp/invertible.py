@@ -306,7 +306,8 @@ def _shared_layer_step(model, i, z, g, grad_log_det, params, autocast):
     kept, transformed = model._split(i)
     with torch.enable_grad(), _autocast(autocast):
         h = z.detach().requires_grad_(True)  # stands for x: only its kept half is read
-        s, t = model._layer_st(i, h, kept, transformed, "f")
+        path = model._plan(h, "f").layers[i]  # the layer's path under autograd
+        s, t = model._layer_st(i, h, kept, transformed, "f", path)
     z2 = z.index_select(1, transformed)
     x2, _ = ops.affine_coupling_inverse(z2, s.detach(), t.detach())
     with torch.enable_grad(), _autocast(autocast):

@@ -31,6 +31,9 @@ whole output is affine between the first layer's knots and those crossings (abou
 per net at random initialisation). Each row is then a binary search and one multiply-add per
 output. Tables built without autograd are cached (:class:`TableCache`).
 
+When a layer takes this form is the plan's decision (``fastnvp.engine.plan.Policy``:
+``knot_min_hidden``, ``knot_min_work_grad``).
+
 Memory: the interval table is (H + 1)·2H values per net (0.5 MiB at H = 256 in fp32), and each
 row reads one 2H slice of it. Limit: only layers with one kept feature; wider inputs make the
 linear regions a hyperplane arrangement with far too many cells to tabulate.
@@ -63,19 +66,6 @@ MAX_PIECES_PER_UNIT = 16
 #: Bytes of knot tables a :class:`TableCache` keeps (a layer at H = 256 in fp32 takes 1 MiB).
 CACHE_BUDGET = 64 * 1024 * 1024
 
-#: With autograd the knot (interval) form is used from this hidden width on. Its per-row work
-#: is O(H) but with a larger constant than the GEMM's O(H²) (about 15 passes over an (N, H)
-#: tile in forward + backward): measured on 2 cores, training at H = 64 stays ~2x faster in the
-#: GEMM form even at B = 16384, while at H = 256 the knot form is 2-2.6x faster from B = 1024.
-#: Without autograd the piece form is used at every width and batch: with cached tables it was
-#: 1.24-5.75x faster than the GEMM path for every H in {16, 32, 64, 128} and B in
-#: {16, ..., 4096} (L = 8, 2 threads).
-MIN_HIDDEN = 128
-
-#: Least rows x H² when the tables are built under autograd (built and differentiated on
-#: every call, about 3 ms per net at H = 256): at H = 256 from 1024 rows (measured crossover
-#: between 512 and 1024 rows for a training step at L = 8).
-MIN_WORK_GRAD = 64 * 1024 * 1024
 
 
 class KnotTable(NamedTuple):
@@ -94,19 +84,6 @@ class KnotTable(NamedTuple):
     w3: torch.Tensor
     b3: torch.Tensor
     slope: float
-
-
-def applies(kept: torch.Tensor, rows: int, hidden: int, grad: bool) -> bool:
-    """True when the knot form should be used for a layer.
-
-    One kept feature and not inside ``torch.compile`` (traced graphs use the GEMM form: the
-    tile loops, thread pool and cache here are eager Python); with ``grad`` (tables built and
-    differentiated on every call) also ``hidden >= MIN_HIDDEN`` and ``rows·hidden²`` at least
-    :data:`MIN_WORK_GRAD`.
-    """
-    if kept.numel() != 1 or torch.compiler.is_compiling():
-        return False
-    return not grad or (hidden >= MIN_HIDDEN and rows * hidden * hidden >= MIN_WORK_GRAD)
 
 
 def build(mlp: StandardMLP, kept: torch.Tensor, transformed: torch.Tensor) -> KnotTable:

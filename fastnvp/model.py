@@ -20,13 +20,18 @@ import torch
 import torch.nn.functional as F
 
 from fastnvp import checks, cpu_conditioner, fused_layer, knots, ops
+from fastnvp.backend import use_triton
 from fastnvp.conditioner import is_standard_pair, match_standard_mlp
+from fastnvp.cpu_threads import in_worker
+from fastnvp.engine import cpu_gemm_stack
+from fastnvp.engine import plan as plan_mod
 from fastnvp.invertible import (
     DEFAULT_ANCHOR_EVERY,
     check_anchor_every,
     check_memory,
     check_tolerance,
     invertible_flow,
+    resolve_tolerance,
 )
 from fastnvp.reference import FlowBase, RealNVP
 
@@ -92,6 +97,7 @@ class FastRealNVP(FlowBase):
         self.reconstruction_tolerance = check_tolerance(reconstruction_tolerance)
         self.anchor_every = check_anchor_every(anchor_every)
         self.last_reconstruction = None  # set by each invertible backward
+        self._policy = plan_mod.DEFAULT_POLICY
         self.register_buffer("split_order", torch.empty(0, dtype=torch.long), persistent=False)
         self._refresh_split()
         # Loading a state_dict may bring other masks: rebuild the split each time.
@@ -128,6 +134,9 @@ class FastRealNVP(FlowBase):
             is_standard_pair(self.s[i], self.t[i], self.dim) for i in range(self.num_layers)
         ]
         self._clamped = [self.clamp is not None and not std for std in self._standard]
+        # What the plan needs to know of the flow, once (docs/design.md §3.1); plans follow.
+        self._facts = plan_mod.flow_facts(self)
+        self._plans = {}
 
     def _split(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         order = self.split_order[i]
@@ -135,29 +144,29 @@ class FastRealNVP(FlowBase):
         return order[:k1], order[k1:]
 
     # ----------------------------------------------------------------------------- conditioner
-    def _conditioner(self, i: int, h: torch.Tensor, x1: torch.Tensor, kept, transformed):
-        """(s, t) of layer i for the transformed half, each (N, K2); x1 (N, K1) is the kept half."""
-        if self._standard[i]:
-            return self._standard_st(i, x1, kept, transformed)
-        masked = h * self.mask[i].to(h.dtype)
-        s = self.s[i](masked).index_select(1, transformed)
-        t = self.t[i](masked).index_select(1, transformed)
-        return s, t
+    def _conditioner(self, i: int, h: torch.Tensor, x1: torch.Tensor, kept, transformed, path):
+        """(s, t) of layer i for the transformed half, each (N, K2); x1 (N, K1) is the kept half.
 
-    def _standard_st(self, i: int, x1, kept, transformed):
+        ``path`` is the layer's path from the plan (``fastnvp.engine.plan.LAYER_PATHS``).
+        """
+        if path == "modules":
+            masked = h * self.mask[i].to(h.dtype)
+            s = self.s[i](masked).index_select(1, transformed)
+            t = self.t[i](masked).index_select(1, transformed)
+            return s, t
         s_mlp = match_standard_mlp(self.s[i], self.dim)
         t_mlp = match_standard_mlp(self.t[i], self.dim)
-        if cpu_conditioner.applies(x1):
-            weights = knots.net_weights(s_mlp, t_mlp)
-            grad = torch.is_grad_enabled() and any(p.requires_grad for p in weights)
-            hidden = s_mlp.lin2.weight.shape[0]
-            if self.knot_tables and knots.applies(kept, x1.shape[0], hidden, grad):
-                if not grad and not (torch.is_grad_enabled() and x1.requires_grad):
-                    pieces = self._knot_cache.pieces(i, s_mlp, t_mlp, kept, transformed)
-                    if pieces is not None:
-                        return knots.evaluate_pieces(pieces, x1)
-                tables = self._knot_cache.pair(i, s_mlp, t_mlp, kept, transformed)
-                return knots.evaluate_pair(*tables, x1)
+        if path == "cpu_knots":
+            grad = torch.is_grad_enabled() and (
+                x1.requires_grad or any(p.requires_grad for p in knots.net_weights(s_mlp, t_mlp))
+            )
+            if not grad:
+                pieces = self._knot_cache.pieces(i, s_mlp, t_mlp, kept, transformed)
+                if pieces is not None:
+                    return knots.evaluate_pieces(pieces, x1)
+            tables = self._knot_cache.pair(i, s_mlp, t_mlp, kept, transformed)
+            return knots.evaluate_pair(*tables, x1)
+        if path == "cpu_pair":
             return cpu_conditioner.standard_st(s_mlp, t_mlp, x1, kept, transformed)
         slope = s_mlp.negative_slope
         outs = []
@@ -174,11 +183,11 @@ class FastRealNVP(FlowBase):
             )
         return torch.tanh(outs[0]), outs[1]
 
-    def _layer_st(self, i: int, h: torch.Tensor, kept, transformed, direction: str):
+    def _layer_st(self, i: int, h: torch.Tensor, kept, transformed, direction: str, path: str):
         """(s, t) of layer ``i`` in ``h``'s dtype, soft-clamped where configured; checked."""
         x1 = h.index_select(1, kept)
         with self._nets_checked(i, direction):
-            s, t = self._conditioner(i, h, x1, kept, transformed)
+            s, t = self._conditioner(i, h, x1, kept, transformed, path)
         if self._checking():
             self._check_layer(i, direction, s=s, t=t)
         # Under autocast the nets return low precision; the coupling runs in the state's dtype.
@@ -197,93 +206,188 @@ class FastRealNVP(FlowBase):
             checks.watch_grad(out, "z" if direction == "f" else "x", i, direction)
         return out, log_det
 
+    # ----------------------------------------------------------------------------- the plan
+    def _context(self, h: torch.Tensor, direction: str) -> plan_mod.CallContext:
+        """The :class:`~fastnvp.engine.plan.CallContext` of a call on state ``h`` (N, D)."""
+        device = h.device.type
+        grad = torch.is_grad_enabled() and (
+            h.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            # Thread counts and the environment are not traceable; a traced plan is the layer
+            # loop whatever they are (plan.choose), so only what picks layer paths matters.
+            threads, worker, triton = 1, False, h.is_cuda
+        else:
+            threads, worker, triton = torch.get_num_threads(), in_worker(), use_triton(h)
+        return plan_mod.CallContext(
+            direction=direction,
+            device=device,
+            dtype=h.dtype,
+            rows=h.shape[0],
+            grad=grad,
+            autocast=torch.is_autocast_enabled(device),
+            compiling=compiling,
+            checking=self._checking(),
+            threads=threads,
+            in_worker=worker,
+            triton=triton,
+            memory=check_memory(self.memory),
+            fused=self.fused,
+            knot_tables=self.knot_tables,
+        )
+
+    def _plan(self, h: torch.Tensor, direction: str) -> plan_mod.Plan:
+        """The plan of a call on ``h``, cached per context (docs/design.md §3)."""
+        ctx = self._context(h, direction)
+        if ctx.compiling:  # traced once per graph: no cache lookups inside the trace
+            return plan_mod.choose(self._facts, ctx, self.policy)
+        plan = self._plans.get(ctx)
+        if plan is None:
+            plan = self._plans[ctx] = plan_mod.choose(self._facts, ctx, self.policy)
+        return plan
+
+    def explain(self, x: torch.Tensor, direction: str = "f") -> plan_mod.Plan:
+        """The plan a call ``f(x)`` (or ``g(x)`` with ``direction="g"``) would run, unrun.
+
+        Args:
+            x: (N, D) input of the call, on the model's device and dtype.
+            direction: ``"f"`` (data -> latent, also ``log_prob`` and training) or ``"g"``
+                (latent -> data, ``sample``).
+
+        Returns:
+            A frozen :class:`fastnvp.engine.plan.Plan`: ``stack`` (the stack strategy),
+            ``layers`` (one path per layer) and ``reason``; ``str(plan)`` is one line.
+        """
+        if direction not in plan_mod.DIRECTIONS:
+            raise ValueError(f"direction must be one of {plan_mod.DIRECTIONS}, got {direction!r}")
+        self._check_input(x, "x" if direction == "f" else "z")
+        return self._plan(x, direction)
+
+    @property
+    def policy(self) -> plan_mod.Policy:
+        """The :class:`~fastnvp.engine.plan.Policy` whose thresholds the plans follow."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, value: plan_mod.Policy) -> None:
+        if not isinstance(value, plan_mod.Policy):
+            raise TypeError(
+                f"policy must be a fastnvp.engine.plan.Policy, got {type(value).__name__}"
+            )
+        self._policy = value
+        self._plans = {}
+
     # ----------------------------------------------------------------------------- one layer
+    def _layer(self, i: int, h: torch.Tensor, path: str, inverse: bool):
+        """Layer ``i`` on ``path`` (f, or g when ``inverse``).  (N, D) -> ((N, D), (N,))."""
+        if path == "fused_layer":
+            return fused_layer.model_layer(self, i, h, inverse=inverse)
+        direction = "g" if inverse else "f"
+        kept, transformed = self._split(i)
+        s, t = self._layer_st(i, h, kept, transformed, direction, path)
+        h2, log_det = ops.coupling(h.index_select(1, transformed), s, t, inverse=inverse)
+        return self._layer_out(i, h, transformed, h2, log_det, direction)
+
     def layer_forward(self, i: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Coupling layer ``i`` in the data -> latent direction.  (N, D) -> ((N, D), (N,))."""
         self._check_layer_args(i, z, "z")
-        if fused_layer.model_uses_fused_layer(self, i, z):
-            return fused_layer.model_layer(self, i, z, inverse=False)
-        kept, transformed = self._split(i)
-        s, t = self._layer_st(i, z, kept, transformed, "f")
-        z2, log_det = ops.coupling(z.index_select(1, transformed), s, t)
-        return self._layer_out(i, z, transformed, z2, log_det, "f")
+        return self._layer(i, z, self._plan(z, "f").layers[i], inverse=False)
 
     def layer_inverse(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Coupling layer ``i`` in the latent -> data direction.  (N, D) -> ((N, D), (N,))."""
         self._check_layer_args(i, x, "x")
-        if fused_layer.model_uses_fused_layer(self, i, x):
-            return fused_layer.model_layer(self, i, x, inverse=True)
-        kept, transformed = self._split(i)
-        s, t = self._layer_st(i, x, kept, transformed, "g")
-        x2, log_det = ops.coupling(x.index_select(1, transformed), s, t, inverse=True)
-        return self._layer_out(i, x, transformed, x2, log_det, "g")
+        return self._layer(i, x, self._plan(x, "g").layers[i], inverse=True)
 
     # ----------------------------------------------------------------------------- the flow
     def f(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Data -> latent.  x: (N, D) -> (z (N, D), log_det (N,)), ``log_det = log|det dz/dx|``."""
+        """Data -> latent.  x: (N, D) -> (z (N, D), log_det (N,)), ``log_det = log|det dz/dx|``.
+
+        Runs the plan of the call (:meth:`explain`; docs/design.md §3).
+        """
         self._check_input(x, "x")
-        stacked = fused_layer.model_stack(self, x, inverse=False)
-        if stacked is not None:
-            return stacked
-        parallel = cpu_conditioner.rows_parallel(self, x, inverse=False)
-        if parallel is not None:
-            return parallel
-        if check_memory(self.memory) == "invertible" and torch.is_grad_enabled():
-            return invertible_flow(
-                self, x, self.reconstruction_tolerance, anchor_every=self.anchor_every
+        return self._run(self._plan(x, "f"), x)
+
+    def g(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent -> data, the exact inverse of :meth:`f`.  (N, D) -> (N, D)."""
+        self._check_input(z, "z")
+        return self._run(self._plan(z, "g"), z)
+
+    def _run(self, plan: plan_mod.Plan, h: torch.Tensor):
+        """Execute ``plan`` on ``h``: ``f`` returns (z, log_det), ``g`` returns x."""
+        inverse = plan.context.direction == "g"
+        stack = plan.stack
+        if stack == "gpu_fused_stack":
+            stacked = fused_layer.model_stack(self, h, inverse=inverse)
+            if stacked is not None:  # None: the stacked weights exceed the cache budget
+                return stacked[0] if inverse else stacked
+        elif stack == "rows_parallel":
+            return cpu_conditioner.rows_parallel(
+                self,
+                h,
+                inverse,
+                lambda chunk: self._run(self._plan(chunk, plan.context.direction), chunk),
             )
-        tables = {} if torch.compiler.is_compiling() else self._knot_tables_for_training(x)
+        elif stack == "cpu_gemm_stack":
+            kept, transformed = self._uniform_split()
+            slope = self._facts.one_slope
+            if inverse:
+                return cpu_gemm_stack.run_inverse(self, h, kept, transformed, slope)
+            return cpu_gemm_stack.run_forward(
+                self,
+                h,
+                kept,
+                transformed,
+                slope,
+                grad=plan.context.grad,
+                memory=plan.context.memory,
+                anchor_every=self.anchor_every,
+                tolerance=resolve_tolerance(self.reconstruction_tolerance, h.dtype),
+            )
+        elif stack == "invertible":
+            return invertible_flow(
+                self, h, self.reconstruction_tolerance, anchor_every=self.anchor_every
+            )
+        if inverse:
+            x = h
+            for i in reversed(range(self.num_layers)):
+                x, _ = self._layer(i, x, plan.layers[i], inverse=True)
+            return x
+        tables = self._knot_tables_for_training(plan)
         if tables:
             with self._knot_cache.prebuilt(tables):
-                return self._layers_forward(x)
-        return self._layers_forward(x)
+                return self._layers_forward(plan, h)
+        return self._layers_forward(plan, h)
 
-    def _layers_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _uniform_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, K1) kept and (L, K2) transformed indices of a flow whose layers keep K1 each."""
+        k1 = self._num_kept[0]
+        return self.split_order[:, :k1].contiguous(), self.split_order[:, k1:].contiguous()
+
+    def _layers_forward(self, plan: plan_mod.Plan, x: torch.Tensor):
         z = x
         log_det = None
         for i in range(self.num_layers):
-            z, ld = self.layer_forward(i, z)
+            z, ld = self._layer(i, z, plan.layers[i], inverse=False)
             log_det = ld if log_det is None else log_det + ld
         return z, log_det
 
-    def _knot_tables_for_training(self, x: torch.Tensor) -> dict:
-        """Under autograd, the knot tables of every layer that will take the knot form, built
+    def _knot_tables_for_training(self, plan: plan_mod.Plan) -> dict:
+        """Under autograd, the knot tables of every layer the plan runs in the knot form, built
         at once with the work split across threads (``fastnvp.knots.build_many``); else {}."""
-        if not (
-            self.knot_tables
-            and torch.is_grad_enabled()
-            and cpu_conditioner.applies(x)
-            and getattr(self, "fused", "auto") != "layer"
-            and 1 in self._num_kept  # no single-input layer: skip the per-layer checks
-        ):
+        if not plan.context.grad:
             return {}
         layers, nets = [], []
-        for i in range(self.num_layers):
-            if not self._standard[i]:
+        for i, path in enumerate(plan.layers):
+            if path != "cpu_knots":
                 continue
             s_mlp = match_standard_mlp(self.s[i], self.dim)
             t_mlp = match_standard_mlp(self.t[i], self.dim)
-            kept, transformed = self._split(i)
-            hidden = s_mlp.lin2.weight.shape[0]
-            trained = any(p.requires_grad for p in knots.net_weights(s_mlp, t_mlp))
-            if trained and knots.applies(kept, x.shape[0], hidden, True):
+            if any(p.requires_grad for p in knots.net_weights(s_mlp, t_mlp)):
+                kept, transformed = self._split(i)
                 layers.append(i)
                 nets += [(s_mlp, kept, transformed), (t_mlp, kept, transformed)]
         if len(layers) < 2 or len({mlp.negative_slope for mlp, _, _ in nets}) != 1:
             return {}
         tables = knots.build_many(nets)
         return {i: (tables[2 * k], tables[2 * k + 1]) for k, i in enumerate(layers)}
-
-    def g(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent -> data, the exact inverse of :meth:`f`.  (N, D) -> (N, D)."""
-        self._check_input(z, "z")
-        stacked = fused_layer.model_stack(self, z, inverse=True)
-        if stacked is not None:
-            return stacked[0]
-        parallel = cpu_conditioner.rows_parallel(self, z, inverse=True)
-        if parallel is not None:
-            return parallel
-        x = z
-        for i in reversed(range(self.num_layers)):
-            x, _ = self.layer_inverse(i, x)
-        return x

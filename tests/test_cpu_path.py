@@ -5,6 +5,7 @@ import torch
 
 from fastnvp import cpu_conditioner
 from fastnvp.conditioner import match_standard_mlp, standard_net
+from fastnvp.engine.plan import DEFAULT_POLICY, Policy
 from fastnvp.masks import alternating_masks
 from fastnvp.model import FastRealNVP
 from fastnvp.reference import RealNVP
@@ -135,18 +136,22 @@ def test_invalid_arguments_name_the_argument():
         cpu_conditioner.standard_st(s_mlp, other, x1, kept, transformed)
 
 
+ROWS_PER_THREAD = DEFAULT_POLICY.min_rows_per_thread
+
+
 def test_rows_parallel_matches_reference_and_restores_threads(two_threads):
     ref = RealNVP.standard(3, 4, hidden=16).double()
     fast = FastRealNVP.from_reference(ref)
-    n = 2 * cpu_conditioner.MIN_ROWS_PER_THREAD + 3
+    n = 2 * ROWS_PER_THREAD + 3
     x = torch.randn(n, 3, dtype=torch.float64)
     with torch.no_grad():
-        z, log_det = cpu_conditioner.rows_parallel(fast, x, inverse=False)
+        assert fast.explain(x).stack == "rows_parallel"
+        assert fast.explain(x, "g").stack == "rows_parallel"
+        z, log_det = fast.f(x)
         z_ref, log_det_ref = ref.f(x)
         torch.testing.assert_close(z, z_ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(log_det, log_det_ref, rtol=1e-12, atol=1e-12)
-        back = cpu_conditioner.rows_parallel(fast, z, inverse=True)
-        torch.testing.assert_close(back, ref.g(z), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fast.g(z), ref.g(z), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(fast.log_prob(x), ref.log_prob(x), rtol=1e-12, atol=1e-12)
     assert torch.get_num_threads() == 2
     with torch.inference_mode():
@@ -155,29 +160,29 @@ def test_rows_parallel_matches_reference_and_restores_threads(two_threads):
 
 def test_rows_parallel_declines_when_it_does_not_apply(two_threads):
     fast = FastRealNVP.standard(2, 2, hidden=8, knot_tables=False)
-    big = torch.randn(2 * cpu_conditioner.MIN_ROWS_PER_THREAD, 2)
-    small = big[: 2 * cpu_conditioner.MIN_ROWS_PER_THREAD - 1]
+    big = torch.randn(2 * ROWS_PER_THREAD, 2)
+    small = big[: 2 * ROWS_PER_THREAD - 1]
     with torch.no_grad():
-        assert cpu_conditioner.rows_parallel(fast, big, inverse=False) is not None
-        assert cpu_conditioner.rows_parallel(fast, small, inverse=False) is None
+        assert fast.explain(big).stack == "rows_parallel"
+        assert fast.explain(small).stack == "cpu_gemm_stack"
         fast.knot_tables = True  # every layer in the piece form: one thread is faster
-        assert cpu_conditioner.rows_parallel(fast, big, inverse=False) is None
+        assert fast.explain(big).stack == "layers"
         fast.knot_tables = False
     # g under autograd keeps the layer loop.
-    assert cpu_conditioner.rows_parallel(fast, big, inverse=True) is None
+    assert fast.explain(big, "g").stack == "layers"
     torch.set_num_threads(1)
     with torch.no_grad():
-        assert cpu_conditioner.rows_parallel(fast, big, inverse=False) is None
+        assert fast.explain(big).stack == "cpu_gemm_stack"
 
 
 def test_rows_parallel_reraises_worker_errors(two_threads, monkeypatch):
-    fast = FastRealNVP.standard(2, 2, hidden=8, knot_tables=False)
-    x = torch.randn(2 * cpu_conditioner.MIN_ROWS_PER_THREAD, 2)
+    fast = FastRealNVP.standard(3, 2, hidden=8, knot_tables=False)
+    x = torch.randn(2 * ROWS_PER_THREAD, 3)
 
-    def broken(i, h):
+    def broken(i, h, path, inverse):
         raise RuntimeError("layer failed")
 
-    monkeypatch.setattr(fast, "layer_forward", broken)
+    monkeypatch.setattr(fast, "_layer", broken)  # D = 3: the workers run the layer loop
     with torch.no_grad(), pytest.raises(RuntimeError, match="layer failed"):
         fast.f(x)
     assert torch.get_num_threads() == 2
@@ -186,9 +191,10 @@ def test_rows_parallel_reraises_worker_errors(two_threads, monkeypatch):
 def test_rows_parallel_training_gradients_match_reference(two_threads):
     ref = RealNVP.standard(3, 4, hidden=16).double()
     fast = FastRealNVP.from_reference(ref)
-    n = 2 * cpu_conditioner.MIN_ROWS_PER_THREAD + 5
+    n = 2 * ROWS_PER_THREAD + 5
     x_ref = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
     x_fast = x_ref.detach().clone().requires_grad_(True)
+    assert fast.explain(x_fast).stack == "rows_parallel"
     lp_ref, lp_fast = ref.log_prob(x_ref), fast.log_prob(x_fast)
     torch.testing.assert_close(lp_fast, lp_ref, rtol=1e-12, atol=1e-12)
     # Backward twice through a retained graph: gradients accumulate like the reference's.
@@ -201,14 +207,13 @@ def test_rows_parallel_training_gradients_match_reference(two_threads):
     assert torch.get_num_threads() == 2
 
 
-def test_rows_parallel_training_can_be_switched_off(two_threads, monkeypatch):
+def test_rows_parallel_training_can_be_switched_off(two_threads):
     fast = FastRealNVP.standard(2, 2, hidden=8).double()
-    x = torch.randn(2 * cpu_conditioner.MIN_ROWS_PER_THREAD, 2, dtype=torch.float64)
-    assert cpu_conditioner.rows_parallel(fast, x, inverse=False) is not None
-    assert cpu_conditioner.rows_parallel(fast, x, inverse=True) is None  # g: no grad path
-    monkeypatch.setattr(cpu_conditioner, "PARALLEL_TRAINING", False)
-    assert cpu_conditioner.rows_parallel(fast, x, inverse=False) is None
+    x = torch.randn(2 * ROWS_PER_THREAD, 2, dtype=torch.float64, requires_grad=True)
+    assert fast.explain(x).stack == "rows_parallel"
+    assert fast.explain(x, "g").stack == "layers"  # a differentiable g runs layer by layer
+    fast.policy = Policy(parallel_training=False)
+    assert fast.explain(x).stack == "cpu_gemm_stack"
     # Off: one graph over the whole batch, same gradients.
-    x.requires_grad_(True)
     fast.log_prob(x).sum().backward()
     assert x.grad is not None and all(p.grad is not None for p in fast.parameters())

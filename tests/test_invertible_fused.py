@@ -50,6 +50,7 @@ from torch import nn
 import fastnvp.fused_layer as fl
 import fastnvp.invertible as invertible
 from fastnvp.conditioner import match_standard_mlp, standard_net
+from fastnvp.engine.plan import Policy
 from fastnvp.masks import alternating_masks
 from fastnvp.model import FastRealNVP
 
@@ -266,6 +267,7 @@ def test_unfused_model_keeps_the_shared_step(monkeypatch, one_thread):
     """fused="op": every layer takes the shared-conditioner step, gradients as before."""
     monkeypatch.setenv("FASTNVP_BACKEND", "torch")
     std, inv = make_twins(2, 3, "bf16", fused="op")  # precision only matters to fused layers
+    inv.policy = Policy(gemm_stack=False)  # the generic invertible stack, not the GEMM stack
     x = torch.randn(16, 2)
     _, _, gx_s, gp_s = model_grads(std, x)
     # The path without any dispatch change: invertible_flow with the shared step forced on.

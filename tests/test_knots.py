@@ -7,6 +7,7 @@ import torch
 
 from fastnvp import cpu_threads, knots
 from fastnvp.conditioner import match_standard_mlp, standard_net
+from fastnvp.engine import plan
 from fastnvp.model import FastRealNVP
 from fastnvp.reference import RealNVP
 
@@ -158,17 +159,42 @@ def test_build_gradcheck(slope):
 
 
 def _always_knots(monkeypatch):
-    monkeypatch.setattr(knots, "MIN_HIDDEN", 1)
-    monkeypatch.setattr(knots, "MIN_WORK_GRAD", 1)
+    """Models built after this take the knot form at every width and batch."""
+    monkeypatch.setattr(
+        plan, "DEFAULT_POLICY", plan.Policy(knot_min_hidden=1, knot_min_work_grad=1)
+    )
 
 
-def test_applies_thresholds():
-    one, two = torch.tensor([0]), torch.tensor([0, 1])
-    assert knots.applies(one, 1, 16, grad=False)  # the piece form: any width, any batch
-    assert knots.applies(one, 1024, 256, grad=True)
-    assert not knots.applies(one, 1023, 256, grad=True)
-    assert not knots.applies(one, 10**6, 64, grad=True)  # narrow nets train in the GEMM form
-    assert not knots.applies(two, 10**6, 256, grad=False)  # two kept features
+def _knot_path(kept: int, rows: int, hidden: int, grad: bool, **context) -> bool:
+    layer = plan.LayerFacts(kept=kept, standard=True, hidden=hidden, slope=0.01, clamped=False)
+    ctx = dict(
+        direction="f",
+        device="cpu",
+        dtype=torch.float32,
+        rows=rows,
+        grad=grad,
+        autocast=False,
+        compiling=False,
+        checking=False,
+        threads=1,
+        in_worker=False,
+        triton=False,
+        memory="standard",
+        fused="auto",
+        knot_tables=True,
+    )
+    ctx.update(context)
+    return plan.layer_path(layer, plan.CallContext(**ctx)) == "cpu_knots"
+
+
+def test_knot_form_thresholds():
+    assert _knot_path(1, 1, 16, grad=False)  # the piece form: any width, any batch
+    assert _knot_path(1, 1024, 256, grad=True)
+    assert not _knot_path(1, 1023, 256, grad=True)
+    assert not _knot_path(1, 10**6, 64, grad=True)  # narrow nets train in the GEMM form
+    assert not _knot_path(2, 10**6, 256, grad=False)  # two kept features
+    assert not _knot_path(1, 10**6, 256, grad=False, knot_tables=False)
+    assert not _knot_path(1, 10**6, 256, grad=False, compiling=True)
 
 
 def _flows(dim, layers, hidden, **options):
@@ -273,8 +299,8 @@ def _count_builds(monkeypatch):
 
 
 def test_knot_tables_off_and_small_training_batches_use_the_gemm_path(monkeypatch):
-    monkeypatch.setattr(knots, "MIN_HIDDEN", 1)
-    monkeypatch.setattr(knots, "MIN_WORK_GRAD", ROWS * 8 * 8)
+    policy = plan.Policy(knot_min_hidden=1, knot_min_work_grad=ROWS * 8 * 8)
+    monkeypatch.setattr(plan, "DEFAULT_POLICY", policy)
     calls = _count_builds(monkeypatch)
     ref, fast = _flows(2, 3, 8, knot_tables=False)
     x = torch.randn(ROWS, 2, dtype=torch.float64)

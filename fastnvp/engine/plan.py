@@ -1,0 +1,315 @@
+"""The execution plan: which executor runs a flow call, decided once (docs/design.md §3).
+
+Three pieces, each decided in one place:
+
+- :class:`FlowFacts` — what does not change between calls: per layer the split, whether the
+  conditioner is the standard pair (docs/design.md §1.3), its hidden width and slope, whether the
+  log-scale is soft-clamped; for the whole flow whether the split is uniform and every layer has
+  its own parameters. Computed by :func:`flow_facts` at construction and after
+  ``load_state_dict``.
+- :class:`CallContext` — what a call brings: direction, device, dtype, rows, whether a gradient
+  is needed, autocast, ``torch.compile`` tracing, non-finite checks, intra-op threads, whether it
+  runs inside a row worker, the op backend, the memory mode and the model's options.
+- :class:`Policy` — the thresholds (rows per thread, when the knot form pays under autograd).
+
+:func:`choose` is a pure function of the three and returns a frozen :class:`Plan`: one stack
+strategy, one path per layer and the reason. ``FastRealNVP`` caches plans per context, so a
+training loop asks the predicates once, not once per layer per call; ``FastRealNVP.explain``
+returns the plan a call would take.
+
+Stack strategies (:data:`STACKS`):
+
+``gpu_fused_stack``  every layer is a fused Triton layer and nothing needs a gradient: one
+                     whole-stack launch (``fastnvp.fused_layer.model_stack``).
+``rows_parallel``    CPU, several threads, many rows: one chunk of rows per thread, each chunk
+                     run by the sub-plan chosen for its rows inside a worker.
+``cpu_gemm_stack``   CPU, standard layers, uniform split: the whole stack as batched GEMMs, one
+                     autograd node with a hand-written backward (``fastnvp.engine.cpu_gemm_stack``),
+                     in either memory mode.
+``invertible``       memory="invertible" where the GEMM stack does not apply: the generic
+                     recompute-by-inversion stack (``fastnvp.invertible``), each layer recomputed
+                     on the path its forward used.
+``layers``           a Python loop over the layers, each on its own path (:data:`LAYER_PATHS`).
+
+Layer paths: ``fused_layer`` (the fused-layer op), ``cpu_knots`` (the exact piecewise-linear
+form of a one-input conditioner, ``fastnvp.knots``), ``cpu_pair`` (the CPU conditioner pair,
+``fastnvp.cpu_conditioner``), ``split_mlp`` (the standard nets on the split halves with plain
+``F.linear``), ``modules`` (the user's own nets on the masked input).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+STACKS = ("gpu_fused_stack", "rows_parallel", "cpu_gemm_stack", "invertible", "layers")
+LAYER_PATHS = ("fused_layer", "cpu_knots", "cpu_pair", "split_mlp", "modules")
+DIRECTIONS = ("f", "g")
+
+_CPU_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class LayerFacts:
+    """What a coupling layer is, independent of the call.
+
+    Attributes:
+        kept: K1, the number of kept (conditioning) features.
+        standard: the nets are the standard conditioner pair (docs/design.md §1.3).
+        hidden: H of the standard pair (None otherwise).
+        slope: the LeakyReLU slope of the standard pair (None otherwise).
+        clamped: the log-scale is soft-clamped (``clamp`` set and a non-standard layer).
+    """
+
+    kept: int
+    standard: bool
+    hidden: int | None
+    slope: float | None
+    clamped: bool
+
+    @property
+    def fusable(self) -> bool:
+        """The fused Triton layer supports it: standard, H a power of two >= 16 (§4.5)."""
+        h = self.hidden
+        return self.standard and h is not None and h >= 16 and h & (h - 1) == 0
+
+
+@dataclass(frozen=True)
+class FlowFacts:
+    """What a flow is, independent of the call: its layers and whole-stack properties.
+
+    Attributes:
+        layers: one :class:`LayerFacts` per coupling layer.
+        dim: D.
+        uniform_split: every layer keeps the same number of features.
+        own_parameters: no parameter tensor is shared between layers or nets.
+    """
+
+    layers: tuple[LayerFacts, ...]
+    dim: int
+    uniform_split: bool
+    own_parameters: bool
+
+    @property
+    def all_standard(self) -> bool:
+        return all(layer.standard for layer in self.layers)
+
+    @property
+    def one_slope(self) -> float | None:
+        """The slope shared by every layer, or None when layers differ or are not standard."""
+        slopes = {layer.slope for layer in self.layers}
+        return slopes.pop() if len(slopes) == 1 and None not in slopes else None
+
+    @property
+    def one_hidden(self) -> int | None:
+        widths = {layer.hidden for layer in self.layers}
+        return widths.pop() if len(widths) == 1 and None not in widths else None
+
+
+def flow_facts(model) -> FlowFacts:
+    """The :class:`FlowFacts` of a ``FastRealNVP`` (its ``_standard`` / ``_num_kept`` lists)."""
+    from fastnvp.conditioner import match_standard_mlp
+
+    layers = []
+    for i in range(model.num_layers):
+        standard = bool(model._standard[i])
+        mlp = match_standard_mlp(model.s[i], model.dim) if standard else None
+        layers.append(
+            LayerFacts(
+                kept=int(model._num_kept[i]),
+                standard=standard,
+                hidden=mlp.lin1.out_features if mlp else None,
+                slope=mlp.negative_slope if mlp else None,
+                clamped=bool(model._clamped[i]),
+            )
+        )
+    params = [p for net in (*model.s, *model.t) for p in net.parameters()]
+    own = len({id(p) for p in params}) == len(params)
+    return FlowFacts(
+        layers=tuple(layers),
+        dim=model.dim,
+        uniform_split=len({layer.kept for layer in layers}) == 1,
+        own_parameters=own,
+    )
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """What one call brings to the choice (hashable: plans are cached per context).
+
+    Attributes:
+        direction: ``"f"`` (data -> latent) or ``"g"`` (latent -> data).
+        device: the device type, ``"cpu"`` or ``"cuda"``.
+        dtype: the state's dtype.
+        rows: N.
+        grad: a gradient is needed (grad mode on and the input or a parameter requires grad).
+        autocast: autocast is enabled on the device.
+        compiling: inside ``torch.compile`` tracing.
+        checking: non-finite checks are on.
+        threads: ``torch.get_num_threads()``.
+        in_worker: the call runs on a row-parallel worker.
+        triton: the ops run their Triton kernels on this state (``fastnvp.backend.use_triton``:
+            CUDA, or the interpreter with ``FASTNVP_BACKEND=triton``).
+        memory: ``"standard"`` or ``"invertible"``.
+        fused: the model's ``fused`` level.
+        knot_tables: the model's ``knot_tables`` option.
+    """
+
+    direction: str
+    device: str
+    dtype: torch.dtype
+    rows: int
+    grad: bool
+    autocast: bool
+    compiling: bool
+    checking: bool
+    threads: int
+    in_worker: bool
+    triton: bool
+    memory: str
+    fused: str
+    knot_tables: bool
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The thresholds of :func:`choose`, in one place (tests pass their own).
+
+    Attributes:
+        min_rows_per_thread: fewest rows per thread for ``rows_parallel``; below it the call runs
+            on the caller's thread (at B = 1024 on two cores the per-chunk Python work,
+            serialised by the GIL, outweighed the saved barriers).
+        parallel_training: ``rows_parallel`` also for training steps (one autograd graph per
+            chunk, parameter gradients summed).
+        knot_min_hidden: with autograd, the knot form (``fastnvp.knots``) from this hidden
+            width on. Its per-row work is O(H) but with a larger constant than the GEMM's O(H^2)
+            (about 15 passes over an (N, H) tile in forward + backward): on 2 cores, training
+            at H = 64 stayed ~2x faster in the GEMM form even at B = 16384, while at H = 256
+            the knot form was 2-2.6x faster from B = 1024. Without autograd the piece form is
+            used at every width and batch (with cached tables it was 1.24-5.75x faster than
+            the per-layer GEMM path for H in {16, ..., 128}, B in {16, ..., 4096}, L = 8).
+        knot_min_work_grad: with autograd, the knot form from ``rows * H^2`` this large: the
+            tables are built and differentiated on every call (about 3 ms per net at H = 256),
+            so at H = 256 from 1024 rows (the crossover was between 512 and 1024 rows for a
+            training step at L = 8).
+        gemm_stack: allow ``cpu_gemm_stack``.
+    """
+
+    min_rows_per_thread: int = 1024
+    parallel_training: bool = True
+    knot_min_hidden: int = 128
+    knot_min_work_grad: int = 64 * 1024 * 1024
+    gemm_stack: bool = True
+
+
+DEFAULT_POLICY = Policy()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one call runs.
+
+    Attributes:
+        stack: one of :data:`STACKS`.
+        layers: per layer, one of :data:`LAYER_PATHS`: the path the layer takes when the stack
+            runs layer by layer (``layers``, ``invertible``) or inside a row worker; for the
+            whole-stack executors, the path the same call would take per layer without them.
+        reason: why this stack, in words.
+        context: the :class:`CallContext` it was chosen for.
+    """
+
+    stack: str
+    layers: tuple[str, ...]
+    reason: str
+    context: CallContext = field(repr=False)
+
+    def __str__(self) -> str:
+        counts: dict[str, int] = {}
+        for path in self.layers:
+            counts[path] = counts.get(path, 0) + 1
+        paths = ", ".join(f"{n} x {p}" for p, n in counts.items())
+        return f"{self.stack} ({paths}): {self.reason}"
+
+
+def _knot_form(layer: LayerFacts, ctx: CallContext, policy: Policy) -> bool:
+    """The knot form for a standard CPU layer (``fastnvp.knots``)."""
+    if not ctx.knot_tables or layer.kept != 1 or ctx.compiling:
+        return False
+    if not ctx.grad:
+        return True
+    h = layer.hidden
+    return h >= policy.knot_min_hidden and ctx.rows * h * h >= policy.knot_min_work_grad
+
+
+def layer_path(layer: LayerFacts, ctx: CallContext, policy: Policy = DEFAULT_POLICY) -> str:
+    """The path of one layer in context ``ctx`` (one of :data:`LAYER_PATHS`)."""
+    if not layer.standard:
+        return "modules"
+    # Non-finite checks inspect s and t, and autocast changes the nets' precision: both need
+    # the unfused conditioner. The kernel tiles H in powers of two >= 16 (docs/design.md §4.5);
+    # the ops' PyTorch path takes any width.
+    unfused_only = ctx.checking or ctx.autocast
+    wanted = ctx.fused == "layer" or (ctx.fused == "auto" and ctx.device == "cuda" and ctx.triton)
+    if wanted and not unfused_only and (layer.fusable or not ctx.triton):
+        return "fused_layer"
+    if ctx.device == "cpu" and ctx.dtype in _CPU_DTYPES and not ctx.autocast:
+        return "cpu_knots" if _knot_form(layer, ctx, policy) else "cpu_pair"
+    return "split_mlp"
+
+
+def choose(facts: FlowFacts, ctx: CallContext, policy: Policy = DEFAULT_POLICY) -> Plan:
+    """The plan of a call: a pure function of the flow's facts, the context and the policy."""
+    if ctx.direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {ctx.direction!r}")
+    paths = tuple(layer_path(layer, ctx, policy) for layer in facts.layers)
+
+    def plan(stack: str, reason: str) -> Plan:
+        return Plan(stack, paths, reason, ctx)
+
+    if ctx.compiling:
+        return plan("layers", "inside torch.compile: the layer loop traces into one graph")
+    if ctx.checking:
+        return plan("layers", "non-finite checks inspect every layer's s, t and outputs")
+    if all(p == "fused_layer" for p in paths):
+        if not ctx.grad:
+            return plan("gpu_fused_stack", "every layer fused, no gradient: one launch")
+        if ctx.memory == "invertible" and ctx.direction == "f":
+            return plan("invertible", "fused layers recomputed by inversion in backward")
+        return plan("layers", "every layer fused; autograd records one node per layer")
+    cpu = ctx.device == "cpu" and ctx.dtype in _CPU_DTYPES and not ctx.autocast
+    standard_cpu = cpu and all(p in ("cpu_knots", "cpu_pair") for p in paths)
+    if standard_cpu and not ctx.in_worker and ctx.threads > 1:
+        enough = ctx.rows >= 2 * policy.min_rows_per_thread
+        piece_form = not ctx.grad and all(p == "cpu_knots" for p in paths)
+        trains = ctx.grad and ctx.direction == "f" and ctx.memory == "standard"
+        if enough and not piece_form and (not ctx.grad or (trains and policy.parallel_training)):
+            return plan("rows_parallel", f"{ctx.rows} rows on {ctx.threads} threads")
+    gemm_ok, why_not = _gemm_stack_fits(facts, ctx, policy, standard_cpu, paths)
+    if gemm_ok:
+        mode = f", memory={ctx.memory}" if ctx.grad else ""
+        return plan("cpu_gemm_stack", "standard CPU layers, uniform split" + mode)
+    if ctx.grad and ctx.memory == "invertible" and ctx.direction == "f":
+        return plan("invertible", f"recompute by inversion; no GEMM stack: {why_not}")
+    return plan("layers", why_not)
+
+
+def _gemm_stack_fits(facts, ctx, policy, standard_cpu, paths) -> tuple[bool, str]:
+    if not policy.gemm_stack:
+        return False, "the policy turns the GEMM stack off"
+    if not standard_cpu:
+        return False, "not every layer is a standard conditioner on a CPU fp32/fp64 state"
+    if not facts.uniform_split:
+        return False, "layers keep different numbers of features"
+    if not facts.own_parameters:
+        return False, "parameters are shared between layers"
+    slope = facts.one_slope
+    if slope is None or slope < 0:
+        return False, "the layers need one LeakyReLU slope >= 0"
+    if ctx.grad and ctx.direction == "g":
+        return False, "a differentiable inverse runs layer by layer"
+    if ctx.grad and any(p == "cpu_knots" for p in paths):
+        return False, "the knot form is faster for these layers under autograd"
+    if not ctx.grad and all(p == "cpu_knots" for p in paths):
+        return False, "the cached knot pieces are faster without autograd"
+    return True, ""

@@ -1,0 +1,304 @@
+"""The execution plan (fastnvp.engine.plan) and the CPU GEMM stack executor.
+
+The plan is tested as a table: facts and context in, stack and layer paths out, with no model
+and no call counters. The executor is checked against the float64 reference (outputs and every
+gradient, both memory modes), through gradcheck, and for its failure modes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fastnvp.conditioner import standard_net
+from fastnvp.engine import cpu_gemm_stack
+from fastnvp.engine import plan as P
+from fastnvp.invertible import ReconstructionError
+from fastnvp.model import FastRealNVP
+from fastnvp.reference import RealNVP
+
+
+def _facts(dim=6, layers=4, hidden=32, kept=None, standard=True, slope=0.01, own=True):
+    kept = kept if kept is not None else [dim // 2] * layers
+    rows = tuple(
+        P.LayerFacts(
+            kept=k,
+            standard=standard,
+            hidden=hidden if standard else None,
+            slope=slope if standard else None,
+            clamped=False,
+        )
+        for k in kept
+    )
+    return P.FlowFacts(rows, dim, len(set(kept)) == 1, own)
+
+
+def _ctx(**changes):
+    base = P.CallContext(
+        direction="f",
+        device="cpu",
+        dtype=torch.float32,
+        rows=256,
+        grad=True,
+        autocast=False,
+        compiling=False,
+        checking=False,
+        threads=2,
+        in_worker=False,
+        triton=False,
+        memory="standard",
+        fused="auto",
+        knot_tables=True,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+# (facts changes, context changes, policy, expected stack, expected layer path)
+TABLE = [
+    ({}, {}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
+    ({}, {"grad": False}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
+    ({}, {"direction": "g", "grad": False}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
+    ({}, {"direction": "g"}, P.Policy(), "layers", "cpu_pair"),
+    ({}, {"memory": "invertible"}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
+    ({}, {"rows": 4096}, P.Policy(), "rows_parallel", "cpu_pair"),
+    ({}, {"rows": 4096, "threads": 1}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
+    ({}, {"rows": 4096, "in_worker": True}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
+    ({}, {"rows": 4096}, P.Policy(parallel_training=False), "cpu_gemm_stack", "cpu_pair"),
+    ({}, {"rows": 4096}, P.Policy(min_rows_per_thread=4096), "cpu_gemm_stack", "cpu_pair"),
+    ({}, {"rows": 4096, "memory": "invertible"}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
+    ({}, {}, P.Policy(gemm_stack=False), "layers", "cpu_pair"),
+    ({}, {"memory": "invertible"}, P.Policy(gemm_stack=False), "invertible", "cpu_pair"),
+    ({}, {"compiling": True}, P.Policy(), "layers", "cpu_pair"),
+    ({}, {"checking": True}, P.Policy(), "layers", "cpu_pair"),
+    ({}, {"autocast": True}, P.Policy(), "layers", "split_mlp"),
+    ({}, {"dtype": torch.bfloat16}, P.Policy(), "layers", "split_mlp"),
+    ({"kept": [3, 2, 3, 2]}, {}, P.Policy(), "layers", "cpu_pair"),
+    ({"own": False}, {}, P.Policy(), "layers", "cpu_pair"),
+    ({"slope": -0.1}, {}, P.Policy(), "layers", "cpu_pair"),
+    ({"standard": False}, {}, P.Policy(), "layers", "modules"),
+    ({"dim": 2}, {"grad": False}, P.Policy(), "layers", "cpu_knots"),
+    ({"dim": 2}, {"grad": False, "knot_tables": False}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
+    ({"dim": 2, "hidden": 256}, {"rows": 1024}, P.Policy(), "layers", "cpu_knots"),
+    ({"dim": 2, "hidden": 256}, {"rows": 512}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
+    ({"dim": 2, "hidden": 64}, {"rows": 10**6}, P.Policy(), "rows_parallel", "cpu_pair"),
+    ({}, {"device": "cuda", "triton": True}, P.Policy(), "layers", "fused_layer"),
+    (
+        {},
+        {"device": "cuda", "triton": True, "grad": False},
+        P.Policy(),
+        "gpu_fused_stack",
+        "fused_layer",
+    ),
+    (
+        {},
+        {"device": "cuda", "triton": True, "memory": "invertible"},
+        P.Policy(),
+        "invertible",
+        "fused_layer",
+    ),
+    ({}, {"device": "cuda", "triton": True, "fused": "op"}, P.Policy(), "layers", "split_mlp"),
+    ({"hidden": 48}, {"device": "cuda", "triton": True}, P.Policy(), "layers", "split_mlp"),
+    ({"hidden": 48}, {"fused": "layer"}, P.Policy(), "layers", "fused_layer"),
+    ({"hidden": 48}, {"fused": "layer", "triton": True}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
+]
+
+
+@pytest.mark.parametrize(("facts", "ctx", "policy", "stack", "path"), TABLE)
+def test_plan_table(facts, ctx, policy, stack, path):
+    plan = P.choose(_facts(**facts), _ctx(**ctx), policy)
+    assert plan.stack == stack, plan.reason
+    assert set(plan.layers) == {path}
+    assert plan.reason and stack in str(plan)
+
+
+def test_plan_rejects_an_unknown_direction():
+    with pytest.raises(ValueError, match="direction"):
+        P.choose(_facts(), _ctx(direction="x"))
+
+
+def test_flow_facts_follow_load_state_dict():
+    model = FastRealNVP.standard(4, 3, 16)
+    assert model._facts.uniform_split and model._facts.all_standard
+    other = FastRealNVP(
+        lambda: standard_net(4, 16, tanh=True),
+        lambda: standard_net(4, 16, tanh=False),
+        torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]]),
+    )
+    x = torch.randn(5, 4)
+    assert model.explain(x).stack == "cpu_gemm_stack"
+    model.load_state_dict(other.state_dict())
+    assert not model._facts.uniform_split
+    assert model.explain(x).stack == "layers"
+    assert "different numbers" in model.explain(x).reason
+    torch.testing.assert_close(model.f(x)[0], other.f(x)[0])
+
+
+def test_plans_are_cached_per_context():
+    model = FastRealNVP.standard(4, 3, 16)
+    x = torch.randn(5, 4)
+    first = model.explain(x)
+    assert model.explain(x) is first
+    with torch.no_grad():
+        assert model.explain(x) is not first
+    model.policy = P.Policy(gemm_stack=False)
+    assert model.explain(x).stack == "layers"
+    with pytest.raises(TypeError, match="policy"):
+        model.policy = {"gemm_stack": False}
+
+
+def test_explain_validates_its_arguments():
+    model = FastRealNVP.standard(4, 2, 16)
+    with pytest.raises(ValueError, match="direction"):
+        model.explain(torch.randn(3, 4), direction="backward")
+    with pytest.raises(ValueError):
+        model.explain(torch.randn(3, 5))
+
+
+def _twins(dim, layers, hidden, memory="standard", anchor_every=8):
+    torch.manual_seed(0)
+    ref = RealNVP.standard(dim, layers, hidden).double()
+    fast = FastRealNVP.from_reference(ref)
+    fast.memory = memory
+    fast.anchor_every = anchor_every
+    return ref, fast
+
+
+@pytest.mark.parametrize("memory", ["standard", "invertible"])
+@pytest.mark.parametrize(
+    ("dim", "layers", "hidden", "rows"), [(2, 3, 16, 7), (6, 5, 8, 5), (16, 2, 32, 33)]
+)
+def test_gemm_stack_matches_float64_reference(memory, dim, layers, hidden, rows, one_thread):
+    ref, fast = _twins(dim, layers, hidden, memory, anchor_every=2)
+    fast.knot_tables = False
+    x = torch.randn(rows, dim, dtype=torch.float64) * 1.5
+    assert fast.explain(x.requires_grad_()).stack == "cpu_gemm_stack"
+    w = torch.randn(rows, dim, dtype=torch.float64)
+    v = torch.randn(rows, dtype=torch.float64)
+    grads = []
+    for model in (ref, fast):
+        xx = x.detach().clone().requires_grad_()
+        z, ld = model.f(xx)
+        outs = (z, ld)
+        grads.append(
+            (outs, torch.autograd.grad((z * w).sum() + (ld * v).sum(), [xx, *model.parameters()]))
+        )
+    (z_ref, ld_ref), g_ref = grads[0]
+    (z, ld), g = grads[1]
+    torch.testing.assert_close(z, z_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ld, ld_ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(g, g_ref, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    if memory == "invertible":
+        report = fast.last_reconstruction
+        assert report.ok and report.anchor_layers == tuple(range(0, layers, 2))
+    with torch.no_grad():
+        assert fast.explain(x, "g").stack == "cpu_gemm_stack"
+        torch.testing.assert_close(fast.g(z_ref), x.detach(), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(fast.f(x)[0], z_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_gemm_stack_gradcheck(one_thread):
+    _, fast = _twins(4, 2, 4)
+    kept, trans = fast._uniform_split()
+    params = [p.detach().clone().requires_grad_() for p in cpu_gemm_stack.layer_parameters(fast)]
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    for memory in ("standard", "invertible"):
+        setup = (kept, trans, 0.01, memory, 1, 1e-6)
+
+        def fn(x, *ps, setup=setup):
+            return cpu_gemm_stack._GemmStack.apply(fast, setup, x, *ps)
+
+        assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6)
+
+
+def test_gemm_stack_backward_twice_accumulates_like_autograd(one_thread):
+    ref, fast = _twins(6, 3, 8)
+    x = torch.randn(9, 6, dtype=torch.float64)
+    for model in (ref, fast):
+        lp = model.log_prob(x)
+        for _ in range(2):
+            lp.square().mean().backward(retain_graph=True)
+    for p_ref, p in zip(ref.parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_gemm_stack_only_some_parameters_trained(one_thread):
+    ref, fast = _twins(6, 3, 8)
+    for model in (ref, fast):
+        for net in (*model.s, *model.t):
+            net[2].weight.requires_grad_(False)
+    x = torch.randn(9, 6, dtype=torch.float64)
+    (-ref.log_prob(x).mean()).backward()
+    (-fast.log_prob(x).mean()).backward()
+    for p_ref, p in zip(ref.parameters(), fast.parameters(), strict=True):
+        assert (p.grad is None) == (p_ref.grad is None)
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("memory", ["standard", "invertible"])
+def test_gemm_stack_refuses_parameters_changed_before_backward(memory):
+    _, fast = _twins(6, 3, 8, memory)
+    loss = -fast.log_prob(torch.randn(4, 6, dtype=torch.float64)).mean()
+    with torch.no_grad():
+        fast.s[1][2].weight.mul_(2)
+    with pytest.raises(RuntimeError, match=r"modified by an inplace operation: s\.1\.2\.weight"):
+        loss.backward()
+
+
+def test_gemm_stack_reconstruction_guard():
+    _, fast = _twins(6, 4, 8, "invertible")
+    fast.float()
+    fast.reconstruction_tolerance = 1e-30  # float32 round trips cannot meet this
+    loss = -fast.log_prob(torch.randn(16, 6)).mean()
+    assert fast.explain(torch.randn(16, 6).requires_grad_()).stack == "cpu_gemm_stack"
+    with pytest.raises(ReconstructionError, match="reconstruction_tolerance=1e-30"):
+        loss.backward()
+    assert all(p.grad is None for p in fast.parameters())
+    assert not fast.last_reconstruction.ok
+
+
+def test_gemm_stack_invertible_saves_no_activations_per_layer():
+    """Autograd keeps the output and one (N, D) anchor per anchor_every layers, nothing else."""
+    sizes = {}
+    for layers in (4, 32):
+        _, fast = _twins(6, layers, 16, "invertible", anchor_every=8)
+        x = torch.randn(64, 6, dtype=torch.float64)
+        saved = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            z, ld = cpu_gemm_stack.run_forward(
+                fast,
+                x,
+                *fast._uniform_split(),
+                0.01,
+                grad=True,
+                memory="invertible",
+                anchor_every=8,
+                tolerance=1e-6,
+            )
+        sizes[layers] = sum(saved)
+    assert sizes[32] == sizes[4] + 3 * 64 * 6  # 4 anchors at L = 32, 1 at L = 4
+
+
+def test_masks_with_interleaved_features_run_on_the_gemm_stack(one_thread):
+    masks = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 1, 0], [0, 0, 1, 1, 0]])
+    torch.manual_seed(1)
+    ref = RealNVP(
+        lambda: standard_net(5, 8, tanh=True), lambda: standard_net(5, 8, tanh=False), masks
+    ).double()
+    fast = FastRealNVP.from_reference(ref)
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    assert fast.explain(x).stack == "cpu_gemm_stack"
+    torch.testing.assert_close(fast.log_prob(x), ref.log_prob(x), rtol=1e-12, atol=1e-12)
+    g_fast = torch.autograd.grad(fast.log_prob(x).sum(), [x, *fast.parameters()])
+    g_ref = torch.autograd.grad(ref.log_prob(x).sum(), [x, *ref.parameters()])
+    for a, b in zip(g_fast, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
