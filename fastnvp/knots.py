@@ -67,7 +67,6 @@ MAX_PIECES_PER_UNIT = 16
 CACHE_BUDGET = 64 * 1024 * 1024
 
 
-
 class KnotTable(NamedTuple):
     """One conditioner net of a single-input layer in knot form.
 
