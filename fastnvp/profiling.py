@@ -30,6 +30,11 @@ What is measured, and how:
   profiled step, replayed in time order; the peak of the running sum. The *activation* peak
   subtracts the gradients (all of them, as they exist at the end of the step); parameter bytes
   are reported separately.
+- **peak memory from outside** (``memory_probe=True``, :mod:`fastnvp.memory_probe`): the
+  profiler's figure counts only the allocations it records; this one is one extra step per
+  (impl, mode, depth) in a fresh Python process, measured by the operating system (peak RSS,
+  ``VmHWM``, reset after a warm-up step) or by CUDA's ``max_memory_allocated``, minus what the
+  process held with the model, the input and the gradient buffers allocated.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ IMPLS = ("fast", "reference")
 MODES = ("standard", "invertible")
 MB = 1024.0**2
 
-_LAYER_RANGE = re.compile(r"^layer(\d+)\.(forward|inverse|conditioner)$")
+_LAYER_RANGE = re.compile(r"^layer(\d+)\.(forward|inverse|conditioner|backward)$")
 _EVALUATE = "autograd::engine::evaluate_function: "
 _LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
@@ -79,6 +84,7 @@ class ProfileConfig:
     seed: int = 0
     threads: int | None = None  # torch.get_num_threads() when None
     fused: str | None = None  # FastRealNVP's ``fused`` level; None keeps the model's default
+    memory_probe: bool = False  # also measure peak memory from outside, in fresh processes
 
     def __post_init__(self) -> None:
         self.layers = _positive_ints(self.layers, "layers")
@@ -104,6 +110,8 @@ class ProfileConfig:
             from fastnvp.fused_layer import check_fused
 
             check_fused(self.fused)
+        if not isinstance(self.memory_probe, bool):
+            raise TypeError(f"memory_probe must be a bool, got {type(self.memory_probe).__name__}")
 
 
 def _positive_int(value, name: str) -> int:
@@ -373,8 +381,13 @@ def analyse(prof: profile, num_layers: int, device: str) -> dict:
                 elif kind == "forward":
                     layer_fwd[i] += d
             elif _within(e, bwd) and _layer_of(e) is None:
-                # Invertible backward: outermost ranges are the inversion and the recomputation
-                # (the shared-conditioner step shows only its conditioner range).
+                # The GEMM stack's backward marks each layer's gradient ("backward") and, in the
+                # invertible mode, its reconstruction ("inverse"). The generic invertible stack:
+                # outermost ranges are the inversion and the recomputation (the shared-conditioner
+                # step shows only its conditioner range).
+                if kind == "backward":
+                    layer_bwd[i] += d
+                    continue
                 if kind == "inverse":
                     inverse += d
                 else:
@@ -452,6 +465,10 @@ class RunResult:
     grad_bytes: int
     analysis: dict = field(default_factory=dict)
     reconstruction: dict | None = None
+    # From a fresh process (memory_probe=True): bytes above the process's footprint with model,
+    # input and gradients allocated; see fastnvp.memory_probe.
+    probe_growth_bytes: int | None = None
+    probe_baseline_bytes: int | None = None
 
 
 def time_interleaved(
@@ -582,7 +599,8 @@ def run_profile(config: ProfileConfig, out: Path, log: Callable[[str], None] = p
 
     Writes ``results.json``, ``summary.md``, ``trace.json`` (Chrome trace of the first
     combination at ``config.trace_layers``; ``trace-<impl>-<mode>.json`` for the others),
-    ``time_vs_depth.png`` and ``memory_vs_depth.png``. Returns the JSON document.
+    ``time_vs_depth.png`` and ``memory_vs_depth.png``; with ``config.memory_probe`` also
+    ``peak_growth_vs_depth.png`` (the fresh-process measurement). Returns the JSON document.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -621,6 +639,7 @@ def run_profile(config: ProfileConfig, out: Path, log: Callable[[str], None] = p
             gc.collect()
             if config.device == "cuda":
                 torch.cuda.empty_cache()
+    probe_doc = probe_runs(config, runs, log) if config.memory_probe else None
     doc = {
         "config": asdict(config),
         "machine": machine_info(config.device),
@@ -628,11 +647,52 @@ def run_profile(config: ProfileConfig, out: Path, log: Callable[[str], None] = p
         "elapsed_s": time.perf_counter() - started,
         "runs": [asdict(r) for r in runs],
         "skipped": skipped,
+        "memory_probe": probe_doc,
     }
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "summary.md").write_text(summary_markdown(doc))
     plot_depth(doc, out)
+    if probe_doc is not None:
+        from fastnvp.memory_probe import plot_growth
+
+        plot_growth(probe_doc["rows"], out / "peak_growth_vs_depth.png")
     return doc
+
+
+def probe_runs(config: ProfileConfig, runs: list[RunResult], log: Callable[[str], None]) -> dict:
+    """Measure each run's step again from outside, one fresh process each (memory_probe).
+
+    The child runs at the sweep's thread count, seed and fused level, with one warm-up step of
+    its own whatever ``config.warmup`` (the peak is reset after it). Fills the runs'
+    ``probe_*`` fields and returns ``{"method": ..., "rows": [...]}`` (rows of
+    :func:`fastnvp.memory_probe.probe`).
+    """
+    from fastnvp.memory_probe import METHODS, probe
+
+    threads = config.threads if config.threads is not None else torch.get_num_threads()
+    rows = []
+    for run in runs:
+        row = probe(
+            config.dim,
+            config.hidden,
+            config.batch,
+            run.layers,
+            run.mode,
+            run.impl,
+            config.device,
+            threads,
+            config.seed,
+            config.fused,
+        )
+        run.probe_growth_bytes = row["peak_growth_bytes"]
+        run.probe_baseline_bytes = row["baseline_bytes"]
+        rows.append(row)
+        log(
+            f"{run.impl:9s} {run.mode:10s} L={run.layers:4d}  fresh-process peak growth "
+            f"{row['peak_growth_bytes'] / MB:9.1f} MB ({row['method']})"
+        )
+    methods = sorted({row["method"] for row in rows})
+    return {"method": "; ".join(f"{m}: {METHODS[m]}" for m in methods), "rows": rows}
 
 
 # ---------------------------------------------------------------------------------- reports
@@ -731,6 +791,20 @@ def summary_markdown(doc: dict) -> str:
                 f"time), {h['calls']} calls"
             )
         lines.append("")
+    probed = doc.get("memory_probe")
+    if probed:
+        from fastnvp.memory_probe import markdown_table
+
+        lines += [
+            "## Peak memory from outside (one fresh process per row)",
+            "",
+            f"Measured as {probed['method']}. Each row is one step in its own Python process "
+            "(`fastnvp.memory_probe`); unlike the activation peak above it counts all the "
+            "process held (CPU: RSS, so allocator slack and library buffers too) or all the "
+            "CUDA allocator handed out, not only the tensors the profiler recorded.",
+            "",
+            markdown_table(probed["rows"]),
+        ]
     recon = [r for r in doc["runs"] if r["reconstruction"]]
     if recon:
         lines += [
@@ -751,7 +825,8 @@ def summary_markdown(doc: dict) -> str:
         lines.append("")
     lines.append(
         "Artefacts: `results.json` (every number), `trace.json` (Chrome trace; open in "
-        "https://ui.perfetto.dev), `time_vs_depth.png`, `memory_vs_depth.png`."
+        "https://ui.perfetto.dev), `time_vs_depth.png`, `memory_vs_depth.png`"
+        + (", `peak_growth_vs_depth.png`." if probed else ".")
     )
     return "\n".join(lines) + "\n"
 

@@ -1,5 +1,6 @@
 """``fastnvp profile`` end to end at tiny size, and the pieces it is built from."""
 
+import functools
 import json
 
 import pytest
@@ -51,9 +52,10 @@ def test_profile_command_writes_every_artefact(tmp_path, one_thread, capsys):
         assert run["peak_bytes"] > 0 and run["param_bytes"] == run["grad_bytes"] > 0
         assert run["step_s"] > 0
         if run["mode"] == "invertible":
-            # FastRealNVP shares the conditioner: the inversion is part of "recompute".
-            assert {"recompute", "gradient"} <= set(p) and "inverse" not in p
-            assert p["recompute"] + p["gradient"] == pytest.approx(p["backward"])
+            # The GEMM stack (docs/design.md §3.2) reconstructs each layer ("inverse") and then
+            # runs its gradient; it recomputes nothing under autograd.
+            assert {"inverse", "recompute", "gradient"} <= set(p) and p["recompute"] == 0
+            assert p["inverse"] + p["gradient"] == pytest.approx(p["backward"])
             assert run["reconstruction"]["max_layer_error"] < 1e-5
             assert run["reconstruction"]["within_default_tolerance"]
         else:
@@ -144,3 +146,87 @@ def test_bad_arguments_exit_with_usage(argv, capsys):
         main(["profile", *argv])
     assert info.value.code == 2
     assert "expected" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- peak memory from outside
+# Each probe is a fresh Python process (a few seconds: it imports torch), so these tests run
+# as few as cover the paths.
+@functools.cache
+def _expected_cpu_method() -> str:
+    """``clear_refs`` where this kernel lets a process reset its VmHWM (Linux >= 4.0)."""
+    from fastnvp.memory_probe import clear_refs_resets_peak
+
+    return "clear_refs" if clear_refs_resets_peak() else "hwm_before"
+
+
+def test_memory_probe_sweep_in_fresh_processes(tmp_path):
+    from fastnvp.memory_probe import main
+
+    out = tmp_path / "probe"
+    argv = ["--dim", "4", "--hidden", "16", "--batch", "512", "--layers", "2,4", "--threads", "1"]
+    assert main([*argv, "--memory", "standard", "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    rows = {r["layers"]: r for r in doc["rows"]}
+    assert sorted(rows) == [2, 4] and doc["skipped"] == []
+    for row in rows.values():
+        assert row["memory"] == "standard" and row["impl"] == "fast" and row["threads"] == 1
+        assert row["method"] == _expected_cpu_method()
+        assert row["peak_growth_bytes"] > 0 and row["baseline_bytes"] > 0
+        assert row["peak_bytes"] == row["baseline_bytes"] + row["peak_growth_bytes"]
+        assert row["grad_bytes"] == row["param_bytes"] > 0
+        assert row["input_bytes"] == 512 * 4 * 4
+    # Standard training stores every layer's activations: the deeper stack peaks higher.
+    assert rows[4]["peak_growth_bytes"] > rows[2]["peak_growth_bytes"]
+    assert doc["command"].startswith("python -m fastnvp.memory_probe --dim 4")
+    assert "| fast | standard | 4 |" in (out / "table.md").read_text()
+    assert (out / "peak_growth_vs_depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["--layers", "2", "--dim", "1"]) == 2  # bad argument: usage error, no child
+
+
+def test_memory_probe_fallback_without_reset():
+    from fastnvp.memory_probe import probe
+
+    row = probe(4, 16, 64, 2, "invertible", reset="none", warmup=0)
+    assert row["method"] == "hwm_before" and row["peak_growth_bytes"] > 0
+    assert row["memory"] == "invertible" and row["baseline_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"dim": 1}, "dim"),
+        ({"hidden": 0}, "hidden"),
+        ({"batch": 2.5}, "batch"),
+        ({"layers": 0}, "layers"),
+        ({"memory": "checkpoint"}, "memory"),
+        ({"impl": "nflows"}, "impl"),
+        ({"impl": "reference", "memory": "invertible"}, "memory"),
+        ({"device": "tpu"}, "device"),
+        ({"threads": 0}, "threads"),
+        ({"fused": "kernel"}, "fused"),
+        ({"warmup": 0}, "warmup"),
+        ({"reset": "always"}, "reset"),
+    ],
+)
+def test_memory_probe_rejects_bad_arguments(kwargs, name):
+    from fastnvp.memory_probe import probe
+
+    args = {"dim": 4, "hidden": 16, "batch": 64, "layers": 2, **kwargs}
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        probe(**args)
+
+
+def test_profile_command_memory_probe(tmp_path, one_thread):
+    out = tmp_path / "prof"
+    argv = ["profile", "--layers", "2,4", "--batch", "64", "--dim", "4", "--hidden", "16"]
+    argv += ["--mode", "invertible", "--device", "cpu", "--repeats", "1", "--warmup", "0"]
+    assert main([*argv, "--threads", "1", "--memory-probe", "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert len(doc["memory_probe"]["rows"]) == len(doc["runs"]) == 2
+    assert doc["memory_probe"]["method"].startswith(f"{_expected_cpu_method()}: peak RSS")
+    for run in doc["runs"]:
+        assert run["probe_growth_bytes"] > 0 and run["probe_baseline_bytes"] > 0
+    summary = (out / "summary.md").read_text()
+    assert "## Peak memory from outside" in summary and "| fast | invertible | 4 |" in summary
+    assert (out / "peak_growth_vs_depth.png").stat().st_size > 10_000
+    assert ProfileConfig().memory_probe is False  # opt-in: the default profile starts no child

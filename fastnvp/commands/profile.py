@@ -63,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and batch")
     parser.add_argument(
+        "--memory-probe",
+        action="store_true",
+        help="also measure peak memory from outside: one fresh process per (impl, mode, depth); "
+        "peak RSS on cpu, max_memory_allocated on cuda (fastnvp.memory_probe)",
+    )
+    parser.add_argument(
         "--out", default="runs/profile", help="output folder (default runs/profile)"
     )
 
@@ -91,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
         fused=args.fused,
+        memory_probe=args.memory_probe,
     )
     out = Path(args.out)
     doc = run_profile(config, out)

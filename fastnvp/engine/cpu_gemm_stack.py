@@ -1,6 +1,6 @@
 """CPU GEMM stack executor: a whole stack of standard coupling layers as one autograd node.
 
-docs/design.md §3.3. Every layer ``i`` has the standard conditioner pair (S, T), docs/design.md
+docs/design.md §3.2. Every layer ``i`` has the standard conditioner pair (S, T), docs/design.md
 §1.3, on the split halves ``x1 = h[:, kept_i]`` (N, K1), ``x2 = h[:, trans_i]`` (N, K2). The two
 nets run side by side as batched matmuls over a leading net axis of size 2 (S, T)::
 
@@ -14,7 +14,7 @@ so a layer is 3 batched GEMMs (instead of 6 Linear calls) and a handful of eleme
 weights of all layers are packed once per call: one ``stack`` per parameter kind and one
 ``gather`` for the kept columns of W1 and the transformed rows of W3, never a per-layer gather.
 
-Backward is written out by hand (§3.3 gives the formulas) and runs as ONE autograd node for the
+Backward is written out by hand (the formulas below) and runs as ONE autograd node for the
 whole flow call: no per-layer autograd graph, no per-op saved-tensor bookkeeping. With upstream
 gradients ``G`` (N, D) of the layer output and ``gl`` (N,) of log_det::
 
@@ -195,7 +195,8 @@ def forward_no_grad(packed: Packed, x: Tensor) -> tuple[Tensor, Tensor]:
     on = _profiling()
     for i in range(packed.num_layers):
         with _mark(on, i, "forward"):
-            _, _, s, t = _nets(packed, i, z.index_select(1, kept[i]), ws1, ws2)
+            with _mark(on, i, "conditioner"):
+                _, _, s, t = _nets(packed, i, z.index_select(1, kept[i]), ws1, ws2)
             z2 = torch.addcmul(t, z.index_select(1, trans[i]), s.exp())
             z.index_copy_(1, trans[i], z2)
             log_det.add_(s.sum(1))
@@ -323,10 +324,12 @@ class _GemmStack(torch.autograd.Function):
             with _mark(on, i, "forward"):
                 x1 = z.index_select(1, kept_i[i])
                 x2 = z.index_select(1, trans_i[i])
-                if memory == "invertible":
-                    _, _, s, t = _nets(packed, i, x1, ws1, ws2)
-                else:
-                    h1, h2, s, t = _nets(packed, i, x1)
+                with _mark(on, i, "conditioner"):
+                    if memory == "invertible":
+                        _, _, s, t = _nets(packed, i, x1, ws1, ws2)
+                    else:
+                        h1, h2, s, t = _nets(packed, i, x1)
+                if memory != "invertible":
                     saved.append((x1, x2, h1, h2, s))
                 z = z.index_copy(1, trans_i[i], torch.addcmul(t, x2, s.exp()))
                 log_det.add_(s.sum(1))
