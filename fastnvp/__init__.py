@@ -4,6 +4,7 @@ Public API::
 
     fastnvp.RealNVP        reference implementation in plain PyTorch
     fastnvp.FastRealNVP    drop-in replacement whose hot paths are fused kernels
+    fastnvp.load_run       a trained run (``fastnvp train``) in one line: model, config, payload
     fastnvp.ops            the custom ops (``torch.ops.fastnvp.*``)
     fastnvp.checks         opt-in non-finite checks: ``with fastnvp.checks.enabled(): ...``
     fastnvp.checkpoint     atomic, verified checkpoint files (weights_only loading)
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["RealNVP", "FastRealNVP", "__version__"]
+__all__ = ["RealNVP", "FastRealNVP", "load_run", "__version__"]
 
 # Submodules reachable as attributes of the package without an explicit import.
 _LAZY_SUBMODULES = ("checks", "checkpoint", "distributed")
@@ -30,6 +31,10 @@ def __getattr__(name: str):
         from fastnvp.model import FastRealNVP
 
         return FastRealNVP
+    if name == "load_run":
+        from fastnvp.train import load_run
+
+        return load_run
     if name in _LAZY_SUBMODULES:
         import importlib
 

@@ -40,13 +40,11 @@ from fastnvp import distributed
 from fastnvp.data import DATASETS, Standardizer, load_array, make_dataset, train_test_split
 from fastnvp.validation import ensure_batch, ensure_num_samples
 
-# The flow implementation used unless a config names one. "fast" is the fused FastRealNVP;
-# "reference" the plain-PyTorch RealNVP. Both compute the same function and take the same
-# state_dict. The default stays "reference" because at the CPU sizes of the depth study the
-# reference trains faster: H=64, L=50, batch 256, one thread, 94 vs 114 ms per step measured
-# side by side (FastRealNVP's per-layer overhead outweighs its GEMM savings at 256 rows; it wins
-# from ~512 rows up), and the committed docs/experiment results were made with it.
-DEFAULT_IMPL = "reference"
+# The flow implementation used unless a config names one: "fast" is FastRealNVP, whose plan
+# (docs/design.md §3) runs the whole stack on the fastest executor for the call; "reference" the
+# plain-PyTorch RealNVP. Both compute the same function and take the same state_dict, so a run
+# trained with one loads into the other.
+DEFAULT_IMPL = "fast"
 IMPLS = ("fast", "reference")
 SCHEDULES = ("cosine", "constant")
 CHECKPOINT = "checkpoint.pt"

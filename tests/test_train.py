@@ -81,6 +81,18 @@ def test_checkpoint_round_trip(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_default_run_uses_the_fast_engine_and_loads_from_the_top_level(tmp_path):
+    import fastnvp
+
+    result = train(tiny(), tmp_path, progress=False)
+    assert tiny().impl == "fast"
+    model, config, payload = fastnvp.load_run(tmp_path)
+    assert config == tiny() and payload["step"] == 12
+    assert isinstance(model.flow, fastnvp.FastRealNVP)
+    x = result.split.x_test
+    torch.testing.assert_close(model.log_prob(x), result.model.log_prob(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
 def test_resume_is_bit_for_bit(tmp_path, schedule):
     config = tiny(steps=15, checkpoint_every=5, schedule=schedule)
