@@ -361,8 +361,13 @@ class FastRealNVP(FlowBase):
 
     def _uniform_split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(L, K1) kept and (L, K2) transformed indices of a flow whose layers keep K1 each."""
-        k1 = self._num_kept[0]
-        return self.split_order[:, :k1].contiguous(), self.split_order[:, k1:].contiguous()
+        order = self.split_order
+        cache = getattr(self, "_uniform_split_cache", None)
+        if cache is None or cache[0] != (order.data_ptr(), order._version):
+            k1 = self._num_kept[0]
+            halves = order[:, :k1].contiguous(), order[:, k1:].contiguous()
+            cache = self._uniform_split_cache = ((order.data_ptr(), order._version), halves)
+        return cache[1]
 
     def _layers_forward(self, plan: plan_mod.Plan, x: torch.Tensor):
         z = x
