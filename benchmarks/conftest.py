@@ -15,7 +15,7 @@ import torch
 
 from fastnvp.bench import harness
 from fastnvp.bench import providers as prov
-from fastnvp.reference import RealNVP
+from fastnvp.core.reference import RealNVP
 
 
 def _size() -> harness.BenchConfig:

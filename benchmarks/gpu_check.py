@@ -59,10 +59,10 @@ from pathlib import Path
 
 import torch
 
-import fastnvp.fused_layer as fl
-from fastnvp.conditioner import standard_net
-from fastnvp.model import FastRealNVP
-from fastnvp.reference import RealNVP
+import fastnvp.ops.fused_layer as fl
+from fastnvp.core.conditioner import standard_net
+from fastnvp.core.reference import RealNVP
+from fastnvp.flows.fast_realnvp import FastRealNVP
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {"ieee": 1e-4, "tf32": 2e-3, "bf16": 3e-2}

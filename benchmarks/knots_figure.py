@@ -1,4 +1,5 @@
-"""Figure of the knot form (fastnvp.knots): one conditioner net as a piecewise-linear function.
+"""Figure of the knot form (fastnvp.engine.cpu.knots): one conditioner net as a piecewise-linear
+function.
 
 Left: the shift net T of a random D = 2 standard conditioner (H = 24, so the pieces are
 visible) evaluated by the module on a dense grid and by the piece table, with the first
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from fastnvp import knots
-from fastnvp.conditioner import match_standard_mlp, standard_net
+from fastnvp.core.conditioner import match_standard_mlp, standard_net
+from fastnvp.engine.cpu import knots
 
 KEPT, TRANSFORMED = torch.tensor([0]), torch.tensor([1])
 

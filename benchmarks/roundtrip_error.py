@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from fastnvp.bench.harness import environment
-from fastnvp.data import Standardizer, two_moons
-from fastnvp.model import FastRealNVP
+from fastnvp.flows.fast_realnvp import FastRealNVP
+from fastnvp.training.data import Standardizer, two_moons
 
 ROOT = Path(__file__).resolve().parents[1]
 

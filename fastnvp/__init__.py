@@ -18,25 +18,30 @@ __version__ = "0.1.0"
 __all__ = ["RealNVP", "FastRealNVP", "load_run", "__version__"]
 
 # Submodules reachable as attributes of the package without an explicit import.
-_LAZY_SUBMODULES = ("checks", "checkpoint", "distributed")
+_LAZY_SUBMODULES = {
+    "checks": "fastnvp.core.checks",
+    "checkpoint": "fastnvp.training.checkpoint",
+    "distributed": "fastnvp.training.distributed",
+    "ops": "fastnvp.ops",
+}
 
 
 def __getattr__(name: str):
     # Lazy, so `import fastnvp` stays cheap and never imports Triton.
     if name == "RealNVP":
-        from fastnvp.reference import RealNVP
+        from fastnvp.core.reference import RealNVP
 
         return RealNVP
     if name == "FastRealNVP":
-        from fastnvp.model import FastRealNVP
+        from fastnvp.flows.fast_realnvp import FastRealNVP
 
         return FastRealNVP
     if name == "load_run":
-        from fastnvp.train import load_run
+        from fastnvp.training.train import load_run
 
         return load_run
     if name in _LAZY_SUBMODULES:
         import importlib
 
-        return importlib.import_module(f"fastnvp.{name}")
+        return importlib.import_module(_LAZY_SUBMODULES[name])
     raise AttributeError(f"module 'fastnvp' has no attribute {name!r}")

@@ -11,7 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fastnvp.backend import triton_available  # noqa: E402
+from fastnvp.ops.backend import triton_available  # noqa: E402
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from fastnvp import cli, distributed
-from fastnvp.model import FastRealNVP
+from fastnvp import cli
+from fastnvp.flows.fast_realnvp import FastRealNVP
+from fastnvp.training import distributed
 
 ROWS, GLOBAL_BATCH, LAYERS, HIDDEN = 256, 32, 4, 16
 

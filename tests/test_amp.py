@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastnvp import FastRealNVP, RealNVP
-from fastnvp.masks import alternating_masks
+from fastnvp.core.masks import alternating_masks
 
 CPU_BF16 = {"device_type": "cpu", "dtype": torch.bfloat16}
 

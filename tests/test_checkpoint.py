@@ -9,8 +9,8 @@ import pickle
 import pytest
 import torch
 
-from fastnvp import checkpoint as ckpt
-from fastnvp.train import TrainConfig, load_run, train
+from fastnvp.training import checkpoint as ckpt
+from fastnvp.training.train import TrainConfig, load_run, train
 
 TINY = dict(layers=2, hidden=8, steps=2, batch=16, n_train=64, n_test=32, eval_every=2)
 

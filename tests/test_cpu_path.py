@@ -1,14 +1,15 @@
-"""The CPU conditioner path (fastnvp.cpu_conditioner) against the reference, in float64."""
+"""The CPU conditioner path (fastnvp.engine.cpu.conditioner_pair) against the reference, in
+float64."""
 
 import pytest
 import torch
 
-from fastnvp import cpu_conditioner
-from fastnvp.conditioner import match_standard_mlp, standard_net
+from fastnvp.core.conditioner import match_standard_mlp, standard_net
+from fastnvp.core.masks import alternating_masks
+from fastnvp.core.reference import RealNVP
+from fastnvp.engine.cpu import conditioner_pair
 from fastnvp.engine.plan import DEFAULT_POLICY, Policy
-from fastnvp.masks import alternating_masks
-from fastnvp.model import FastRealNVP
-from fastnvp.reference import RealNVP
+from fastnvp.flows.fast_realnvp import FastRealNVP
 
 
 def _pair(dim, hidden, slope=0.01):
@@ -34,7 +35,7 @@ def test_standard_st_matches_modules_no_grad(dim, rows, tile):
     transformed = torch.nonzero(mask == 0).flatten()
     x = torch.randn(rows, dim, dtype=torch.float64)
     with torch.no_grad():
-        s, t = cpu_conditioner.standard_st(
+        s, t = conditioner_pair.standard_st(
             match_standard_mlp(s_net, dim),
             match_standard_mlp(t_net, dim),
             x[:, kept],
@@ -55,7 +56,7 @@ def test_standard_st_gradients_match_modules(slope):
     kept = torch.nonzero(mask == 1).flatten()
     transformed = torch.nonzero(mask == 0).flatten()
     x = torch.randn(11, dim, dtype=torch.float64, requires_grad=True)
-    s, t = cpu_conditioner.standard_st(
+    s, t = conditioner_pair.standard_st(
         match_standard_mlp(s_net, dim),
         match_standard_mlp(t_net, dim),
         x[:, kept],
@@ -92,7 +93,7 @@ def test_fast_flow_no_grad_paths_match_reference_across_tiles():
     # More rows than one tile, and a ragged last tile.
     ref = RealNVP.standard(2, 3, hidden=16).double()
     fast = FastRealNVP.from_reference(ref)
-    n = cpu_conditioner.TILE_ROWS * 2 + 5
+    n = conditioner_pair.TILE_ROWS * 2 + 5
     x = torch.randn(n, 2, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fast.log_prob(x), ref.log_prob(x), rtol=1e-12, atol=1e-12)
@@ -115,11 +116,11 @@ def test_parameter_updates_are_seen():
 
 
 def test_applies_only_to_fp32_fp64_cpu_outside_autocast():
-    assert cpu_conditioner.applies(torch.zeros(2, 1))
-    assert cpu_conditioner.applies(torch.zeros(2, 1, dtype=torch.float64))
-    assert not cpu_conditioner.applies(torch.zeros(2, 1, dtype=torch.bfloat16))
+    assert conditioner_pair.applies(torch.zeros(2, 1))
+    assert conditioner_pair.applies(torch.zeros(2, 1, dtype=torch.float64))
+    assert not conditioner_pair.applies(torch.zeros(2, 1, dtype=torch.bfloat16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not cpu_conditioner.applies(torch.zeros(2, 1))
+        assert not conditioner_pair.applies(torch.zeros(2, 1))
 
 
 def test_invalid_arguments_name_the_argument():
@@ -128,12 +129,12 @@ def test_invalid_arguments_name_the_argument():
     kept, transformed = torch.tensor([1]), torch.tensor([0])
     x1 = torch.zeros(3, 1, dtype=torch.float64)
     with pytest.raises(ValueError, match="tile_rows"):
-        cpu_conditioner.standard_st(s_mlp, t_mlp, x1, kept, transformed, tile_rows=0)
+        conditioner_pair.standard_st(s_mlp, t_mlp, x1, kept, transformed, tile_rows=0)
     with pytest.raises(ValueError, match="x1"):
-        cpu_conditioner.standard_st(s_mlp, t_mlp, torch.zeros(3, 2), kept, transformed)
+        conditioner_pair.standard_st(s_mlp, t_mlp, torch.zeros(3, 2), kept, transformed)
     other = match_standard_mlp(standard_net(2, 4, tanh=False, negative_slope=0.3), 2)
     with pytest.raises(ValueError, match="slope"):
-        cpu_conditioner.standard_st(s_mlp, other, x1, kept, transformed)
+        conditioner_pair.standard_st(s_mlp, other, x1, kept, transformed)
 
 
 ROWS_PER_THREAD = DEFAULT_POLICY.min_rows_per_thread

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from fastnvp.data import (
+from fastnvp.analysis.experiment import MOONS_ENTROPY
+from fastnvp.training.data import (
     DATASETS,
     Standardizer,
     load_array,
@@ -15,7 +16,6 @@ from fastnvp.data import (
     train_test_split,
     two_moons,
 )
-from fastnvp.experiment import MOONS_ENTROPY
 
 NUM_LABELS = {
     "moons": 2,

@@ -1,5 +1,5 @@
 """Data-parallel training: 2 CPU processes (gloo on loopback) equal one process on the same
-global batches, in float64 to tight tolerance; helpers of fastnvp.distributed."""
+global batches, in float64 to tight tolerance; helpers of fastnvp.training.distributed."""
 
 import os
 import socket
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastnvp import distributed
+from fastnvp.training import distributed
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ddp_worker  # noqa: E402
@@ -114,7 +114,7 @@ def test_init_rejects_bad_device():
 
 
 def check_train_command(tmp_path, run_dir, stdout):
-    from fastnvp.train import TrainConfig, load_run, train
+    from fastnvp.training.train import TrainConfig, load_run, train
 
     # Rank 0 alone reports and writes the run directory.
     assert stdout.count("run: ") == 1, stdout

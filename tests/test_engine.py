@@ -12,12 +12,12 @@ import dataclasses
 import pytest
 import torch
 
-from fastnvp.conditioner import standard_net
-from fastnvp.engine import cpu_gemm_stack
+from fastnvp.core.conditioner import standard_net
+from fastnvp.core.reference import RealNVP
 from fastnvp.engine import plan as P
-from fastnvp.invertible import ReconstructionError
-from fastnvp.model import FastRealNVP
-from fastnvp.reference import RealNVP
+from fastnvp.engine.cpu import gemm_stack
+from fastnvp.engine.invertible import ReconstructionError
+from fastnvp.flows.fast_realnvp import FastRealNVP
 
 
 def _facts(dim=6, layers=4, hidden=32, kept=None, standard=True, slope=0.01, own=True):
@@ -203,13 +203,13 @@ def test_gemm_stack_matches_float64_reference(memory, dim, layers, hidden, rows,
 def test_gemm_stack_gradcheck(one_thread):
     _, fast = _twins(4, 2, 4)
     kept, trans = fast._uniform_split()
-    params = [p.detach().clone().requires_grad_() for p in cpu_gemm_stack.layer_parameters(fast)]
+    params = [p.detach().clone().requires_grad_() for p in gemm_stack.layer_parameters(fast)]
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     for memory in ("standard", "invertible"):
         setup = (kept, trans, 0.01, memory, 1, 1e-6)
 
         def fn(x, *ps, setup=setup):
-            return cpu_gemm_stack._GemmStack.apply(fast, setup, x, *ps)
+            return gemm_stack._GemmStack.apply(fast, setup, x, *ps)
 
         assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6)
 
@@ -274,7 +274,7 @@ def test_gemm_stack_invertible_saves_no_activations_per_layer():
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            z, ld = cpu_gemm_stack.run_forward(
+            z, ld = gemm_stack.run_forward(
                 fast,
                 x,
                 *fast._uniform_split(),

@@ -5,8 +5,9 @@ the training command line."""
 import pytest
 import torch
 
-from fastnvp import FastRealNVP, RealNVP, data
+from fastnvp import FastRealNVP, RealNVP
 from fastnvp.cli import main as cli_main
+from fastnvp.training import data
 
 MODELS = [RealNVP, FastRealNVP]
 META = torch.device("meta")

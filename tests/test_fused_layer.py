@@ -1,6 +1,6 @@
 """Fully fused coupling layer: kernels (interpreter) and PyTorch path vs float64 oracles.
 
-The oracle is the reference Real NVP layer (``fastnvp.reference.RealNVP.standard`` nets on the
+The oracle is the reference Real NVP layer (``fastnvp.core.reference.RealNVP.standard`` nets on the
 masked full-width input) in float64 with autograd. Tolerances are relative to each tensor's
 largest magnitude: ieee 1e-5, tf32 1e-3, bf16 2e-2; NaN never passes (``allclose`` is false
 for NaN). Kernel outputs are written into NaN-poisoned buffers, so an element a kernel skips fails.
@@ -11,10 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fastnvp.fused_layer as fl
-from fastnvp.conditioner import match_standard_mlp, standard_weights
-from fastnvp.masks import split_indices
-from fastnvp.reference import RealNVP
+import fastnvp.engine.gpu.fused as gpu_fused
+import fastnvp.ops.fused_layer as fl
+from fastnvp.core.conditioner import match_standard_mlp, standard_weights
+from fastnvp.core.masks import split_indices
+from fastnvp.core.reference import RealNVP
 
 TOL = {"ieee": 1e-5, "tf32": 1e-3, "bf16": 2e-2}
 SLOPE = 0.01
@@ -377,14 +378,14 @@ def test_flow_with_unsupported_hidden_width_takes_unfused_path():
     """A width the kernel cannot tile (H = 24) falls back per layer instead of raising; the
     ops' PyTorch path (no Triton) takes any width and stays fused."""
     from fastnvp import FastRealNVP
-    from fastnvp.backend import use_triton
+    from fastnvp.ops.backend import use_triton
 
     torch.manual_seed(3)
     ref = make_flow(4, 24)
     fast = FastRealNVP.from_reference(ref)
     fast.fused = "layer"
     x = torch.randn(9, 4, dtype=torch.float64)
-    assert fl.model_uses_fused_layer(fast, 0, x) == (not use_triton(x))
+    assert gpu_fused.model_uses_fused_layer(fast, 0, x) == (not use_triton(x))
     z, ld = fast.f(x)
     z_ref, ld_ref = ref.f(x)
     assert torch.allclose(z, z_ref, atol=1e-12) and torch.allclose(ld, ld_ref, atol=1e-12)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fastnvp.fused_layer as fl
+import fastnvp.engine.gpu.fused as gpu_fused
+import fastnvp.ops.fused_layer as fl
 from fastnvp import FastRealNVP, RealNVP
-from fastnvp.conditioner import standard_net
-from fastnvp.masks import alternating_masks
+from fastnvp.core.conditioner import standard_net
+from fastnvp.core.masks import alternating_masks
 
 
 def models(dim=3, layers=2, hidden=16, precision="ieee"):
@@ -40,19 +41,19 @@ def test_fused_layer_model_matches_reference(backend):
     ref64 = RealNVP.standard(3, 2, hidden=16).double()
     ref64.load_state_dict(ref.state_dict())
     calls = {"layer": 0}
-    real_layer = fl.model_layer
+    real_layer = gpu_fused.model_layer
 
     def counting_layer(*args, **kwargs):
         calls["layer"] += 1
         return real_layer(*args, **kwargs)
 
-    fl_model_layer, fl.model_layer = fl.model_layer, counting_layer
+    fl_model_layer, gpu_fused.model_layer = gpu_fused.model_layer, counting_layer
     try:
         # Training path (gradients needed): one fused-layer op per layer.
         nll = -fast.log_prob(x).mean()
         grads = torch.autograd.grad(nll, list(fast.parameters()))
     finally:
-        fl.model_layer = fl_model_layer
+        gpu_fused.model_layer = fl_model_layer
     assert calls["layer"] == fast.num_layers
     nll_ref = -ref64.log_prob(x.double()).mean()
     grads_ref = torch.autograd.grad(nll_ref, list(ref64.parameters()))
@@ -89,9 +90,9 @@ def test_auto_keeps_cpu_on_the_unfused_path(monkeypatch):
     monkeypatch.setenv("FASTNVP_BACKEND", "torch")
     _, fast = models()
     fast.fused = "auto"
-    assert not fl.model_uses_fused_layer(fast, 0, torch.randn(4, 3))
+    assert not gpu_fused.model_uses_fused_layer(fast, 0, torch.randn(4, 3))
     fast.fused = "layer"
-    assert fl.model_uses_fused_layer(fast, 0, torch.randn(4, 3))
+    assert gpu_fused.model_uses_fused_layer(fast, 0, torch.randn(4, 3))
 
 
 def test_fused_and_precision_are_validated():
@@ -109,6 +110,6 @@ def test_stack_over_the_cache_budget_falls_back_to_per_layer(monkeypatch):
     ref, fast = models()
     x = torch.randn(8, 3)
     with torch.no_grad():
-        assert fl.model_stack(fast, x, inverse=False) is None
+        assert gpu_fused.model_stack(fast, x, inverse=False) is None
         assert torch.allclose(fast.log_prob(x), ref.log_prob(x), atol=1e-5)
         assert torch.allclose(fast.g(x), ref.g(x), atol=1e-5)

@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fastnvp.conditioner import standard_net
+from fastnvp.analysis.profiling import profiler_peak_bytes, tensor_bytes, training_step
+from fastnvp.core.conditioner import standard_net
+from fastnvp.core.masks import alternating_masks
+from fastnvp.engine.invertible import ReconstructionError, ReconstructionReport
 from fastnvp.engine.plan import Policy
-from fastnvp.invertible import ReconstructionError, ReconstructionReport
-from fastnvp.masks import alternating_masks
-from fastnvp.model import FastRealNVP
-from fastnvp.profiling import profiler_peak_bytes, tensor_bytes, training_step
+from fastnvp.flows.fast_realnvp import FastRealNVP
 
 
 def _pair(num_layers, hidden=8, dtype=torch.float64, seed=0):
@@ -45,7 +45,7 @@ def test_gradients_match_standard_float64(num_layers, loss, one_thread):
     z_s, ld_s, gx_s, gp_s = _grads(std, x, LOSSES[loss])
     z_i, ld_i, gx_i, gp_i = _grads(inv, x, LOSSES[loss])
     # Same function; the invertible forward runs without autograd, in the knot piece form
-    # (fastnvp.knots) where the standard one runs the GEMM form: equal up to rounding.
+    # (fastnvp.engine.cpu.knots) where the standard one runs the GEMM form: equal up to rounding.
     torch.testing.assert_close(z_i, z_s, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ld_i, ld_s, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx_i, gx_s, rtol=1e-10, atol=1e-12)
@@ -138,7 +138,8 @@ def test_activation_memory_flat_in_depth(one_thread):
     for mode in ("standard", "invertible"):
         for num_layers in (4, 64):
             torch.manual_seed(0)
-            # The GEMM path: the knot form (fastnvp.knots) saves far less per layer anyway.
+            # The GEMM path: the knot form (fastnvp.engine.cpu.knots) saves far less per layer
+            # anyway.
             model = FastRealNVP.standard(2, num_layers, 32, memory=mode, knot_tables=False)
             measured[mode, num_layers] = (
                 _step_activation_bytes(model, x),
@@ -230,7 +231,7 @@ def test_generic_and_shared_conditioner_steps_agree(share, one_thread):
 
 def _check_invertible_flow(std, inv, share: bool, rtol: float, atol: float) -> None:
     """``invertible_flow`` of ``inv`` gives ``std``'s standard-autograd gradients (float64)."""
-    from fastnvp.invertible import invertible_flow
+    from fastnvp.engine.invertible import invertible_flow
 
     x = torch.randn(32, 2, dtype=torch.float64)
     _, _, gx_s, gp_s = _grads(std, x, LOSSES["nll"])
@@ -244,7 +245,7 @@ def _check_invertible_flow(std, inv, share: bool, rtol: float, atol: float) -> N
 
 
 def test_shared_conditioner_needs_fast_model():
-    from fastnvp.invertible import invertible_flow
+    from fastnvp.engine.invertible import invertible_flow
 
     _, inv = _pair(2)
     inv.check = True  # checks live in layer_forward: the shared step would skip them

@@ -6,7 +6,7 @@ fused backward, in the model's ``precision``; otherwise backward differentiates 
 (fp32 matmuls) than the one the forward computed (rounded matmul operands).
 
 The oracle is the fused layer's float64 PyTorch math, chained layer by layer without
-reconstruction: ``fastnvp.fused_layer.torch_layer`` forward, then ``torch_layer_backward`` from
+reconstruction: ``fastnvp.ops.fused_layer.torch_layer`` forward, then ``torch_layer_backward`` from
 each layer's stored output, with the model's precision. "Same rounding" means, per precision:
 
 - ``bf16``: every matmul operand the kernels round is rounded to the nearest bf16 value (the H x H
@@ -47,12 +47,13 @@ import pytest
 import torch
 from torch import nn
 
-import fastnvp.fused_layer as fl
-import fastnvp.invertible as invertible
-from fastnvp.conditioner import match_standard_mlp, standard_net
+import fastnvp.engine.gpu.fused as gpu_fused
+import fastnvp.engine.invertible as invertible
+import fastnvp.ops.fused_layer as fl
+from fastnvp.core.conditioner import match_standard_mlp, standard_net
+from fastnvp.core.masks import alternating_masks
 from fastnvp.engine.plan import Policy
-from fastnvp.masks import alternating_masks
-from fastnvp.model import FastRealNVP
+from fastnvp.flows.fast_realnvp import FastRealNVP
 
 HIDDEN = 16  # the fused layer needs a power-of-two hidden width >= 16
 
@@ -106,8 +107,8 @@ def model_grads(model, x):
 def oracle_grads(model, x, precision):
     """The NLL's gradients from the fused layer's float64 math with ``precision``'s rounding.
 
-    Forward with :func:`fastnvp.fused_layer.torch_layer` (storing every layer's output), then
-    :func:`fastnvp.fused_layer.torch_layer_backward` from the last layer down; the split-weight
+    Forward with :func:`fastnvp.ops.fused_layer.torch_layer` (storing every layer's output), then
+    :func:`fastnvp.ops.fused_layer.torch_layer_backward` from the last layer down; the split-weight
     gradients are scattered back to the modules' parameter shapes.
     """
     slope = fl.flow_slope(model)
@@ -309,7 +310,7 @@ def test_mixed_model_chooses_the_step_per_layer(monkeypatch, one_thread):
     monkeypatch.setenv("FASTNVP_BACKEND", "torch")
     std, inv = _mixed_model("standard"), _mixed_model("invertible")
     inv.load_state_dict(std.state_dict())
-    assert [fl.model_uses_fused_layer(inv, i, torch.zeros(1, 2)) for i in range(3)] == [
+    assert [gpu_fused.model_uses_fused_layer(inv, i, torch.zeros(1, 2)) for i in range(3)] == [
         True,
         False,
         True,
@@ -330,7 +331,7 @@ def test_gradcheck_float64_fused_layer_invertible(monkeypatch, one_thread):
     # The PyTorch path of the fused-layer ops takes any hidden width: a small one keeps the
     # numerical Jacobian cheap (one pair of evaluations per parameter entry).
     inv = FastRealNVP.standard(2, 2, 4, memory="invertible", fused="layer").double()
-    assert all(fl.model_uses_fused_layer(inv, i, torch.zeros(1, 2)) for i in range(2))
+    assert all(gpu_fused.model_uses_fused_layer(inv, i, torch.zeros(1, 2)) for i in range(2))
     params = list(inv.parameters())
     x = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
 

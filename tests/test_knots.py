@@ -1,15 +1,17 @@
-"""The knot form of single-input conditioner layers (fastnvp.knots) against float64 oracles."""
+"""The knot form of single-input conditioner layers (fastnvp.engine.cpu.knots) against float64
+oracles."""
 
 import copy
 
 import pytest
 import torch
 
-from fastnvp import cpu_threads, knots
-from fastnvp.conditioner import match_standard_mlp, standard_net
+from fastnvp.core.conditioner import match_standard_mlp, standard_net
+from fastnvp.core.reference import RealNVP
 from fastnvp.engine import plan
-from fastnvp.model import FastRealNVP
-from fastnvp.reference import RealNVP
+from fastnvp.engine.cpu import knots
+from fastnvp.engine.cpu import threads as cpu_threads
+from fastnvp.flows.fast_realnvp import FastRealNVP
 
 ROWS = 64  # a batch size for the flow-level tests
 KEPT = torch.tensor([0])

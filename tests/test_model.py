@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from fastnvp import FastRealNVP, RealNVP
-from fastnvp.masks import alternating_masks
+from fastnvp.core.masks import alternating_masks
 
 
 def pair(dim=3, layers=6, hidden=16, dtype=torch.float64):

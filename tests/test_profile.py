@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 
-from fastnvp.cli import main
-from fastnvp.profiling import (
+from fastnvp.analysis.profiling import (
     ProfileConfig,
     analyse,
     build_model,
@@ -16,6 +15,7 @@ from fastnvp.profiling import (
     profile_step,
     profiler_peak_bytes,
 )
+from fastnvp.cli import main
 
 
 def test_profile_command_writes_every_artefact(tmp_path, one_thread, capsys):
@@ -154,13 +154,13 @@ def test_bad_arguments_exit_with_usage(argv, capsys):
 @functools.cache
 def _expected_cpu_method() -> str:
     """``clear_refs`` where this kernel lets a process reset its VmHWM (Linux >= 4.0)."""
-    from fastnvp.memory_probe import clear_refs_resets_peak
+    from fastnvp.analysis.memory_probe import clear_refs_resets_peak
 
     return "clear_refs" if clear_refs_resets_peak() else "hwm_before"
 
 
 def test_memory_probe_sweep_in_fresh_processes(tmp_path):
-    from fastnvp.memory_probe import main
+    from fastnvp.analysis.memory_probe import main
 
     out = tmp_path / "probe"
     argv = ["--dim", "4", "--hidden", "16", "--batch", "512", "--layers", "2,4", "--threads", "1"]
@@ -177,14 +177,14 @@ def test_memory_probe_sweep_in_fresh_processes(tmp_path):
         assert row["input_bytes"] == 512 * 4 * 4
     # Standard training stores every layer's activations: the deeper stack peaks higher.
     assert rows[4]["peak_growth_bytes"] > rows[2]["peak_growth_bytes"]
-    assert doc["command"].startswith("python -m fastnvp.memory_probe --dim 4")
+    assert doc["command"].startswith("python -m fastnvp.analysis.memory_probe --dim 4")
     assert "| fast | standard | 4 |" in (out / "table.md").read_text()
     assert (out / "peak_growth_vs_depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["--layers", "2", "--dim", "1"]) == 2  # bad argument: usage error, no child
 
 
 def test_memory_probe_fallback_without_reset():
-    from fastnvp.memory_probe import probe
+    from fastnvp.analysis.memory_probe import probe
 
     row = probe(4, 16, 64, 2, "invertible", reset="none", warmup=0)
     assert row["method"] == "hwm_before" and row["peak_growth_bytes"] > 0
@@ -209,7 +209,7 @@ def test_memory_probe_fallback_without_reset():
     ],
 )
 def test_memory_probe_rejects_bad_arguments(kwargs, name):
-    from fastnvp.memory_probe import probe
+    from fastnvp.analysis.memory_probe import probe
 
     args = {"dim": 4, "hidden": 16, "batch": 64, "layers": 2, **kwargs}
     with pytest.raises(ValueError, match=rf"^{name}\b"):

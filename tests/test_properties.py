@@ -19,7 +19,7 @@ from torch import nn
 
 import fastnvp.ops  # noqa: F401 - registers torch.ops.fastnvp.*
 from fastnvp import FastRealNVP, RealNVP
-from fastnvp.conditioner import standard_net
+from fastnvp.core.conditioner import standard_net
 
 # Output tolerance relative to the output's natural scale; log_det is always accumulated in
 # fp32 (fp64) from the given s, so it gets the fp32 (fp64) tolerance whatever the I/O dtype.

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fastnvp import RealNVP
-from fastnvp.masks import alternating_masks
+from fastnvp.core.masks import alternating_masks
 
 
 @pytest.mark.parametrize("dim", [2, 5])

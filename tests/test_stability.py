@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from fastnvp import FastRealNVP, RealNVP, checks
-from fastnvp.conditioner import standard_net
-from fastnvp.data import two_moons
-from fastnvp.masks import alternating_masks
+from fastnvp import FastRealNVP, RealNVP
+from fastnvp.core import checks
+from fastnvp.core.conditioner import standard_net
+from fastnvp.core.masks import alternating_masks
+from fastnvp.training.data import two_moons
 
 MODELS = [RealNVP, FastRealNVP]
 
@@ -246,5 +247,5 @@ def test_deep_flow_trains_on_two_moons_without_nan(one_thread):
 def test_checks_reachable_as_package_attribute():
     import fastnvp
 
-    assert fastnvp.checks.enabled is checks.enabled
-    assert fastnvp.distributed.World().size == 1
+    assert fastnvp.core.checks.enabled is checks.enabled
+    assert fastnvp.training.distributed.World().size == 1

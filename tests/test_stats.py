@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fastnvp.stats import ks_distance_normal, latent_gaussianity, normal_cdf
+from fastnvp.analysis.stats import ks_distance_normal, latent_gaussianity, normal_cdf
 
 
 def brute_force_ks(sample: torch.Tensor) -> float:

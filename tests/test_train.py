@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastnvp.train import (
+from fastnvp.training.train import (
     CHECKPOINT,
     DataFlow,
     TrainConfig,

@@ -4,9 +4,7 @@ import matplotlib.image
 import pytest
 import torch
 
-from fastnvp.data import two_moons
-from fastnvp.train import DataFlow, build_flow
-from fastnvp.viz import (
+from fastnvp.analysis.viz import (
     data_bounds,
     density_grid,
     plot_density,
@@ -17,6 +15,8 @@ from fastnvp.viz import (
     plot_losses,
     plot_samples,
 )
+from fastnvp.training.data import two_moons
+from fastnvp.training.train import DataFlow, build_flow
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

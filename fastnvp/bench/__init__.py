@@ -6,6 +6,6 @@
   process), the fp32 GEMM ceiling of the machine, and the results document.
 - :mod:`fastnvp.bench.report`: markdown table, plots and the README section.
 
-``fastnvp bench`` (``fastnvp/commands/bench.py``) drives all three; ``benchmarks/`` holds the
+``fastnvp bench`` (``fastnvp/cli/commands/bench.py``) drives all three; ``benchmarks/`` holds the
 pytest-benchmark suite and the recorded results.
 """

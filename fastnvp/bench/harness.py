@@ -42,9 +42,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from fastnvp.bench import providers as prov
-from fastnvp.cpu_threads import on_threads
-from fastnvp.masks import split_indices
-from fastnvp.reference import RealNVP
+from fastnvp.core.masks import split_indices
+from fastnvp.core.reference import RealNVP
+from fastnvp.engine.cpu.threads import on_threads
 
 SCHEMA = "fastnvp-bench/1"
 WORKLOADS = ("log_prob", "sample", "train", "inverse")

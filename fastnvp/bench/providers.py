@@ -1,12 +1,13 @@
 """Benchmark providers: one flow per implementation, all computing the reference's function.
 
-Every provider is built from one :class:`fastnvp.reference.RealNVP` with the standard
+Every provider is built from one :class:`fastnvp.core.reference.RealNVP` with the standard
 conditioner (docs/design.md §1.3) and gets its weights copied from it, so each computes the same
 ``log p(x)``:
 
-- ``fastnvp``: :class:`fastnvp.model.FastRealNVP` (the CPU conditioner path on CPU, the fused
+- ``fastnvp``: :class:`fastnvp.flows.fast_realnvp.FastRealNVP` (the CPU conditioner path on CPU,
+the fused
   kernels on CUDA); ``fastnvp[k=v,...]`` variants pass constructor keywords (fused levels).
-- ``reference``: the eager :class:`fastnvp.reference.RealNVP` itself.
+- ``reference``: the eager :class:`fastnvp.core.reference.RealNVP` itself.
 - ``torch.compile``: ``torch.compile`` of the reference's ``log_prob`` / ``g`` / training loss.
 - ``nflows``: ``AffineCouplingTransform`` with the scale ``exp(tanh(.))``; its transform net is
   the S and T nets on the kept half, outputs concatenated ``[t, s]``.
@@ -35,10 +36,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from fastnvp.conditioner import match_standard_mlp
-from fastnvp.masks import split_indices
-from fastnvp.model import FastRealNVP
-from fastnvp.reference import RealNVP
+from fastnvp.core.conditioner import match_standard_mlp
+from fastnvp.core.masks import split_indices
+from fastnvp.core.reference import RealNVP
+from fastnvp.flows.fast_realnvp import FastRealNVP
 
 PEERS = ("nflows", "normflows", "zuko", "FrEIA")
 BASE_PROVIDERS = ("fastnvp", "reference", "torch.compile")
@@ -431,17 +432,17 @@ def _parse_value(value: str):
 def fastnvp_variants(device: str) -> list[str]:
     """FastRealNVP's fused levels other than the default, as provider specs for ``device``.
 
-    Reads ``fastnvp.fused_layer.FUSED_LEVELS`` / ``PRECISIONS`` when FastRealNVP takes
+    Reads ``fastnvp.ops.fused_layer.FUSED_LEVELS`` / ``PRECISIONS`` when FastRealNVP takes
     ``fused`` / ``precision``. The default ``fused="auto"`` is the plain ``fastnvp`` provider,
     ``"none"`` is an alias of ``"op"``. On the CPU: ``fused="layer"`` (the PyTorch path of the
     fused-layer ops; fp32 only: reduced-precision GEMMs are slower than fp32 on CPUs without
     native bf16) and ``knot_tables=False`` (single-input layers in the GEMM form instead of the
-    knot form of ``fastnvp.knots``).
+    knot form of ``fastnvp.engine.cpu.knots``).
     """
     params = inspect.signature(FastRealNVP.__init__).parameters
     if "fused" not in params:
         return []
-    from fastnvp import fused_layer
+    from fastnvp.ops import fused_layer
 
     levels = [v for v in getattr(fused_layer, "FUSED_LEVELS", ()) if v not in ("auto", "none")]
     if device != "cuda":
@@ -468,7 +469,7 @@ def build(spec: str, ref: RealNVP) -> Flow:
         ProviderUnavailable: the peer package is missing or the option is not supported.
     """
     if not isinstance(ref, RealNVP):
-        raise TypeError(f"ref must be a fastnvp.reference.RealNVP, got {type(ref).__name__}")
+        raise TypeError(f"ref must be a fastnvp.core.reference.RealNVP, got {type(ref).__name__}")
     name, options = parse_provider(spec)
     try:
         return _BUILDERS[name](ref, options)

@@ -113,7 +113,8 @@ def markdown(doc: dict, headline_only: bool = False) -> str:
         "faster), the analytic FLOP rate and its fraction of the GEMM ceiling measured in the "
         "same run. Providers ran alternately in one process on the same inputs. FLOPs are "
         "those of the GEMM form: on layers that keep one feature (every layer at D = 2) "
-        "`fastnvp` evaluates the exact piecewise-linear knot form (`fastnvp.knots`), O(H) work "
+        "`fastnvp` evaluates the exact piecewise-linear knot form "
+        "(`fastnvp.engine.cpu.knots`), O(H) work "
         "per row instead of O(H²), so its rate is reference-equivalent and can exceed the "
         "ceiling; `fastnvp[knot_tables=False]` is the GEMM form.",
     ]
@@ -433,7 +434,8 @@ def grid_markdown(doc: dict, headline_only: bool = False) -> str:
         f"({', '.join(peers) or 'none'}). Providers ran alternately in one process on the same "
         "inputs; quartiles and raw times are in the JSON. On the CPU, layers that keep one "
         "feature (every layer at D = 2) are evaluated by fastnvp in the exact piecewise-linear "
-        "knot form (`fastnvp.knots`) where it applies, O(H) work per row instead of O(H²).",
+        "knot form (`fastnvp.engine.cpu.knots`) where it applies, O(H) work per row instead "
+        "of O(H²).",
         "",
         grid_sampling(doc),
     ]

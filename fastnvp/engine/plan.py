@@ -20,20 +20,25 @@ returns the plan a call would take.
 Stack strategies (:data:`STACKS`):
 
 ``gpu_fused_stack``  every layer is a fused Triton layer and nothing needs a gradient: one
-                     whole-stack launch (``fastnvp.fused_layer.model_stack``).
+                     whole-stack launch (``fastnvp.engine.gpu.fused.model_stack``).
 ``rows_parallel``    CPU, several threads, many rows: one chunk of rows per thread, each chunk
                      run by the sub-plan chosen for its rows inside a worker.
 ``cpu_gemm_stack``   CPU, standard layers, uniform split: the whole stack as batched GEMMs, one
-                     autograd node with a hand-written backward (``fastnvp.engine.cpu_gemm_stack``),
+                     autograd node with a hand-written backward (``fastnvp.engine.cpu.gemm_stack``),
                      in either memory mode.
 ``invertible``       memory="invertible" where the GEMM stack does not apply: the generic
-                     recompute-by-inversion stack (``fastnvp.invertible``), each layer recomputed
+                     recompute-by-inversion stack (``fastnvp.engine.invertible``), each layer
+                     recomputed
                      on the path its forward used.
 ``layers``           a Python loop over the layers, each on its own path (:data:`LAYER_PATHS`).
 
-Layer paths: ``fused_layer`` (the fused-layer op), ``cpu_knots`` (the exact piecewise-linear
-form of a one-input conditioner, ``fastnvp.knots``), ``cpu_pair`` (the CPU conditioner pair,
-``fastnvp.cpu_conditioner``), ``split_mlp`` (the standard nets on the split halves with plain
+Layer paths: ``fused_layer`` (the fused-layer op), ``cpu_knots`` (the exact
+piecewise-linea
+piecewise-linear
+form of a one-input conditioner, ``fastnvp.engine.cpu.knots``), ``cpu_pair`` (the CPU conditioner
+pair,
+``fastnvp.engine.cpu.conditioner_pair``), ``split_mlp`` (the standard nets on the split halves with
+plain
 ``F.linear``), ``modules`` (the user's own nets on the masked input).
 """
 
@@ -109,7 +114,7 @@ class FlowFacts:
 
 def flow_facts(model) -> FlowFacts:
     """The :class:`FlowFacts` of a ``FastRealNVP`` (its ``_standard`` / ``_num_kept`` lists)."""
-    from fastnvp.conditioner import match_standard_mlp
+    from fastnvp.core.conditioner import match_standard_mlp
 
     layers = []
     for i in range(model.num_layers):
@@ -149,7 +154,7 @@ class CallContext:
         checking: non-finite checks are on.
         threads: ``torch.get_num_threads()``.
         in_worker: the call runs on a row-parallel worker.
-        triton: the ops run their Triton kernels on this state (``fastnvp.backend.use_triton``:
+        triton: the ops run their Triton kernels on this state (``fastnvp.ops.backend.use_triton``:
             CUDA, or the interpreter with ``FASTNVP_BACKEND=triton``).
         memory: ``"standard"`` or ``"invertible"``.
         fused: the model's ``fused`` level.
@@ -179,10 +184,12 @@ class Policy:
     Attributes:
         min_rows_per_thread: fewest rows per thread for ``rows_parallel``; below it the call runs
             on the caller's thread (at B = 1024 on two cores the per-chunk Python work,
-            serialised by the GIL, outweighed the saved barriers).
+            serialised by the GIL, outweighed the saved
+            barriers).
         parallel_training: ``rows_parallel`` also for training steps (one autograd graph per
             chunk, parameter gradients summed).
-        knot_min_hidden: with autograd, the knot form (``fastnvp.knots``) from this hidden
+        knot_min_hidden: with autograd, the knot form (``fastnvp.engine.cpu.knots``) from this
+        hidden
             width on. Its per-row work is O(H) but with a larger constant than the GEMM's O(H^2)
             (about 15 passes over an (N, H) tile in forward + backward): on 2 cores, training
             at H = 64 stayed ~2x faster in the GEMM form even at B = 16384, while at H = 256
@@ -233,7 +240,7 @@ class Plan:
 
 
 def _knot_form(layer: LayerFacts, ctx: CallContext, policy: Policy) -> bool:
-    """The knot form for a standard CPU layer (``fastnvp.knots``)."""
+    """The knot form for a standard CPU layer (``fastnvp.engine.cpu.knots``)."""
     if not ctx.knot_tables or layer.kept != 1 or ctx.compiling:
         return False
     if not ctx.grad:

@@ -1,0 +1,1 @@
+"""Analysis: latent statistics, figures, the depth study, profiling and memory probes."""

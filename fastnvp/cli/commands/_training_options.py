@@ -1,0 +1,171 @@
+"""Command-line options shared by ``train``, ``experiment`` and ``demo`` (argparse only)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 1, got {text!r}")
+    return values
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """--dataset/--data/--noise/--n-train/--n-test/--test-fraction."""
+    # The names mirror fastnvp.training.data.DATASETS; listed here so --help stays import-free.
+    parser.add_argument(
+        "--dataset",
+        default="moons",
+        choices=("moons", "circles", "8gaussians", "checkerboard", "pinwheel", "2spirals"),
+        help="toy data set (default moons)",
+    )
+    parser.add_argument("--data", default=None, help="your own N×D data: a .npy or .csv file")
+    parser.add_argument(
+        "--noise",
+        type=nonnegative_float,
+        default=None,
+        help="toy data noise (default: the data set's own, 0.05 for moons)",
+    )
+    parser.add_argument("--n-train", type=positive_int, default=20_000, help="toy training points")
+    parser.add_argument("--n-test", type=positive_int, default=5_000, help="toy test points")
+    parser.add_argument(
+        "--test-fraction",
+        type=positive_float,
+        default=0.2,
+        help="with --data: fraction held out as test set (default 0.2)",
+    )
+
+
+def add_optim_options(parser: argparse.ArgumentParser, *, defaults: dict) -> None:
+    """--hidden/--steps/--batch/--lr/--schedule/--clip/--seed/--impl/--threads/--no-progress."""
+    parser.add_argument(
+        "--hidden",
+        type=positive_int,
+        default=defaults["hidden"],
+        help=f"hidden width H of the conditioner MLPs (default {defaults['hidden']})",
+    )
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=defaults["steps"],
+        help=f"training steps (default {defaults['steps']})",
+    )
+    parser.add_argument(
+        "--batch",
+        type=positive_int,
+        default=defaults["batch"],
+        help=f"batch size (default {defaults['batch']})",
+    )
+    parser.add_argument(
+        "--lr",
+        type=positive_float,
+        default=defaults["lr"],
+        help=f"Adam learning rate (default {defaults['lr']})",
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=("cosine", "constant"),
+        default="cosine",
+        help="learning-rate schedule (default cosine decay to 0)",
+    )
+    parser.add_argument(
+        "--clip",
+        type=nonnegative_float,
+        default=10.0,
+        help="max gradient norm, 0 = no clipping (default 10)",
+    )
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed (default 0)")
+    parser.add_argument(
+        "--impl",
+        choices=("fast", "reference"),
+        default=None,
+        help="flow implementation (default: fastnvp.training.train.DEFAULT_IMPL)",
+    )
+    parser.add_argument(
+        "--eval-every", type=positive_int, default=100, help="steps between test evaluations"
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=defaults.get("threads"),
+        help="torch CPU threads (default: "
+        + ("torch's own" if defaults.get("threads") is None else str(defaults["threads"]))
+        + ")",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args, layers: int):
+    """A validated TrainConfig from parsed options (heavy import deferred to here)."""
+    from fastnvp.training.train import DEFAULT_IMPL, TrainConfig
+
+    return TrainConfig(
+        dataset=args.dataset,
+        data=args.data,
+        noise=args.noise,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        test_fraction=args.test_fraction,
+        layers=layers,
+        hidden=args.hidden,
+        impl=args.impl or DEFAULT_IMPL,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        schedule=args.schedule,
+        clip=args.clip,
+        seed=args.seed,
+        eval_every=args.eval_every,
+    ).validate()
+
+
+def set_threads(args) -> None:
+    if getattr(args, "threads", None) is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)

@@ -1,0 +1,44 @@
+"""``fastnvp figures``: density, latent space, Figure 1 panels and loss curves of a run."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "draw the figures of a trained run (density, latent, Figure 1, losses)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``fastnvp figures``."""
+    parser.add_argument("run", metavar="RUN", help="run directory")
+    parser.add_argument("--out", default=None, help="figure directory (default RUN/figures)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fastnvp.analysis.viz import (
+        plot_density,
+        plot_figure1,
+        plot_latent,
+        plot_losses,
+        plot_samples,
+    )
+    from fastnvp.training.train import load_run, prepare_data
+
+    model, config, payload = load_run(args.run)
+    out = Path(args.out) if args.out else Path(args.run) / "figures"
+    split = prepare_data(config)
+    label = f"L={config.layers}"
+    written = [plot_losses({label: payload["history"]}, out / "losses.png")]
+    if split.dim == 2:
+        labels = split.y_test[:3000] if split.y_test is not None else None
+        written += [
+            plot_density(model, split.x_test, out / "density.png", title=f"p(x), {label}"),
+            plot_latent(model, split.x_test[:3000], labels, out / "latent.png"),
+            plot_figure1(model, split.x_test, out / "figure1.png"),
+        ]
+    else:
+        written.append(plot_samples(model, split.x_test, out / "samples.png"))
+    for path in written:
+        print(path)
+    return 0

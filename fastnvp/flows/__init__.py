@@ -1,0 +1,2 @@
+"""The flow modules: ``FastRealNVP``, the drop-in for ``fastnvp.core.reference.RealNVP``
+(docs/design.md §2.1)."""

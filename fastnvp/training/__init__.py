@@ -1,0 +1,1 @@
+"""Training runs: the trainer, checkpoints, data-parallel training and the datasets."""

@@ -1,0 +1,517 @@
+"""Training of a Real NVP flow on a toy or user data set, with checkpoints and exact resume.
+
+A run directory holds:
+
+- ``checkpoint.pt``: model state_dict, config, optimizer, scheduler, RNG states, step and loss
+  history. Written atomically (temporary file, then ``os.replace``), so an interrupted write
+  never leaves a truncated checkpoint; read with ``torch.load(..., weights_only=True)`` and
+  verified (digest, weights against config) by :mod:`fastnvp.training.checkpoint`.
+- ``config.json``: the config, human-readable.
+- ``metrics.json``: test NLL and latent Gaussianity when training finishes.
+
+Units: the flow is trained on standardized data ``u = (x - mean) / std``; the mean and std
+are buffers of :class:`DataFlow`, so ``log_prob``/``sample`` of a loaded run work in data
+units, and every reported NLL (train and test) is in nats per sample in data units.
+
+Resume is bit-for-bit on CPU: the batch order comes from a dedicated ``torch.Generator`` whose
+state is saved, and the optimizer, the learning-rate schedule (a closed-form function of the
+step) and the global torch RNG state are restored exactly.
+
+Data-parallel: pass ``world=fastnvp.training.distributed.init()`` (``fastnvp train`` does this under
+torchrun). Each rank then trains a DDP replica on its shard of the same global batch, and only
+rank 0 evaluates, shows progress and writes files (see :mod:`fastnvp.training.distributed`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastnvp.core.validation import ensure_batch, ensure_num_samples
+from fastnvp.training import checkpoint as ckpt
+from fastnvp.training import distributed
+from fastnvp.training.data import DATASETS, Standardizer, load_array, make_dataset, train_test_split
+
+# The flow implementation used unless a config names one: "fast" is FastRealNVP, whose plan
+# (docs/design.md §3) runs the whole stack on the fastest executor for the call; "reference" the
+# plain-PyTorch RealNVP. Both compute the same function and take the same state_dict, so a run
+# trained with one loads into the other.
+DEFAULT_IMPL = "fast"
+IMPLS = ("fast", "reference")
+SCHEDULES = ("cosine", "constant")
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "fastnvp-run/1"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (stored in the checkpoint)."""
+
+    dataset: str = "moons"  # toy data set name; ignored when ``data`` is set
+    data: str | None = None  # path of a user's N×D .npy/.csv
+    noise: float | None = None  # toy data noise; None = the generator's default
+    n_train: int = 20_000  # toy data: training points
+    n_test: int = 5_000  # toy data: test points
+    test_fraction: float = 0.2  # user data: fraction held out for testing
+    layers: int = 50
+    hidden: int = 256
+    impl: str = DEFAULT_IMPL
+    steps: int = 5_000
+    batch: int = 256
+    lr: float = 1e-3
+    schedule: str = "cosine"
+    clip: float = 10.0  # max gradient norm; 0 disables clipping
+    weight_decay: float = 0.0
+    seed: int = 0
+    eval_every: int = 100  # steps between test-NLL evaluations
+    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+
+    def validate(self) -> TrainConfig:
+        """Raise ValueError/TypeError naming the first bad field; returns self."""
+        ints = {
+            "n_train": 2,
+            "n_test": 2,
+            "layers": 1,
+            "hidden": 1,
+            "steps": 1,
+            "batch": 1,
+            "eval_every": 1,
+            "checkpoint_every": 1,
+            "seed": 0,
+        }
+        for name, low in ints.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        for name in ("lr", "clip", "weight_decay", "test_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.data is None and self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}")
+        if self.data is not None and not isinstance(self.data, str):
+            raise TypeError(f"data must be a path string, got {type(self.data).__name__}")
+        if self.noise is not None and (not isinstance(self.noise, (int, float)) or self.noise < 0):
+            raise ValueError(f"noise must be None or a float >= 0, got {self.noise!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """Build from a dict (e.g. a checkpoint's); unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config has unknown keys {unknown}")
+        return cls(**values).validate()
+
+
+@dataclass
+class DataSplit:
+    """Train and test points in data units, with labels for toy data (None for user data)."""
+
+    x_train: torch.Tensor  # (N_train, D) float32
+    x_test: torch.Tensor  # (N_test, D) float32
+    y_train: torch.Tensor | None  # (N_train,) int64
+    y_test: torch.Tensor | None  # (N_test,) int64
+    standardizer: Standardizer  # fitted on x_train
+
+    @property
+    def dim(self) -> int:
+        return self.x_train.shape[1]
+
+
+def prepare_data(config: TrainConfig) -> DataSplit:
+    """Generate or load the data of ``config`` and split it, deterministically from its seed."""
+    config.validate()
+    if config.data is not None:
+        x = load_array(config.data)
+        x_tr, x_te, _, _ = train_test_split(x, None, float(config.test_fraction), config.seed)
+        y_tr = y_te = None
+    else:
+        n = config.n_train + config.n_test
+        x, y = make_dataset(config.dataset, n, seed=config.seed, noise=config.noise)
+        # The generators shuffle, so the first n_train points are a random subset.
+        x_tr, x_te = x[: config.n_train], x[config.n_train :]
+        y_tr, y_te = torch.from_numpy(y[: config.n_train]), torch.from_numpy(y[config.n_train :])
+    return DataSplit(
+        torch.from_numpy(np.ascontiguousarray(x_tr)),
+        torch.from_numpy(np.ascontiguousarray(x_te)),
+        y_tr,
+        y_te,
+        Standardizer.fit(x_tr),
+    )
+
+
+def build_flow(impl: str, dim: int, layers: int, hidden: int) -> nn.Module:
+    """A standard Real NVP (``.standard(dim, layers, hidden)``) of the chosen implementation."""
+    if impl == "reference":
+        from fastnvp.core.reference import RealNVP
+
+        return RealNVP.standard(dim, layers, hidden)
+    if impl == "fast":
+        try:
+            from fastnvp.flows.fast_realnvp import FastRealNVP
+        except ImportError as exc:
+            raise RuntimeError(
+                "impl='fast' needs fastnvp.flows.fast_realnvp.FastRealNVP, which this "
+                "installation lacks; "
+                "use impl='reference'"
+            ) from exc
+        return FastRealNVP.standard(dim, layers, hidden)
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+class DataFlow(nn.Module):
+    """A flow on standardized data, seen in data units.
+
+    ``f(x) = flow.f((x - mean) / std)`` with ``log_det`` including the standardization's
+    ``-sum(log std)``, so ``log_prob(x) = log N(f(x); 0, I) + log_det`` is the density of ``x``
+    in data units. ``mean``/``std`` are buffers: they travel in the state_dict.
+    """
+
+    def __init__(self, flow: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.flow = flow
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).clone())
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).clone())
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[0]
+
+    def log_scale(self) -> torch.Tensor:
+        """``sum(log std)``, the log-volume change from model to data units (scalar)."""
+        return torch.log(self.std).sum()
+
+    def f(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Data -> latent.  x: (N, D) -> (z (N, D), log_det (N,))."""
+        ensure_batch(x, "x", self.dim)
+        z, log_det = self.flow.f((x - self.mean) / self.std)
+        return z, log_det - self.log_scale()
+
+    def g(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent -> data.  (N, D) -> (N, D)."""
+        ensure_batch(z, "z", self.dim)
+        return self.flow.g(z) * self.std + self.mean
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log-density in data units.  (N, D) -> (N,)."""
+        ensure_batch(x, "x", self.dim)
+        return self.flow.log_prob((x - self.mean) / self.std) - self.log_scale()
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Samples in data units.  -> (num_samples, D)."""
+        ensure_num_samples(num_samples)
+        return self.flow.sample(num_samples, generator=generator) * self.std + self.mean
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.f(x)
+
+
+def build_model(config: TrainConfig, split: DataSplit) -> DataFlow:
+    """The flow of ``config`` (initialised from its seed) with ``split``'s standardization."""
+    torch.manual_seed(config.seed)
+    flow = build_flow(config.impl, split.dim, config.layers, config.hidden)
+    st = split.standardizer
+    return DataFlow(flow, torch.from_numpy(st.mean), torch.from_numpy(st.std))
+
+
+@torch.no_grad()
+def evaluate_nll(model: DataFlow, x: torch.Tensor, batch: int = 8192) -> float:
+    """Mean negative log-likelihood of ``x`` (N, D) in nats per sample, data units."""
+    ensure_batch(x, "x", model.dim)
+    total = 0.0
+    for start in range(0, x.shape[0], batch):
+        total += float(-model.log_prob(x[start : start + batch]).double().sum())
+    return total / x.shape[0]
+
+
+@torch.no_grad()
+def latent(model: DataFlow, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+    """``z = f(x)`` for (N, D) ``x`` in batches.  -> (N, D)."""
+    ensure_batch(x, "x", model.dim)
+    return torch.cat([model.f(x[s : s + batch])[0] for s in range(0, x.shape[0], batch)])
+
+
+def _cosine_factor(total: int):
+    # Closed form in the step, so a resumed run recomputes exactly the same learning rate.
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+def _make_scheduler(optimizer, config: TrainConfig):
+    if config.schedule == "cosine":
+        factor = _cosine_factor(config.steps)
+    else:
+        factor = lambda step: 1.0  # noqa: E731 - a constant schedule
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def save_checkpoint(path, payload: dict) -> None:
+    """Write atomically with a digest (temporary file, then rename): see
+    ``fastnvp.training.checkpoint``."""
+    ckpt.save(path, payload)
+
+
+def load_checkpoint(path) -> dict:
+    """Load a run's checkpoint (a run directory or the ``.pt`` file) with ``weights_only=True``."""
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise ckpt.CheckpointError(f"no checkpoint at {str(path)!r}")
+    return ckpt.load(path, expected_format=CHECKPOINT_FORMAT, kind="fastnvp run")
+
+
+def _built_from(config: TrainConfig) -> str:
+    return f"impl={config.impl}, layers={config.layers}, hidden={config.hidden}"
+
+
+def _model_from_checkpoint(payload: dict, config: TrainConfig, source: str) -> DataFlow:
+    """The model ``config`` describes, loaded with the payload's weights once they fit it."""
+    state = payload.get("model")
+    mean = state.get("mean") if isinstance(state, dict) else None
+    if not isinstance(mean, torch.Tensor) or mean.ndim != 1 or mean.shape[0] < 2:
+        raise ckpt.CheckpointError(f"{source}: the checkpoint has no model state with a (D,) mean")
+    model = DataFlow(
+        build_flow(config.impl, mean.shape[0], config.layers, config.hidden),
+        mean,
+        torch.ones_like(mean),
+    )
+    ckpt.check_state_dict(model, state, source=source, built_from=_built_from(config))
+    model.load_state_dict(state)
+    return model
+
+
+def _checkpoint_config(payload: dict, source) -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(payload.get("config"))
+    except (TypeError, ValueError) as exc:
+        raise ckpt.CheckpointError(f"{str(source)!r}: the stored config is invalid: {exc}") from exc
+
+
+def load_run(path) -> tuple[DataFlow, TrainConfig, dict]:
+    """Rebuild the trained model of a run.  -> (model in eval mode, config, checkpoint dict)."""
+    payload = load_checkpoint(path)
+    config = _checkpoint_config(payload, path)
+    model = _model_from_checkpoint(payload, config, repr(str(path)))
+    return model.eval(), config, payload
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns; ``history`` is the same dict as in the checkpoint."""
+
+    model: DataFlow
+    config: TrainConfig
+    split: DataSplit
+    step: int
+    history: dict
+    elapsed: float  # seconds of training, summed over resumed segments
+    metrics: dict | None  # the metrics.json content; None when stopped before the last step
+
+
+def train(
+    config: TrainConfig,
+    out_dir,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    desc: str | None = None,
+    world: distributed.World | None = None,
+) -> TrainResult:
+    """Train (or with ``resume`` continue) the run in ``out_dir`` up to ``config.steps`` steps.
+
+    Args:
+        config: the run's settings. With ``resume``, the checkpoint's config is used instead,
+            except that ``config.steps`` may extend the run (the cosine schedule then stretches
+            to the new length, so the result differs from a fresh run of that length).
+        out_dir: run directory; created if missing.
+        overwrite: start afresh even if ``out_dir`` holds a checkpoint. Without it (and without
+            ``resume``) an existing run is never replaced: ``FileExistsError``.
+        progress: show a tqdm bar with the running loss.
+        stop_after: stop (and checkpoint) once this global step is reached; for interrupting a
+            run deliberately, e.g. to test resume.
+        desc: label of the progress
+        bar.
+        world: from ``fastnvp.training.distributed.init()`` for data-parallel training
+        (``config.batch``
+            is the global batch, split evenly across ranks); None trains in this process alone.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    config.validate()
+    world = distributed.World() if world is None else world
+    if not isinstance(world, distributed.World):
+        raise TypeError(
+            f"world must be a fastnvp.training.distributed.World, got {type(world).__name__}"
+        )
+    if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
+        raise ValueError(f"stop_after must be None or an int >= 1, got {stop_after!r}")
+    out = Path(out_dir)
+    payload = None
+    if not resume and not overwrite and (out / CHECKPOINT).exists():
+        raise FileExistsError(
+            f"{str(out)!r} already holds a run ({CHECKPOINT}); pass resume=True (--resume) to "
+            "continue it or overwrite=True (--overwrite) to replace it"
+        )
+    if resume:
+        payload = load_checkpoint(out)
+        steps = config.steps
+        config = _checkpoint_config(payload, out)
+        if steps < payload["step"]:
+            raise ValueError(f"steps ({steps}) is below the checkpoint's step {payload['step']}")
+        config.steps = max(config.steps, steps)
+    out.mkdir(parents=True, exist_ok=True)
+    split = prepare_data(config)
+    model = build_model(config, split).to(world.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = _make_scheduler(optimizer, config)
+    batches = torch.Generator().manual_seed(config.seed + 1)
+    history = {"train_loss": [], "test_steps": [], "test_nll": []}
+    step, elapsed = 0, 0.0
+    if payload is not None:
+        state = payload.get("model")
+        ckpt.check_state_dict(model, state, source=repr(str(out)), built_from=_built_from(config))
+        model.load_state_dict(state)
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        torch.set_rng_state(payload["rng"]["torch"])
+        batches.set_state(payload["rng"]["batches"])
+        history = payload["history"]
+        step, elapsed = int(payload["step"]), float(payload["elapsed"])
+    if world.is_main:
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    def checkpoint() -> None:
+        if not world.is_main:
+            return
+        save_checkpoint(
+            out / CHECKPOINT,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": config.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "batches": batches.get_state()},
+                "step": step,
+                "elapsed": elapsed,
+                "history": history,
+            },
+        )
+
+    end = config.steps if stop_after is None else min(config.steps, stop_after)
+    x_train, x_test = split.x_train.to(world.device), split.x_test.to(world.device)
+    flow = distributed.wrap(model.flow, world)  # DDP replica when distributed
+    sampler = distributed.ShardedBatches(x_train.shape[0], config.batch, batches, world)
+    log_scale = float(model.log_scale())
+    model.train()
+    bar = _progress_bar(
+        config.steps, step, desc or f"L={config.layers}", progress and world.is_main
+    )
+    started = time.perf_counter()
+    try:
+        while step < end:
+            idx = sampler.next()
+            u = (x_train[idx.to(world.device)] - model.mean) / model.std
+            loss = distributed.nll(flow, u)
+            # The global batch's loss: every rank sees the same value and stops together.
+            global_loss = distributed.mean_across(loss.detach(), world)
+            if not torch.isfinite(global_loss):
+                raise FloatingPointError(
+                    f"training loss is {float(global_loss)} at step {step + 1} of "
+                    f"L={config.layers}; lower lr or clip"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            # Reported in data units, like the test NLL.
+            history["train_loss"].append(global_loss.item() + log_scale)
+            if world.is_main and (step % config.eval_every == 0 or step == config.steps):
+                model.eval()
+                history["test_steps"].append(step)
+                history["test_nll"].append(evaluate_nll(model, x_test))
+                model.train()
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0 or step == end:
+                    postfix = {"loss": f"{history['train_loss'][-1]:.3f}"}
+                    if history["test_nll"]:
+                        postfix["test"] = f"{history['test_nll'][-1]:.3f}"
+                    bar.set_postfix(postfix, refresh=False)
+            if step % config.checkpoint_every == 0 and step < end:
+                elapsed += time.perf_counter() - started
+                started = time.perf_counter()
+                checkpoint()
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed += time.perf_counter() - started
+    checkpoint()
+    model = model.eval().to("cpu")
+    metrics = None
+    if step == config.steps and world.is_main:
+        metrics = run_metrics(model, config, split, history, elapsed)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return TrainResult(model, config, split, step, history, elapsed, metrics)
+
+
+def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+
+def run_metrics(
+    model: DataFlow, config: TrainConfig, split: DataSplit, history: dict, elapsed: float
+) -> dict:
+    """Final numbers of a run: test NLL (nats/sample, data units) and latent Gaussianity."""
+    from fastnvp.analysis.stats import latent_gaussianity
+
+    z = latent(model, split.x_test)
+    if not torch.isfinite(z).all():
+        raise FloatingPointError(f"f(x_test) has non-finite values for L={config.layers}")
+    tail = history["train_loss"][-min(100, len(history["train_loss"])) :]
+    return {
+        "layers": config.layers,
+        "hidden": config.hidden,
+        "steps": config.steps,
+        "test_nll": evaluate_nll(model, split.x_test),
+        "train_loss_last100": float(np.mean(tail)),
+        "gaussianity": latent_gaussianity(z),
+        "train_seconds": elapsed,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
