@@ -35,7 +35,7 @@ halves wider than 16 take smaller tiles (``wide_halves``), since the (rows, K) t
 compete with the H x H chunks for registers -- fewer rows or shorter K chunks per program. Halves
 wider than 64 (D > 128) are not compiled by the report. Whole-stack inference needs the stacked
 weights to stay cache resident; the caller falls back to per-layer launches above a budget
-(fastnvp.fused_layer.STACK_CACHE_BUDGET).
+(fastnvp.ops.fused_layer.STACK_CACHE_BUDGET).
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ TILE_OVERRIDES: dict[tuple[tuple[int, int], tuple[int, int]], dict[tuple[str, st
 # (rows, 64) x1 / gu / gx1 tiles live beside the tensor-core chunks, and with K chunks of 16
 # (the dot minimum before 3.9; 3.9 fits it with K = 8) every tile from 64x16 down to 16x16
 # spilled 24-1248 B. There the layer's backward runs as PyTorch GEMMs
-# (fastnvp.fused_layer.torch_layer_backward: bf16 operands rounded as the kernel rounds them,
+# (fastnvp.ops.fused_layer.torch_layer_backward: bf16 operands rounded as the kernel rounds them,
 # tf32 as fp32); the forward stays fused.
 UNSHIPPED: dict[tuple[tuple[int, int], tuple[int, int]], set[tuple[str, str, str]]] = {
     ((3, 3), (3, 3)): {
