@@ -161,10 +161,10 @@ def test_build_gradcheck(slope):
 
 
 def _always_knots(monkeypatch):
-    """Models built after this take the knot form at every width and batch."""
-    monkeypatch.setattr(
-        plan, "DEFAULT_POLICY", plan.Policy(knot_min_hidden=1, knot_min_work_grad=1)
-    )
+    """Models built after this take the knot form at every width and batch, also under autograd
+    (where the plan otherwise prefers the GEMM stack)."""
+    policy = plan.Policy(knot_min_hidden=1, knot_min_work_grad=1, gemm_stack=False)
+    monkeypatch.setattr(plan, "DEFAULT_POLICY", policy)
 
 
 def _knot_path(kept: int, rows: int, hidden: int, grad: bool, **context) -> bool:
@@ -301,7 +301,7 @@ def _count_builds(monkeypatch):
 
 
 def test_knot_tables_off_and_small_training_batches_use_the_gemm_path(monkeypatch):
-    policy = plan.Policy(knot_min_hidden=1, knot_min_work_grad=ROWS * 8 * 8)
+    policy = plan.Policy(knot_min_hidden=1, knot_min_work_grad=ROWS * 8 * 8, gemm_stack=False)
     monkeypatch.setattr(plan, "DEFAULT_POLICY", policy)
     calls = _count_builds(monkeypatch)
     ref, fast = _flows(2, 3, 8, knot_tables=False)
