@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# Two install levels: BASE (the package and its runtime dependencies: what `make demo` needs) and
+# STAMP (BASE + the dev tools and the peer libraries the tests and benchmarks compare against).
+BASE   := $(VENV)/.fastnvp-base
 STAMP  := $(VENV)/.fastnvp-installed
 # A machine without an NVIDIA driver gets the CPU build of torch first, so the
 # `torch>=2.7` requirement is already met and no multi-GB CUDA wheel is pulled.
@@ -13,15 +16,19 @@ TORCH_CPU ?= torch==2.13.0
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(BASE): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
 		$(PY) -m pip install -q "$(TORCH_CPU)"; fi
+	$(PY) -m pip install -q -e .
+	touch $(BASE)
+
+$(STAMP): $(BASE)
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(PY) -m fastnvp demo --out runs/demo
 
 test: $(STAMP)
