@@ -163,7 +163,9 @@ def test_build_gradcheck(slope):
 def _always_knots(monkeypatch):
     """Models built after this take the knot form at every width and batch, also under autograd
     (where the plan otherwise prefers the GEMM stack)."""
-    policy = plan.Policy(knot_min_hidden=1, knot_min_work_grad=1, gemm_stack=False)
+    policy = plan.Policy(
+        knot_min_hidden=1, knot_min_work_grad=1, pieces_min_work=1, gemm_stack=False
+    )
     monkeypatch.setattr(plan, "DEFAULT_POLICY", policy)
 
 
@@ -190,7 +192,8 @@ def _knot_path(kept: int, rows: int, hidden: int, grad: bool, **context) -> bool
 
 
 def test_knot_form_thresholds():
-    assert _knot_path(1, 1, 16, grad=False)  # the piece form: any width, any batch
+    assert _knot_path(1, 2048, 16, grad=False)  # the piece form from rows * H^2 = 2^19 on
+    assert not _knot_path(1, 256, 32, grad=False)  # below it the GEMM form
     assert _knot_path(1, 1024, 256, grad=True)
     assert not _knot_path(1, 1023, 256, grad=True)
     assert not _knot_path(1, 10**6, 64, grad=True)  # narrow nets train in the GEMM form
@@ -301,7 +304,9 @@ def _count_builds(monkeypatch):
 
 
 def test_knot_tables_off_and_small_training_batches_use_the_gemm_path(monkeypatch):
-    policy = plan.Policy(knot_min_hidden=1, knot_min_work_grad=ROWS * 8 * 8, gemm_stack=False)
+    policy = plan.Policy(
+        knot_min_hidden=1, knot_min_work_grad=ROWS * 8 * 8, pieces_min_work=1, gemm_stack=False
+    )
     monkeypatch.setattr(plan, "DEFAULT_POLICY", policy)
     calls = _count_builds(monkeypatch)
     ref, fast = _flows(2, 3, 8, knot_tables=False)

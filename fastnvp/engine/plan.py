@@ -200,6 +200,11 @@ class Policy:
             tables are built and differentiated on every call (about 3 ms per net at H = 256),
             so at H = 256 from 1024 rows (the crossover was between 512 and 1024 rows for a
             training step at L = 8).
+        pieces_min_work: without autograd, the knot piece form from ``rows * H^2`` this
+            large; below it the GEMM stack was faster (D = 2, H = 32, B = 256, L = 50, 2
+            threads: 7.8 vs 6.7 ms and 13.4 vs 11.6 ms in two runs; the grid had the piece form
+            at 0.87x the reference there), from it on the pieces won or tied (H = 32, B = 1024:
+            equal; H = 64, B = 256: 8.1 vs 10.2 ms; H = 256, B = 1024: 18.8 vs 101.3 ms).
         gemm_stack: allow ``cpu_gemm_stack``.
     """
 
@@ -207,6 +212,7 @@ class Policy:
     parallel_training: bool = True
     knot_min_hidden: int = 128
     knot_min_work_grad: int = 64 * 1024 * 1024
+    pieces_min_work: int = 512 * 1024
     gemm_stack: bool = True
 
 
@@ -243,9 +249,9 @@ def _knot_form(layer: LayerFacts, ctx: CallContext, policy: Policy) -> bool:
     """The knot form for a standard CPU layer (``fastnvp.engine.cpu.knots``)."""
     if not ctx.knot_tables or layer.kept != 1 or ctx.compiling:
         return False
-    if not ctx.grad:
-        return True
     h = layer.hidden
+    if not ctx.grad:
+        return ctx.rows * h * h >= policy.pieces_min_work
     return h >= policy.knot_min_hidden and ctx.rows * h * h >= policy.knot_min_work_grad
 
 
