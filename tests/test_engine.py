@@ -143,6 +143,23 @@ def test_plan_table(facts, ctx, policy, stack, path):
     assert plan.reason and stack in str(plan)
 
 
+def _knot_path(kept: int, rows: int, hidden: int, grad: bool, **context) -> bool:
+    layer = P.LayerFacts(kept=kept, standard=True, hidden=hidden, slope=0.01, clamped=False)
+    ctx = _ctx(rows=rows, grad=grad, threads=1, **context)
+    return P.layer_path(layer, ctx) == "cpu_knots"
+
+
+def test_knot_form_thresholds():
+    assert _knot_path(1, 2048, 16, grad=False)  # the piece form from rows * H^2 = 2^19 on
+    assert not _knot_path(1, 256, 32, grad=False)  # below it the GEMM form
+    assert _knot_path(1, 1024, 256, grad=True)
+    assert not _knot_path(1, 1023, 256, grad=True)
+    assert not _knot_path(1, 10**6, 64, grad=True)  # narrow nets train in the GEMM form
+    assert not _knot_path(2, 10**6, 256, grad=False)  # two kept features
+    assert not _knot_path(1, 10**6, 256, grad=False, knot_tables=False)
+    assert not _knot_path(1, 10**6, 256, grad=False, compiling=True)
+
+
 def test_plan_rejects_an_unknown_direction():
     with pytest.raises(ValueError, match="direction"):
         P.choose(_facts(), _ctx(direction="x"))

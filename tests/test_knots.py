@@ -169,39 +169,6 @@ def _always_knots(monkeypatch):
     monkeypatch.setattr(plan, "DEFAULT_POLICY", policy)
 
 
-def _knot_path(kept: int, rows: int, hidden: int, grad: bool, **context) -> bool:
-    layer = plan.LayerFacts(kept=kept, standard=True, hidden=hidden, slope=0.01, clamped=False)
-    ctx = dict(
-        direction="f",
-        device="cpu",
-        dtype=torch.float32,
-        rows=rows,
-        grad=grad,
-        autocast=False,
-        compiling=False,
-        checking=False,
-        threads=1,
-        in_worker=False,
-        triton=False,
-        memory="standard",
-        fused="auto",
-        knot_tables=True,
-    )
-    ctx.update(context)
-    return plan.layer_path(layer, plan.CallContext(**ctx)) == "cpu_knots"
-
-
-def test_knot_form_thresholds():
-    assert _knot_path(1, 2048, 16, grad=False)  # the piece form from rows * H^2 = 2^19 on
-    assert not _knot_path(1, 256, 32, grad=False)  # below it the GEMM form
-    assert _knot_path(1, 1024, 256, grad=True)
-    assert not _knot_path(1, 1023, 256, grad=True)
-    assert not _knot_path(1, 10**6, 64, grad=True)  # narrow nets train in the GEMM form
-    assert not _knot_path(2, 10**6, 256, grad=False)  # two kept features
-    assert not _knot_path(1, 10**6, 256, grad=False, knot_tables=False)
-    assert not _knot_path(1, 10**6, 256, grad=False, compiling=True)
-
-
 def _flows(dim, layers, hidden, **options):
     torch.manual_seed(0)
     ref = RealNVP.standard(dim, layers, hidden=hidden).double()

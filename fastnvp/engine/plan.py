@@ -106,11 +106,6 @@ class FlowFacts:
         slopes = {layer.slope for layer in self.layers}
         return slopes.pop() if len(slopes) == 1 and None not in slopes else None
 
-    @property
-    def one_hidden(self) -> int | None:
-        widths = {layer.hidden for layer in self.layers}
-        return widths.pop() if len(widths) == 1 and None not in widths else None
-
 
 def flow_facts(model) -> FlowFacts:
     """The :class:`FlowFacts` of a ``FastRealNVP`` (its ``_standard`` / ``_num_kept`` lists)."""

@@ -44,19 +44,6 @@ from fastnvp.engine.cpu.threads import on_threads
 #: tile, the L2 of two cores; measured fastest among 256 / 512 / 1024 / untiled at H = 256.
 TILE_ROWS = 512
 
-_CPU_DTYPES = (torch.float32, torch.float64)
-
-
-def applies(x1: torch.Tensor) -> bool:
-    """True when the CPU path handles ``x1``: a float32/float64 CPU tensor outside autocast.
-
-    Low-precision CPU GEMMs are left to the generic path (on CPUs without native bf16 they
-    are slower than fp32), and autocast decides its own casts there.
-    """
-    return (
-        x1.device.type == "cpu" and x1.dtype in _CPU_DTYPES and not torch.is_autocast_enabled("cpu")
-    )
-
 
 def _lrelu_(h: torch.Tensor, slope: float) -> torch.Tensor:
     # In place is autograd-safe only for slope > 0: its backward reads the sign from the output.
@@ -145,10 +132,6 @@ def _tiled_pair(sw, tw, x1: torch.Tensor, slope: float, tile_rows: int):
         torch.addmm(b3s, hs, w3s_t, out=s[start:stop])
         torch.addmm(b3t, ht, w3t_t, out=t[start:stop])
     return s.tanh_(), t
-
-
-#: Training on CPU also splits rows across threads (see :func:`rows_parallel`); the switch is
-#: ``fastnvp.engine.plan.Policy.parallel_training``. Either way the backward is first-order.
 
 
 def rows_parallel(model, x: torch.Tensor, inverse: bool, run_chunk):

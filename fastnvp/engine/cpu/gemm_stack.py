@@ -112,17 +112,15 @@ class Packed:
     """The weights of all L layers for both nets, restricted to the split halves.
 
     Shapes (P = 2 nets, S then T): ``w1`` (L, P, H, K1), ``b1`` (L, P, 1, H), ``w3``
-    (L, P, K2, H), ``b3`` (L, P, 1, K2), packed copies (O(L H D) values); ``w2`` and ``b2`` are
-    per layer the pair of the parameters themselves, (H, H) and (H,) each, never copied: the
-    H x H weights are most of a flow's parameters, and a packed copy would make the memory of
-    the invertible mode grow with depth. ``kept`` (L, K1) and ``trans`` (L, K2) int64 indices;
+    (L, P, K2, H), ``b3`` (L, P, 1, K2), packed copies (O(L H D) values); the H x H weights
+    and their biases are not packed: ``layers[i].w2`` / ``.b2`` are the parameters themselves
+    (they are most of a flow's parameters, and a packed copy would make the memory of the
+    invertible mode grow with depth). ``kept`` (L, K1) and ``trans`` (L, K2) int64 indices;
     ``slope`` the LeakyReLU slope.
     """
 
     w1: Tensor
     b1: Tensor
-    w2: list[tuple[Tensor, Tensor]]
-    b2: list[tuple[Tensor, Tensor]]
     w3: Tensor
     b3: Tensor
     kept: Tensor
@@ -190,8 +188,6 @@ def pack(params: list[Tensor], kept: Tensor, trans: Tensor, slope: float) -> Pac
     return Packed(
         w1=w1,
         b1=b1,
-        w2=w2_pairs,
-        b2=b2_pairs,
         w3=w3,
         b3=b3,
         kept=kept,
