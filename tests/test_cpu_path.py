@@ -173,7 +173,7 @@ def test_rows_parallel_reraises_worker_errors(two_threads, monkeypatch):
     fast = FastRealNVP.standard(3, 2, hidden=8, knot_tables=False)
     x = torch.randn(2 * ROWS_PER_THREAD, 3)
 
-    def broken(i, h, path, inverse):
+    def broken(i, h, path, inverse, e=None):
         raise RuntimeError("layer failed")
 
     monkeypatch.setattr(fast, "_layer", broken)  # D = 3: the workers run the layer loop

@@ -18,13 +18,17 @@ from torch import nn
 
 
 def standard_net(
-    dim: int, hidden: int, *, tanh: bool, negative_slope: float = 0.01
+    dim: int, hidden: int, *, tanh: bool, negative_slope: float = 0.01, context: int = 0
 ) -> nn.Sequential:
-    """One conditioner MLP: (N, D) -> (N, D); ends in Tanh when ``tanh`` (the scale net S)."""
+    """One conditioner MLP: (N, D + E) -> (N, D); ends in Tanh when ``tanh`` (the scale net S).
+
+    ``context`` is E, the width of the (embedded) context the net sees after the masked input
+    (docs/design.md §1.4); 0 for an unconditional flow.
+    """
     if not isinstance(hidden, int) or hidden < 1:
         raise ValueError(f"hidden must be an int >= 1, got {hidden!r}")
     layers: list[nn.Module] = [
-        nn.Linear(dim, hidden),
+        nn.Linear(dim + context, hidden),
         nn.LeakyReLU(negative_slope),
         nn.Linear(hidden, hidden),
         nn.LeakyReLU(negative_slope),
@@ -46,12 +50,12 @@ class StandardMLP:
     tanh: bool
 
 
-def match_standard_mlp(net: nn.Module, dim: int) -> StandardMLP | None:
+def match_standard_mlp(net: nn.Module, dim: int, context: int = 0) -> StandardMLP | None:
     """The Linear layers of ``net`` if it is a standard conditioner MLP for ``dim``, else None.
 
-    Matches ``Sequential(Linear(D,H), LeakyReLU(a), Linear(H,H), LeakyReLU(a), Linear(H,D))``
-    optionally followed by ``Tanh``,
-    with biases on every Linear and one slope ``a`` for both activations.
+    Matches ``Sequential(Linear(D+E,H), LeakyReLU(a), Linear(H,H), LeakyReLU(a), Linear(H,D))``
+    optionally followed by ``Tanh``, with biases on every Linear and one slope ``a`` for both
+    activations; E = ``context`` (0 for an unconditional flow).
     """
     if type(net) is not nn.Sequential or len(net) not in (5, 6):
         return None
@@ -71,7 +75,7 @@ def match_standard_mlp(net: nn.Module, dim: int) -> StandardMLP | None:
     if any(lin.bias is None for lin in (lin1, lin2, lin3)):
         return None
     hidden = lin1.out_features
-    if lin1.in_features != dim or lin3.out_features != dim:
+    if lin1.in_features != dim + context or lin3.out_features != dim:
         return None
     if lin2.in_features != hidden or lin2.out_features != hidden or lin3.in_features != hidden:
         return None
@@ -80,10 +84,10 @@ def match_standard_mlp(net: nn.Module, dim: int) -> StandardMLP | None:
     return StandardMLP(lin1, lin2, lin3, float(mods[1].negative_slope), tanh)
 
 
-def is_standard_pair(s_net: nn.Module, t_net: nn.Module, dim: int) -> bool:
+def is_standard_pair(s_net: nn.Module, t_net: nn.Module, dim: int, context: int = 0) -> bool:
     """True for a standard conditioner pair: S with Tanh, T without, same H, slope and dtype."""
-    s = match_standard_mlp(s_net, dim)
-    t = match_standard_mlp(t_net, dim)
+    s = match_standard_mlp(s_net, dim, context)
+    t = match_standard_mlp(t_net, dim, context)
     return (
         s is not None
         and t is not None
@@ -100,6 +104,8 @@ def standard_weights(mlp: StandardMLP, kept: torch.Tensor, transformed: torch.Te
 
     The net sees ``x * m`` and its output is multiplied by ``1 - m``, so only the kept input
     columns of the first Linear and the transformed output rows of the last Linear matter.
+    ``kept`` indexes the first Linear's input columns: for a conditional flow pass the layer's
+    ``inputs`` (kept columns, then the context columns D..D+E-1), giving W1 (H, K1 + E).
 
     Returns:
         ``(W1 (H, K1), b1 (H,), W2 (H, H), b2 (H,), W3 (K2, H), b3 (K2,))``,

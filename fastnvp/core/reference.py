@@ -7,6 +7,8 @@ Convention (docs/design.md §1.1): ``f`` maps data -> latent, layer 0 first. Wit
     z = x * m + (1 - m) * (x * exp(s) + t),   log_det += sum(s)
 
 ``g`` inverts layer by layer from the last: ``x = z * m + (1 - m) * (z - t) * exp(-s)``.
+A conditional flow (``context=C``) feeds the nets ``cat([x * m, e])`` with e the (embedded)
+context (docs/design.md §1.4).
 The module holds the nets as ``nn.ModuleList``s named ``s`` and ``t`` and the masks under the
 state_dict key ``mask``, so state_dicts of the widely copied PyTorch notebook load.
 """
@@ -22,6 +24,12 @@ from torch import nn
 
 from fastnvp.core import checks
 from fastnvp.core.conditioner import is_standard_pair, standard_net
+from fastnvp.core.context import (
+    check_context,
+    check_context_features,
+    embedded_width,
+    sample_context,
+)
 from fastnvp.core.masks import alternating_masks, check_masks
 from fastnvp.core.prior import prior_log_prob, prior_sample
 from fastnvp.core.validation import ensure_batch, ensure_num_samples
@@ -78,17 +86,34 @@ class FlowBase(nn.Module):
     already bounds |s| <= 1. ``check=True`` turns on :mod:`fastnvp.core.checks` for this model.
     """
 
-    def __init__(self, nets, nett, masks, prior=None, *, clamp=None, check=False):
+    def __init__(
+        self,
+        nets,
+        nett,
+        masks,
+        prior=None,
+        *,
+        context=None,
+        embedding=None,
+        clamp=None,
+        check=False,
+    ):
         super().__init__()
         masks = check_masks(masks)
         if not isinstance(check, bool):
             raise TypeError(f"check must be a bool, got {type(check).__name__}")
         self.clamp = check_clamp(clamp)
         self.check = check
+        self.context_features = check_context_features(context)
+        self.embedded_features = embedded_width(embedding, self.context_features)
         self.register_buffer("mask", masks)
         self.prior = check_prior(prior)
         self.s = build_nets(nets, masks.shape[0], "nets")
         self.t = build_nets(nett, masks.shape[0], "nett")
+        if embedding is not None:  # registered last: unconditional state_dict keys stay as they are
+            self.embedding = embedding
+        else:
+            self.embedding = None
 
     @property
     def dim(self) -> int:
@@ -137,7 +162,37 @@ class FlowBase(nn.Module):
 
     def _clamps(self, i: int) -> bool:
         """Whether layer ``i``'s log-scale goes through the soft clamp (see the class docstring)."""
-        return self.clamp is not None and not is_standard_pair(self.s[i], self.t[i], self.dim)
+        return self.clamp is not None and not is_standard_pair(
+            self.s[i], self.t[i], self.dim, self.embedded_features
+        )
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the flow models p(x | context) (built with ``context=C``)."""
+        return self.context_features is not None
+
+    def _embed(self, context, rows: int) -> torch.Tensor | None:
+        """Validate a call's ``context`` (rows, C) and embed it once: -> e (rows, E) or None."""
+        check_context(context, self.context_features, rows, self._anchor())
+        if context is None:
+            return None
+        if self._checking():
+            checks.check_finite(context, "context", None, "f")
+        if self.embedding is None:
+            return context
+        e = self.embedding(context)
+        if not isinstance(e, torch.Tensor) or e.shape != (rows, self.embedded_features):
+            shape = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
+            raise ValueError(
+                f"embedding must map context ({rows}, {self.context_features}) to "
+                f"({rows}, {self.embedded_features}), got {shape}"
+            )
+        return e
+
+    @staticmethod
+    def _with_context(inputs: torch.Tensor, e: torch.Tensor | None) -> torch.Tensor:
+        """The conditioner input ``cat([inputs, e])`` (inputs alone when unconditional)."""
+        return inputs if e is None else torch.cat([inputs, e.to(inputs.dtype)], dim=1)
 
     def _soft_clamp(self, s: torch.Tensor) -> torch.Tensor:
         """``α·tanh(s/α)``: |result| <= α (equal once tanh saturates), slope 1 at 0."""
@@ -162,28 +217,97 @@ class FlowBase(nn.Module):
         num_layers: int,
         hidden: int = 256,
         negative_slope: float = 0.01,
+        *,
+        context: int | None = None,
+        embedding: nn.Module | None = None,
         **options,
     ):
         """The standard conditioner (docs/design.md §1.3) with alternating checkerboard masks.
 
-        ``options`` are the class's keyword arguments (e.g. ``check=True``; for FastRealNVP also
-        ``memory``, ``fused``, ``precision``).
+        Args:
+            dim: D, the number of features.
+            num_layers: L, the number of coupling layers.
+            hidden: H, the conditioner's hidden width.
+            negative_slope: the LeakyReLU slope.
+            context: None (unconditional) or C, the width of the context (N, C) of every call.
+            embedding: None or a module (N, C) -> (N, E) applied once per call to the context;
+                each conditioner's first Linear is then ``Linear(D + E, H)`` (E = C without).
+            options: the class's keyword arguments (e.g. ``check=True``; for FastRealNVP also
+                ``memory``, ``fused``, ``precision``).
         """
         masks = alternating_masks(dim, num_layers)
+        width = embedded_width(embedding, check_context_features(context))
         return cls(
-            lambda: standard_net(dim, hidden, tanh=True, negative_slope=negative_slope),
-            lambda: standard_net(dim, hidden, tanh=False, negative_slope=negative_slope),
+            lambda: standard_net(
+                dim, hidden, tanh=True, negative_slope=negative_slope, context=width
+            ),
+            lambda: standard_net(
+                dim, hidden, tanh=False, negative_slope=negative_slope, context=width
+            ),
             masks,
+            context=context,
+            embedding=embedding,
             **options,
         )
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact log-density: ``log N(f(x); 0, I) + log_det``.  (N, D) -> (N,)."""
-        z, log_det = self.f(x)
+    # ------------------------------------------------------------------ the public API
+    def f(self, x: torch.Tensor, context: torch.Tensor | None = None):
+        """Data -> latent.  x: (N, D), context: (N, C) -> (z (N, D), log_det (N,)).
+
+        ``log_det = log|det dz/dx|``; ``context`` is required exactly when the flow is
+        conditional (docs/design.md §1.4).
+        """
+        self._check_input(x, "x")
+        return self._forward(x, self._embed(context, x.shape[0]))
+
+    def g(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent -> data, the exact inverse of :meth:`f`.  z: (N, D), context: (N, C) -> (N, D)."""
+        self._check_input(z, "z")
+        return self._inverse(z, self._embed(context, z.shape[0]))[0]
+
+    def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact log-density: ``log N(f(x); 0, I) + log_det``.  x (N, D), context (N, C) -> (N,)."""
+        z, log_det = self.f(x, context)
         return prior_log_prob(self.prior, z) + log_det
 
-    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw ``num_samples`` points: ``g(z)`` with ``z`` from the prior.  -> (num_samples, D)."""
+    def sample(
+        self,
+        num_samples: int,
+        context: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Draw samples: ``g(z, context)`` with ``z`` from the prior.
+
+        Shapes: unconditional -> (num_samples, D); context (C,) -> (num_samples, D);
+        context (M, C) -> (num_samples, M, D), ``[k, j]`` drawn given context row j.
+        """
+        return self._draw(num_samples, context, generator, with_log_prob=False)[0]
+
+    def sample_and_log_prob(
+        self,
+        num_samples: int,
+        context: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples and their log-density in one pass: the inverse yields its log-det.
+
+        ``log p(x) = log p_z(z) - log|det dx/dz|``; no second forward is run. Shapes as in
+        :meth:`sample`, with the log-density (num_samples,) or (num_samples, M).
+        """
+        return self._draw(num_samples, context, generator, with_log_prob=True)
+
+    def distribution(self, context: torch.Tensor | None = None):
+        """``torch.distributions`` view of p(x | context) (zuko's convention).
+
+        Context None or (C,): batch_shape (); (M, C): batch_shape (M,). event_shape (D,).
+        See :class:`fastnvp.core.distribution.FlowDistribution`.
+        """
+        from fastnvp.core.distribution import FlowDistribution
+
+        return FlowDistribution(self, context)
+
+    def _draw(self, num_samples, context, generator, with_log_prob: bool):
+        """(samples, log_prob or None) shaped (n, *batch, D) and (n, *batch)."""
         ensure_num_samples(num_samples)
         anchor = self._anchor()
         if generator is not None:
@@ -195,12 +319,34 @@ class FlowBase(nn.Module):
                 raise ValueError(
                     f"generator is on {generator.device} but the model is on {anchor.device}"
                 )
-        z = prior_sample(self.prior, num_samples, self.dim, anchor, generator)
-        return self.g(z)
+        rows_context, batch_shape = sample_context(context, self.context_features, anchor)
+        per_sample = 1 if rows_context is None else rows_context.shape[0]
+        e = None
+        if rows_context is not None:  # embedded once per distinct context row, then repeated
+            e = self._embed(rows_context, per_sample).repeat(num_samples, 1)
+        z = prior_sample(self.prior, num_samples * per_sample, self.dim, anchor, generator)
+        if self._checking():
+            checks.check_finite(z, "z", None, "g")
+        x, log_det_g = self._inverse(z, e, with_log_det=with_log_prob)
+        shape = (num_samples, *batch_shape)
+        x = x.reshape(*shape, self.dim)
+        if not with_log_prob:
+            return x, None
+        log_prob = prior_log_prob(self.prior, z) - log_det_g
+        return x, log_prob.reshape(shape)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None):
         """Same as :meth:`f`."""
-        return self.f(x)
+        return self.f(x, context)
+
+    # ------------------------------------------------------------------ implemented per class
+    def _forward(self, x: torch.Tensor, e: torch.Tensor | None):
+        """(z, log_det) of validated x (N, D) and embedded context e (N, E) or None."""
+        raise NotImplementedError
+
+    def _inverse(self, z: torch.Tensor, e: torch.Tensor | None, with_log_det: bool = False):
+        """(x, log|det dx/dz| or None) of validated z (N, D) and embedded context e."""
+        raise NotImplementedError
 
 
 class RealNVP(FlowBase):
@@ -212,22 +358,27 @@ class RealNVP(FlowBase):
         masks: (L, D) 0/1 tensor, 1 = kept (conditioning) feature; one row per coupling layer.
         prior: a ``torch.distributions`` object with ``log_prob``/``sample`` over (N, D), or None
             for the standard normal N(0, I).
+        context: None (unconditional) or C, the width of the context (N, C) each call takes:
+            the flow then models p(x | c) and the nets take ``cat([x * m, e])`` (N, D + E).
+        embedding: None or a module (N, C) -> (N, E) applied once per call to the context.
         clamp: None, or α > 0 to soft-clamp user nets' log-scale to (-α, α) (see FlowBase).
         check: raise ``fastnvp.core.checks.NonFiniteError`` at the first non-finite layer.
+
+    ``f(x, context) -> (z, log_det)``, ``g(z, context) -> x``, ``log_prob(x, context) -> (N,)``,
+    ``sample(n, context)``, ``sample_and_log_prob(n, context)``, ``distribution(context)``.
     """
 
-    def f(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Data -> latent.  x: (N, D) -> (z (N, D), log_det (N,)), ``log_det = log|det dz/dx|``."""
-        self._check_input(x, "x")
+    def _forward(self, x: torch.Tensor, e: torch.Tensor | None):
         checking = self._checking()
         z = x
         log_det = x.new_zeros(x.shape[0])
         for i in range(self.num_layers):
             m = self.mask[i]
             z_kept = z * m
+            inputs = self._with_context(z_kept, e)
             with self._nets_checked(i, "f"):
-                s = self.s[i](z_kept)
-                t = self.t[i](z_kept)
+                s = self.s[i](inputs)
+                t = self.t[i](inputs)
             if checking:
                 self._check_layer(i, "f", s=s, t=t)
             if self._clamps(i):
@@ -241,17 +392,17 @@ class RealNVP(FlowBase):
                 checks.watch_grad(z, "z", i, "f")
         return z, log_det
 
-    def g(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent -> data, the exact inverse of :meth:`f`.  (N, D) -> (N, D)."""
-        self._check_input(z, "z")
+    def _inverse(self, z: torch.Tensor, e: torch.Tensor | None, with_log_det: bool = False):
         checking = self._checking()
         x = z
+        log_det = z.new_zeros(z.shape[0]) if with_log_det else None
         for i in reversed(range(self.num_layers)):
             m = self.mask[i]
             x_kept = x * m
+            inputs = self._with_context(x_kept, e)
             with self._nets_checked(i, "g"):
-                s = self.s[i](x_kept)
-                t = self.t[i](x_kept)
+                s = self.s[i](inputs)
+                t = self.t[i](inputs)
             if checking:
                 self._check_layer(i, "g", s=s, t=t)
             if self._clamps(i):
@@ -259,7 +410,9 @@ class RealNVP(FlowBase):
             s = s * (1 - m)
             t = t * (1 - m)
             x = x_kept + (1 - m) * (x - t) * torch.exp(-s)
+            if with_log_det:
+                log_det = log_det - s.sum(dim=1)
             if checking:
                 self._check_layer(i, "g", x=x)
                 checks.watch_grad(x, "x", i, "g")
-        return x
+        return x, log_det

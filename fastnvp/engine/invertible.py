@@ -224,15 +224,24 @@ def _recompute_step(inverse, forward, z, g, grad_log_det, params, autocast):
     return x, grad_x, out[1:], _relative_error(z_again, z)
 
 
-def _layer_step(model, i, z, g, grad_log_det, params, autocast):
+def _with_embedded(e):
+    """The extra positional argument of the per-layer calls: () unconditional, (e,) else."""
+    return () if e is None else (e,)
+
+
+def _layer_step(model, i, z, g, grad_log_det, params, autocast, e=None):
     """Generic step through ``model.layer_inverse`` / ``model.layer_forward``.
+
+    ``e``: the embedded context (N, E) of a conditional flow (a leaf when its gradient is
+    wanted: then it is also the first of ``params``), or None.
 
     Returns:
         ``(x, grad_x, grads of params, round-trip error)`` (see :func:`_recompute_step`).
     """
+    extra = _with_embedded(e)
     return _recompute_step(
-        lambda h: model.layer_inverse(i, h),
-        lambda h: model.layer_forward(i, h),
+        lambda h: model.layer_inverse(i, h, *extra),
+        lambda h: model.layer_forward(i, h, *extra),
         z,
         g,
         grad_log_det,
@@ -241,7 +250,7 @@ def _layer_step(model, i, z, g, grad_log_det, params, autocast):
     )
 
 
-def _fused_layer_step(model, i, z, g, grad_log_det, params, autocast):
+def _fused_layer_step(model, i, z, g, grad_log_det, params, autocast, e=None):
     """Step of a layer whose forward ran the fused-layer op: the same op, the same precision.
 
     The fused layer's inverse (``fastnvp::coupling_layer_inverse``) reconstructs the input, and
@@ -256,10 +265,11 @@ def _fused_layer_step(model, i, z, g, grad_log_det, params, autocast):
     from fastnvp.engine.gpu import fused as gpu_fused
 
     # The forward ran the fused layer only with autocast off, so ``autocast`` keeps it off here.
+    context = {} if e is None else {"context": e}
     with _autocast(autocast):
         return _recompute_step(
-            lambda h: gpu_fused.model_layer(model, i, h, inverse=True),
-            lambda h: gpu_fused.model_layer(model, i, h, inverse=False),
+            lambda h: gpu_fused.model_layer(model, i, h, inverse=True, **context),
+            lambda h: gpu_fused.model_layer(model, i, h, inverse=False, **context),
             z,
             g,
             grad_log_det,
@@ -291,7 +301,7 @@ def _can_share(model) -> bool:
     return callable(getattr(model, "_split", None)) and callable(getattr(model, "_layer_st", None))
 
 
-def _shared_layer_step(model, i, z, g, grad_log_det, params, autocast):
+def _shared_layer_step(model, i, z, g, grad_log_det, params, autocast, e=None):
     """Like :func:`_layer_step`, evaluating the conditioner once instead of twice.
 
     The conditioner of layer ``i`` sees only the kept half, and the kept half of the input equals
@@ -307,8 +317,8 @@ def _shared_layer_step(model, i, z, g, grad_log_det, params, autocast):
     kept, transformed = model._split(i)
     with torch.enable_grad(), _autocast(autocast):
         h = z.detach().requires_grad_(True)  # stands for x: only its kept half is read
-        path = model._plan(h, "f").layers[i]  # the layer's path under autograd
-        s, t = model._layer_st(i, h, kept, transformed, "f", path)
+        path = model._plan(h, "f", e).layers[i]  # the layer's path under autograd
+        s, t = model._layer_st(i, h, kept, transformed, "f", path, e)
     z2 = z.index_select(1, transformed)
     x2, _ = ops.affine_coupling_inverse(z2, s.detach(), t.detach())
     with torch.enable_grad(), _autocast(autocast):
@@ -334,7 +344,7 @@ class _InvertibleStack(torch.autograd.Function):
     """``(x, *params) -> (z, log_det)`` over all layers; backward by inversion (module doc)."""
 
     @staticmethod
-    def forward(ctx, model, tolerance, share, anchor_every, layer_params, x, *params):
+    def forward(ctx, model, tolerance, share, anchor_every, layer_params, x, e, *params):
         # Autograd has switched grad mode off here: nothing is recorded for the layers.
         # Which layers run the fused-layer op, decided once: backward recomputes them with it.
         ctx.fused_layers = _fused_layers(model, x)
@@ -344,9 +354,10 @@ class _InvertibleStack(torch.autograd.Function):
         for i in range(model.num_layers):
             if anchor_every is not None and i > 0 and i % anchor_every == 0:
                 anchors.append(z)  # layer i's input, (N, D): tiny next to a layer's activations
-            z, ld = model.layer_forward(i, z)
+            z, ld = model.layer_forward(i, z, *_with_embedded(e))
             log_det = ld if log_det is None else log_det + ld
         ctx.model = model
+        ctx.embedded = e  # (N, E) or None: the embedded context every layer sees
         ctx.tolerance = tolerance
         ctx.share = share
         ctx.layer_params = layer_params
@@ -384,10 +395,18 @@ class _InvertibleStack(torch.autograd.Function):
         # others through the shared conditioner where possible (module doc).
         plain = _shared_layer_step if ctx.share else _layer_step
         steps = [_fused_layer_step if fused else plain for fused in ctx.fused_layers]
+        e = ctx.embedded
+        wants_e = e is not None and ctx.needs_input_grad[6]
+        grad_e = None
+        if e is not None:  # a leaf, so each layer's step also returns d(loss)/de of that layer
+            e = e.detach().requires_grad_(wants_e)
         for i in reversed(range(model.num_layers)):
-            x, g, layer_grads, error = steps[i](
-                model, i, z, g, grad_log_det, ctx.layer_params[i], autocast
-            )
+            inputs = ([e] if wants_e else []) + ctx.layer_params[i]
+            x, g, layer_grads, error = steps[i](model, i, z, g, grad_log_det, inputs, autocast, e)
+            if wants_e:
+                ge, layer_grads = layer_grads[0], layer_grads[1:]
+                if ge is not None:
+                    grad_e = ge if grad_e is None else grad_e + ge
             errors.append(error)
             for slot, gp in zip(ctx.layer_slots[i], layer_grads):
                 if gp is not None:
@@ -412,7 +431,9 @@ class _InvertibleStack(torch.autograd.Function):
         if not report.ok:
             raise ReconstructionError(_failure_message(report))
         grad_x = g if ctx.needs_input_grad[5] else None
-        return (None, None, None, None, None, grad_x, *grads)
+        if wants_e and grad_e is None:
+            grad_e = torch.zeros_like(e)
+        return (None, None, None, None, None, grad_x, grad_e, *grads)
 
 
 def _failure_message(report: ReconstructionReport) -> str:
@@ -444,6 +465,7 @@ def invertible_flow(
     tolerance: float | None = None,
     share_conditioner: bool | None = None,
     anchor_every: int | None = DEFAULT_ANCHOR_EVERY,
+    embedded: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run ``model``'s coupling stack data -> latent with memory-saving backward.
 
@@ -460,6 +482,9 @@ def invertible_flow(
         anchor_every: keep the input of every ``anchor_every``-th layer, (N, D) each, and restart
             the reconstruction from it (bounding drift to that many layers); None keeps only the
             stack input.
+        embedded: a conditional flow's embedded context e (N, E), passed to every layer
+            (``layer_forward(i, z, e)``); its gradient is summed over the layers. None when
+            unconditional.
 
     Returns:
         ``(z (N, D), log_det (N,))``, the same values as the layer-by-layer forward. Backward
@@ -485,5 +510,5 @@ def invertible_flow(
     # A parameter shared between layers appears once among the Function's inputs.
     unique = list({id(p): p for p in params}.values())
     return _InvertibleStack.apply(
-        model, tol, share_conditioner, anchor_every, layer_params, x, *unique
+        model, tol, share_conditioner, anchor_every, layer_params, x, embedded, *unique
     )

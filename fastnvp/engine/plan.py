@@ -65,6 +65,8 @@ class LayerFacts:
         hidden: H of the standard pair (None otherwise).
         slope: the LeakyReLU slope of the standard pair (None otherwise).
         clamped: the log-scale is soft-clamped (``clamp`` set and a non-standard layer).
+        context_width: E, the embedded context columns the conditioner also sees (0:
+            unconditional).
     """
 
     kept: int
@@ -72,6 +74,7 @@ class LayerFacts:
     hidden: int | None
     slope: float | None
     clamped: bool
+    context_width: int = 0
 
     @property
     def fusable(self) -> bool:
@@ -89,12 +92,14 @@ class FlowFacts:
         dim: D.
         uniform_split: every layer keeps the same number of features.
         own_parameters: no parameter tensor is shared between layers or nets.
+        context_width: E, the embedded context width of a conditional flow (0: unconditional).
     """
 
     layers: tuple[LayerFacts, ...]
     dim: int
     uniform_split: bool
     own_parameters: bool
+    context_width: int = 0
 
     @property
     def all_standard(self) -> bool:
@@ -111,10 +116,11 @@ def flow_facts(model) -> FlowFacts:
     """The :class:`FlowFacts` of a ``FastRealNVP`` (its ``_standard`` / ``_num_kept`` lists)."""
     from fastnvp.core.conditioner import match_standard_mlp
 
+    width = model.embedded_features
     layers = []
     for i in range(model.num_layers):
         standard = bool(model._standard[i])
-        mlp = match_standard_mlp(model.s[i], model.dim) if standard else None
+        mlp = match_standard_mlp(model.s[i], model.dim, width) if standard else None
         layers.append(
             LayerFacts(
                 kept=int(model._num_kept[i]),
@@ -122,6 +128,7 @@ def flow_facts(model) -> FlowFacts:
                 hidden=mlp.lin1.out_features if mlp else None,
                 slope=mlp.negative_slope if mlp else None,
                 clamped=bool(model._clamped[i]),
+                context_width=width,
             )
         )
     params = [p for net in (*model.s, *model.t) for p in net.parameters()]
@@ -131,6 +138,7 @@ def flow_facts(model) -> FlowFacts:
         dim=model.dim,
         uniform_split=len({layer.kept for layer in layers}) == 1,
         own_parameters=own,
+        context_width=width,
     )
 
 
@@ -241,8 +249,8 @@ class Plan:
 
 
 def _knot_form(layer: LayerFacts, ctx: CallContext, policy: Policy) -> bool:
-    """The knot form for a standard CPU layer (``fastnvp.engine.cpu.knots``)."""
-    if not ctx.knot_tables or layer.kept != 1 or ctx.compiling:
+    """The knot form for a standard CPU layer (``fastnvp.engine.cpu.knots``): one input column."""
+    if not ctx.knot_tables or layer.kept != 1 or layer.context_width or ctx.compiling:
         return False
     h = layer.hidden
     if not ctx.grad:
@@ -318,6 +326,8 @@ def _gemm_stack_fits(facts, ctx, policy, standard_cpu, paths) -> tuple[bool, str
         return False, "layers keep different numbers of features"
     if not facts.own_parameters:
         return False, "parameters are shared between layers"
+    if facts.context_width:
+        return False, "the GEMM stack does not take a context yet"
     slope = facts.one_slope
     if slope is None or slope < 0:
         return False, "the layers need one LeakyReLU slope >= 0"

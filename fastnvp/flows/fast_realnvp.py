@@ -47,6 +47,9 @@ class FastRealNVP(FlowBase):
         nett: zero-argument factory returning the shift net T: (N, D) -> (N, D).
         masks: (L, D) 0/1 tensor, 1 = kept (conditioning) feature; one row per coupling layer.
         prior: a ``torch.distributions`` object over (N, D), or None for N(0, I) (closed form).
+        context: None (unconditional) or C, the width of the context (N, C) each call takes;
+            the nets then take ``cat([x * m, e])`` (N, D + E) (docs/design.md §1.4).
+        embedding: None or a module (N, C) -> (N, E) applied once per call to the context.
         memory: ``"standard"`` (autograd stores every layer's activations) or ``"invertible"``
             (backward recovers them by inversion, so activation memory does not grow with depth;
             see ``fastnvp.engine.invertible``).
@@ -68,7 +71,10 @@ class FastRealNVP(FlowBase):
             without
             autograd. False always uses the GEMM path.
 
-    ``f(x) -> (z, log_det)``, ``g(z) -> x``, ``log_prob(x) -> (N,)``, ``sample(n) -> (n, D)``.
+    ``f(x, context) -> (z, log_det)``, ``g(z, context) -> x``, ``log_prob(x, context) -> (N,)``,
+    ``sample(n, context) -> (n, D)`` or ``(n, M, D)``, ``sample_and_log_prob``, ``distribution``
+    (see ``fastnvp.core.reference.FlowBase``). A conditional flow's fast paths take the context
+    columns in the first Linear of every layer: ``cat(x[:, kept], e) @ W1[:, inputs]^T``.
 
     Under ``torch.autocast`` the conditioner matmuls run in the autocast dtype while the coupling
     update, the flow's state and ``log_det`` stay fp32 (the ops are registered to autocast to fp32).
@@ -81,6 +87,8 @@ class FastRealNVP(FlowBase):
         masks,
         prior=None,
         *,
+        context=None,
+        embedding=None,
         clamp=None,
         check=False,
         memory="standard",
@@ -90,7 +98,9 @@ class FastRealNVP(FlowBase):
         precision="ieee",
         knot_tables=True,
     ):
-        super().__init__(nets, nett, masks, prior, clamp=clamp, check=check)
+        super().__init__(
+            nets, nett, masks, prior, context=context, embedding=embedding, clamp=clamp, check=check
+        )
         self.fused = fused_layer.check_fused(fused)
         self.precision = fused_layer.check_precision(precision)
         if not isinstance(knot_tables, bool):
@@ -103,6 +113,7 @@ class FastRealNVP(FlowBase):
         self.last_reconstruction = None  # set by each invertible backward
         self._policy = plan_mod.DEFAULT_POLICY
         self.register_buffer("split_order", torch.empty(0, dtype=torch.long), persistent=False)
+        self.register_buffer("input_order", torch.empty(0, dtype=torch.long), persistent=False)
         self._refresh_split()
         # Loading a state_dict may bring other masks: rebuild the split each time.
         self.register_load_state_dict_post_hook(
@@ -122,6 +133,8 @@ class FastRealNVP(FlowBase):
             lambda: next(t_nets),
             model.mask.detach().cpu(),
             model.prior,
+            context=model.context_features,
+            embedding=copy.deepcopy(model.embedding),
             clamp=model.clamp,
             check=model.check,
         )
@@ -134,8 +147,17 @@ class FastRealNVP(FlowBase):
         order = torch.argsort(1 - mask, dim=1, stable=True)  # kept (1) first, each in order
         self.split_order = order.to(device=mask.device)
         self._num_kept = [int(k) for k in mask.sum(dim=1).round().tolist()]
+        # Per layer [kept, context columns D..D+E-1, transformed]: _inputs(i) is a prefix view.
+        width = self.embedded_features
+        columns = torch.arange(self.dim, self.dim + width, device=mask.device)
+        self.input_order = torch.stack(
+            [
+                torch.cat([row[:k1], columns, row[k1:]])
+                for row, k1 in zip(self.split_order, self._num_kept, strict=True)
+            ]
+        )
         self._standard = [
-            is_standard_pair(self.s[i], self.t[i], self.dim) for i in range(self.num_layers)
+            is_standard_pair(self.s[i], self.t[i], self.dim, width) for i in range(self.num_layers)
         ]
         self._clamped = [self.clamp is not None and not std for std in self._standard]
         # What the plan needs to know of the flow, once (docs/design.md §3.1); plans follow.
@@ -147,20 +169,35 @@ class FastRealNVP(FlowBase):
         k1 = self._num_kept[i]
         return order[:k1], order[k1:]
 
+    def _inputs(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s first-Linear input columns: kept features, then the E context columns.
+
+        (K1 + E,) indices into ``W1``'s columns; equal to the kept indices when unconditional.
+        """
+        return self.input_order[i, : self._num_kept[i] + self.embedded_features]
+
+    def _mlps(self, i: int):
+        """The matched standard S and T nets of layer ``i`` (``StandardMLP`` handles)."""
+        width = self.embedded_features
+        return (
+            match_standard_mlp(self.s[i], self.dim, width),
+            match_standard_mlp(self.t[i], self.dim, width),
+        )
+
     # ----------------------------------------------------------------------------- conditioner
-    def _conditioner(self, i: int, h: torch.Tensor, x1: torch.Tensor, kept, transformed, path):
+    def _conditioner(self, i: int, h, x1, kept, transformed, path, e=None):
         """(s, t) of layer i for the transformed half, each (N, K2); x1 (N, K1) is the kept half.
 
-        ``path`` is the layer's path from the plan (``fastnvp.engine.plan.LAYER_PATHS``).
+        ``path`` is the layer's path from the plan (``fastnvp.engine.plan.LAYER_PATHS``);
+        ``e`` (N, E) is the embedded context of a conditional flow, or None.
         """
         if path == "modules":
-            masked = h * self.mask[i].to(h.dtype)
+            masked = self._with_context(h * self.mask[i].to(h.dtype), e)
             s = self.s[i](masked).index_select(1, transformed)
             t = self.t[i](masked).index_select(1, transformed)
             return s, t
-        s_mlp = match_standard_mlp(self.s[i], self.dim)
-        t_mlp = match_standard_mlp(self.t[i], self.dim)
-        if path == "cpu_knots":
+        s_mlp, t_mlp = self._mlps(i)
+        if path == "cpu_knots":  # the plan takes it only for one input column (K1 = 1, E = 0)
             grad = torch.is_grad_enabled() and (
                 x1.requires_grad or any(p.requires_grad for p in knots.net_weights(s_mlp, t_mlp))
             )
@@ -170,12 +207,14 @@ class FastRealNVP(FlowBase):
                     return knots.evaluate_pieces(pieces, x1)
             tables = self._knot_cache.pair(i, s_mlp, t_mlp, kept, transformed)
             return knots.evaluate_pair(*tables, x1)
+        inputs = self._inputs(i) if e is not None else kept
+        x_in = self._with_context(x1, e)
         if path == "cpu_pair":
-            return conditioner_pair.standard_st(s_mlp, t_mlp, x1, kept, transformed)
+            return conditioner_pair.standard_st(s_mlp, t_mlp, x_in, inputs, transformed)
         slope = s_mlp.negative_slope
         outs = []
         for mlp in (s_mlp, t_mlp):
-            h = F.linear(x1, mlp.lin1.weight.index_select(1, kept), mlp.lin1.bias)
+            h = F.linear(x_in, mlp.lin1.weight.index_select(1, inputs), mlp.lin1.bias)
             h = F.leaky_relu(h, slope)
             h = F.leaky_relu(F.linear(h, mlp.lin2.weight, mlp.lin2.bias), slope)
             outs.append(
@@ -187,11 +226,11 @@ class FastRealNVP(FlowBase):
             )
         return torch.tanh(outs[0]), outs[1]
 
-    def _layer_st(self, i: int, h: torch.Tensor, kept, transformed, direction: str, path: str):
+    def _layer_st(self, i, h, kept, transformed, direction: str, path: str, e=None):
         """(s, t) of layer ``i`` in ``h``'s dtype, soft-clamped where configured; checked."""
         x1 = h.index_select(1, kept)
         with self._nets_checked(i, direction):
-            s, t = self._conditioner(i, h, x1, kept, transformed, path)
+            s, t = self._conditioner(i, h, x1, kept, transformed, path, e)
         if self._checking():
             self._check_layer(i, direction, s=s, t=t)
         # Under autocast the nets return low precision; the coupling runs in the state's dtype.
@@ -211,11 +250,17 @@ class FastRealNVP(FlowBase):
         return out, log_det
 
     # ----------------------------------------------------------------------------- the plan
-    def _context(self, h: torch.Tensor, direction: str) -> plan_mod.CallContext:
-        """The :class:`~fastnvp.engine.plan.CallContext` of a call on state ``h`` (N, D)."""
+    def _context(self, h: torch.Tensor, direction: str, e=None) -> plan_mod.CallContext:
+        """The :class:`~fastnvp.engine.plan.CallContext` of a call on state ``h`` (N, D).
+
+        ``e`` is the call's embedded context (N, E) or None; a gradient is needed when the
+        state, the context or a parameter requires one.
+        """
         device = h.device.type
         grad = torch.is_grad_enabled() and (
-            h.requires_grad or any(p.requires_grad for p in self.parameters())
+            h.requires_grad
+            or (e is not None and e.requires_grad)
+            or any(p.requires_grad for p in self.parameters())
         )
         compiling = torch.compiler.is_compiling()
         if compiling:
@@ -241,9 +286,10 @@ class FastRealNVP(FlowBase):
             knot_tables=self.knot_tables,
         )
 
-    def _plan(self, h: torch.Tensor, direction: str) -> plan_mod.Plan:
-        """The plan of a call on ``h``, cached per context (docs/design.md §3)."""
-        ctx = self._context(h, direction)
+    def _plan(self, h: torch.Tensor, direction: str, e=None) -> plan_mod.Plan:
+        """The plan of a call on ``h`` (and embedded context ``e``), cached per call context
+        (docs/design.md §3)."""
+        ctx = self._context(h, direction, e)
         if ctx.compiling:  # traced once per graph: no cache lookups inside the trace
             return plan_mod.choose(self._facts, ctx, self.policy)
         plan = self._plans.get(ctx)
@@ -251,13 +297,16 @@ class FastRealNVP(FlowBase):
             plan = self._plans[ctx] = plan_mod.choose(self._facts, ctx, self.policy)
         return plan
 
-    def explain(self, x: torch.Tensor, direction: str = "f") -> plan_mod.Plan:
-        """The plan a call ``f(x)`` (or ``g(x)`` with ``direction="g"``) would run, unrun.
+    def explain(
+        self, x: torch.Tensor, direction: str = "f", context: torch.Tensor | None = None
+    ) -> plan_mod.Plan:
+        """The plan a call ``f(x, context)`` (or ``g`` with ``direction="g"``) would run, unrun.
 
         Args:
             x: (N, D) input of the call, on the model's device and dtype.
             direction: ``"f"`` (data -> latent, also ``log_prob`` and training) or ``"g"``
                 (latent -> data, ``sample``).
+            context: (N, C), required exactly when the flow is conditional.
 
         Returns:
             A frozen :class:`fastnvp.engine.plan.Plan`: ``stack`` (the stack strategy),
@@ -266,7 +315,7 @@ class FastRealNVP(FlowBase):
         if direction not in plan_mod.DIRECTIONS:
             raise ValueError(f"direction must be one of {plan_mod.DIRECTIONS}, got {direction!r}")
         self._check_input(x, "x" if direction == "f" else "z")
-        return self._plan(x, direction)
+        return self._plan(x, direction, self._embed(context, x.shape[0]))
 
     @property
     def policy(self) -> plan_mod.Policy:
@@ -283,66 +332,96 @@ class FastRealNVP(FlowBase):
         self._plans = {}
 
     # ----------------------------------------------------------------------------- one layer
-    def _layer(self, i: int, h: torch.Tensor, path: str, inverse: bool):
-        """Layer ``i`` on ``path`` (f, or g when ``inverse``).  (N, D) -> ((N, D), (N,))."""
+    def _layer(self, i: int, h: torch.Tensor, path: str, inverse: bool, e=None):
+        """Layer ``i`` on ``path`` (f, or g when ``inverse``).  (N, D) -> ((N, D), (N,)).
+
+        ``e``: the embedded context (N, E) of a conditional flow, else None.
+        """
         if path == "fused_layer":
-            return gpu_fused.model_layer(self, i, h, inverse=inverse)
+            if e is None:
+                return gpu_fused.model_layer(self, i, h, inverse=inverse)
+            return gpu_fused.model_layer(self, i, h, inverse=inverse, context=e)
         direction = "g" if inverse else "f"
         kept, transformed = self._split(i)
-        s, t = self._layer_st(i, h, kept, transformed, direction, path)
+        s, t = self._layer_st(i, h, kept, transformed, direction, path, e)
         h2, log_det = ops.coupling(h.index_select(1, transformed), s, t, inverse=inverse)
         return self._layer_out(i, h, transformed, h2, log_det, direction)
 
-    def layer_forward(self, i: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Coupling layer ``i`` in the data -> latent direction.  (N, D) -> ((N, D), (N,))."""
-        self._check_layer_args(i, z, "z")
-        return self._layer(i, z, self._plan(z, "f").layers[i], inverse=False)
+    def _check_embedded(self, embedded, rows: int):
+        """Validate the per-layer API's embedded context: (rows, E) or None when unconditional."""
+        if not self.conditional:
+            if embedded is not None:
+                raise ValueError("embedded was given, but this flow is unconditional")
+            return None
+        width = self.embedded_features
+        if not isinstance(embedded, torch.Tensor) or embedded.shape != (rows, width):
+            got = tuple(embedded.shape) if isinstance(embedded, torch.Tensor) else embedded
+            raise ValueError(
+                f"embedded (the embedded context) must have shape ({rows}, {width}) for this "
+                f"conditional flow, got {got}"
+            )
+        return embedded
 
-    def layer_inverse(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_forward(self, i: int, z: torch.Tensor, embedded: torch.Tensor | None = None):
+        """Coupling layer ``i`` in the data -> latent direction.  (N, D) -> ((N, D), (N,)).
+
+        ``embedded``: a conditional flow's embedded context e (N, E) (the context itself when
+        the flow has no embedding).
+        """
+        self._check_layer_args(i, z, "z")
+        e = self._check_embedded(embedded, z.shape[0])
+        return self._layer(i, z, self._plan(z, "f", e).layers[i], inverse=False, e=e)
+
+    def layer_inverse(self, i: int, x: torch.Tensor, embedded: torch.Tensor | None = None):
         """Coupling layer ``i`` in the latent -> data direction.  (N, D) -> ((N, D), (N,))."""
         self._check_layer_args(i, x, "x")
-        return self._layer(i, x, self._plan(x, "g").layers[i], inverse=True)
+        e = self._check_embedded(embedded, x.shape[0])
+        return self._layer(i, x, self._plan(x, "g", e).layers[i], inverse=True, e=e)
 
     # ----------------------------------------------------------------------------- the flow
-    def f(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Data -> latent.  x: (N, D) -> (z (N, D), log_det (N,)), ``log_det = log|det dz/dx|``.
+    def _forward(self, x: torch.Tensor, e: torch.Tensor | None):
+        """Runs the plan of the call (:meth:`explain`; docs/design.md §3)."""
+        return self._run(self._plan(x, "f", e), x, e)
 
-        Runs the plan of the call (:meth:`explain`; docs/design.md §3).
+    def _inverse(self, z: torch.Tensor, e: torch.Tensor | None, with_log_det: bool = False):
+        x, log_det = self._run(self._plan(z, "g", e), z, e)
+        return x, log_det if with_log_det else None
+
+    def _run(self, plan: plan_mod.Plan, h: torch.Tensor, e=None):
+        """Execute ``plan`` on ``h`` (and the embedded context ``e``): (out, log_det).
+
+        ``f`` gives ``(z, log|det dz/dx|)``, ``g`` gives ``(x, log|det dx/dz|)``.
         """
-        self._check_input(x, "x")
-        return self._run(self._plan(x, "f"), x)
-
-    def g(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent -> data, the exact inverse of :meth:`f`.  (N, D) -> (N, D)."""
-        self._check_input(z, "z")
-        return self._run(self._plan(z, "g"), z)
-
-    def _run(self, plan: plan_mod.Plan, h: torch.Tensor):
-        """Execute ``plan`` on ``h``: ``f`` returns (z, log_det), ``g`` returns x."""
         inverse = plan.context.direction == "g"
         stack = plan.stack
         if stack == "gpu_fused_stack":
-            stacked = gpu_fused.model_stack(self, h, inverse=inverse)
+            if e is None:
+                stacked = gpu_fused.model_stack(self, h, inverse=inverse)
+            else:
+                stacked = gpu_fused.model_stack(self, h, inverse=inverse, context=e)
             if stacked is not None:  # None: the stacked weights exceed the cache budget
-                return stacked[0] if inverse else stacked
+                return stacked
         elif stack == "rows_parallel":
             return conditioner_pair.rows_parallel(
                 self,
                 h,
-                inverse,
-                lambda chunk: self._run(self._plan(chunk, plan.context.direction), chunk),
+                e,
+                lambda chunk, e_chunk: self._run(
+                    self._plan(chunk, plan.context.direction, e_chunk), chunk, e_chunk
+                ),
             )
         elif stack == "cpu_gemm_stack":
             kept, transformed = self._uniform_split()
             slope = self._facts.one_slope
             if inverse:
-                return gemm_stack.run_inverse(self, h, kept, transformed, slope)
+                return gemm_stack.run_inverse(self, h, kept, transformed, slope, e)
             return gemm_stack.run_forward(
                 self,
                 h,
                 kept,
                 transformed,
                 slope,
+                e,
                 grad=plan.context.grad,
                 memory=plan.context.memory,
                 anchor_every=self.anchor_every,
@@ -350,18 +429,19 @@ class FastRealNVP(FlowBase):
             )
         elif stack == "invertible":
             return invertible_flow(
-                self, h, self.reconstruction_tolerance, anchor_every=self.anchor_every
+                self, h, self.reconstruction_tolerance, anchor_every=self.anchor_every, embedded=e
             )
         if inverse:
-            x = h
+            x, log_det = h, None
             for i in reversed(range(self.num_layers)):
-                x, _ = self._layer(i, x, plan.layers[i], inverse=True)
-            return x
+                x, ld = self._layer(i, x, plan.layers[i], inverse=True, e=e)
+                log_det = ld if log_det is None else log_det + ld
+            return x, log_det
         tables = self._knot_tables_for_training(plan)
         if tables:
             with self._knot_cache.prebuilt(tables):
-                return self._layers_forward(plan, h)
-        return self._layers_forward(plan, h)
+                return self._layers_forward(plan, h, e)
+        return self._layers_forward(plan, h, e)
 
     def _uniform_split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(L, K1) kept and (L, K2) transformed indices of a flow whose layers keep K1 each."""
@@ -373,11 +453,11 @@ class FastRealNVP(FlowBase):
             cache = self._uniform_split_cache = ((order.data_ptr(), order._version), halves)
         return cache[1]
 
-    def _layers_forward(self, plan: plan_mod.Plan, x: torch.Tensor):
+    def _layers_forward(self, plan: plan_mod.Plan, x: torch.Tensor, e=None):
         z = x
         log_det = None
         for i in range(self.num_layers):
-            z, ld = self._layer(i, z, plan.layers[i], inverse=False)
+            z, ld = self._layer(i, z, plan.layers[i], inverse=False, e=e)
             log_det = ld if log_det is None else log_det + ld
         return z, log_det
 
@@ -392,8 +472,7 @@ class FastRealNVP(FlowBase):
         for i, path in enumerate(plan.layers):
             if path != "cpu_knots":
                 continue
-            s_mlp = match_standard_mlp(self.s[i], self.dim)
-            t_mlp = match_standard_mlp(self.t[i], self.dim)
+            s_mlp, t_mlp = self._mlps(i)
             if any(p.requires_grad for p in knots.net_weights(s_mlp, t_mlp)):
                 kept, transformed = self._split(i)
                 layers.append(i)

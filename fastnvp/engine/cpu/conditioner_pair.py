@@ -134,7 +134,7 @@ def _tiled_pair(sw, tw, x1: torch.Tensor, slope: float, tile_rows: int):
     return s.tanh_(), t
 
 
-def rows_parallel(model, x: torch.Tensor, inverse: bool, run_chunk):
+def rows_parallel(model, x: torch.Tensor, e: torch.Tensor | None, run_chunk):
     """Run ``model.f(x)`` (or ``model.g(x)``) as one chunk of rows per intra-op thread.
 
     The plan (``fastnvp.engine.plan``, stack ``rows_parallel``) has decided that it applies:
@@ -150,86 +150,105 @@ def rows_parallel(model, x: torch.Tensor, inverse: bool, run_chunk):
 
     Args:
         model: the FastRealNVP.
-        x: (N, D) input of ``f`` (or ``g`` when ``inverse``).
-        inverse: run ``g``.
-        run_chunk: ``(n, D) tensor -> f's or g's result`` on the worker's thread.
+        x: (N, D) input of ``f`` (or ``g``).
+        e: (N, E) embedded context of a conditional flow (split with the rows), or None.
+        run_chunk: ``((n, D) tensor, (n, E) tensor or None) -> (out, log_det)`` on the
+            worker's thread.
 
     Returns:
-        ``f``: ``(z (N, D), log_det (N,))``; ``g``: ``x (N, D)``.
+        ``(out (N, D), log_det (N,))``.
     """
     threads = torch.get_num_threads()
     per_thread = model.policy.min_rows_per_thread
-    chunks = x.tensor_split(max(1, min(threads, x.shape[0] // per_thread)))
+    count = max(1, min(threads, x.shape[0] // per_thread))
+    chunks = x.tensor_split(count)
+    e_chunks = e.tensor_split(count) if e is not None else [None] * count
     grad = torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for p in model.parameters())
+        x.requires_grad
+        or (e is not None and e.requires_grad)
+        or any(p.requires_grad for p in model.parameters())
     )
     if grad:
         params = [p for p in model.parameters() if p.requires_grad]
-        return _RowParallelForward.apply(run_chunk, len(chunks), x, *params)
+        return _RowParallelForward.apply(run_chunk, count, x, e, *params)
     inference = torch.is_inference_mode_enabled()
 
     def run(k: int):
         mode = torch.inference_mode() if inference else torch.no_grad()
         with mode:
-            return run_chunk(chunks[k])
+            return run_chunk(chunks[k], e_chunks[k])
 
-    results = on_threads(run, len(chunks))
-    if inverse:
-        return torch.cat(results)
+    results = on_threads(run, count)
     return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
 
 
 class _RowParallelForward(torch.autograd.Function):
     """``f`` of a flow as one autograd graph per chunk of rows, each built on its own thread.
 
-    Forward runs ``f`` on every chunk with grad enabled (a detached, grad-requiring copy of
-    the chunk as input); backward runs ``torch.autograd.grad`` of every chunk's graph on its
-    own thread and sums the parameter gradients. First-order only.
+    Forward runs ``f`` on every chunk with grad enabled (detached, grad-requiring copies of the
+    chunk and its context rows as inputs); backward runs ``torch.autograd.grad`` of every
+    chunk's graph on its own thread and sums the parameter gradients. First-order only.
     """
 
     @staticmethod
-    def forward(ctx, fn, count: int, x: torch.Tensor, *params: torch.Tensor):
+    def forward(ctx, fn, count: int, x: torch.Tensor, e, *params: torch.Tensor):
         chunks = x.detach().tensor_split(count)
+        e_chunks = e.detach().tensor_split(count) if e is not None else [None] * count
         wants_x = ctx.needs_input_grad[2]
+        wants_e = e is not None and ctx.needs_input_grad[3]
 
         def run(k: int):
             with torch.enable_grad():
                 xc = chunks[k].detach().requires_grad_(wants_x)
-                z, log_det = fn(xc)
-            return xc, z, log_det
+                ec = e_chunks[k]
+                if ec is not None:
+                    ec = ec.detach().requires_grad_(wants_e)
+                z, log_det = fn(xc, ec)
+            return xc, ec, z, log_det
 
         graphs = on_threads(run, count)
         ctx.graphs = graphs
         ctx.params = params
+        ctx.wants = (wants_x, wants_e)
         return (
-            torch.cat([g[1].detach() for g in graphs]),
             torch.cat([g[2].detach() for g in graphs]),
+            torch.cat([g[3].detach() for g in graphs]),
         )
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_z, grad_log_det):
         graphs, params = ctx.graphs, ctx.params
-        sizes = [g[1].shape[0] for g in graphs]
+        wants_x, wants_e = ctx.wants
+        sizes = [g[2].shape[0] for g in graphs]
         gz = grad_z.split(sizes) if grad_z is not None else [None] * len(graphs)
         gl = grad_log_det.split(sizes) if grad_log_det is not None else [None] * len(graphs)
-        wants_x = ctx.needs_input_grad[2]
 
         def run(k: int):
-            xc, z, log_det = graphs[k]
+            xc, ec, z, log_det = graphs[k]
             outs, grads = [], []
             for out, grad in ((z, gz[k]), (log_det, gl[k])):
                 if grad is not None:
                     outs.append(out)
                     grads.append(grad)
-            inputs = ([xc] if wants_x else []) + list(params)
+            inputs = ([xc] if wants_x else []) + ([ec] if wants_e else []) + list(params)
             return torch.autograd.grad(outs, inputs, grads, retain_graph=True, allow_unused=True)
 
         per_chunk = on_threads(run, len(graphs))
-        offset = 1 if wants_x else 0
-        grad_x = torch.cat([g[0] for g in per_chunk]) if wants_x else None
+        offset = int(wants_x) + int(wants_e)
+
+        def joined(j: int, which: int):
+            """Chunk gradients of input ``which`` (0: x, 1: e), zeros where it was unused."""
+            parts = [
+                g[j] if g[j] is not None else torch.zeros_like(graphs[k][which])
+                for k, g in enumerate(per_chunk)
+            ]
+            return torch.cat(parts)
+
+        grad_x = joined(0, 0) if wants_x else None
+        grad_e = joined(int(wants_x), 1) if wants_e else None
         grad_params = []
         for j in range(len(params)):
             parts = [g[offset + j] for g in per_chunk if g[offset + j] is not None]
             grad_params.append(torch.stack(parts).sum(0) if parts else None)
-        return (None, None, grad_x, *grad_params)
+        return (None, None, grad_x, grad_e, *grad_params)

@@ -245,18 +245,20 @@ def forward_no_grad(packed: Packed, x: Tensor) -> tuple[Tensor, Tensor]:
     return z, log_det
 
 
-def inverse_no_grad(packed: Packed, z: Tensor) -> Tensor:
-    """``g`` without autograd.  z (N, D) -> x (N, D); state updated in place."""
+def inverse_no_grad(packed: Packed, z: Tensor) -> tuple[Tensor, Tensor]:
+    """``g`` without autograd.  z (N, D) -> (x (N, D), log|det dx/dz| (N,)); state in place."""
     x = z.clone()
+    log_det = z.new_zeros(z.shape[0])
     ws1, ws2 = _workspaces(z, packed)
     kept, trans = packed.kept_rows, packed.trans_rows
     on = _profiling()
     for i in reversed(range(packed.num_layers)):
         with _mark(on, i, "inverse"):
             _, _, s, t = _nets(packed, i, x.index_select(1, kept[i]), ws1, ws2)
+            log_det.sub_(s.sum(dim=1))
             x2 = (x.index_select(1, trans[i]) - t).mul_(s.neg_().exp_())
             x.index_copy_(1, trans[i], x2)
-    return x
+    return x, log_det
 
 
 class _Grads:
@@ -479,6 +481,7 @@ def run_forward(
     kept: Tensor,
     trans: Tensor,
     slope: float,
+    e: Tensor | None = None,
     *,
     grad: bool,
     memory: str = "standard",
@@ -503,8 +506,10 @@ def run_forward(
     return _GemmStack.apply(model, setup, x, *params)
 
 
-def run_inverse(model, z: Tensor, kept: Tensor, trans: Tensor, slope: float) -> Tensor:
-    """``model.g(z)`` without autograd on this executor.  z (N, D) -> x (N, D)."""
+def run_inverse(
+    model, z: Tensor, kept: Tensor, trans: Tensor, slope: float, e: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``model.g(z)`` without autograd.  z (N, D) -> (x (N, D), log|det dx/dz| (N,))."""
     with torch.no_grad():
         return inverse_no_grad(cached_pack(model, kept, trans, slope), z)
 
