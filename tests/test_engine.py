@@ -256,7 +256,7 @@ def test_gemm_stack_gradcheck(one_thread):
         setup = (kept, trans, 0.01, memory, 1, 1e-6)
 
         def fn(x, *ps, setup=setup):
-            return gemm_stack._GemmStack.apply(fast, setup, x, *ps)
+            return gemm_stack._GemmStack.apply(fast, setup, x, None, *ps)
 
         assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6)
 

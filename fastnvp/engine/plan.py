@@ -326,8 +326,6 @@ def _gemm_stack_fits(facts, ctx, policy, standard_cpu, paths) -> tuple[bool, str
         return False, "layers keep different numbers of features"
     if not facts.own_parameters:
         return False, "parameters are shared between layers"
-    if facts.context_width:
-        return False, "the GEMM stack does not take a context yet"
     slope = facts.one_slope
     if slope is None or slope < 0:
         return False, "the layers need one LeakyReLU slope >= 0"

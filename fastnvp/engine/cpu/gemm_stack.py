@@ -41,6 +41,11 @@ Memory modes:
 The same GEMMs run without autograd (:func:`forward_no_grad`, :func:`inverse_no_grad`) with the
 (2, N, H) activations in two reused workspaces and the state updated in place.
 
+Conditional flows (docs/design.md §1.4): the first Linear's input is ``x_in = cat(x1, e)``
+(N, K1 + E) with e the embedded context, against W1 packed over the kept columns and the E
+context columns (L, P, H, K1 + E). The context's contribution is part of that one batched GEMM
+for S and T, and its gradient ``ge = sum_i sum_P ga1_P W1_P[:, K1:]`` is summed over the layers.
+
 Limit: every layer must keep the same number of features K1 (uniform split), have its own
 parameters, a slope >= 0 and the model's dtype; the plan (``fastnvp.engine.plan``) checks this
 once and sends other flows down the per-layer path.
@@ -129,6 +134,8 @@ class Packed:
     layers: list[LayerViews]
     kept_rows: tuple[Tensor, ...]  # kept.unbind(0): (K1,) per layer
     trans_rows: tuple[Tensor, ...]
+    inputs: Tensor  # (L, K1 + E): W1's packed columns, the kept ones then the context ones
+    in_features: int  # D + E, the full width of W1
 
     @property
     def num_layers(self) -> int:
@@ -159,10 +166,17 @@ def pack(params: list[Tensor], kept: Tensor, trans: Tensor, slope: float) -> Pac
     b2 = params[3::6]
     hidden = w1_full.shape[1]
     dim = w1_full.shape[-1]
-    w1_full = w1_full.view(num_layers, 2, hidden, dim)
+    in_features = dim
+    dim = w3_full.shape[1]  # D; a conditional flow's W1 also has E = in_features - D columns
+    inputs = kept
+    if in_features > dim:
+        columns = torch.arange(dim, in_features, device=kept.device)
+        inputs = torch.cat([kept, columns.expand(num_layers, in_features - dim)], dim=1)
+    k_in = inputs.shape[1]
+    w1_full = w1_full.view(num_layers, 2, hidden, in_features)
     w3_full = w3_full.view(num_layers, 2, dim, hidden)
     b3_full = b3_full.view(num_layers, 2, dim)
-    w1 = torch.gather(w1_full, 3, kept[:, None, None, :].expand(num_layers, 2, hidden, k1))
+    w1 = torch.gather(w1_full, 3, inputs[:, None, None, :].expand(num_layers, 2, hidden, k_in))
     w3 = torch.gather(w3_full, 2, trans[:, None, :, None].expand(num_layers, 2, k2, hidden))
     b3 = torch.gather(b3_full, 2, trans[:, None, :].expand(num_layers, 2, k2))
     b1 = b1.view(num_layers, 2, 1, hidden)
@@ -196,7 +210,14 @@ def pack(params: list[Tensor], kept: Tensor, trans: Tensor, slope: float) -> Pac
         layers=layers,
         kept_rows=kept.unbind(0),
         trans_rows=trans.unbind(0),
+        inputs=inputs,
+        in_features=in_features,
     )
+
+
+def _first_input(x1: Tensor, e: Tensor | None) -> Tensor:
+    """The first Linear's input: the kept half (N, K1), with the context (N, K1 + E) if any."""
+    return x1 if e is None else torch.cat([x1, e], dim=1)
 
 
 def _nets(packed: Packed, i: int, x1: Tensor, h1: Tensor | None = None, h2: Tensor | None = None):
@@ -228,8 +249,8 @@ def _workspaces(x: Tensor, packed: Packed) -> tuple[Tensor, Tensor]:
     return x.new_empty(shape), x.new_empty(shape)
 
 
-def forward_no_grad(packed: Packed, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``f`` without autograd.  x (N, D) -> (z (N, D), log_det (N,)); state updated in place."""
+def forward_no_grad(packed: Packed, x: Tensor, e: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``f`` without autograd.  x (N, D), e (N, E) or None -> (z (N, D), log_det (N,))."""
     z = x.clone()
     log_det = x.new_zeros(x.shape[0])
     ws1, ws2 = _workspaces(x, packed)
@@ -238,15 +259,16 @@ def forward_no_grad(packed: Packed, x: Tensor) -> tuple[Tensor, Tensor]:
     for i in range(packed.num_layers):
         with _mark(on, i, "forward"):
             with _mark(on, i, "conditioner"):
-                _, _, s, t = _nets(packed, i, z.index_select(1, kept[i]), ws1, ws2)
+                x_in = _first_input(z.index_select(1, kept[i]), e)
+                _, _, s, t = _nets(packed, i, x_in, ws1, ws2)
             z2 = torch.addcmul(t, z.index_select(1, trans[i]), s.exp())
             z.index_copy_(1, trans[i], z2)
             log_det.add_(s.sum(1))
     return z, log_det
 
 
-def inverse_no_grad(packed: Packed, z: Tensor) -> tuple[Tensor, Tensor]:
-    """``g`` without autograd.  z (N, D) -> (x (N, D), log|det dx/dz| (N,)); state in place."""
+def inverse_no_grad(packed: Packed, z: Tensor, e: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``g`` without autograd.  z (N, D), e (N, E) or None -> (x (N, D), log|det dx/dz| (N,))."""
     x = z.clone()
     log_det = z.new_zeros(z.shape[0])
     ws1, ws2 = _workspaces(z, packed)
@@ -254,7 +276,8 @@ def inverse_no_grad(packed: Packed, z: Tensor) -> tuple[Tensor, Tensor]:
     on = _profiling()
     for i in reversed(range(packed.num_layers)):
         with _mark(on, i, "inverse"):
-            _, _, s, t = _nets(packed, i, x.index_select(1, kept[i]), ws1, ws2)
+            x_in = _first_input(x.index_select(1, kept[i]), e)
+            _, _, s, t = _nets(packed, i, x_in, ws1, ws2)
             log_det.sub_(s.sum(dim=1))
             x2 = (x.index_select(1, trans[i]) - t).mul_(s.neg_().exp_())
             x.index_copy_(1, trans[i], x2)
@@ -286,10 +309,11 @@ class _Grads:
 
     def unpacked(self, packed: Packed, dim: int) -> list[Tensor]:
         """The gradients in :func:`layer_parameters` order and the parameters' full shapes."""
-        num_layers, _, hidden, k1 = packed.w1.shape
+        num_layers, _, hidden, k_in = packed.w1.shape
         k2 = packed.w3.shape[2]
-        w1 = self.w1.new_zeros((num_layers, 2, hidden, dim))
-        w1.scatter_(3, packed.kept[:, None, None, :].expand(num_layers, 2, hidden, k1), self.w1)
+        w1 = self.w1.new_zeros((num_layers, 2, hidden, packed.in_features))
+        index = packed.inputs[:, None, None, :].expand(num_layers, 2, hidden, k_in)
+        w1.scatter_(3, index, self.w1)
         w3 = self.w3.new_zeros((num_layers, 2, dim, hidden))
         w3.scatter_(2, packed.trans[:, None, :, None].expand(num_layers, 2, k2, hidden), self.w3)
         b3 = self.b3.new_zeros((num_layers, 2, dim))
@@ -302,11 +326,13 @@ class _Grads:
         return out
 
 
-def _layer_backward(packed, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2):
+def _layer_backward(packed, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2, GE=None):
     """Backprop layer ``i``: ``G`` (N, D) becomes the gradient of the layer input, in place.
 
-    x1 (N, K1), x2 (N, K2): the layer input's halves; h1, h2 (2, N, H) and s (N, K2) its
-    activations; ``grads`` a :class:`_Grads` or None; gh1, gh2 (2, N, H) workspaces.
+    x1 (N, K1 + E): the first Linear's input (the kept half, then the context); x2 (N, K2): the
+    transformed half; h1, h2 (2, N, H) and s (N, K2) its activations; ``grads`` a
+    :class:`_Grads` or None; gh1, gh2 (2, N, H) workspaces; ``GE`` (N, E): the context gradient
+    accumulated over layers, added to in place (None when unconditional).
     """
     kept, trans = packed.kept_rows[i], packed.trans_rows[i]
     slope = packed.slope
@@ -333,8 +359,14 @@ def _layer_backward(packed, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2):
         torch.sum(gh2, 1, out=b2)
         torch.bmm(gh1.transpose(1, 2), x1.expand(2, *x1.shape), out=w1)
         torch.sum(gh1, 1, keepdim=True, out=b1)
-    gx1 = G.index_select(1, kept)
-    gx1.addmm_(gh1_s, v.w1[0]).addmm_(gh1_t, v.w1[1])
+    if GE is None:
+        gx1 = G.index_select(1, kept)
+        gx1.addmm_(gh1_s, v.w1[0]).addmm_(gh1_t, v.w1[1])
+    else:
+        g_in = torch.mm(gh1_s, v.w1[0]).addmm_(gh1_t, v.w1[1])  # (N, K1 + E)
+        k1 = kept.shape[0]
+        gx1 = G.index_select(1, kept).add_(g_in[:, :k1])
+        GE.add_(g_in[:, k1:])
     G.index_copy_(1, trans, g2.mul_(e))
     G.index_copy_(1, kept, gx1)
 
@@ -362,7 +394,7 @@ class _GemmStack(torch.autograd.Function):
     """``(x, *params) -> (z, log_det)`` over the whole stack; hand-written backward (module doc)."""
 
     @staticmethod
-    def forward(ctx, model, setup, x, *params):
+    def forward(ctx, model, setup, x, e, *params):
         kept, trans, slope, memory, anchor_every, tolerance = setup
         packed = pack(list(params), kept, trans, slope)
         kept_i, trans_i = packed.kept_rows, packed.trans_rows
@@ -382,7 +414,7 @@ class _GemmStack(torch.autograd.Function):
             if i in anchor_layers:
                 anchors.append(z)
             with _mark(on, i, "forward"):
-                x1 = z.index_select(1, kept_i[i])
+                x1 = _first_input(z.index_select(1, kept_i[i]), e)
                 x2 = z.index_select(1, trans_i[i])
                 with _mark(on, i, "conditioner"):
                     if memory == "invertible":
@@ -395,6 +427,7 @@ class _GemmStack(torch.autograd.Function):
                 log_det.add_(s.sum(1))
         ctx.model = model
         ctx.packed = packed
+        ctx.embedded = e
         ctx.params = params
         ctx.versions = [p._version for p in params]
         ctx.memory = memory
@@ -419,27 +452,30 @@ class _GemmStack(torch.autograd.Function):
             else grad_z.clone(memory_format=torch.contiguous_format)
         )
         gl = z.new_zeros(n) if grad_log_det is None else grad_log_det
-        wants_params = any(ctx.needs_input_grad[3:])
+        wants_params = any(ctx.needs_input_grad[4:])
         grads = _Grads(packed, z) if wants_params else None
         gh1, gh2 = _workspaces(z, packed)
         num_layers = packed.num_layers
+        e = ctx.embedded
+        GE = None if e is None else e.new_zeros(e.shape)  # summed over layers
         if ctx.memory == "invertible":
-            _invertible_walk(ctx, packed, z, anchors, G, gl, grads, gh1, gh2)
+            _invertible_walk(ctx, packed, z, anchors, G, gl, grads, gh1, gh2, e, GE)
         else:
             on = _profiling()
             for i in reversed(range(num_layers)):
                 layer = activations[5 * i : 5 * i + 5]
                 with _mark(on, i, "backward"):
-                    _layer_backward(packed, i, G, gl, *layer, grads, gh1, gh2)
+                    _layer_backward(packed, i, G, gl, *layer, grads, gh1, gh2, GE)
         grad_x = G if ctx.needs_input_grad[2] else None
+        grad_e = GE if ctx.needs_input_grad[3] else None
         if grads is None:
-            return (None, None, grad_x, *([None] * (PARAMS_PER_LAYER * num_layers)))
+            return (None, None, grad_x, grad_e, *([None] * (PARAMS_PER_LAYER * num_layers)))
         flat = grads.unpacked(packed, dim)
-        flat = [g if need else None for g, need in zip(flat, ctx.needs_input_grad[3:])]
-        return (None, None, grad_x, *flat)
+        flat = [g if need else None for g, need in zip(flat, ctx.needs_input_grad[4:])]
+        return (None, None, grad_x, grad_e, *flat)
 
 
-def _invertible_walk(ctx, packed, z, anchors, G, gl, grads, gh1, gh2):
+def _invertible_walk(ctx, packed, z, anchors, G, gl, grads, gh1, gh2, e=None, GE=None):
     """Backward by inversion, from the output to the input (module doc); fills G and grads."""
     kept, trans = packed.kept_rows, packed.trans_rows
     stored = dict(zip(ctx.anchor_layers, anchors))
@@ -450,7 +486,7 @@ def _invertible_walk(ctx, packed, z, anchors, G, gl, grads, gh1, gh2):
     on = _profiling()
     for i in reversed(range(packed.num_layers)):
         with _mark(on, i, "inverse"):
-            x1 = h.index_select(1, kept[i])
+            x1 = _first_input(h.index_select(1, kept[i]), e)
             z2 = h.index_select(1, trans[i])
             h1, h2, s, t = _nets(packed, i, x1, ws1, ws2)
             x2 = (z2 - t).mul_(torch.exp(-s))
@@ -462,7 +498,7 @@ def _invertible_walk(ctx, packed, z, anchors, G, gl, grads, gh1, gh2):
                 h.copy_(stored[i])
                 x2 = h.index_select(1, trans[i])
         with _mark(on, i, "backward"):
-            _layer_backward(packed, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2)
+            _layer_backward(packed, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2, GE)
     errors.reverse()
     anchor_errors.reverse()
     summary = torch.stack([*errors, *anchor_errors]).cpu()
@@ -494,16 +530,17 @@ def run_forward(
         model: a flow of standard layers (the plan has checked the executor's limits).
         kept, trans: (L, K1), (L, K2) int64 split indices of every layer.
         slope: the shared LeakyReLU slope (>= 0).
+        e: (N, E) embedded context of a conditional flow (its gradient is returned), or None.
         grad: build the autograd node (else the no-grad forward).
         memory, anchor_every, tolerance: the memory mode (module doc) and, for ``invertible``,
             the anchor spacing and the reconstruction tolerance.
     """
     if not grad:
         with torch.no_grad():
-            return forward_no_grad(cached_pack(model, kept, trans, slope), x)
+            return forward_no_grad(cached_pack(model, kept, trans, slope), x, e)
     params = layer_parameters(model)
     setup = (kept, trans, slope, memory, anchor_every, tolerance)
-    return _GemmStack.apply(model, setup, x, *params)
+    return _GemmStack.apply(model, setup, x, e, *params)
 
 
 def run_inverse(
@@ -511,7 +548,7 @@ def run_inverse(
 ) -> tuple[Tensor, Tensor]:
     """``model.g(z)`` without autograd.  z (N, D) -> (x (N, D), log|det dx/dz| (N,))."""
     with torch.no_grad():
-        return inverse_no_grad(cached_pack(model, kept, trans, slope), z)
+        return inverse_no_grad(cached_pack(model, kept, trans, slope), z, e)
 
 
 def cached_pack(model, kept: Tensor, trans: Tensor, slope: float) -> Packed:
