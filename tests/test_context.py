@@ -31,6 +31,19 @@ def _twins(dim=D, layers=4, hidden=16, embedding=None, **fast_options):
     return ref, fast
 
 
+def _with_masks(proto, masks, **options):
+    """A reference flow with ``proto``'s nets (and context, embedding) and other masks."""
+    s_nets, t_nets = iter(list(proto.s)), iter(list(proto.t))
+    return RealNVP(
+        lambda: next(s_nets),
+        lambda: next(t_nets),
+        masks,
+        context=proto.context_features,
+        embedding=proto.embedding,
+        **options,
+    ).double()
+
+
 def _inputs(rows=23, dim=D):
     return torch.randn(rows, dim, dtype=torch.float64), torch.randn(rows, C, dtype=torch.float64)
 
@@ -99,9 +112,7 @@ def test_layer_paths_and_custom_nets_match_reference(one_thread):
 
     for nets in ("standard", "user"):
         if nets == "standard":
-            proto = RealNVP.standard(D, 3, 16, context=C)
-            s_nets, t_nets = iter(list(proto.s)), iter(list(proto.t))
-            ref = RealNVP(lambda: next(s_nets), lambda: next(t_nets), masks, context=C).double()
+            ref = _with_masks(RealNVP.standard(D, 3, 16, context=C), masks)
         else:
             ref = RealNVP(user_net, user_net, masks, context=C, clamp=2.0).double()
         fast = FastRealNVP.from_reference(ref).double()
@@ -118,11 +129,7 @@ def test_generic_invertible_stack_with_context(one_thread):
     masks = torch.tensor(
         [[1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1], [1, 0, 1, 0, 1, 1]], dtype=torch.float32
     )
-    proto = RealNVP.standard(D, 3, 16, context=C, embedding=_embedding())
-    s_nets, t_nets = iter(list(proto.s)), iter(list(proto.t))
-    ref = RealNVP(
-        lambda: next(s_nets), lambda: next(t_nets), masks, context=C, embedding=proto.embedding
-    ).double()
+    ref = _with_masks(RealNVP.standard(D, 3, 16, context=C, embedding=_embedding()), masks)
     fast = FastRealNVP.from_reference(ref).double()
     fast.memory = "invertible"
     x, c = _inputs()
@@ -135,9 +142,7 @@ def test_rows_parallel_with_context(two_threads):
     rows = 2 * P.DEFAULT_POLICY.min_rows_per_thread + 3
     masks = alternating_masks(D, 3)
     masks[1] = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0])  # non-uniform: no GEMM stack
-    proto = RealNVP.standard(D, 3, 8, context=C)
-    s_nets, t_nets = iter(list(proto.s)), iter(list(proto.t))
-    ref = RealNVP(lambda: next(s_nets), lambda: next(t_nets), masks, context=C).double()
+    ref = _with_masks(RealNVP.standard(D, 3, 8, context=C), masks)
     fast = FastRealNVP.from_reference(ref).double()
     x, c = _inputs(rows)
     assert fast.explain(x, "f", c).stack == "rows_parallel"
