@@ -23,7 +23,7 @@ def standard_net(
     """One conditioner MLP: (N, D + E) -> (N, D); ends in Tanh when ``tanh`` (the scale net S).
 
     ``context`` is E, the width of the (embedded) context the net sees after the masked input
-    (docs/design.md §1.4); 0 for an unconditional flow.
+    (docs/design.md §1.7); 0 for an unconditional flow.
     """
     if not isinstance(hidden, int) or hidden < 1:
         raise ValueError(f"hidden must be an int >= 1, got {hidden!r}")

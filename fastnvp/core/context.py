@@ -1,6 +1,6 @@
 """The context of a conditional flow: its width, the optional embedding, and input checks.
 
-A conditional flow models p(x | c) (docs/design.md §1.4). The caller passes a context c of
+A conditional flow models p(x | c) (docs/design.md §1.7). The caller passes a context c of
 shape (N, C); an optional embedding module maps it once per call to e (N, E) (E = C without
 one), and every coupling's conditioner sees ``cat([x * m, e])``. This module decides, in one
 place, what a valid context is and how sample shapes follow from it.

@@ -1,4 +1,4 @@
-"""A flow as a ``torch.distributions.Distribution`` (zuko's convention; docs/design.md §1.4).
+"""A flow as a ``torch.distributions.Distribution`` (zuko's convention; docs/design.md §1.7).
 
 ``flow.distribution(context)`` fixes the context: None or (C,) gives batch_shape (), (M, C)
 gives batch_shape (M,); event_shape is (D,). ``sample`` / ``rsample`` / ``rsample_and_log_prob``

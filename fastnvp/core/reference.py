@@ -8,7 +8,7 @@ Convention (docs/design.md §1.1): ``f`` maps data -> latent, layer 0 first. Wit
 
 ``g`` inverts layer by layer from the last: ``x = z * m + (1 - m) * (z - t) * exp(-s)``.
 A conditional flow (``context=C``) feeds the nets ``cat([x * m, e])`` with e the (embedded)
-context (docs/design.md §1.4).
+context (docs/design.md §1.7).
 The module holds the nets as ``nn.ModuleList``s named ``s`` and ``t`` and the masks under the
 state_dict key ``mask``, so state_dicts of the widely copied PyTorch notebook load.
 """
@@ -255,7 +255,7 @@ class FlowBase(nn.Module):
         """Data -> latent.  x: (N, D), context: (N, C) -> (z (N, D), log_det (N,)).
 
         ``log_det = log|det dz/dx|``; ``context`` is required exactly when the flow is
-        conditional (docs/design.md §1.4).
+        conditional (docs/design.md §1.7).
         """
         self._check_input(x, "x")
         return self._forward(x, self._embed(context, x.shape[0]))

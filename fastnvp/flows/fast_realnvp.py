@@ -48,7 +48,7 @@ class FastRealNVP(FlowBase):
         masks: (L, D) 0/1 tensor, 1 = kept (conditioning) feature; one row per coupling layer.
         prior: a ``torch.distributions`` object over (N, D), or None for N(0, I) (closed form).
         context: None (unconditional) or C, the width of the context (N, C) each call takes;
-            the nets then take ``cat([x * m, e])`` (N, D + E) (docs/design.md §1.4).
+            the nets then take ``cat([x * m, e])`` (N, D + E) (docs/design.md §1.7).
         embedding: None or a module (N, C) -> (N, E) applied once per call to the context.
         memory: ``"standard"`` (autograd stores every layer's activations) or ``"invertible"``
             (backward recovers them by inversion, so activation memory does not grow with depth;

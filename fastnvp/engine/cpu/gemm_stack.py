@@ -41,7 +41,7 @@ Memory modes:
 The same GEMMs run without autograd (:func:`forward_no_grad`, :func:`inverse_no_grad`) with the
 (2, N, H) activations in two reused workspaces and the state updated in place.
 
-Conditional flows (docs/design.md §1.4): the first Linear's input is ``x_in = cat(x1, e)``
+Conditional flows (docs/design.md §1.7): the first Linear's input is ``x_in = cat(x1, e)``
 (N, K1 + E) with e the embedded context, against W1 packed over the kept columns and the E
 context columns (L, P, H, K1 + E). The context's contribution is part of that one batched GEMM
 for S and T, and its gradient ``ge = sum_i sum_P ga1_P W1_P[:, K1:]`` is summed over the layers.
