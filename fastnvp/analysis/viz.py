@@ -5,6 +5,12 @@ so making figures needs no display and does not change the backend of a user's s
 function writes one PNG to ``path`` and returns the path. ``model`` is any flow with ``f``, ``g``
 and ``log_prob`` in data units (e.g. :class:`fastnvp.training.train.DataFlow`); the 2-D plots need
 D = 2.
+
+Conditional flows (``log_prob(x, context=c)``, ``sample(n, context=c)``) get
+:func:`context_panels` (which context values to show: one per label, or quantiles of a
+continuous context), :func:`plot_conditional_samples` (samples per context value over that
+context's data) and :func:`plot_conditional_density` (p(x | c) per context value, D = 2);
+:func:`plot_latent` takes the context of each point.
 """
 
 from __future__ import annotations
@@ -54,11 +60,17 @@ def data_bounds(x: torch.Tensor, pad: float = 0.15) -> tuple[float, float, float
     return float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])
 
 
+def _given(context, rows: int) -> dict:
+    """Keyword arguments passing one (C,) ``context`` for ``rows`` points (none when None)."""
+    return {} if context is None else {"context": context.reshape(1, -1).expand(rows, -1)}
+
+
 @torch.no_grad()
-def density_grid(model, bounds, resolution: int = 200) -> np.ndarray:
+def density_grid(model, bounds, resolution: int = 200, *, context=None) -> np.ndarray:
     """p(x) on a ``resolution``² grid over ``bounds`` = (x0, x1, y0, y1).  -> (res, res).
 
     Row i is the i-th y value, column j the j-th x value (``imshow(origin="lower")`` order).
+    ``context`` (C,): p(x | c) of a conditional flow at that one context value.
     """
     if not isinstance(resolution, int) or resolution < 2:
         raise ValueError(f"resolution must be an int >= 2, got {resolution!r}")
@@ -67,12 +79,15 @@ def density_grid(model, bounds, resolution: int = 200) -> np.ndarray:
         torch.linspace(x0, x1, resolution), torch.linspace(y0, y1, resolution), indexing="xy"
     )
     pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
-    log_p = torch.cat([model.log_prob(pts[s : s + 16384]) for s in range(0, len(pts), 16384)])
+    chunks = [pts[s : s + 16384] for s in range(0, len(pts), 16384)]
+    log_p = torch.cat([model.log_prob(c, **_given(context, c.shape[0])) for c in chunks])
     return log_p.exp().reshape(resolution, resolution).numpy()
 
 
-def _density_axes(ax, model, x: torch.Tensor, bounds, resolution: int, points: int) -> None:
-    p = density_grid(model, bounds, resolution)
+def _density_axes(
+    ax, model, x: torch.Tensor, bounds, resolution: int, points: int, context=None
+) -> None:
+    p = density_grid(model, bounds, resolution, context=context)
     ax.imshow(p, extent=bounds, origin="lower", cmap="viridis", aspect="auto")
     if points:
         sub = x[:points].numpy()
@@ -163,9 +178,9 @@ def _gaussian_contours(ax, radii=(1.0, 2.0, 3.0)) -> None:
         ax.plot(r * np.cos(t), r * np.sin(t), color="k", lw=0.8, ls="--", alpha=0.6)
 
 
-def _latent_axes(ax, model, x: torch.Tensor, labels, limit: float = 4.0) -> None:
+def _latent_axes(ax, model, x: torch.Tensor, labels, limit: float = 4.0, context=None) -> None:
     with torch.no_grad():
-        z = model.f(x)[0].numpy()
+        z = (model.f(x) if context is None else model.f(x, context))[0].numpy()
     colors = None if labels is None else np.asarray(labels)
     ax.scatter(
         z[:, 0],
@@ -182,17 +197,20 @@ def _latent_axes(ax, model, x: torch.Tensor, labels, limit: float = 4.0) -> None
     ax.set_aspect("equal")
 
 
-def plot_latent(model, x: torch.Tensor, labels, path, *, title: str | None = None) -> Path:
+def plot_latent(
+    model, x: torch.Tensor, labels, path, *, title: str | None = None, context=None
+) -> Path:
     """Scatter of ``z = f(x)`` coloured by ``labels`` (e.g. which moon), with N(0, I) contours
-    at radii 1, 2, 3 (dashed)."""
+    at radii 1, 2, 3 (dashed). ``context`` (N, C): ``z = f(x | c)`` of a conditional flow."""
     _check_2d(model, x)
     if labels is not None and len(labels) != x.shape[0]:
         raise ValueError(f"labels must have {x.shape[0]} entries like x, got {len(labels)}")
     path = _check_path(path)
     fig = Figure(figsize=(4.6, 4.6))
     ax = fig.add_subplot()
-    _latent_axes(ax, model, x, labels)
-    ax.set_title(title or "latent z = f(x); N(0, I) contours at r = 1, 2, 3")
+    _latent_axes(ax, model, x, labels, context=context)
+    default = "latent z = f(x" + ("" if context is None else " | c") + ")"
+    ax.set_title(title or default + "; N(0, I) contours at r = 1, 2, 3")
     ax.set_xlabel("$z_1$")
     ax.set_ylabel("$z_2$")
     return _save(fig, path)
@@ -343,4 +361,149 @@ def plot_samples(
     pad = 0.15 * (hi - lo)
     axes[0].set_xlim(lo[dims[0]] - pad[dims[0]], hi[dims[0]] + pad[dims[0]])
     axes[0].set_ylim(lo[dims[1]] - pad[dims[1]], hi[dims[1]] + pad[dims[1]])
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- conditional flows
+def context_panels(
+    c_train: torch.Tensor,
+    c_test: torch.Tensor,
+    x_test: torch.Tensor,
+    *,
+    labels: int | None = None,
+    names=None,
+    quantiles=(0.1, 0.5, 0.9),
+    near: float = 0.1,
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Context values to draw a conditional flow at, each with the test points it explains.
+
+    Args:
+        c_train: (N_train, C) training contexts in data units; c_test (N_test, C) the test
+            points' contexts, x_test (N_test, D) the test points.
+        labels: for a one-hot label context, the number of labels K = C: one panel per label,
+            its test points those with that label.
+        names: optional names of the C context columns, for the titles.
+        quantiles: for a continuous context, the quantiles of the training context shown; with
+            C > 1 of its projection on the first principal component of the standardized
+            training contexts, taking the training row at that quantile (a context that
+            occurs, not a mix of per-column quantiles).
+        near: for a continuous context, the fraction of test points nearest to each chosen
+            context (standardized distance) shown as its data.
+
+    Returns:
+        ``[(title, context (C,), points (k, D))]``, one entry per panel.
+    """
+    ensure_batch(c_train, "c_train")
+    ensure_batch(c_test, "c_test", c_train.shape[1])
+    ensure_batch(x_test, "x_test")
+    if x_test.shape[0] != c_test.shape[0]:
+        raise ValueError(f"x_test must have {c_test.shape[0]} rows like c_test")
+    width = c_train.shape[1]
+    if labels is not None:
+        if labels != width:
+            raise ValueError(f"labels ({labels}) must equal the one-hot width C = {width}")
+        which = c_test.argmax(dim=1)
+        eye = torch.eye(width, dtype=c_train.dtype)
+        return [(f"label {k}", eye[k], x_test[which == k]) for k in range(width)]
+    if not 0 < near <= 1:
+        raise ValueError(f"near must be in (0, 1], got {near}")
+    c64 = c_train.double()
+    mean, std = c64.mean(dim=0), c64.std(dim=0).clamp_min(1e-12)
+    u = (c64 - mean) / std
+    if width == 1:
+        score = u[:, 0]
+    else:
+        # First principal direction of the standardized training contexts.
+        score = u @ torch.linalg.svd(u - u.mean(dim=0), full_matrices=False)[2][0]
+    order = torch.argsort(score)
+    names = list(names) if names else [f"c{j + 1}" for j in range(width)]
+    keep = max(1, round(near * c_test.shape[0]))
+    u_test = (c_test.double() - mean) / std
+    panels = []
+    for q in quantiles:
+        row = order[min(int(q * len(order)), len(order) - 1)]
+        context = c_train[row]
+        nearest = torch.argsort((u_test - u[row]).square().sum(dim=1))[:keep]
+        values = ", ".join(f"{n}={float(v):.3g}" for n, v in zip(names, context))
+        panels.append((f"q={q:.0%}: {values}", context, x_test[nearest]))
+    return panels
+
+
+def _panel_bounds(panels, dims) -> tuple[float, float, float, float]:
+    pts = torch.cat([p for _, _, p in panels if p.shape[0]])[:, list(dims)]
+    return data_bounds(pts)
+
+
+@torch.no_grad()
+def plot_conditional_samples(
+    model,
+    panels,
+    path,
+    *,
+    dims=(0, 1),
+    num_samples: int = 1000,
+    seed: int = 0,
+    title: str | None = None,
+) -> Path:
+    """One panel per context value: model samples x ~ p(x | c) over that context's data.
+
+    ``panels`` as from :func:`context_panels`; coordinates ``dims`` of x are shown (any D).
+    """
+    if not isinstance(panels, list) or not panels:
+        raise ValueError("panels must be a non-empty list of (title, context, points)")
+    d = panels[0][2].shape[1]
+    if len(dims) != 2 or not all(isinstance(i, int) and 0 <= i < d for i in dims):
+        raise ValueError(f"dims must be two feature indices in [0, {d}), got {dims!r}")
+    path = _check_path(path)
+    bounds = _panel_bounds(panels, dims)
+    n = len(panels)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(3.4 * cols, 3.4 * rows + 0.4))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).reshape(-1)
+    generator = torch.Generator().manual_seed(seed)
+    for i, (ax, (label, context, pts)) in enumerate(zip(axes, panels)):
+        x = model.sample(num_samples, generator=generator, context=context).numpy()
+        data = pts[:num_samples].numpy()
+        ax.scatter(x[:, dims[0]], x[:, dims[1]], s=2, c=POINT_COLOR, alpha=0.35, linewidths=0)
+        ax.scatter(data[:, dims[0]], data[:, dims[1]], s=3, c="k", alpha=0.6, linewidths=0)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlim(bounds[0], bounds[1])
+        ax.set_ylim(bounds[2], bounds[3])
+        ax.set_xlabel(f"$x_{{{dims[0] + 1}}}$")
+        if i % cols == 0:
+            ax.set_ylabel(f"$x_{{{dims[1] + 1}}}$")
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title or "samples x ~ p(x | c) (red) and the data of that context (black)")
+    return _save(fig, path)
+
+
+def plot_conditional_density(
+    model, panels, path, *, resolution: int = 160, points: int = 500, title: str | None = None
+) -> Path:
+    """One heatmap of p(x | c) per context value, with (up to ``points``) of its data on top.
+
+    D = 2; ``panels`` as from :func:`context_panels`.
+    """
+    if not isinstance(panels, list) or not panels:
+        raise ValueError("panels must be a non-empty list of (title, context, points)")
+    for _, _, pts in panels:
+        if pts.shape[0]:
+            _check_2d(model, pts, "points")
+    path = _check_path(path)
+    bounds = _panel_bounds(panels, (0, 1))
+    n = len(panels)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(3.2 * cols, 3.3 * rows + 0.4))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).reshape(-1)
+    for ax, (label, context, pts) in zip(axes, panels):
+        _density_axes(ax, model, pts, bounds, resolution, points, context=context)
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title or "model density p(x | c) with that context's test points")
     return _save(fig, path)

@@ -5,6 +5,12 @@ same arguments always give the same points, and returns ``(x, labels)``: ``x`` a
 array, ``labels`` an int64 (n,) array naming the component each point was drawn from (which
 moon, which circle, which gaussian, ...), used to colour latent-space plots.
 
+Conditional flows (docs/design.md §1.7, a context c (N, C) next to x) take their context from a
+toy data set's labels (:func:`one_hot`, :data:`NUM_LABELS`) or from columns of a user's table
+(:func:`parse_columns`, :func:`resolve_columns`, :func:`split_columns`);
+:meth:`Standardizer.fit_context` standardizes the continuous context columns and leaves 0/1
+indicator columns (one-hot labels) as they are.
+
 Two moons is drawn from a known continuous mixture (uniform angle on each half circle plus
 isotropic Gaussian noise), so its density and differential entropy can be computed exactly up
 to quadrature and Monte Carlo error (:func:`moons_log_density`, :func:`moons_entropy`).
@@ -166,6 +172,30 @@ DATASETS: dict[str, Callable] = {
 }
 
 
+# Number of distinct labels each toy generator returns with its default arguments (labels are
+# 0 .. n-1): the width C of the one-hot context of a run conditioned on the label.
+NUM_LABELS: dict[str, int] = {
+    "moons": 2,
+    "circles": 2,
+    "8gaussians": 8,
+    "checkerboard": 8,
+    "pinwheel": 5,
+    "2spirals": 2,
+}
+
+
+def one_hot(labels: np.ndarray, num_labels: int) -> np.ndarray:
+    """Labels (n,) int in [0, num_labels) -> float32 (n, num_labels) one-hot rows."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must be a 1-D int array, got shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_labels):
+        raise ValueError(
+            f"labels must lie in [0, {num_labels}), got {labels.min()}..{labels.max()}"
+        )
+    return np.eye(num_labels, dtype=np.float32)[labels]
+
+
 def make_dataset(name: str, n: int, seed: int = 0, noise: float | None = None):
     """Draw ``n`` points of the toy data set ``name``.  -> (x (n, 2) float32, labels (n,) int64)."""
     if not isinstance(name, str):
@@ -217,6 +247,99 @@ def load_array(path) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def csv_header(path) -> list[str] | None:
+    """The column names of a CSV's header line, or None when its first line is all numbers.
+
+    Mirrors :func:`load_array`, which skips the first line exactly when it is not numeric.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".csv":
+        return None
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        first = fh.readline()
+    cells = [c.strip() for c in first.rstrip("\r\n").split(",")]
+    try:
+        for cell in cells:
+            float(cell)
+    except ValueError:
+        return [c.strip("\"'").strip() for c in cells]
+    return None
+
+
+def parse_columns(spec) -> list:
+    """A column selection as given -> a list of 0-based ints and header names (str).
+
+    ``spec`` is a comma-separated string (``"2,3"``, ``"age,height"``) or a sequence of ints and
+    strings; items that read as integers become indices. Returns None for None.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        items = [v.strip() for v in spec.split(",")]
+        if any(not v for v in items):
+            raise ValueError(f"context columns must be comma-separated, got {spec!r}")
+    elif isinstance(spec, (list, tuple)):
+        items = list(spec)
+    else:
+        raise TypeError(
+            f"context columns must be a comma-separated str or a list, got {type(spec).__name__}"
+        )
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            try:
+                item = int(item)
+            except ValueError:
+                item = item.strip()
+        elif isinstance(item, np.integer):
+            item = int(item)
+        out.append(item)
+    return out
+
+
+def resolve_columns(spec, num_columns: int, names: list[str] | None, source: str) -> list[int]:
+    """Column indices of a selection (see :func:`parse_columns`) in a table of ``num_columns``.
+
+    Header names are looked up in ``names`` (a CSV header, None without one). Raises ValueError
+    naming ``source`` for an index out of range, an unknown name, a name without a header or a
+    column chosen twice.
+    """
+    columns = []
+    for item in parse_columns(spec):
+        if isinstance(item, bool) or not isinstance(item, (int, str)):
+            raise TypeError(f"context column {item!r} must be an int index or a header name")
+        if isinstance(item, int):
+            if not 0 <= item < num_columns:
+                raise ValueError(
+                    f"context column {item} is out of range: {source} has {num_columns} columns "
+                    f"(0-based indices 0..{num_columns - 1})"
+                )
+            columns.append(item)
+        elif names is None:
+            raise ValueError(
+                f"context column {item!r} is a name, but {source} has no header line; "
+                "give 0-based column indices"
+            )
+        elif item not in names:
+            raise ValueError(
+                f"context column {item!r} is not in the header of {source} (columns: "
+                f"{', '.join(names)})"
+            )
+        else:
+            columns.append(names.index(item))
+    if not columns:
+        raise ValueError("context columns must name at least one column")
+    if len(set(columns)) != len(columns):
+        raise ValueError(f"context columns name a column twice: {columns}")
+    return columns
+
+
+def split_columns(table: np.ndarray, columns: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``table`` (N, D + C) -> (x (N, D): the other columns in order, c (N, C): ``columns``)."""
+    rest = [j for j in range(table.shape[1]) if j not in set(columns)]
+    return table[:, rest], table[:, columns]
+
+
 def train_test_split(x: np.ndarray, labels: np.ndarray | None, test_fraction: float, seed: int):
     """Seeded random split.  -> (x_train, x_test, labels_train, labels_test); labels may be None.
 
@@ -264,6 +387,20 @@ class Standardizer:
             )
         return cls(x.mean(axis=0), std)
 
+    @classmethod
+    def fit_context(cls, c: np.ndarray) -> Standardizer:
+        """Standardization of context columns ``c`` (N, C), continuous ones only.
+
+        Columns whose values all lie in {0, 1} (indicators, one-hot labels) and constant columns
+        keep mean 0 and std 1, i.e. pass through unchanged; the others get their mean and std.
+        """
+        if not isinstance(c, np.ndarray) or c.ndim != 2 or c.shape[0] < 1:
+            raise ValueError("context must be an (N, C) numpy array with N >= 1")
+        c = c.astype(np.float64)
+        mean, std = c.mean(axis=0), c.std(axis=0)
+        keep = indicator_columns(c) | ~(std > 0)
+        return cls(np.where(keep, 0.0, mean), np.where(keep, 1.0, std))
+
     @property
     def log_scale(self) -> float:
         """``sum(log std)``: subtract from a model-unit log-density to get data units."""
@@ -276,6 +413,11 @@ class Standardizer:
     def inverse(self, u: np.ndarray) -> np.ndarray:
         """Model units -> data units.  (N, D) -> (N, D), dtype of ``u``."""
         return (u * self.std + self.mean).astype(u.dtype)
+
+
+def indicator_columns(c: np.ndarray) -> np.ndarray:
+    """Which columns of ``c`` (N, C) hold only the values 0 and 1.  -> (C,) bool."""
+    return np.all((c == 0) | (c == 1), axis=0)
 
 
 def moons_log_density(x: np.ndarray, noise: float = 0.05, num_angles: int = 1024) -> np.ndarray:

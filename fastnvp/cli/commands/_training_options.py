@@ -81,6 +81,25 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_context_options(parser: argparse.ArgumentParser) -> None:
+    """--context/--context-columns: train a conditional flow p(x | c)."""
+    parser.add_argument(
+        "--context",
+        choices=("label",),
+        default=None,
+        help="condition the toy data set on its component label (which moon, ...), one-hot: "
+        "context width C = number of labels (2 for moons)",
+    )
+    parser.add_argument(
+        "--context-columns",
+        default=None,
+        metavar="COLS",
+        help="with --data: comma-separated columns taken as the context c, the other columns "
+        "being x; 0-based indices or CSV header names (e.g. 2,3 or age,height). Continuous "
+        "context columns are standardized like x, 0/1 columns are kept as they are",
+    )
+
+
 def add_optim_options(parser: argparse.ArgumentParser, *, defaults: dict) -> None:
     """--hidden/--steps/--batch/--lr/--schedule/--clip/--seed/--impl/--threads/--no-progress."""
     parser.add_argument(
@@ -161,6 +180,8 @@ def config_from_args(args, layers: int):
         clip=args.clip,
         seed=args.seed,
         eval_every=args.eval_every,
+        context=getattr(args, "context", None),
+        context_columns=getattr(args, "context_columns", None),
     ).validate()
 
 

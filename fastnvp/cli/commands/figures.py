@@ -1,10 +1,15 @@
-"""``fastnvp figures``: density, latent space, Figure 1 panels and loss curves of a run."""
+"""``fastnvp figures``: density, latent space, Figure 1 panels and loss curves of a run.
+
+A conditional run gets the loss curves, samples per context value over that context's data
+(``samples_by_context.png``: one panel per label, or the 10/50/90 % quantiles of a continuous
+context) and, for D = 2, ``density_by_context.png`` and the latent space ``z = f(x | c)``.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "draw the figures of a trained run (density, latent, Figure 1, losses)"
+HELP = "draw the figures of a trained run (density, latent, Figure 1, losses; per context)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +22,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fastnvp.analysis.viz import (
+        context_panels,
+        plot_conditional_density,
+        plot_conditional_samples,
         plot_density,
         plot_figure1,
         plot_latent,
@@ -30,8 +38,29 @@ def run(args: argparse.Namespace) -> int:
     split = prepare_data(config)
     label = f"L={config.layers}"
     written = [plot_losses({label: payload["history"]}, out / "losses.png")]
-    if split.dim == 2:
-        labels = split.y_test[:3000] if split.y_test is not None else None
+    labels = split.y_test[:3000] if split.y_test is not None else None
+    if model.context_features is not None:
+        info = payload["context"]
+        panels = context_panels(
+            split.c_train,
+            split.c_test,
+            split.x_test,
+            labels=info["labels"] if info["kind"] == "label" else None,
+            names=info.get("names"),
+        )
+        written.append(plot_conditional_samples(model, panels, out / "samples_by_context.png"))
+        if split.dim == 2:
+            written += [
+                plot_conditional_density(model, panels, out / "density_by_context.png"),
+                plot_latent(
+                    model,
+                    split.x_test[:3000],
+                    labels,
+                    out / "latent.png",
+                    context=split.c_test[:3000],
+                ),
+            ]
+    elif split.dim == 2:
         written += [
             plot_density(model, split.x_test, out / "density.png", title=f"p(x), {label}"),
             plot_latent(model, split.x_test[:3000], labels, out / "latent.png"),

@@ -15,6 +15,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", type=positive_int, default=1000, help="number of samples")
     parser.add_argument("--out", required=True, help="output file: .npy or .csv")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed")
+    parser.add_argument(
+        "--context",
+        default=None,
+        metavar="VALUES",
+        help="conditional runs only (required there): sample x given this context; a label "
+        "(e.g. 0) for a --context label run, the C context-column values in data units, "
+        "comma-separated, for a --context-columns run (write --context=-1.5,2 for a "
+        "leading minus)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,19 +32,30 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from fastnvp.training.train import load_run
+    from fastnvp.training.train import context_from_values, load_run
 
     out = Path(args.out)
     if out.suffix.lower() not in (".npy", ".csv"):
         raise SystemExit(f"fastnvp sample: --out must end in .npy or .csv, got {args.out!r}")
-    model, _, _ = load_run(args.run)
+    model, _, payload = load_run(args.run)
+    context = None
+    if model.context_features is None:
+        if args.context is not None:
+            raise ValueError(f"--context: the run {args.run!r} is unconditional; leave it out")
+    else:
+        info = payload["context"]
+        if args.context is None:
+            what = "a label" if info["kind"] == "label" else f"{info['features']} numbers"
+            raise ValueError(f"--context is required: the run {args.run!r} is conditional ({what})")
+        context = context_from_values(info, args.context)
     generator = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
-        x = model.sample(args.n, generator=generator).numpy()
+        x = model.sample(args.n, generator=generator, context=context).numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".npy":
         np.save(out, x)
     else:
         np.savetxt(out, x, delimiter=",", fmt="%.7g")
-    print(f"wrote {x.shape[0]} samples of dimension {x.shape[1]} to {out}")
+    given = "" if context is None else f" given context {args.context}"
+    print(f"wrote {x.shape[0]} samples of dimension {x.shape[1]}{given} to {out}")
     return 0

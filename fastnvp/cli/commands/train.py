@@ -3,6 +3,9 @@
 Data-parallel across processes: ``torchrun --nproc_per_node=N -m fastnvp train ...`` (or the
 ``fastnvp`` script in place of ``-m fastnvp``); ``--batch`` is the global batch, split evenly
 across the N ranks; rank 0 alone prints and writes the run directory.
+
+Conditional flows p(x | c): ``--context label`` conditions a toy data set on its label (one-hot),
+``--data FILE --context-columns 2,3`` takes those columns of the file as c and the rest as x.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from fastnvp.cli.commands._training_options import (
+    add_context_options,
     add_data_options,
     add_optim_options,
     config_from_args,
@@ -27,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--layers", type=positive_int, default=50, help="coupling layers L (default 50)"
     )
     add_data_options(parser)
+    add_context_options(parser)
     add_optim_options(parser, defaults={"hidden": 256, "steps": 5000, "batch": 256, "lr": 1e-3})
     parser.add_argument(
         "--resume",
@@ -73,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if metrics is not None:
         g = metrics["gaussianity"]
         ks = ", ".join(f"{v:.3f}" for v in g["ks"][:8])
-        print(f"test NLL {metrics['test_nll']:.4f} nats/sample (data units)")
+        given = " given the context" if "context" in metrics else ""
+        print(f"test NLL{given} {metrics['test_nll']:.4f} nats/sample (data units)")
         print(f"latent: |mean| {g['mean_norm']:.3f}  |cov - I|_F {g['cov_err']:.3f}  KS [{ks}]")
     return 0
