@@ -8,6 +8,10 @@ No GPU is needed. Must run without ``TRITON_INTERPRET`` (the interpreter replace
 
     python benchmarks/compile_report.py [--json PATH] [--filter SUBSTRING]
 
+The fused-layer modules register the unconditional shapes (names ``...[precision,D=..,H=..]``)
+and the conditional ones (``HAS_CONTEXT``, names ``...[precision,D=..,E=..,H=..]``:
+``fastnvp.kernels.fused_layer.SHIPPED_CONTEXT``); ``--filter E=`` compiles only the latter.
+
 Exit status 1 when any config fails to compile, spills or needs more than the 227 KB of shared
 memory an sm_90 block can have. A config that fails to compile is reported as a row with its
 error (and no registers), and the report goes on with the next one, so one run shows every

@@ -27,6 +27,13 @@ writes the full output, so one launch does gather + layer + scatter for any mask
 kernel keeps a row tile's state in the output buffer (L1/L2 resident; a barrier orders the layers)
 and walks all L layers in one launch.
 
+Context (conditional flows, docs/design.md §4.2): with HAS_CONTEXT the first Linear's input is
+``cat(x1, c)`` of width K1 + E, c the (N, E) row-major context, against W1 (H, K1 + E) (kept
+columns first, then the E context columns). The input tile is loaded from two sources (columns
+< K1 from the state at the kept indices, columns K1..K1+E-1 from the context) and the nets run
+with K1 := K1 + E, padded to K1P as without context; only the K1 kept columns are stored back.
+Without context (HAS_CONTEXT = False) the kernels compile to exactly the unconditional code.
+
 Limits: fp32 weights; x in fp32/bf16/fp16 (math in fp32). H must be a power of two (>= 16); the
 tf32/bf16 modes need the dot shapes of ``dot_shapes`` to meet the tensor-core minimums, which the
 config tables guarantee. Tanh is ``2 / (1 + exp(-2u)) - 1`` (the interpreter has no tanh). Every
@@ -161,13 +168,37 @@ def _net(x1, k1cols, K1, K2, w1_ptr, w1_stride, b1_ptr, w2_ptr, b2_ptr, w3_ptr, 
 
 
 @triton.jit
+def _context_cols(k1cols, K1, E):
+    """Which of the first-Linear input columns are context columns (K1 <= col < K1 + E), and
+    each column's offset into a context row (0 elsewhere, so no address is negative)."""
+    is_ctx = (k1cols >= K1) & (k1cols < K1 + E)
+    return is_ctx, tl.where(is_ctx, k1cols - K1, 0)
+
+
+@triton.jit
+def _with_context(x1, k1cols, K1, rows, row_ok, ctx_ptr, E):
+    """x1 (BLOCK_M, K1P) with columns K1..K1+E-1 loaded from the (N, E) context: cat(x1, c)."""
+    is_ctx, coff = _context_cols(k1cols, K1, E)
+    c = tl.load(
+        ctx_ptr + rows.to(tl.int64)[:, None] * E + coff[None, :],
+        mask=row_ok[:, None] & is_ctx[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    return tl.where(is_ctx[None, :], c, x1)
+
+
+@triton.jit
 def _coupling_tile(src_ptr, dst_ptr, rows, row_ok, D, kept_ptr, trans_ptr, K1, K2,
                    w1s, w1_stride, b1s, w2s, b2s, w3s, b3s,
-                   w1t, b1t, w2t, b2t, w3t, b3t, slope,
+                   w1t, b1t, w2t, b2t, w3t, b3t, slope, ctx_ptr, E,
                    H: tl.constexpr, BLOCK_M: tl.constexpr, K1P: tl.constexpr, K2P: tl.constexpr,
                    HC: tl.constexpr, KC: tl.constexpr, PREC: tl.constexpr,
-                   INVERSE: tl.constexpr, STORE_KEPT: tl.constexpr):  # fmt: skip
-    """One coupling layer on BLOCK_M rows of a (N, D) buffer; returns the rows' log_det (fp32)."""
+                   INVERSE: tl.constexpr, STORE_KEPT: tl.constexpr,
+                   HAS_CONTEXT: tl.constexpr):  # fmt: skip
+    """One coupling layer on BLOCK_M rows of a (N, D) buffer; returns the rows' log_det (fp32).
+
+    With HAS_CONTEXT the nets' input is cat(x1, c) (K1 + E columns, c from the (N, E) ctx_ptr).
+    """
     k1cols = tl.arange(0, K1P)
     k2cols = tl.arange(0, K2P)
     kidx = tl.load(kept_ptr + k1cols, mask=k1cols < K1, other=0)
@@ -177,11 +208,17 @@ def _coupling_tile(src_ptr, dst_ptr, rows, row_ok, D, kept_ptr, trans_ptr, K1, K
     base = rows.to(tl.int64)[:, None] * D
     x1 = tl.load(src_ptr + base + kidx[None, :], mask=m1, other=0.0).to(tl.float32)
     x2 = tl.load(src_ptr + base + tidx[None, :], mask=m2, other=0.0).to(tl.float32)
+    if HAS_CONTEXT:
+        xin = _with_context(x1, k1cols, K1, rows, row_ok, ctx_ptr, E)
+        kin = K1 + E
+    else:
+        xin = x1
+        kin = K1
     s = _tanh(
-        _net(x1, k1cols, K1, K2, w1s, w1_stride, b1s, w2s, b2s, w3s, b3s, slope,
+        _net(xin, k1cols, kin, K2, w1s, w1_stride, b1s, w2s, b2s, w3s, b3s, slope,
              H, BLOCK_M, K1P, K2P, HC, KC, PREC)
     )  # fmt: skip
-    t = _net(x1, k1cols, K1, K2, w1t, w1_stride, b1t, w2t, b2t, w3t, b3t, slope,
+    t = _net(xin, k1cols, kin, K2, w1t, w1_stride, b1t, w2t, b2t, w3t, b3t, slope,
              H, BLOCK_M, K1P, K2P, HC, KC, PREC)  # fmt: skip
     s = tl.where(m2, s, 0.0)
     if INVERSE:
@@ -200,17 +237,26 @@ def _coupling_tile(src_ptr, dst_ptr, rows, row_ok, D, kept_ptr, trans_ptr, K1, K
 @triton.jit
 def coupling_layer_kernel(x_ptr, out_ptr, ld_ptr, kept_ptr, trans_ptr, N, D, K1, K2,
                           w1s, b1s, w2s, b2s, w3s, b3s, w1t, b1t, w2t, b2t, w3t, b3t, slope,
+                          ctx_ptr, E,
                           H: tl.constexpr, BLOCK_M: tl.constexpr, K1P: tl.constexpr,
                           K2P: tl.constexpr, HC: tl.constexpr, KC: tl.constexpr,
-                          PREC: tl.constexpr, INVERSE: tl.constexpr):  # fmt: skip
-    """One coupling layer, grid = cdiv(N, BLOCK_M); x, out: (N, D) contiguous; ld: (N,) fp32."""
+                          PREC: tl.constexpr, INVERSE: tl.constexpr,
+                          HAS_CONTEXT: tl.constexpr):  # fmt: skip
+    """One coupling layer, grid = cdiv(N, BLOCK_M); x, out: (N, D) contiguous; ld: (N,) fp32.
+
+    W1 is (H, K1 + E) with HAS_CONTEXT (ctx (N, E) contiguous), else (H, K1) and ctx/E unused.
+    """
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
+    if HAS_CONTEXT:
+        w1_stride = K1 + E
+    else:
+        w1_stride = K1
     log_det = _coupling_tile(
         x_ptr, out_ptr, rows, row_ok, D, kept_ptr, trans_ptr, K1, K2,
-        w1s, K1, b1s, w2s, b2s, w3s, b3s, w1t, b1t, w2t, b2t, w3t, b3t, slope,
-        H, BLOCK_M, K1P, K2P, HC, KC, PREC, INVERSE, True,
+        w1s, w1_stride, b1s, w2s, b2s, w3s, b3s, w1t, b1t, w2t, b2t, w3t, b3t, slope, ctx_ptr, E,
+        H, BLOCK_M, K1P, K2P, HC, KC, PREC, INVERSE, True, HAS_CONTEXT,
     )  # fmt: skip
     tl.store(ld_ptr + rows, log_det, mask=row_ok)
 
@@ -218,15 +264,18 @@ def coupling_layer_kernel(x_ptr, out_ptr, ld_ptr, kept_ptr, trans_ptr, N, D, K1,
 @triton.jit
 def coupling_stack_kernel(x_ptr, out_ptr, ld_ptr, kept_ptr, trans_ptr, k1_ptr, k2_ptr, N, D, L,
                           w1s, b1s, w2s, b2s, w3s, b3s, w1t, b1t, w2t, b2t, w3t, b3t, slope,
+                          ctx_ptr, E,
                           H: tl.constexpr, BLOCK_M: tl.constexpr, K1P: tl.constexpr,
                           K2P: tl.constexpr, HC: tl.constexpr, KC: tl.constexpr,
                           DP: tl.constexpr, PREC: tl.constexpr, INVERSE: tl.constexpr,
-                          STATIC_L: tl.constexpr):  # fmt: skip
+                          STATIC_L: tl.constexpr, HAS_CONTEXT: tl.constexpr):  # fmt: skip
     """All L layers on one row tile (forward: 0..L-1, inverse: L-1..0).
 
     Stacked, zero-padded weights: w1 (L, H, K1P), b1 (L, H), w2 (L, H, H), b2 (L, H),
     w3 (L, K2P, H), b3 (L, K2P); kept (L, K1P) / trans (L, K2P) int64 with per-layer counts
     k1/k2 (L,) int32. The tile's state lives in ``out`` (its rows are private to this program).
+    With HAS_CONTEXT every layer's W1 row holds its K1 kept columns, then the E context columns
+    of the one (N, E) context ``ctx`` all layers share, then zeros.
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -257,7 +306,7 @@ def coupling_stack_kernel(x_ptr, out_ptr, ld_ptr, kept_ptr, trans_ptr, k1_ptr, k
             w1s + hk1, K1P, b1s + layer * H, w2s + hh, b2s + layer * H, w3s + hk2,
             b3s + layer * K2P,
             w1t + hk1, b1t + layer * H, w2t + hh, b2t + layer * H, w3t + hk2, b3t + layer * K2P,
-            slope, H, BLOCK_M, K1P, K2P, HC, KC, PREC, INVERSE, False,
+            slope, ctx_ptr, E, H, BLOCK_M, K1P, K2P, HC, KC, PREC, INVERSE, False, HAS_CONTEXT,
         )  # fmt: skip
         # The next layer reads columns other threads of this program just wrote.
         tl.debug_barrier()
@@ -375,25 +424,36 @@ def _prep(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32).contiguous()
 
 
+def context_arg(context, like: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(pointer tensor, E) for the kernels' ctx_ptr / E: the contiguous context, or ``like`` as
+    an unused stand-in with E = 0 when there is none (HAS_CONTEXT = E > 0)."""
+    if context is None or context.shape[1] == 0:
+        return like, 0
+    return context.contiguous(), int(context.shape[1])
+
+
 def coupling_layer(x, kept, transformed, s_weights, t_weights, slope: float, precision: str,
                    inverse: bool, config: dict | None = None,
-                   out=None, log_det=None):  # fmt: skip
+                   out=None, log_det=None, context=None):  # fmt: skip
     """Launch one fused coupling layer.
 
     Args:
         x: (N, D) float32/bfloat16/float16. kept (K1,), transformed (K2,): int64 indices that
-            partition range(D). s_weights/t_weights: (W1 (H, K1), b1 (H,), W2 (H, H), b2 (H,),
-            W3 (K2, H), b3 (K2,)). precision: "ieee" | "tf32" | "bf16".
+            partition range(D). s_weights/t_weights: (W1 (H, K1 + E), b1 (H,), W2 (H, H),
+            b2 (H,), W3 (K2, H), b3 (K2,)). precision: "ieee" | "tf32" | "bf16".
+            context: None (E = 0) or (N, E), the last E columns of the first Linear's input.
     Returns:
         (out (N, D) in x's dtype, log_det (N,) float32).
     """
     x = x.contiguous()
     n, d = x.shape
+    ctx, e = context_arg(context, x)
     k1, k2 = kept.numel(), transformed.numel()
     hidden = s_weights[2].shape[0]
     check_hidden(hidden)
     interpret = not x.is_cuda
-    cfg = dict(config or layer_config(hidden, precision, interpret, pad_k1(k1), pad_k2(k2)))
+    k1p = pad_k1(k1 + e)
+    cfg = dict(config or layer_config(hidden, precision, interpret, k1p, pad_k2(k2)))
     # Callers (tests) may pass the output buffers, e.g. NaN-poisoned, to check every write.
     out = torch.empty_like(x) if out is None else out
     log_det = torch.empty(n, device=x.device, dtype=torch.float32) if log_det is None else log_det
@@ -402,28 +462,31 @@ def coupling_layer(x, kept, transformed, s_weights, t_weights, slope: float, pre
     grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
     coupling_layer_kernel[grid](
         x, out, log_det, kept.contiguous(), transformed.contiguous(), n, d, k1, k2,
-        *ws, *wt, float(slope),
-        H=hidden, BLOCK_M=cfg["BLOCK_M"], K1P=pad_k1(k1), K2P=pad_k2(k2), HC=cfg["HC"],
+        *ws, *wt, float(slope), ctx, e,
+        H=hidden, BLOCK_M=cfg["BLOCK_M"], K1P=k1p, K2P=pad_k2(k2), HC=cfg["HC"],
         KC=cfg["KC"], PREC=prec_code(precision, x.device), INVERSE=bool(inverse),
-        num_warps=cfg["num_warps"],
+        HAS_CONTEXT=e > 0, num_warps=cfg["num_warps"],
     )  # fmt: skip
     return out, log_det
 
 
 def coupling_stack(x, kept, transformed, k1, k2, s_weights, t_weights, slope: float,
                    precision: str, inverse: bool, config: dict | None = None,
-                   out=None, log_det=None):  # fmt: skip
+                   out=None, log_det=None, context=None):  # fmt: skip
     """Launch the whole-stack kernel.
 
     Args:
         x: (N, D). kept (L, K1P) / transformed (L, K2P) int64, zero-padded; k1/k2 (L,) counts.
         s_weights/t_weights: stacked, zero-padded (W1 (L, H, K1P), b1 (L, H), W2 (L, H, H),
-            b2 (L, H), W3 (L, K2P, H), b3 (L, K2P)); K1P = pad_k1, K2P = pad_k2 of the widest layer.
+            b2 (L, H), W3 (L, K2P, H), b3 (L, K2P)); K1P = pad_k1, K2P = pad_k2 of the widest layer
+            (with context: of the widest K1 + E; layer l's W1 holds its K1 kept columns, then E
+            context columns). context: None or (N, E), shared by every layer.
     Returns:
         (out (N, D) in x's dtype, log_det (N,) float32 summed over the layers).
     """
     x = x.contiguous()
     n, d = x.shape
+    ctx, e = context_arg(context, x)
     num_layers, k1p = kept.shape
     k2p = transformed.shape[1]
     hidden = s_weights[2].shape[1]
@@ -439,10 +502,10 @@ def coupling_stack(x, kept, transformed, k1, k2, s_weights, t_weights, slope: fl
     coupling_stack_kernel[grid](
         x, out, log_det, kept.contiguous(), transformed.contiguous(),
         k1.to(torch.int32).contiguous(), k2.to(torch.int32).contiguous(), n, d, num_layers,
-        *ws, *wt, float(slope),
+        *ws, *wt, float(slope), ctx, e,
         H=hidden, BLOCK_M=cfg["BLOCK_M"], K1P=k1p, K2P=k2p, HC=cfg["HC"], KC=cfg["KC"],
         DP=padded(d), PREC=prec_code(precision, x.device), INVERSE=bool(inverse),
-        STATIC_L=num_layers if interpret else 0, num_warps=cfg["num_warps"],
+        STATIC_L=num_layers if interpret else 0, HAS_CONTEXT=e > 0, num_warps=cfg["num_warps"],
     )  # fmt: skip
     return out, log_det
 
@@ -451,13 +514,29 @@ def coupling_stack(x, kept, transformed, k1, k2, s_weights, t_weights, slope: fl
 # Argument types of every kernel argument that is not an fp32 pointer or a constexpr.
 ARG_TYPES = {
     "kept_ptr": "*i64", "trans_ptr": "*i64", "k1_ptr": "*i32", "k2_ptr": "*i32",
-    "N": "i32", "D": "i32", "K1": "i32", "K2": "i32", "L": "i32", "slope": "fp32",
+    "N": "i32", "D": "i32", "K1": "i32", "K2": "i32", "L": "i32", "E": "i32", "slope": "fp32",
 }  # fmt: skip
 # Shapes every shipped config is compiled for: (D, H), kept half K1 = D - D // 2. D = 2 takes the
 # outer-product first Linear, D = 16 the dot one with K2P = 16, D = 128 (K1 = K2 = 64) the
 # wide-data tiles. All compile with 0 spills.
 SHIPPED_HIDDEN = (64, 256, 512)
 SHIPPED_DIMS = (2, 16, 128)
+# Conditional shapes (D, E) compiled at H = 256 with HAS_CONTEXT: the first Linear's input is
+# K1 + E wide, so D = 2 with E = 1 stays on the outer product (K1P = 2), D = 2 with E = 8
+# (K1P = 16) and D = 16 with E = 8 (K1P = 16) take the dot first Linear.
+SHIPPED_CONTEXT = ((2, 1), (2, 8), (16, 8))
+SHIPPED_CONTEXT_HIDDEN = 256
+
+
+def shipped_shapes() -> list[tuple[int, int, int]]:
+    """(D, E, H) of every compiled config: the unconditional ones (E = 0), then the context ones."""
+    plain = [
+        (dim, 0, hidden)
+        for dim in SHIPPED_DIMS
+        for hidden in SHIPPED_HIDDEN
+        if dim == 2 or hidden == 256
+    ]
+    return plain + [(dim, e, SHIPPED_CONTEXT_HIDDEN) for dim, e in SHIPPED_CONTEXT]
 
 
 def signature_of(kernel, constexprs: dict) -> dict:
@@ -477,30 +556,29 @@ def shipped_layer_configs(kernel, stack: bool, config_fn=None, kind=None) -> lis
     config_fn = config_fn or functools.partial(layer_config, kernel=kind)
     entries = []
     for precision in PRECISIONS:
-        for dim in SHIPPED_DIMS:
-            for hidden in SHIPPED_HIDDEN:
-                if dim != 2 and hidden != 256:
-                    continue
-                k1p, k2p = pad_k1(dim - dim // 2), pad_k2(dim // 2)
-                cfg = config_fn(hidden, precision, interpret=False, k1p=k1p, k2p=k2p)
-                constexprs = {
-                    "H": hidden, "BLOCK_M": cfg["BLOCK_M"], "K1P": k1p, "K2P": k2p,
-                    "HC": cfg["HC"], "KC": cfg["KC"], "PREC": PRECISIONS[precision],
-                    "INVERSE": False,
-                }  # fmt: skip
-                if stack:
-                    constexprs["DP"] = padded(dim)
-                    constexprs["STATIC_L"] = 0  # the runtime depth, as on a GPU
-                entries.append(
-                    {
-                        "name": f"{kernel.__name__}[{precision},D={dim},H={hidden}]",
-                        "kernel": kernel,
-                        "signature": signature_of(kernel, constexprs),
-                        "constexprs": constexprs,
-                        "num_warps": cfg["num_warps"],
-                        "dots": [(m, k, n, precision) for m, k, n in dot_shapes(cfg, k1p, k2p)],
-                    }
-                )
+        for dim, context, hidden in shipped_shapes():
+            # The first Linear's input: the kept half, then the context columns.
+            k1p, k2p = pad_k1(dim - dim // 2 + context), pad_k2(dim // 2)
+            cfg = config_fn(hidden, precision, interpret=False, k1p=k1p, k2p=k2p)
+            constexprs = {
+                "H": hidden, "BLOCK_M": cfg["BLOCK_M"], "K1P": k1p, "K2P": k2p,
+                "HC": cfg["HC"], "KC": cfg["KC"], "PREC": PRECISIONS[precision],
+                "INVERSE": False, "HAS_CONTEXT": context > 0,
+            }  # fmt: skip
+            if stack:
+                constexprs["DP"] = padded(dim)
+                constexprs["STATIC_L"] = 0  # the runtime depth, as on a GPU
+            shape = f"D={dim},E={context}" if context else f"D={dim}"
+            entries.append(
+                {
+                    "name": f"{kernel.__name__}[{precision},{shape},H={hidden}]",
+                    "kernel": kernel,
+                    "signature": signature_of(kernel, constexprs),
+                    "constexprs": constexprs,
+                    "num_warps": cfg["num_warps"],
+                    "dots": [(m, k, n, precision) for m, k, n in dot_shapes(cfg, k1p, k2p)],
+                }
+            )
     return entries
 
 

@@ -31,6 +31,11 @@ mode would halve it); the recompute costs one extra H x H product per net; wide 
 (rows, 64) x1/gu/gx1 tiles) leave fewer registers for the H x H chunks, so their tiles are
 narrower (16 output columns per chunk: more passes over W2 per row tile) to stay 0-spill on
 sm_90; halves wider than 64 are not compiled by benchmarks/compile_report.py.
+
+Context (HAS_CONTEXT, docs/design.md §4.3): the nets' input is cat(x1, c), K1 + E columns with c
+the (N, E) context; gx1 is then the gradient of that whole input, its columns < K1 (plus g1) go
+to gin at the kept indices and its columns K1..K1+E-1 are d(context), stored to an (N, E)
+output. Without context the kernel compiles to exactly the unconditional code.
 """
 
 from __future__ import annotations
@@ -43,13 +48,16 @@ import triton.language as tl
 from fastnvp.kernels.fused_layer import (
     _OUTER_K1_MAX,
     OUTER_K1_MAX,
+    _context_cols,
     _dot,
     _hidden2,
     _layer1,
     _leaky,
     _net,
     _tanh,
+    _with_context,
     check_hidden,
+    context_arg,
     for_this_triton,
     layer_config,
     pad_k1,
@@ -130,11 +138,15 @@ def coupling_layer_backward_kernel(out_ptr, gout_ptr, gld_ptr, gin_ptr, kept_ptr
                                    N, D, K1, K2,
                                    w1s, b1s, w2s, b2s, w3s, b3s, w1t, b1t, w2t, b2t, w3t, b3t,
                                    ga2s_ptr, ga2t_ptr, ga1s_ptr, ga1t_ptr, parts_ptr, partt_ptr,
-                                   slope,
+                                   slope, ctx_ptr, gctx_ptr, E,
                                    H: tl.constexpr, BLOCK_M: tl.constexpr, K1P: tl.constexpr,
                                    K2P: tl.constexpr, HC: tl.constexpr, KC: tl.constexpr,
-                                   PREC: tl.constexpr, INVERSE: tl.constexpr):  # fmt: skip
-    """Backward of one fused layer; grid = cdiv(N, BLOCK_M). out/gout/gin (N, D), gld (N,)."""
+                                   PREC: tl.constexpr, INVERSE: tl.constexpr,
+                                   HAS_CONTEXT: tl.constexpr):  # fmt: skip
+    """Backward of one fused layer; grid = cdiv(N, BLOCK_M). out/gout/gin (N, D), gld (N,).
+
+    With HAS_CONTEXT: W1 (H, K1 + E), ctx (N, E) and its gradient gctx (N, E), contiguous.
+    """
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -149,12 +161,17 @@ def coupling_layer_backward_kernel(out_ptr, gout_ptr, gld_ptr, gin_ptr, kept_ptr
     y2 = tl.load(out_ptr + base + tidx[None, :], mask=m2, other=0.0).to(tl.float32)
     g2 = tl.load(gout_ptr + base + tidx[None, :], mask=m2, other=0.0).to(tl.float32)
     gl = tl.load(gld_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_CONTEXT:
+        x1 = _with_context(x1, k1cols, K1, rows, row_ok, ctx_ptr, E)
+        kin = K1 + E
+    else:
+        kin = K1
     # Pass A: s and t.
     s = _tanh(
-        _net(x1, k1cols, K1, K2, w1s, K1, b1s, w2s, b2s, w3s, b3s, slope,
+        _net(x1, k1cols, kin, K2, w1s, kin, b1s, w2s, b2s, w3s, b3s, slope,
              H, BLOCK_M, K1P, K2P, HC, KC, PREC)
     )  # fmt: skip
-    t = _net(x1, k1cols, K1, K2, w1t, K1, b1t, w2t, b2t, w3t, b3t, slope,
+    t = _net(x1, k1cols, kin, K2, w1t, kin, b1t, w2t, b2t, w3t, b3t, slope,
              H, BLOCK_M, K1P, K2P, HC, KC, PREC)  # fmt: skip
     if INVERSE:
         gin2 = g2 * tl.exp(-s)
@@ -168,12 +185,20 @@ def coupling_layer_backward_kernel(out_ptr, gout_ptr, gld_ptr, gin_ptr, kept_ptr
     gu_t = tl.where(m2, gt, 0.0)
     # Store gin2 now and load g1 last: fewer (BLOCK_M, K) tensors live through the nets.
     tl.store(gin_ptr + base + tidx[None, :], gin2.to(gin_ptr.dtype.element_ty), mask=m2)
-    gx1 = _net_backward(x1, k1cols, K1, K2, gu_s, rows, row_ok, pid,
+    gx1 = _net_backward(x1, k1cols, kin, K2, gu_s, rows, row_ok, pid,
                          w1s, b1s, w2s, b2s, w3s, ga2s_ptr, ga1s_ptr, parts_ptr, slope,
                          H, BLOCK_M, K1P, K2P, HC, KC, PREC)  # fmt: skip
-    gx1 += _net_backward(x1, k1cols, K1, K2, gu_t, rows, row_ok, pid,
+    gx1 += _net_backward(x1, k1cols, kin, K2, gu_t, rows, row_ok, pid,
                          w1t, b1t, w2t, b2t, w3t, ga2t_ptr, ga1t_ptr, partt_ptr, slope,
                          H, BLOCK_M, K1P, K2P, HC, KC, PREC)  # fmt: skip
+    if HAS_CONTEXT:
+        # Columns K1..K1+E-1 of the input gradient are d(context) (no upstream term).
+        is_ctx, coff = _context_cols(k1cols, K1, E)
+        tl.store(
+            gctx_ptr + rows.to(tl.int64)[:, None] * E + coff[None, :],
+            gx1.to(gctx_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & is_ctx[None, :],
+        )
     gx1 += tl.load(gout_ptr + base + kidx[None, :], mask=m1, other=0.0).to(tl.float32)
     tl.store(gin_ptr + base + kidx[None, :], gx1.to(gin_ptr.dtype.element_ty), mask=m1)
 
@@ -220,8 +245,9 @@ def backward_config(
 
 
 def ships(precision: str, k1: int, k2: int) -> bool:
-    """Whether this Triton's fused backward kernel runs for a layer with K1 kept and K2
-    transformed features (``triton_limits.UNSHIPPED``: else the PyTorch backward runs)."""
+    """Whether this Triton's fused backward kernel runs for a layer with K1 first-Linear inputs
+    (kept features, plus the context columns of a conditional layer) and K2 transformed features
+    (``triton_limits.UNSHIPPED``: else the PyTorch backward runs)."""
     return kernel_ships("backward", precision, tile_tier(pad_k1(k1), pad_k2(k2)))
 
 
@@ -268,25 +294,29 @@ def _reduce(part, ga2, x1, weights, k1, k2, k1p, k2p, slope, precision):
 
 def coupling_layer_backward(out, grad_out, grad_log_det, kept, transformed, s_weights, t_weights,
                             slope: float, precision: str, inverse: bool,
-                            config: dict | None = None, fill: float | None = None):  # fmt: skip
+                            config: dict | None = None, fill: float | None = None,
+                            context=None):  # fmt: skip
     """Launch the backward kernel and finish the weight gradients.
 
     Args:
         out: (N, D) layer output; grad_out (N, D); grad_log_det (N,); kept (K1,), transformed
-            (K2,) int64; s_weights/t_weights (W1 (H, K1), b1, W2 (H, H), b2, W3 (K2, H), b3).
+            (K2,) int64; s_weights/t_weights (W1 (H, K1 + E), b1, W2 (H, H), b2, W3 (K2, H), b3).
             fill: when given, every buffer the kernel writes starts filled with it (tests pass
-            NaN to check that every element is written).
+            NaN to check that every element is written). context: None or (N, E).
     Returns:
-        (grad_in (N, D) in out's dtype, 6 gradients of S's weights, 6 of T's).
+        (grad_in (N, D) in out's dtype, 6 gradients of S's weights, 6 of T's), then, when
+        ``context`` is given, grad_context (N, E) in out's dtype.
     """
     out = out.contiguous()
     grad_out = grad_out.contiguous()
     grad_log_det = grad_log_det.to(torch.float32).contiguous()
     n, d = out.shape
+    ctx, e = context_arg(context, out)
     k1, k2 = kept.numel(), transformed.numel()
+    kin = k1 + e  # the first Linear's input width
     hidden = s_weights[2].shape[0]
     check_hidden(hidden)
-    k1p, k2p = pad_k1(k1), pad_k2(k2)
+    k1p, k2p = pad_k1(kin), pad_k2(k2)
     cfg = dict(config or backward_config(hidden, precision, not out.is_cuda, k1p, k2p))
     programs = triton.cdiv(n, cfg["BLOCK_M"])
     dev = out.device
@@ -304,17 +334,22 @@ def coupling_layer_backward(out, grad_out, grad_log_det, kept, transformed, s_we
     wide = k1p > OUTER_K1_MAX
     ga1 = [buffer(n, hidden) for _ in range(2)] if wide else ga2  # unused when not wide
     grad_in = buffer(like=out)
+    grad_ctx = buffer(n, e).to(out.dtype) if e else ctx
     ws = [w.detach().to(torch.float32).contiguous() for w in s_weights]
     wt = [w.detach().to(torch.float32).contiguous() for w in t_weights]
     coupling_layer_backward_kernel[(programs,)](
         out, grad_out, grad_log_det, grad_in, kept.contiguous(), transformed.contiguous(),
         n, d, k1, k2, *ws, *wt, ga2[0], ga2[1], ga1[0], ga1[1], parts[0], parts[1], float(slope),
+        ctx, grad_ctx, e,
         H=hidden, BLOCK_M=cfg["BLOCK_M"], K1P=k1p, K2P=k2p, HC=cfg["HC"], KC=cfg["KC"],
-        PREC=prec_code(precision, dev), INVERSE=bool(inverse), num_warps=cfg["num_warps"],
+        PREC=prec_code(precision, dev), INVERSE=bool(inverse), HAS_CONTEXT=e > 0,
+        num_warps=cfg["num_warps"],
     )  # fmt: skip
     x1 = out.index_select(1, kept).to(torch.float32)
-    gs = _reduce(parts[0], ga2[0], x1, s_weights, k1, k2, k1p, k2p, slope, precision)
-    gt = _reduce(parts[1], ga2[1], x1, t_weights, k1, k2, k1p, k2p, slope, precision)
+    if e:
+        x1 = torch.cat([x1, ctx.to(torch.float32)], dim=1)  # the first Linear's input
+    gs = _reduce(parts[0], ga2[0], x1, s_weights, kin, k2, k1p, k2p, slope, precision)
+    gt = _reduce(parts[1], ga2[1], x1, t_weights, kin, k2, k1p, k2p, slope, precision)
     if wide:
         extra = 0
         for net, (grads, weights) in enumerate(((gs, ws), (gt, wt))):
@@ -323,7 +358,11 @@ def coupling_layer_backward(out, grad_out, grad_log_det, kept, transformed, s_we
                 a, xk, w1 = (v.to(torch.bfloat16).to(torch.float32) for v in (a, xk, w1))
             grads[0] = (a.T @ xk).to(grads[0].dtype)
             extra = extra + a @ w1
-        grad_in.index_add_(1, kept, extra.to(grad_in.dtype))
+        grad_in.index_add_(1, kept, extra[:, :k1].to(grad_in.dtype))
+        if e:  # the kernel wrote 0 there: the first Linear's part of gx1 is this GEMM
+            grad_ctx.copy_(extra[:, k1:])
+    if e:
+        return (grad_in, *gs, *gt, grad_ctx)
     return (grad_in, *gs, *gt)
 
 

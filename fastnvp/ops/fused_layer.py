@@ -22,6 +22,13 @@ Backward (``fastnvp::coupling_layer_backward``) recomputes the nets from the lay
 ``fastnvp::coupling_stack_forward`` / ``coupling_stack_inverse`` run all L layers in one launch
 for inference (no autograd), on stacked zero-padded weights (see :func:`stack_layers`).
 
+Context (conditional flows, docs/design.md §4.2-4.4): every op takes an optional last argument
+``context`` (N, E), in x's dtype and on its device. A conditional layer's nets read
+``cat(x1, context)`` (K1 + E columns) against ``W1 (H, K1 + E)``, kept columns first, then the
+E context columns (``FastRealNVP._inputs``), so E = W1.shape[1] - K1; the stack ops share one
+context across all layers. The backward op also returns ``grad_context`` (N, E) ((N, 0) without
+a context), the context columns of the first Linear's input gradient summed over both nets.
+
 Dispatch: :func:`fastnvp.ops.backend.use_triton` picks the Triton kernels (``fastnvp.kernels.
 fused_layer*``, imported lazily); otherwise, and always for float64, the PyTorch code below runs
 the same math. ``precision`` ("ieee" | "tf32" | "bf16") selects the matmul mode. The PyTorch
@@ -94,13 +101,47 @@ def _check_net(weights: Sequence[Tensor], prefix: str, x: Tensor, k1: int, k2: i
     for name, w in zip(WEIGHT_NAMES, weights):
         if tuple(w.shape) != expected[name]:
             raise ValueError(
-                f"{prefix}{name} must have shape {expected[name]} (H={hidden}, K1={k1}, K2={k2}), "
+                f"{prefix}{name} must have shape {expected[name]} (H={hidden}, K1={k1}, K2={k2}; "
+                f"K1 counts the context columns of a conditional layer), "
                 f"got {tuple(w.shape)}"
             )
     return hidden
 
 
-def _check_layer(x, kept, transformed, sw, tw, slope, precision, x_name="x") -> None:
+def _check_context(context, x: Tensor, x_name: str, e: int | None, why: str) -> None:
+    """``context`` is None or an (N, E) tensor in x's dtype, on x's device.
+
+    ``e``: the expected E (None: any E >= 1); ``why``: where E comes from, for the message.
+    """
+    n = x.shape[0]
+    expected = f"(N, E) = ({n}, {e})" if e is not None else f"(N, E) = ({n}, E)"
+    if context is None:
+        if e:
+            raise ValueError(
+                f"context is required: {why}, so context must have shape {expected}, got None"
+            )
+        return
+    if not isinstance(context, Tensor):
+        raise TypeError(
+            f"context must be None or a torch.Tensor of shape {expected}, "
+            f"got {type(context).__name__}"
+        )
+    if context.dtype != x.dtype:
+        raise TypeError(f"context must have dtype {x.dtype} like {x_name}, got {context.dtype}")
+    if context.device != x.device:
+        raise ValueError(f"context is on {context.device} but {x_name} is on {x.device}")
+    if context.ndim != 2 or context.shape[0] != n or (e is not None and context.shape[1] != e):
+        raise ValueError(f"context must have shape {expected} ({why}), got {tuple(context.shape)}")
+
+
+def _context_width(w1, k1: int) -> int:
+    """E = W1.shape[-1] - K1 of a (possibly malformed) first-Linear weight; 0 when narrower."""
+    if isinstance(w1, Tensor) and w1.ndim >= 2:
+        return max(int(w1.shape[-1]) - k1, 0)
+    return 0
+
+
+def _check_layer(x, kept, transformed, sw, tw, slope, precision, x_name="x", context=None):
     ensure_batch(x, x_name)
     _check_index(kept, "kept", x.shape[1])
     _check_index(transformed, "transformed", x.shape[1])
@@ -110,10 +151,13 @@ def _check_layer(x, kept, transformed, sw, tw, slope, precision, x_name="x") -> 
             f"kept ({k1}) and transformed ({k2}) must be non-empty and together cover the "
             f"{x.shape[1]} features of {x_name}"
         )
-    h_s = _check_net(sw, "s_", x, k1, k2)
-    h_t = _check_net(tw, "t_", x, k1, k2)
+    e = _context_width(sw[0], k1)
+    h_s = _check_net(sw, "s_", x, k1 + e, k2)
+    h_t = _check_net(tw, "t_", x, k1 + e, k2)
     if h_s != h_t:
         raise ValueError(f"S and T must have the same hidden width, got {h_s} and {h_t}")
+    why = f"s_w1 has {k1 + e} columns for K1 = {k1} kept features, so E = {e}"
+    _check_context(context, x, x_name, e, why)
     _check_slope(slope)
     _check_precision(precision)
 
@@ -143,14 +187,28 @@ def _mlp(x1: Tensor, w: Sequence[Tensor], slope: float, bf16: bool = False) -> T
     return F.linear(r(h), r(w[4]), w[5])
 
 
-def torch_layer(x, kept, transformed, sw, tw, slope: float, inverse: bool, precision="ieee"):
-    """PyTorch implementation of one coupling layer.  (N, D) -> ((N, D), (N,))."""
+def _net_input(y: Tensor, kept: Tensor, context: Tensor | None) -> Tensor:
+    """The first Linear's input: y[:, kept], then the context columns when there is one."""
+    x1 = y.index_select(1, kept)
+    if context is None:
+        return x1
+    return torch.cat([x1, context.to(y.dtype)], dim=1)
+
+
+def torch_layer(
+    x, kept, transformed, sw, tw, slope: float, inverse: bool, precision="ieee", context=None
+):
+    """PyTorch implementation of one coupling layer.  (N, D) -> ((N, D), (N,)).
+
+    ``context``: None or (N, E); the nets then read cat(x[:, kept], context) against W1
+    (H, K1 + E).
+    """
     cd = _compute_dtype(x.dtype)
     bf16 = precision == "bf16"
     xc = x.to(cd)
     sw = [w.to(cd) for w in sw]
     tw = [w.to(cd) for w in tw]
-    x1 = xc.index_select(1, kept)
+    x1 = _net_input(xc, kept, context)
     x2 = xc.index_select(1, transformed)
     s = torch.tanh(_mlp(x1, sw, slope, bf16))
     t = _mlp(x1, tw, slope, bf16)
@@ -181,11 +239,13 @@ def _mlp_backward(x1, w, slope, gu, bf16: bool):
 
 
 def torch_layer_backward(
-    out, grad_out, grad_log_det, kept, transformed, sw, tw, slope, inverse, precision="ieee"
-):
+    out, grad_out, grad_log_det, kept, transformed, sw, tw, slope, inverse, precision="ieee",
+    context=None,
+):  # fmt: skip
     """PyTorch backward of one coupling layer from its output; same algebra as the kernel.
 
-    Returns (grad_in (N, D), 6 gradients of S's weights, 6 of T's), in the inputs' dtypes.
+    Returns (grad_in (N, D), 6 gradients of S's weights, 6 of T's), in the inputs' dtypes, then,
+    when ``context`` (N, E) is given, grad_context (N, E) in out's dtype.
     """
     cd = _compute_dtype(out.dtype)
     bf16 = precision == "bf16"
@@ -194,7 +254,7 @@ def torch_layer_backward(
     gl = grad_log_det.to(cd)[:, None]
     swc = [w.to(cd) for w in sw]
     twc = [w.to(cd) for w in tw]
-    x1 = y.index_select(1, kept)
+    x1 = _net_input(y, kept, context)
     y2 = y.index_select(1, transformed)
     g2 = g.index_select(1, transformed)
     u_s = _mlp(x1, swc, slope, bf16)
@@ -210,31 +270,49 @@ def torch_layer_backward(
         gt = g2
     gx1_s, gws = _mlp_backward(x1, swc, slope, gs * (1 - s * s), bf16)
     gx1_t, gwt = _mlp_backward(x1, twc, slope, gt, bf16)
-    gx1 = g.index_select(1, kept) + gx1_s + gx1_t
-    grad_in = torch.zeros_like(y).index_copy(1, kept, gx1).index_copy(1, transformed, gin2)
+    k1 = kept.numel()
+    gin1 = g.index_select(1, kept) + gx1_s[:, :k1] + gx1_t[:, :k1]
+    grad_in = torch.zeros_like(y).index_copy(1, kept, gin1).index_copy(1, transformed, gin2)
     gws = [gw.to(w.dtype) for gw, w in zip(gws, sw)]
     gwt = [gw.to(w.dtype) for gw, w in zip(gwt, tw)]
-    return (grad_in.to(out.dtype), *gws, *gwt)
+    if context is None:
+        return (grad_in.to(out.dtype), *gws, *gwt)
+    # A sum, so a fresh contiguous tensor: op outputs must not be views of another.
+    grad_context = (gx1_s[:, k1:] + gx1_t[:, k1:]).to(out.dtype)
+    return (grad_in.to(out.dtype), *gws, *gwt, grad_context)
 
 
 def torch_stack(
-    x, kept, transformed, k1, k2, sw, tw, slope: float, inverse: bool, precision="ieee"
-):
-    """PyTorch implementation of the whole stack on stacked, zero-padded weights."""
+    x, kept, transformed, k1, k2, sw, tw, slope: float, inverse: bool, precision="ieee",
+    context=None,
+):  # fmt: skip
+    """PyTorch implementation of the whole stack on stacked, zero-padded weights.
+
+    ``context``: None or (N, E), shared by every layer (layer l's W1 holds its k1[l] kept
+    columns, then the E context columns).
+    """
     num_layers = kept.shape[0]
     k1s, k2s = k1.tolist(), k2.tolist()
+    e = 0 if context is None else context.shape[1]
+    if e and max(k1s) + e > sw[0].shape[2]:
+        raise ValueError(
+            f"context has E = {e} columns but the stacked W1 has {sw[0].shape[2]} columns for "
+            f"up to {max(k1s)} kept features: context must have shape (N, E) with E = the "
+            "context width the weights were stacked with"
+        )
     order = range(num_layers - 1, -1, -1) if inverse else range(num_layers)
     out = x
     log_det = torch.zeros(x.shape[0], dtype=_ld_dtype(x), device=x.device)
     for layer in order:
         a, b = k1s[layer], k2s[layer]
-        ws = [sw[0][layer, :, :a], sw[1][layer], sw[2][layer], sw[3][layer],
+        ws = [sw[0][layer, :, :a + e], sw[1][layer], sw[2][layer], sw[3][layer],
               sw[4][layer, :b], sw[5][layer, :b]]  # fmt: skip
-        wt = [tw[0][layer, :, :a], tw[1][layer], tw[2][layer], tw[3][layer],
+        wt = [tw[0][layer, :, :a + e], tw[1][layer], tw[2][layer], tw[3][layer],
               tw[4][layer, :b], tw[5][layer, :b]]  # fmt: skip
         out, ld = torch_layer(
-            out, kept[layer, :a], transformed[layer, :b], ws, wt, slope, inverse, precision
-        )
+            out, kept[layer, :a], transformed[layer, :b], ws, wt, slope, inverse, precision,
+            context,
+        )  # fmt: skip
         log_det = log_det + ld
     return out, log_det
 
@@ -245,15 +323,17 @@ def _triton_ok(x: Tensor) -> bool:
     return use_triton(x) and x.dtype != torch.float64
 
 
-def _layer(x, kept, transformed, sw, tw, slope, precision, inverse):
+def _layer(x, kept, transformed, sw, tw, slope, precision, inverse, context=None):
     if _triton_ok(x):
         from fastnvp.kernels.fused_layer import coupling_layer as launch
 
-        return launch(x, kept, transformed, sw, tw, slope, precision, inverse)
-    return torch_layer(x, kept, transformed, sw, tw, slope, inverse, precision)
+        return launch(x, kept, transformed, sw, tw, slope, precision, inverse, context=context)
+    return torch_layer(x, kept, transformed, sw, tw, slope, inverse, precision, context)
 
 
-def _layer_backward(out, g, gl, kept, transformed, sw, tw, slope, precision, inverse):
+def _layer_backward(out, g, gl, kept, transformed, sw, tw, slope, precision, inverse, context):
+    """13 gradients (grad_in, S's six, T's six) and grad_context (N, E); (N, 0) without one."""
+    grads = None
     if _triton_ok(out):
         from fastnvp.kernels.fused_layer_backward import coupling_layer_backward as launch
         from fastnvp.kernels.fused_layer_backward import ships
@@ -261,21 +341,37 @@ def _layer_backward(out, g, gl, kept, transformed, sw, tw, slope, precision, inv
         # A Triton that cannot compile this backward without spills (kernels.triton_limits)
         # runs it as the PyTorch GEMMs below, with the same operand rounding; the interpreter
         # has no registers, so it always runs the kernel.
-        if not out.is_cuda or ships(precision, kept.numel(), transformed.numel()):
-            return launch(out, g, gl, kept, transformed, sw, tw, slope, precision, inverse)
-    return torch_layer_backward(out, g, gl, kept, transformed, sw, tw, slope, inverse, precision)
+        k_in = sw[0].shape[1]  # the first Linear's input: kept features, then context columns
+        if not out.is_cuda or ships(precision, k_in, transformed.numel()):
+            grads = launch(
+                out, g, gl, kept, transformed, sw, tw, slope, precision, inverse, context=context
+            )
+    if grads is None:
+        grads = torch_layer_backward(
+            out, g, gl, kept, transformed, sw, tw, slope, inverse, precision, context
+        )
+    if len(grads) == 13:  # no context (or a zero-width one): an (N, 0) grad_context
+        grads = (*grads, out.new_zeros(out.shape[0], 0))
+    return tuple(grads)
 
 
-def _stack(x, kept, transformed, k1, k2, sw, tw, slope, precision, inverse):
+def _stack(x, kept, transformed, k1, k2, sw, tw, slope, precision, inverse, context=None):
     if _triton_ok(x):
         from fastnvp.kernels.fused_layer import coupling_stack as launch
 
-        return launch(x, kept, transformed, k1, k2, sw, tw, slope, precision, inverse)
-    return torch_stack(x, kept, transformed, k1, k2, sw, tw, slope, inverse, precision)
+        return launch(
+            x, kept, transformed, k1, k2, sw, tw, slope, precision, inverse, context=context
+        )
+    return torch_stack(x, kept, transformed, k1, k2, sw, tw, slope, inverse, precision, context)
 
 
 def _fake_layer(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x), x.new_empty(x.shape[0], dtype=_ld_dtype(x))
+
+
+def _context_of(rest: tuple, positional: int, context):
+    """The ``context`` argument of an op whose fake got ``positional`` arguments before it."""
+    return rest[positional] if len(rest) > positional else context
 
 
 # -------------------------------------------------------------------------------------- ops
@@ -284,12 +380,15 @@ def coupling_layer(
     x: Tensor, kept: Tensor, transformed: Tensor,
     w1s: Tensor, b1s: Tensor, w2s: Tensor, b2s: Tensor, w3s: Tensor, b3s: Tensor,
     w1t: Tensor, b1t: Tensor, w2t: Tensor, b2t: Tensor, w3t: Tensor, b3t: Tensor,
-    slope: float, precision: str,
+    slope: float, precision: str, context: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """One fused coupling layer, data -> latent: ``(z (N, D), log_det (N,))``."""
+    """One fused coupling layer, data -> latent: ``(z (N, D), log_det (N,))``.
+
+    ``context``: None or (N, E) with E = w1s.shape[1] - K1 (the nets read cat(x1, context)).
+    """
     sw, tw = [w1s, b1s, w2s, b2s, w3s, b3s], [w1t, b1t, w2t, b2t, w3t, b3t]
-    _check_layer(x, kept, transformed, sw, tw, slope, precision)
-    return _layer(x, kept, transformed, sw, tw, slope, precision, False)
+    _check_layer(x, kept, transformed, sw, tw, slope, precision, context=context)
+    return _layer(x, kept, transformed, sw, tw, slope, precision, False, context)
 
 
 @torch.library.custom_op("fastnvp::coupling_layer_inverse", mutates_args=())
@@ -297,21 +396,24 @@ def coupling_layer_inverse(
     z: Tensor, kept: Tensor, transformed: Tensor,
     w1s: Tensor, b1s: Tensor, w2s: Tensor, b2s: Tensor, w3s: Tensor, b3s: Tensor,
     w1t: Tensor, b1t: Tensor, w2t: Tensor, b2t: Tensor, w3t: Tensor, b3t: Tensor,
-    slope: float, precision: str,
+    slope: float, precision: str, context: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """One fused coupling layer, latent -> data: ``(x (N, D), log_det (N,))`` (log_det = -sum s)."""
+    """One fused coupling layer, latent -> data: ``(x (N, D), log_det (N,))`` (log_det = -sum s).
+
+    ``context``: None or (N, E), as for :func:`coupling_layer`.
+    """
     sw, tw = [w1s, b1s, w2s, b2s, w3s, b3s], [w1t, b1t, w2t, b2t, w3t, b3t]
-    _check_layer(z, kept, transformed, sw, tw, slope, precision, "z")
-    return _layer(z, kept, transformed, sw, tw, slope, precision, True)
+    _check_layer(z, kept, transformed, sw, tw, slope, precision, "z", context)
+    return _layer(z, kept, transformed, sw, tw, slope, precision, True, context)
 
 
 @coupling_layer.register_fake
-def _(x, kept, transformed, *weights_slope_precision):
+def _(x, kept, transformed, *weights_slope_precision_context, context=None):
     return _fake_layer(x)
 
 
 @coupling_layer_inverse.register_fake
-def _(z, kept, transformed, *weights_slope_precision):
+def _(z, kept, transformed, *weights_slope_precision_context, context=None):
     return _fake_layer(z)
 
 
@@ -320,15 +422,16 @@ def coupling_layer_backward(
     out: Tensor, grad_out: Tensor, grad_log_det: Tensor, kept: Tensor, transformed: Tensor,
     w1s: Tensor, b1s: Tensor, w2s: Tensor, b2s: Tensor, w3s: Tensor, b3s: Tensor,
     w1t: Tensor, b1t: Tensor, w2t: Tensor, b2t: Tensor, w3t: Tensor, b3t: Tensor,
-    slope: float, precision: str, inverse: bool,
+    slope: float, precision: str, inverse: bool, context: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-           Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+           Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Backward of a fused layer from its output ``out`` (N, D).
 
-    Returns ``(grad_in (N, D), gW1s, gb1s, gW2s, gb2s, gW3s, gb3s, gW1t, ..., gb3t)``.
+    Returns ``(grad_in (N, D), gW1s, gb1s, gW2s, gb2s, gW3s, gb3s, gW1t, ..., gb3t,
+    grad_context (N, E))``; grad_context is (N, 0) without a context.
     """
     sw, tw = [w1s, b1s, w2s, b2s, w3s, b3s], [w1t, b1t, w2t, b2t, w3t, b3t]
-    _check_layer(out, kept, transformed, sw, tw, slope, precision, "out")
+    _check_layer(out, kept, transformed, sw, tw, slope, precision, "out", context)
     if grad_out.shape != out.shape:
         raise ValueError(
             f"grad_out must have shape {tuple(out.shape)}, got {tuple(grad_out.shape)}"
@@ -337,37 +440,44 @@ def coupling_layer_backward(
         raise ValueError(
             f"grad_log_det must have shape ({out.shape[0]},), got {tuple(grad_log_det.shape)}"
         )
-    grads = _layer_backward(
-        out, grad_out, grad_log_det, kept, transformed, sw, tw, slope, precision, inverse
-    )
-    return tuple(grads)
+    return _layer_backward(
+        out, grad_out, grad_log_det, kept, transformed, sw, tw, slope, precision, inverse,
+        context,
+    )  # fmt: skip
 
 
 @coupling_layer_backward.register_fake
-def _(out, grad_out, grad_log_det, kept, transformed, *rest):
+def _(out, grad_out, grad_log_det, kept, transformed, *rest, context=None):
     weights = rest[:12]
-    return (torch.empty_like(out), *(torch.empty_like(w) for w in weights))
+    context = _context_of(rest, 15, context)
+    e = 0 if context is None else context.shape[1]
+    return (
+        torch.empty_like(out),
+        *(torch.empty_like(w) for w in weights),
+        out.new_empty(out.shape[0], e),
+    )
 
 
 def _setup(ctx, inputs, output):
-    x, kept, transformed, *weights, slope, precision = inputs
-    ctx.save_for_backward(output[0], kept, transformed, *weights)
+    x, kept, transformed, *weights, slope, precision, context = inputs
+    ctx.save_for_backward(output[0], kept, transformed, context, *weights)
     ctx.slope = slope
     ctx.precision = precision
 
 
 def _make_backward(inverse: bool):
     def backward(ctx, grad_out, grad_log_det):
-        out, kept, transformed, *weights = ctx.saved_tensors
+        out, kept, transformed, context, *weights = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         if grad_log_det is None:
             grad_log_det = out.new_zeros(out.shape[0], dtype=_ld_dtype(out))
         grads = coupling_layer_backward(
             out, grad_out.contiguous(), grad_log_det.contiguous(), kept, transformed, *weights,
-            ctx.slope, ctx.precision, inverse,
+            ctx.slope, ctx.precision, inverse, context,
         )  # fmt: skip
-        return (grads[0], None, None, *grads[1:], None, None)
+        grad_context = None if context is None else grads[13]
+        return (grads[0], None, None, *grads[1:13], None, None, grad_context)
 
     return backward
 
@@ -376,7 +486,7 @@ coupling_layer.register_autograd(_make_backward(False), setup_context=_setup)
 coupling_layer_inverse.register_autograd(_make_backward(True), setup_context=_setup)
 
 
-def _check_stack(x, kept, transformed, k1, k2, sw, tw, slope, precision, x_name) -> None:
+def _check_stack(x, kept, transformed, k1, k2, sw, tw, slope, precision, x_name, context) -> None:
     ensure_batch(x, x_name)
     _check_index(kept, "kept", x.shape[1], ndim=2)
     _check_index(transformed, "transformed", x.shape[1], ndim=2)
@@ -392,6 +502,16 @@ def _check_stack(x, kept, transformed, k1, k2, sw, tw, slope, precision, x_name)
     h_t = _check_net(tw, "t_", x, kept.shape[1], transformed.shape[1], num_layers)
     if h_s != h_t:
         raise ValueError(f"S and T must have the same hidden width, got {h_s} and {h_t}")
+    # The stacked W1 is padded, so E is not in its shape: any E that leaves every layer >= 1
+    # kept column fits (torch_stack checks each layer's K1 + E against it).
+    why = "E = the context width the weights were stacked with"
+    _check_context(context, x, x_name, None, why)
+    if context is not None and context.shape[1] > kept.shape[1] - 1:
+        raise ValueError(
+            f"context has {context.shape[1]} columns but the stacked W1 has only "
+            f"{kept.shape[1]}: context must have shape (N, E) with E the context width the "
+            "weights were stacked with"
+        )
     _check_slope(slope)
     _check_precision(precision)
 
@@ -401,12 +521,16 @@ def coupling_stack_forward(
     x: Tensor, kept: Tensor, transformed: Tensor, k1: Tensor, k2: Tensor,
     w1s: Tensor, b1s: Tensor, w2s: Tensor, b2s: Tensor, w3s: Tensor, b3s: Tensor,
     w1t: Tensor, b1t: Tensor, w2t: Tensor, b2t: Tensor, w3t: Tensor, b3t: Tensor,
-    slope: float, precision: str,
+    slope: float, precision: str, context: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """All layers 0..L-1, data -> latent, inference only: ``(z (N, D), log_det (N,))``."""
+    """All layers 0..L-1, data -> latent, inference only: ``(z (N, D), log_det (N,))``.
+
+    ``context``: None or (N, E), one context for every layer; E must be the context width the
+    weights were stacked with (:func:`stack_layers`).
+    """
     sw, tw = [w1s, b1s, w2s, b2s, w3s, b3s], [w1t, b1t, w2t, b2t, w3t, b3t]
-    _check_stack(x, kept, transformed, k1, k2, sw, tw, slope, precision, "x")
-    return _stack(x, kept, transformed, k1, k2, sw, tw, slope, precision, False)
+    _check_stack(x, kept, transformed, k1, k2, sw, tw, slope, precision, "x", context)
+    return _stack(x, kept, transformed, k1, k2, sw, tw, slope, precision, False, context)
 
 
 @torch.library.custom_op("fastnvp::coupling_stack_inverse", mutates_args=())
@@ -414,21 +538,24 @@ def coupling_stack_inverse(
     z: Tensor, kept: Tensor, transformed: Tensor, k1: Tensor, k2: Tensor,
     w1s: Tensor, b1s: Tensor, w2s: Tensor, b2s: Tensor, w3s: Tensor, b3s: Tensor,
     w1t: Tensor, b1t: Tensor, w2t: Tensor, b2t: Tensor, w3t: Tensor, b3t: Tensor,
-    slope: float, precision: str,
+    slope: float, precision: str, context: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """All layers L-1..0, latent -> data, inference only: ``(x (N, D), log_det (N,))``."""
+    """All layers L-1..0, latent -> data, inference only: ``(x (N, D), log_det (N,))``.
+
+    ``context``: None or (N, E), as for :func:`coupling_stack_forward`.
+    """
     sw, tw = [w1s, b1s, w2s, b2s, w3s, b3s], [w1t, b1t, w2t, b2t, w3t, b3t]
-    _check_stack(z, kept, transformed, k1, k2, sw, tw, slope, precision, "z")
-    return _stack(z, kept, transformed, k1, k2, sw, tw, slope, precision, True)
+    _check_stack(z, kept, transformed, k1, k2, sw, tw, slope, precision, "z", context)
+    return _stack(z, kept, transformed, k1, k2, sw, tw, slope, precision, True, context)
 
 
 @coupling_stack_forward.register_fake
-def _(x, *rest):
+def _(x, *rest, context=None):
     return _fake_layer(x)
 
 
 @coupling_stack_inverse.register_fake
-def _(z, *rest):
+def _(z, *rest, context=None):
     return _fake_layer(z)
 
 
@@ -456,12 +583,15 @@ def stack_layers(layers: Sequence[tuple[Tensor, Tensor, Sequence[Tensor], Sequen
 
     Returns ``(kept (L, K1P), transformed (L, K2P), k1 (L,), k2 (L,), 12 stacked weights)``,
     zero-padded to the widths of :func:`pad_widths` (padded W1 columns, W3 rows and b3 entries
-    are 0, so padding contributes nothing). Inference only: the result is detached.
+    are 0, so padding contributes nothing). Inference only: the result is detached. A
+    conditional layer's W1 is (H, K1 + E) (kept columns, then the E context columns): K1P then
+    pads the widest K1 + E, and each layer's context columns follow its own K1 kept ones.
     """
     if len(layers) < 1:
         raise ValueError("stack_layers needs at least one layer")
     k1p, k2p = pad_widths(
-        max(int(kept.numel()) for kept, *_ in layers), max(int(tr.numel()) for _, tr, *_ in layers)
+        max(int(sw[0].shape[1]) for *_, sw, _ in layers),
+        max(int(tr.numel()) for _, tr, *_ in layers),
     )
     kept_rows, trans_rows, k1s, k2s = [], [], [], []
     nets: list[list[list[Tensor]]] = [[[] for _ in range(6)] for _ in range(2)]
@@ -473,7 +603,7 @@ def stack_layers(layers: Sequence[tuple[Tensor, Tensor, Sequence[Tensor], Sequen
         k2s.append(b)
         for net, weights in zip(nets, (sw, tw)):
             w1, b1, w2, b2, w3, b3 = (w.detach() for w in weights)
-            net[0].append(F.pad(w1, (0, k1p - a)))
+            net[0].append(F.pad(w1, (0, k1p - w1.shape[1])))  # K1 (+ E context) columns
             net[1].append(b1)
             net[2].append(w2)
             net[3].append(b2)

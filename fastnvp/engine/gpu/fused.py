@@ -4,6 +4,10 @@ launch without gradients (docs/design.md §3.2, §4.2-4.4).
 The ops themselves (``torch.ops.fastnvp.coupling_layer*``, ``coupling_stack_*``, each with its
 PyTorch implementation) are in ``fastnvp.ops.fused_layer``; this module binds them to a model's
 layers and caches the stacked weights of the whole-stack launch.
+
+A conditional model (``model.embedded_features`` E > 0) passes the embedded context ``e``
+(N, E), computed once per call, to every layer: layer i's nets read ``cat(h[:, kept_i], e)``
+against ``W1[:, model._inputs(i)]`` (H, K1 + E), kept columns first, then the context columns.
 """
 
 from __future__ import annotations
@@ -30,42 +34,65 @@ def model_uses_fused_layer(model, layer: int, h: Tensor) -> bool:
     return model._plan(h, "f").layers[layer] == "fused_layer"
 
 
+def _embedded_features(model) -> int:
+    """E of a conditional model (the width of the embedded context), 0 when unconditional."""
+    return int(getattr(model, "embedded_features", 0) or 0)
+
+
 def _model_layer_weights(model, layer: int):
+    """``(kept, transformed, s_weights, t_weights, slope)``; W1 is (H, K1 + E)."""
     from fastnvp.core.conditioner import match_standard_mlp, standard_weights
 
     kept, transformed = model._split(layer)
-    s_mlp = match_standard_mlp(model.s[layer], model.dim)
-    t_mlp = match_standard_mlp(model.t[layer], model.dim)
-    sw = standard_weights(s_mlp, kept, transformed)
-    tw = standard_weights(t_mlp, kept, transformed)
+    e = _embedded_features(model)
+    if e:
+        inputs = model._inputs(layer)  # kept columns, then the context columns D..D+E-1
+        s_mlp = match_standard_mlp(model.s[layer], model.dim, context=e)
+        t_mlp = match_standard_mlp(model.t[layer], model.dim, context=e)
+    else:
+        inputs = kept
+        s_mlp = match_standard_mlp(model.s[layer], model.dim)
+        t_mlp = match_standard_mlp(model.t[layer], model.dim)
+    sw = standard_weights(s_mlp, inputs, transformed)
+    tw = standard_weights(t_mlp, inputs, transformed)
     return kept, transformed, sw, tw, s_mlp.negative_slope
 
 
-def model_layer(model, layer: int, h: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-    """FastRealNVP layer ``layer`` as one fused-layer op (differentiable).  (N, D) -> (out, ld)."""
+def model_layer(
+    model, layer: int, h: Tensor, inverse: bool, context: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """FastRealNVP layer ``layer`` as one fused-layer op (differentiable).  (N, D) -> (out, ld).
+
+    ``context``: the embedded context e (N, E) of a conditional model (None when unconditional);
+    its gradient flows back through the op.
+    """
     kept, transformed, sw, tw, slope = _model_layer_weights(model, layer)
     op = coupling_layer_inverse if inverse else coupling_layer
-    return op(h, kept, transformed, *sw, *tw, slope, model.precision)
+    return op(h, kept, transformed, *sw, *tw, slope, model.precision, context)
 
 
 def _stack_key(model) -> tuple:
     return tuple((p.data_ptr(), p._version) for p in model.parameters()) + (
         model.split_order.data_ptr(),
         model.split_order._version,
+        _embedded_features(model),  # the W1 gather depends on E, never on the context values
     )
 
 
-def model_stack(model, x: Tensor, inverse: bool):
+def model_stack(model, x: Tensor, inverse: bool, context: Tensor | None = None):
     """All layers in one whole-stack launch when nothing needs a gradient, else None.
 
     Used when every layer takes the fused layer, no gradient is needed, and the stacked weights
     fit ``STACK_CACHE_BUDGET``. The stacked weights are cached on the model and rebuilt when a
-    parameter changes (in-place updates bump the parameters' version counters).
+    parameter changes (in-place updates bump the parameters' version counters). ``context``:
+    the embedded context e (N, E) of a conditional model, shared by every layer.
     """
     if not all(model_uses_fused_layer(model, i, x) for i in range(model.num_layers)):
         return None
     if torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for p in model.parameters())
+        x.requires_grad
+        or (context is not None and context.requires_grad)
+        or any(p.requires_grad for p in model.parameters())
     ):
         return None
     key = _stack_key(model)
@@ -79,4 +106,4 @@ def model_stack(model, x: Tensor, inverse: bool):
     if not fits:
         return None
     op = coupling_stack_inverse if inverse else coupling_stack_forward
-    return op(x, *stacked, slope, model.precision)
+    return op(x, *stacked, slope, model.precision, context)
