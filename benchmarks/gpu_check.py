@@ -343,6 +343,58 @@ def check_stack(dim, hidden, layers, rows, device, precisions, emit):
             _print_errs(tag, errs, ok)
 
 
+def check_conditional(dim, hidden, layers, context, rows, device, emit):
+    """A conditional FastRealNVP (fused layers with context columns, docs/design.md §1.7) vs
+    the float64 reference: log_prob, parameter and context gradients, g, and the no-grad
+    whole-stack launch; then the train step of both, timed side by side (ieee precision)."""
+    torch.manual_seed(0)
+    ref = RealNVP.standard(dim, layers, hidden=hidden, context=context).to(device)
+    fast = FastRealNVP.from_reference(ref)
+    ref64 = RealNVP.standard(dim, layers, hidden=hidden, context=context).to(device).double()
+    ref64.load_state_dict(ref.state_dict())
+    x = torch.randn(rows, dim, device=device)
+    c = torch.randn(rows, context, device=device)
+    tag = f"conditional D={dim} C={context} H={hidden} L={layers}"
+    cg = c.clone().requires_grad_()
+    lp = fast.log_prob(x, cg)
+    grads = torch.autograd.grad(lp.sum(), [cg, *fast.parameters()])
+    c64 = c.double().requires_grad_()
+    lp64 = ref64.log_prob(x.double(), c64)
+    grads64 = torch.autograd.grad(lp64.sum(), [c64, *ref64.parameters()])
+    with torch.no_grad():
+        plan = str(fast.explain(x, "f", c))
+        z64 = ref64.f(x.double(), c.double())[0]
+        stack_z = fast.f(x, c)[0]
+        back = fast.g(z64.float(), c)
+    errs = {
+        "log_prob": rel_err(lp, lp64),
+        "grad_context": rel_err(grads[0], grads64[0]),
+        "grad_w_max": max(rel_err(g, r) for g, r in zip(grads[1:], grads64[1:])),
+        "stack_z": rel_err(stack_z, z64),
+        "g": rel_err(back, x.double()),
+    }
+    ok = all(e <= 5 * TOL_GRAD["ieee"] for e in errs.values())
+    emit({"check": tag, "plan": plan, **errs, "ok": ok})
+    _print_errs(tag, errs, ok)
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        (-model.log_prob(x, c).mean()).backward()
+
+    times = {
+        name: bench(lambda m=m: step(m), device)
+        for name, m in (("fastnvp", fast), ("reference", ref))
+    }
+    row = {
+        "check": f"{tag} train step ms",
+        **times,
+        "speedup": times["reference"] / times["fastnvp"],
+    }
+    emit(row)
+    print(f"  {row['check']:<40} fastnvp {times['fastnvp']:.3f} reference {times['reference']:.3f}"
+          f" ({row['speedup']:.2f}x)", flush=True)  # fmt: skip
+
+
 # ------------------------------------------------------------------------- compile report
 def _safe_name(name: str) -> str:
     """A file name for a config name (brackets, commas and '=' are not portable)."""
@@ -742,6 +794,8 @@ def run_sections(args, device, budget: Budget, report: Report, job: list) -> Non
         emit = lambda row: report.add("correctness", row)
         check_layer(*args.layer_cases[0], args.rows, device, PRECISIONS, emit)
         check_stack(*args.stack_case, args.rows, device, PRECISIONS, emit)
+        dim, hidden, _ = args.stack_case
+        check_conditional(dim, hidden, 2, 3, args.rows, device, emit)
 
     def more_correctness():
         print("more correctness", flush=True)
