@@ -336,10 +336,18 @@ def wide_halves(k1p: int, k2p: int) -> bool:
 
 
 def tile_tier(k1p: int, k2p: int) -> str:
-    """Which tile table a layer's padded halves take: "narrow", "dot_k1" or "wide"."""
+    """Which tile table a layer's padded halves take: "narrow", "outer", "dot_k1" or "wide".
+
+    "narrow" is one first-Linear input column (K1P = 1); "outer" 2-4 columns (the outer-product
+    first Linear with more FMAs per element, e.g. D = 2 with a context column), which on some
+    Tritons needs smaller tiles; where a version has no "outer" tile it takes the "narrow" one
+    (``fastnvp.kernels.triton_limits.TIER_FALLBACK``).
+    """
     if wide_halves(k1p, k2p):
         return "wide"
-    return "dot_k1" if k1p > OUTER_K1_MAX else "narrow"
+    if k1p > OUTER_K1_MAX:
+        return "dot_k1"
+    return "narrow" if k1p == 1 else "outer"
 
 
 def for_this_triton(cfg: dict, kernel: str, precision: str, hidden: int, k1p: int, k2p: int):

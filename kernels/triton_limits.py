@@ -36,6 +36,12 @@ TRITON_VERSION = tuple(int(p) for p in triton.__version__.split("+")[0].split(".
 _T = dict  # one tile: BLOCK_M rows, HC output columns, KC K chunk, num_warps
 TILE_OVERRIDES: dict[tuple[tuple[int, int], tuple[int, int]], dict[tuple[str, str, str], list]] = {
     ((3, 3), (3, 3)): {
+        # 2-4 first-Linear columns (D = 2 with a context column): 0-spill tiles on 3.3.1.
+        ("layer", "tf32", "outer"): [_T(BLOCK_M=64, HC=64, KC=64, num_warps=8)],
+        ("layer", "bf16", "outer"): [_T(BLOCK_M=64, HC=128, KC=32, num_warps=8)],
+        ("stack", "tf32", "outer"): [_T(BLOCK_M=128, HC=32, KC=32, num_warps=8)],
+        ("stack", "bf16", "outer"): [_T(BLOCK_M=64, HC=128, KC=32, num_warps=8)],
+        ("backward", "bf16", "outer"): [_T(BLOCK_M=16, HC=16, KC=128, num_warps=4)],
         ("layer", "tf32", "narrow"): [_T(BLOCK_M=128, HC=64, KC=32, num_warps=8, min_hidden=128)],
         ("layer", "tf32", "wide"): [_T(BLOCK_M=16, HC=64, KC=16, num_warps=8)],
         ("layer", "bf16", "wide"): [_T(BLOCK_M=64, HC=32, KC=16, num_warps=8)],
@@ -89,6 +95,12 @@ TILE_OVERRIDES: dict[tuple[tuple[int, int], tuple[int, int]], dict[tuple[str, st
         ("backward", "bf16", "dot_k1"): [_T(BLOCK_M=64, HC=32, KC=64, num_warps=8)],
     },
     ((3, 6), (3, 8)): {
+        # 2-4 first-Linear columns (D = 2 with a context column): the default tiles spilled
+        # 12-76 B on 3.6.0 (compile report, D=2,E=1).
+        ("layer", "ieee", "outer"): [_T(BLOCK_M=64, HC=32, KC=32, num_warps=4)],
+        ("layer", "tf32", "outer"): [_T(BLOCK_M=128, HC=64, KC=32, num_warps=8)],
+        ("layer", "bf16", "outer"): [_T(BLOCK_M=64, HC=128, KC=64, num_warps=8)],
+        ("stack", "bf16", "outer"): [_T(BLOCK_M=64, HC=128, KC=64, num_warps=8)],
         ("layer", "tf32", "wide"): [_T(BLOCK_M=32, HC=64, KC=32, num_warps=8)],
         ("layer", "bf16", "wide"): [_T(BLOCK_M=32, HC=64, KC=32, num_warps=8)],
         ("stack", "tf32", "narrow"): [_T(BLOCK_M=128, HC=64, KC=32, num_warps=8, min_hidden=128)],
@@ -169,10 +181,17 @@ def dot_k_min(bits: int = 32) -> int:
     return int(min_dot_size(GPUTarget("cuda", 90, 32))(dtype, dtype)[2])
 
 
+#: A tier without an entry of its own in a version's table takes its fallback's entry.
+TIER_FALLBACK = {"outer": "narrow"}
+
+
 def tile_override(kernel: str, precision: str, tier: str, hidden: int) -> dict | None:
     """The tile that replaces the default for this Triton, or None to keep the default."""
     for table in _in_force(TILE_OVERRIDES):
-        tiles = table.get((kernel, precision, tier), ())
+        key = (kernel, precision, tier)
+        if key not in table and tier in TIER_FALLBACK:
+            key = (kernel, precision, TIER_FALLBACK[tier])
+        tiles = table.get(key, ())
         fitting = [t for t in tiles if hidden >= t.get("min_hidden", 0)]
         if fitting:
             return {k: v for k, v in fitting[-1].items() if k != "min_hidden"}

@@ -64,6 +64,8 @@ def test_layer_config_takes_the_override_and_clamps_to_the_width(monkeypatch):
 
 def test_tiers():
     assert fused_layer.tile_tier(1, 16) == "narrow"
+    assert fused_layer.tile_tier(2, 16) == "outer"
+    assert fused_layer.tile_tier(4, 16) == "outer"
     assert fused_layer.tile_tier(16, 16) == "dot_k1"
     assert fused_layer.tile_tier(64, 64) == "wide"
 
@@ -86,3 +88,15 @@ def test_elementwise_warps_follow_the_table(monkeypatch):
     monkeypatch.setattr(triton_limits, "ELEMENTWISE_WARPS", {(version, version): {4: 8}})
     assert triton_limits.elementwise_warps(4) == 8
     assert triton_limits.elementwise_warps(1) == 4
+
+
+def test_outer_tier_falls_back_to_narrow(monkeypatch):
+    narrow = {"BLOCK_M": 32, "HC": 32, "KC": 32, "num_warps": 4}
+    outer = {"BLOCK_M": 16, "HC": 32, "KC": 32, "num_warps": 4}
+    version = triton_limits.TRITON_VERSION
+    table = {("layer", "ieee", "narrow"): [narrow], ("stack", "ieee", "narrow"): [narrow],
+             ("stack", "ieee", "outer"): [outer]}  # fmt: skip
+    monkeypatch.setattr(triton_limits, "TILE_OVERRIDES", {(version, version): table})
+    assert triton_limits.tile_override("layer", "ieee", "outer", 256) == narrow
+    assert triton_limits.tile_override("stack", "ieee", "outer", 256) == outer
+    assert triton_limits.tile_override("backward", "ieee", "outer", 256) is None

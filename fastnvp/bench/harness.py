@@ -7,6 +7,13 @@ Workloads (B rows, D features; all providers get the same inputs):
 - ``inverse``: ``g(z)`` under ``torch.no_grad``, z (B, D).
 - ``train``: one step of Adam on ``-log_prob(x).mean()``: zero_grad, forward, backward, step.
 
+Conditional configurations (``BenchConfig.context`` = C): the reference is
+``RealNVP.standard(D, L, H, context=C)``, every provider gets the same context c (B, C) besides
+x and z, and the workloads become ``log_prob(x, c)``, ``g(z, c)``, the Adam step on
+``-log_prob(x, c).mean()`` (its gradient reaches the context columns of every first Linear)
+and ``sample``: ONE sample per context row, B rows, by each library's own call for that
+(:mod:`fastnvp.bench.providers`, ``sample_form``, recorded per provider in ``checks``).
+
 Timing (docs/design.md §6.6): all providers of one configuration live in one process and are
 timed in rounds; each round times every provider once, starting at a different provider each
 round, so slow drifts of the machine hit all of them alike. Before the rounds each provider runs
@@ -62,19 +69,25 @@ class BenchConfig:
     batch: int
     device: str = "cpu"
     dtype: str = "float32"
+    context: int | None = None  # C of a conditional flow; None: unconditional
 
     def __post_init__(self):
         for name, lo in (("layers", 1), ("dim", 2), ("hidden", 1), ("batch", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+        if self.context is not None and (
+            isinstance(self.context, bool) or not isinstance(self.context, int) or self.context < 1
+        ):
+            raise ValueError(f"context must be None or an int >= 1, got {self.context!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
     def label(self) -> str:
-        return f"L={self.layers} D={self.dim} H={self.hidden} B={self.batch}"
+        ctx = f" C={self.context}" if self.context is not None else ""
+        return f"L={self.layers} D={self.dim}{ctx} H={self.hidden} B={self.batch}"
 
 
 @dataclass
@@ -115,12 +128,14 @@ class Plan:
     """A list of configurations, each with the providers and workloads to run on it.
 
     ``grid``: for the grid preset, how the shapes were chosen and ordered (see
-    :func:`grid_plan`); :func:`run` copies it into the results document.
+    :func:`grid_plan`); ``conditional``: for the conditional presets, their axes (see
+    :func:`conditional_plan`). :func:`run` copies either into the results document.
     """
 
     name: str
     entries: list[tuple[BenchConfig, Settings]] = field(default_factory=list)
     grid: dict | None = None
+    conditional: dict | None = None
 
 
 # ----------------------------------------------------------------------------- presets
@@ -146,6 +161,13 @@ def preset(
       :data:`GRID_WORKLOADS`, in the cover-first order of :func:`grid_order` (seed
       ``grid_seed``); ``grid_sample``: keep only the first that many shapes (see
       :func:`grid_plan`).
+    - ``conditional`` (about 3-4 min on 2 idle cores): conditional flows, the product
+      :data:`CONDITIONAL_AXES` (D ∈ {2, 8, 16}, C ∈ {1, 8}, B ∈ {256, 4096}, L = 8, H = 256)
+      and the deep point :data:`CONDITIONAL_DEEP` (L = 50, D = 2, C = 8, H = 256, B = 1024),
+      with :data:`prov.CONDITIONAL_PROVIDERS` on :data:`GRID_WORKLOADS` (see
+      :func:`conditional_plan`).
+    - ``conditional-quick`` (under a minute): the same at D ∈ {2, 8}, C ∈ {1, 8}, B = 256,
+      L = 8, H = 64, no deep point, 2 rounds.
     """
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
@@ -153,6 +175,13 @@ def preset(
         return grid_plan(GRID_AXES, grid_sample, grid_seed, device, dtype, threads)
     if grid_sample is not None:
         raise ValueError(f"grid_sample applies to the grid preset only, not to {name!r}")
+    if name == "conditional":
+        return conditional_plan(device=device, dtype=dtype, threads=threads)
+    if name == "conditional-quick":
+        settings = dataclasses.replace(conditional_settings(threads), repeats=2)
+        return conditional_plan(
+            CONDITIONAL_QUICK_AXES, (), device, dtype, threads, settings, "conditional-quick"
+        )
 
     def cfg(layers, dim=2, hidden=256, batch=4096):
         return BenchConfig(layers, dim, hidden, batch, device, dtype)
@@ -183,7 +212,7 @@ def preset(
     return plan
 
 
-PRESETS = ("quick", "main", "full", "grid")
+PRESETS = ("quick", "main", "full", "grid", "conditional", "conditional-quick")
 
 # ----------------------------------------------------------------------------- the grid
 #: The grid preset's axes, in the order of a shape tuple (D, H, B, L).
@@ -348,14 +377,133 @@ def grid_plan(
     return plan
 
 
+# ----------------------------------------------------------------------------- conditional
+#: The conditional preset's axes; its shapes are the product, ordered B, then D, then C.
+CONDITIONAL_AXES = {
+    "dim": (2, 8, 16),
+    "context": (1, 8),
+    "batch": (256, 4096),
+    "layers": (8,),
+    "hidden": (256,),
+}
+#: Extra shapes after the product, (D, C, B, L, H): the main preset's L = 50, D = 2, H = 256
+#: with an 8-wide context, at the depth sweep's B = 1024 (at B = 4096 this one shape would cost
+#: as much as the rest of the preset together).
+CONDITIONAL_DEEP = ((2, 8, 1024, 50, 256),)
+CONDITIONAL_QUICK_AXES = {
+    "dim": (2, 8),
+    "context": (1, 8),
+    "batch": (256,),
+    "layers": (8,),
+    "hidden": (64,),
+}
+#: The order of a conditional shape tuple.
+CONDITIONAL_KEYS = ("dim", "context", "batch", "layers", "hidden")
+
+
+def conditional_settings(threads: int = 2) -> Settings:
+    """Settings of the conditional presets: :data:`prov.CONDITIONAL_PROVIDERS` on
+    :data:`GRID_WORKLOADS`, 3 rounds, no fused-level variants, no ``torch.compile``."""
+    return Settings(
+        providers=prov.CONDITIONAL_PROVIDERS,
+        workloads=GRID_WORKLOADS,
+        repeats=3,
+        threads=threads,
+        compile_max_layers=0,
+        fastnvp_variants=False,
+    )
+
+
+def _check_conditional_axes(axes: dict) -> dict[str, tuple[int, ...]]:
+    if not isinstance(axes, dict) or set(axes) != set(CONDITIONAL_KEYS):
+        raise ValueError(f"axes must be a dict with the keys {CONDITIONAL_KEYS}, got {axes!r}")
+    out = {}
+    for name in CONDITIONAL_KEYS:
+        values = tuple(axes[name]) if isinstance(axes[name], (list, tuple)) else ()
+        if not values or len(set(values)) != len(values):
+            raise ValueError(
+                f"axes[{name!r}] must be a non-empty list of distinct values, got {axes[name]!r}"
+            )
+        out[name] = tuple(sorted(values))
+    return out
+
+
+def conditional_shapes(
+    axes: dict = CONDITIONAL_AXES, deep: Sequence[tuple] = CONDITIONAL_DEEP
+) -> list[tuple[int, int, int, int, int]]:
+    """The shapes (D, C, B, L, H) of a conditional plan: the product of ``axes`` ordered by
+    L, H, B, D, C (cheap batches first, so ``--max-minutes`` drops the expensive tail), then
+    ``deep`` (extra (D, C, B, L, H) tuples not in the product)."""
+    axes = _check_conditional_axes(axes)
+    shapes = [
+        (dim, ctx, batch, layers, hidden)
+        for layers in axes["layers"]
+        for hidden in axes["hidden"]
+        for batch in axes["batch"]
+        for dim in axes["dim"]
+        for ctx in axes["context"]
+    ]
+    for shape in deep:
+        shape = tuple(shape)
+        if len(shape) != 5 or not all(isinstance(v, int) for v in shape):
+            raise ValueError(f"deep shapes must be (D, C, B, L, H) int tuples, got {shape!r}")
+        if shape not in shapes:
+            shapes.append(shape)
+    return shapes
+
+
+def conditional_plan(
+    axes: dict = CONDITIONAL_AXES,
+    deep: Sequence[tuple] = CONDITIONAL_DEEP,
+    device: str = "cpu",
+    dtype: str = "float32",
+    threads: int = 2,
+    settings: Settings | None = None,
+    name: str = "conditional",
+) -> Plan:
+    """The conditional preset: every shape of :func:`conditional_shapes` as a conditional
+    configuration (``BenchConfig.context`` = C).
+
+    Every shape gets the same ``settings`` (default :func:`conditional_settings`), so providers
+    are paired and alternated as in the other presets (:func:`run_config`).
+
+    Args:
+        axes: ``{"dim", "context", "batch", "layers", "hidden"}`` -> values.
+        deep: extra (D, C, B, L, H) shapes run after the product.
+
+    Returns:
+        The plan, with ``plan.conditional`` describing the axes, the deep shapes and the order
+        (``shapes``: [[D, C, B, L, H], ...] as planned).
+    """
+    checked = _check_conditional_axes(axes)
+    shapes = conditional_shapes(checked, deep)
+    if settings is None:
+        settings = conditional_settings(threads)
+    plan = Plan(name)
+    for dim, ctx, batch, layers, hidden in shapes:
+        plan.entries.append(
+            (BenchConfig(layers, dim, hidden, batch, device, dtype, context=ctx), settings)
+        )
+    plan.conditional = {
+        "axes": {n: list(v) for n, v in checked.items()},
+        "deep": [list(s) for s in deep],
+        "keys": list(CONDITIONAL_KEYS),
+        "shapes": [list(s) for s in shapes],
+        "planned": len(shapes),
+    }
+    return plan
+
+
 # ----------------------------------------------------------------------------- FLOPs
 def forward_flops_per_row(ref: RealNVP) -> int:
-    """Analytic FLOPs of one forward pass per row: Σ_layers 2 nets · 2 (K1 H + H H + H K2)."""
+    """Analytic FLOPs of one forward pass per row: Σ_layers 2 nets · 2 ((K1 + E) H + H H + H K2),
+    E the context width the nets see (0 unconditional; an embedding is not counted)."""
     hidden = ref.s[0][0].out_features
+    ctx = prov.context_width(ref)
     total = 0
     for i in range(ref.num_layers):
         kept, transformed = split_indices(ref.mask[i])
-        k1, k2 = kept.numel(), transformed.numel()
+        k1, k2 = kept.numel() + ctx, transformed.numel()
         total += 2 * 2 * (k1 * hidden + hidden * hidden + hidden * k2)
     return total
 
@@ -455,32 +603,36 @@ def _quantiles(values: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(values), q[2]
 
 
-def _make_call(flow: prov.Flow, workload: str, x, z, lr: float) -> Callable[[], object]:
+def _make_call(flow: prov.Flow, workload: str, x, z, lr: float, c=None) -> Callable[[], object]:
+    """One call of ``workload`` on ``flow``; with a context c (B, C) the conditional form
+    (``sample``: one sample per context row)."""
     batch = x.shape[0]
+    given = () if c is None else (c,)
     if workload == "log_prob":
 
         def call():
             with torch.no_grad():
-                return flow.log_prob(x)
+                return flow.log_prob(x, *given)
 
     elif workload == "sample":
+        arg = batch if c is None else c
 
         def call():
             with torch.no_grad():
-                return flow.sample(batch)
+                return flow.sample(arg)
 
     elif workload == "inverse":
 
         def call():
             with torch.no_grad():
-                return flow.inverse(z)
+                return flow.inverse(z, *given)
 
     else:
         opt = torch.optim.Adam(flow.trainable(), lr=lr)
 
         def call():
             opt.zero_grad(set_to_none=True)
-            loss = flow.loss(x)
+            loss = flow.loss(x, *given)
             loss.backward()
             opt.step()
             return loss
@@ -508,10 +660,16 @@ def run_config(cfg: BenchConfig, settings: Settings, log: Callable[[str], None] 
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     dt = DTYPES[cfg.dtype]
-    ref = RealNVP.standard(cfg.dim, cfg.layers, cfg.hidden).to(device=cfg.device, dtype=dt)
+    extra = {} if cfg.context is None else {"context": cfg.context}
+    ref = RealNVP.standard(cfg.dim, cfg.layers, cfg.hidden, **extra)
+    ref = ref.to(device=cfg.device, dtype=dt)
     gen = torch.Generator().manual_seed(settings.seed + 1)
     x = torch.randn(cfg.batch, cfg.dim, generator=gen).to(device=cfg.device, dtype=dt)
     z = torch.randn(cfg.batch, cfg.dim, generator=gen).to(device=cfg.device, dtype=dt)
+    c = None
+    if cfg.context is not None:
+        c = torch.randn(cfg.batch, cfg.context, generator=gen).to(device=cfg.device, dtype=dt)
+    given = () if c is None else (c,)
 
     specs = list(settings.providers)
     if "reference" not in specs:
@@ -522,7 +680,7 @@ def run_config(cfg: BenchConfig, settings: Settings, log: Callable[[str], None] 
     checks: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     with torch.no_grad():
-        expected = ref.log_prob(x)
+        expected = ref.log_prob(x) if c is None else ref.log_prob(x, context=c)
     for spec in specs:
         if spec == "torch.compile" and cfg.layers > settings.compile_max_layers:
             skipped[spec] = (
@@ -538,7 +696,7 @@ def run_config(cfg: BenchConfig, settings: Settings, log: Callable[[str], None] 
             continue
         t0 = time.perf_counter()
         with torch.no_grad():
-            got = flow.log_prob(x)
+            got = flow.log_prob(x, *given)
         first_s = time.perf_counter() - t0
         err = (got.double() - expected.double()).abs()
         rtol, atol = check_tolerance(cfg, flow.name)
@@ -553,6 +711,8 @@ def run_config(cfg: BenchConfig, settings: Settings, log: Callable[[str], None] 
         }
         if flow.compiled:
             checks[flow.name]["first_log_prob_s"] = first_s
+        if flow.sample_form:
+            checks[flow.name]["sample_call"] = flow.sample_form
         if not ok:
             log(f"  {flow.name}: log_prob differs from the reference (max {err.max().item():.3g})")
         flows[flow.name] = flow
@@ -567,7 +727,7 @@ def run_config(cfg: BenchConfig, settings: Settings, log: Callable[[str], None] 
     results = []
     names = list(flows)
     for workload in settings.workloads:
-        calls = {n: _make_call(flows[n], workload, x, z, settings.lr) for n in names}
+        calls = {n: _make_call(flows[n], workload, x, z, settings.lr, c) for n in names}
         numbers, first_s = {}, {}
         for n in names:
             # The first call is the cold one (compiles for torch.compile); more warm-up calls
@@ -759,6 +919,8 @@ def _run(plan, command, log, max_minutes, checkpoint) -> dict:
             "every_value_run": False,
             "every_pair_run": False,
         }
+    if plan.conditional is not None:
+        doc["conditional"] = dict(plan.conditional)
     log(f"machine {doc['machine']['name']}, load average {doc['load_average_start']}")
     shapes = sorted({(c.hidden, c.device, c.dtype) for c, _ in plan.entries})
     ceilings = []
@@ -871,6 +1033,11 @@ def validate(doc: dict) -> dict:
         if not isinstance(grid, dict) or not isinstance(grid.get("axes"), dict):
             raise ValueError("results: grid must be a dict with 'axes'")
         _check_axes(grid["axes"])
+    if "conditional" in doc:
+        cond = doc["conditional"]
+        if not isinstance(cond, dict) or not isinstance(cond.get("axes"), dict):
+            raise ValueError("results: conditional must be a dict with 'axes'")
+        _check_conditional_axes(cond["axes"])
     for i, entry in enumerate(doc["configs"]):
         cfg = entry.get("config")
         if not isinstance(cfg, dict):

@@ -10,7 +10,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from fastnvp.bench.harness import GRID_WORKLOADS, WORKLOADS, validate
+from fastnvp.bench.harness import CONDITIONAL_KEYS, GRID_WORKLOADS, WORKLOADS, validate
 from fastnvp.bench.providers import PEERS
 
 README_START = "<!-- bench:start -->"
@@ -42,7 +42,8 @@ def config_title(entry: dict, doc: dict) -> str:
     c = entry["config"]
     threads = entry.get("settings", {}).get("threads")
     where = f"{c['device']} {c['dtype']}" + (f", {threads} threads" if threads else "")
-    return f"L={c['layers']} D={c['dim']} H={c['hidden']} B={c['batch']} ({where})"
+    ctx = f" C={c['context']}" if c.get("context") is not None else ""
+    return f"L={c['layers']} D={c['dim']}{ctx} H={c['hidden']} B={c['batch']} ({where})"
 
 
 def config_table(entry: dict, doc: dict) -> str:
@@ -103,9 +104,12 @@ def _measured_by(doc: dict) -> list[str]:
 
 def markdown(doc: dict, headline_only: bool = False) -> str:
     """The report: how it was measured, then one table per configuration (the grid preset: one
-    table with a row per shape, :func:`grid_markdown`)."""
+    table with a row per shape, :func:`grid_markdown`; the conditional presets:
+    :func:`conditional_markdown`)."""
     if is_grid(doc):
         return grid_markdown(doc, headline_only)
+    if is_conditional(doc):
+        return conditional_markdown(doc, headline_only)
     head = [
         *_measured_by(doc),
         "",
@@ -163,7 +167,7 @@ def _depth_series(doc: dict) -> tuple[list[dict], str] | None:
     groups: dict[tuple, list[dict]] = {}
     for entry in doc["configs"]:
         c = entry["config"]
-        key = (c["dim"], c["hidden"], c["batch"], c["device"], c["dtype"])
+        key = (c["dim"], c.get("context"), c["hidden"], c["batch"], c["device"], c["dtype"])
         groups.setdefault(key, []).append(entry)
     best = max(groups.values(), key=lambda g: len({e["config"]["layers"] for e in g}))
     if len({e["config"]["layers"] for e in best}) < 2:
@@ -177,9 +181,12 @@ def _depth_series(doc: dict) -> tuple[list[dict], str] | None:
 def plots(doc: dict, out_prefix: str) -> list[str]:
     """Throughput vs depth per provider, and ratio vs reference; returns the written paths.
 
-    The grid preset gets its heatmaps instead (:func:`grid_plots`)."""
+    The grid and conditional presets get their heatmaps instead (:func:`grid_plots`,
+    :func:`conditional_plots`)."""
     if is_grid(doc):
         return grid_plots(doc, out_prefix)
+    if is_conditional(doc):
+        return conditional_plots(doc, out_prefix)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,9 +281,12 @@ def write_all(doc: dict, out_dir: str, name: str, readme: str | None = None) -> 
 
 def summary_lines(doc: dict) -> Sequence[str]:
     """One line per fastnvp result of the headline configuration (for the terminal); the grid
-    preset: one line per workload and ratio over all shapes (:func:`grid_summary`)."""
+    preset: one line per workload and ratio over all shapes (:func:`grid_summary`; the
+    conditional presets likewise, :func:`conditional_summary`)."""
     if is_grid(doc):
         return grid_summary(doc)
+    if is_conditional(doc):
+        return conditional_summary(doc)
     entry = doc["configs"][0]
     out = []
     for r in _fastnvp_rows(entry["results"]):
@@ -326,13 +336,18 @@ def grid_ratios(doc: dict) -> dict[tuple[int, int, int, int], dict]:
         False when the provider's log_prob missed the reference's tolerance or the providers'
         effective parameter counts differ.
     """
+    return _fastnvp_ratios(doc, _shape)
+
+
+def _fastnvp_ratios(doc: dict, key) -> dict[tuple, dict]:
+    """:func:`grid_ratios` with the shape of an entry given by ``key(entry)``."""
     out = {}
     for entry in doc["configs"]:
         names = [r["provider"] for r in entry["results"] if r["provider"].startswith("fastnvp")]
         provider = names[0] if names else None
         rows = [r for r in entry["results"] if r["provider"] == provider]
         check = entry["checks"].get(provider, {})
-        out[_shape(entry)] = {
+        out[key(entry)] = {
             "provider": provider,
             "reference": {r["workload"]: r["ratio_vs_reference"] for r in rows},
             "peer": {
@@ -376,7 +391,10 @@ def _geomean(values: list[float]) -> float:
 
 def grid_summary(doc: dict) -> list[str]:
     """Per workload and ratio: geometric mean, lowest and highest over the shapes that ran."""
-    ratios = grid_ratios(doc)
+    return _summary(doc, grid_ratios(doc), _shape_label)
+
+
+def _summary(doc: dict, ratios: dict, shape_label) -> list[str]:
     out = []
     for kind, label in (("reference", "the reference"), ("peer", "the fastest peer")):
         for w in grid_workloads(doc):
@@ -386,8 +404,8 @@ def grid_summary(doc: dict) -> list[str]:
             lo, hi = min(pts, key=pts.get), max(pts, key=pts.get)
             out.append(
                 f"{w}: fastnvp {_geomean(list(pts.values())):.2f}× {label} (geometric mean over "
-                f"{len(pts)} shapes; lowest {pts[lo]:.2f}× at {_shape_label(lo)}, highest "
-                f"{pts[hi]:.2f}× at {_shape_label(hi)})"
+                f"{len(pts)} shapes; lowest {pts[lo]:.2f}× at {shape_label(lo)}, highest "
+                f"{pts[hi]:.2f}× at {shape_label(hi)})"
             )
     return out
 
@@ -504,6 +522,214 @@ def grid_plots(doc: dict, out_prefix: str) -> list[str]:
                 title,
                 row_label=lambda r: f"D={r[0]} H={r[1]}",
                 col_label=lambda c: f"B={c[0]}\nL={c[1]}",
+                ratio_name=name,
+            )
+        )
+    return written
+
+
+# ----------------------------------------------------------------------------- conditional
+def is_conditional(doc: dict) -> bool:
+    """True for a results document of a conditional preset (it carries a ``conditional``
+    block)."""
+    return isinstance(doc.get("conditional"), dict)
+
+
+def _cond_shape(entry: dict) -> tuple[int, int, int, int, int]:
+    """(D, C, B, L, H) of a conditional entry (:data:`CONDITIONAL_KEYS` order)."""
+    c = entry["config"]
+    return tuple(c[k] for k in CONDITIONAL_KEYS)
+
+
+def _cond_label(shape: tuple) -> str:
+    return "D={} C={} B={} L={} H={}".format(*shape)
+
+
+def conditional_ratios(doc: dict) -> dict[tuple[int, int, int, int, int], dict]:
+    """:func:`grid_ratios` of a conditional document, keyed by (D, C, B, L, H)."""
+    return _fastnvp_ratios(doc, _cond_shape)
+
+
+def _fastest_peer(entry: dict, workload: str) -> str | None:
+    rows = [r for r in entry["results"] if r["workload"] == workload and r["provider"] in PEERS]
+    return min(rows, key=lambda r: r["median_s"])["provider"] if rows else None
+
+
+def _providers(doc: dict) -> list[str]:
+    """Providers that ran, in the order of their first appearance."""
+    return list(dict.fromkeys(r["provider"] for e in doc["configs"] for r in e["results"]))
+
+
+def conditional_table(doc: dict) -> str:
+    """Markdown table, one row per shape that ran (in run order): parameters, fastnvp's paired
+    ratio to the reference and to the fastest peer per workload, and which peer was fastest."""
+    workloads = grid_workloads(doc)
+    ratios = conditional_ratios(doc)
+    with_peer = any(r["peer"] for r in ratios.values())
+    head = ["D", "C", "B", "L", "H", "params (total / effective)"]
+    head += [f"{w} vs reference" for w in workloads]
+    if with_peer:
+        head += [f"{w} vs best peer" for w in workloads]
+        head.append("fastest peer (" + ", ".join(workloads) + ")")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for entry in doc["configs"]:
+        shape = _cond_shape(entry)
+        r = ratios[shape]
+        check = entry["checks"].get(r["provider"], {})
+        params = f"{check.get('params_total', '?')} / {check.get('params_effective', '?')}"
+        if not r["ok"]:
+            params += " ⚠"
+        cells = [str(v) for v in shape] + [params]
+        cells += [_ratio(r["reference"].get(w)) for w in workloads]
+        if with_peer:
+            cells += [_ratio(r["peer"].get(w)) for w in workloads]
+            cells.append(", ".join(_fastest_peer(entry, w) or "–" for w in workloads))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def conditional_times(doc: dict, workload: str) -> str:
+    """Markdown table of one workload: median milliseconds per call, a column per provider."""
+    providers = _providers(doc)
+    lines = [
+        "| D | C | B | L | H | " + " | ".join(providers) + " |",
+        "|" + "---:|" * (5 + len(providers)),
+    ]
+    for entry in doc["configs"]:
+        by = {r["provider"]: r for r in entry["results"] if r["workload"] == workload}
+        cells = [str(v) for v in _cond_shape(entry)]
+        cells += [f"{1e3 * by[p]['median_s']:.3g}" if p in by else "–" for p in providers]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def conditional_params(doc: dict) -> str:
+    """Markdown table: trainable parameters (total / effective) of every provider per shape."""
+    providers = _providers(doc)
+    lines = [
+        "| D | C | B | L | H | " + " | ".join(providers) + " |",
+        "|" + "---:|" * (5 + len(providers)),
+    ]
+    for entry in doc["configs"]:
+        cells = [str(v) for v in _cond_shape(entry)]
+        for p in providers:
+            c = entry["checks"].get(p)
+            cells.append(f"{c['params_total']} / {c['params_effective']}" if c else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def conditional_summary(doc: dict) -> list[str]:
+    """Per workload and ratio: geometric mean, lowest and highest over the shapes that ran."""
+    return _summary(doc, conditional_ratios(doc), _cond_label)
+
+
+def conditional_markdown(doc: dict, headline_only: bool = False) -> str:
+    """The conditional report: how it was measured, the ratio table, a summary, notes (how each
+    provider samples, skipped providers) and, unless ``headline_only``, the median times per
+    workload and the parameter counts of every provider."""
+    ratios = conditional_ratios(doc)
+    providers = sorted({r["provider"] for r in ratios.values()} - {None})
+    peers = [p for p in _providers(doc) if p in PEERS]
+    axes = doc["conditional"]["axes"]
+    grid = "; ".join(
+        f"{sym} ∈ {{{', '.join(str(v) for v in axes[name])}}}"
+        for sym, name in zip(("D", "C", "B", "L", "H"), CONDITIONAL_KEYS)
+    )
+    deep = doc["conditional"].get("deep") or []
+    head = [
+        *_measured_by(doc),
+        "",
+        "Conditional flows p(x | c), context c (B, C) without embedding. Shapes: the product "
+        f"{grid}"
+        + (f", then {', '.join(_cond_label(tuple(d)) for d in deep)}" if deep else "")
+        + f"; {len(doc['configs'])} of {doc['conditional'].get('planned', '?')} planned ran. "
+        f"Cells: median over rounds of the paired speed ratio of {', '.join(providers)} to the "
+        "eager conditional reference (reference time / fastnvp time in the same round; > 1 is "
+        "faster) and, per round, to the fastest of the peers that ran "
+        f"({', '.join(peers) or 'none'}). Every peer is a conditional Real NVP with the same "
+        "L coupling layers holding the reference's weights on the split halves (first Linear "
+        "on the kept and context columns), so its log_prob(x | c) matches the reference "
+        "before it is timed and its parameter count equals the reference's effective count. "
+        "Workloads: train (forward log_prob(x, c), backward, Adam step), log_prob(x, c) "
+        "without grad, sample: one sample per context row (B rows). Providers ran alternately "
+        "in one process on the same inputs; quartiles and raw times are in the JSON.",
+    ]
+    parts = ["\n".join(head), conditional_table(doc)]
+    notes = list(conditional_summary(doc))
+    bad = [_cond_label(sh) for sh, r in ratios.items() if not r["ok"]]
+    if bad:
+        notes.append(
+            "⚠: log_prob outside the reference's tolerance or effective parameter counts differ "
+            "(see `checks` in the JSON): " + ", ".join(bad)
+        )
+    forms: dict[str, str] = {}
+    skipped: dict[str, set] = {}
+    for entry in doc["configs"]:
+        for name, check in entry["checks"].items():
+            if check.get("sample_call"):
+                forms.setdefault(name, check["sample_call"])
+        for name, reason in entry.get("skipped", {}).items():
+            skipped.setdefault(name, set()).add(reason)
+    if forms:
+        notes.append("sample calls: " + "; ".join(f"{n}: `{f}`" for n, f in forms.items()))
+    for name, reasons in skipped.items():
+        notes.append(f"{name}: {'; '.join(sorted(reasons))}")
+    parts.append("\n".join(f"- {n}" for n in notes))
+    if not headline_only:
+        for w in grid_workloads(doc):
+            parts.append(f"Median ms per call, {w}:\n\n{conditional_times(doc, w)}")
+        parts.append(
+            "Trainable parameters (total / effective; the reference's full-width nets also "
+            "hold weights that only see zeros or are multiplied by zero):\n\n"
+            + conditional_params(doc)
+        )
+        if doc.get("not_run"):
+            parts.append(
+                "Not run: "
+                + ", ".join(
+                    _cond_label(tuple(c.get(k) for k in CONDITIONAL_KEYS)) for c in doc["not_run"]
+                )
+                + f" ({doc['not_run'][0]['reason']})."
+            )
+    return "\n\n".join(parts) + "\n"
+
+
+def conditional_plots(doc: dict, out_prefix: str) -> list[str]:
+    """``<prefix>_heatmap_vs_reference.png`` and, when peers ran, ``_heatmap_vs_peer.png``:
+    one panel per workload, rows (D, C), columns (B, L, H), colour log2 of fastnvp's ratio."""
+    from fastnvp.bench.heatmap import ratio_heatmap
+
+    ratios = conditional_ratios(doc)
+    rows = sorted({(s[0], s[1]) for s in ratios})
+    cols = sorted({(s[2], s[3], s[4]) for s in ratios})
+    written = []
+    for kind, suffix, name in (
+        ("reference", "vs_reference", "fastnvp / reference"),
+        ("peer", "vs_peer", "fastnvp / fastest peer"),
+    ):
+        panels = {
+            w: {(s[:2], s[2:]): r[kind][w] for s, r in ratios.items() if w in r[kind]}
+            for w in grid_workloads(doc)
+        }
+        if not any(panels.values()):
+            continue
+        c = doc["configs"][0]["config"]
+        threads = doc["configs"][0].get("settings", {}).get("threads")
+        title = (
+            f"conditional flows: {name} speed ratio ({c['device']} {c['dtype']}"
+            + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
+            + f"; {len(ratios)} shapes; grey: not measured)"
+        )
+        written.append(
+            ratio_heatmap(
+                panels,
+                rows,
+                cols,
+                f"{out_prefix}_heatmap_{suffix}.png",
+                title,
+                row_label=lambda r: f"D={r[0]} C={r[1]}",
+                col_label=lambda c: f"B={c[0]}\nL={c[1]} H={c[2]}",
                 ratio_name=name,
             )
         )

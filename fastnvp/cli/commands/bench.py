@@ -30,16 +30,23 @@ def _str_list(allowed: tuple[str, ...] | None):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``fastnvp bench``."""
     parser.add_argument(
-        "--quick", action="store_true", help="the quick preset (L=1,8, B=1024; about 3 min)"
+        "--quick",
+        action="store_true",
+        help="the quick preset (L=1,8, B=1024; about 3 min); with --preset conditional the "
+        "conditional-quick preset",
     )
     parser.add_argument(
         "--preset",
-        choices=("quick", "main", "full", "grid"),
+        choices=("quick", "main", "full", "grid", "conditional", "conditional-quick"),
         default=None,
         help="main: L=50 D=2 H=256 B=4096; full: main + sweeps of L, D, H, B; grid: "
         "D=2,6,16,64 x H=32,64,256 x B=256,1024,4096 x L=8,50 (72 shapes; train, log_prob, "
-        "sample; fastnvp, reference, zuko, FrEIA), written as a table and ratio heatmaps "
-        "(default main)",
+        "sample; fastnvp, reference, zuko, FrEIA), written as a table and ratio heatmaps; "
+        "conditional: conditional flows p(x | c), D=2,8,16 x C=1,8 x B=256,4096 at L=8 H=256 "
+        "plus L=50 D=2 C=8 B=1024 (13 shapes; train, log_prob, sample with one sample per "
+        "context row; fastnvp, reference, zuko, nflows, FrEIA; about 3-4 min on 2 idle "
+        "cores); "
+        "conditional-quick: D=2,8 x C=1,8 at B=256 L=8 H=64 (under a minute) (default main)",
     )
     parser.add_argument(
         "--grid-sample",
@@ -64,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=_int_list, help="custom sweep: data dimensions D")
     parser.add_argument("--hidden", type=_int_list, help="custom sweep: hidden widths H")
     parser.add_argument("--batch", type=_int_list, help="custom sweep: batch sizes B")
+    parser.add_argument(
+        "--context",
+        type=_int_list,
+        help="custom sweep: context widths C (conditional flows p(x | c); default unconditional)",
+    )
     parser.add_argument(
         "--providers",
         type=_str_list(_PROVIDERS),
@@ -112,17 +124,27 @@ def _plan(args):
 
     from fastnvp.bench import harness
 
-    custom = any(v is not None for v in (args.layers, args.dim, args.hidden, args.batch))
+    sweep = (args.layers, args.dim, args.hidden, args.batch, args.context)
+    custom = any(v is not None for v in sweep)
     if custom and (args.grid_sample is not None or args.grid_seed is not None):
         raise ValueError("--grid-sample/--grid-seed need --preset grid, not a custom sweep")
-    name = "quick" if args.quick else (args.preset or ("custom" if custom else "main"))
+    if args.quick and args.preset in ("conditional", "conditional-quick"):
+        name = "conditional-quick"
+    else:
+        name = "quick" if args.quick else (args.preset or ("custom" if custom else "main"))
     if custom:
         settings = harness.Settings(threads=args.threads)
         plan = harness.Plan(name)
-        for layers, dim, hidden, batch in itertools.product(
-            args.layers or (8,), args.dim or (2,), args.hidden or (256,), args.batch or (4096,)
+        for layers, dim, hidden, batch, context in itertools.product(
+            args.layers or (8,),
+            args.dim or (2,),
+            args.hidden or (256,),
+            args.batch or (4096,),
+            args.context or (None,),
         ):
-            cfg = harness.BenchConfig(layers, dim, hidden, batch, args.device, args.dtype)
+            cfg = harness.BenchConfig(
+                layers, dim, hidden, batch, args.device, args.dtype, context=context
+            )
             plan.entries.append((cfg, settings))
     else:
         grid = {}
