@@ -233,11 +233,12 @@ GRID_RULE = (
 )
 
 
-def _check_axes(axes: dict) -> dict[str, tuple[int, ...]]:
-    if not isinstance(axes, dict) or set(axes) != set(GRID_AXES):
-        raise ValueError(f"axes must be a dict with the keys {tuple(GRID_AXES)}, got {axes!r}")
+def _check_axes(axes: dict, keys=GRID_AXES) -> dict[str, tuple[int, ...]]:
+    """Validate a preset's axes: exactly ``keys``, each a non-empty list of distinct values."""
+    if not isinstance(axes, dict) or set(axes) != set(keys):
+        raise ValueError(f"axes must be a dict with the keys {tuple(keys)}, got {axes!r}")
     out = {}
-    for name in GRID_AXES:
+    for name in keys:
         values = tuple(axes[name]) if isinstance(axes[name], (list, tuple)) else ()
         if not values or len(set(values)) != len(values):
             raise ValueError(
@@ -414,27 +415,13 @@ def conditional_settings(threads: int = 2) -> Settings:
     )
 
 
-def _check_conditional_axes(axes: dict) -> dict[str, tuple[int, ...]]:
-    if not isinstance(axes, dict) or set(axes) != set(CONDITIONAL_KEYS):
-        raise ValueError(f"axes must be a dict with the keys {CONDITIONAL_KEYS}, got {axes!r}")
-    out = {}
-    for name in CONDITIONAL_KEYS:
-        values = tuple(axes[name]) if isinstance(axes[name], (list, tuple)) else ()
-        if not values or len(set(values)) != len(values):
-            raise ValueError(
-                f"axes[{name!r}] must be a non-empty list of distinct values, got {axes[name]!r}"
-            )
-        out[name] = tuple(sorted(values))
-    return out
-
-
 def conditional_shapes(
     axes: dict = CONDITIONAL_AXES, deep: Sequence[tuple] = CONDITIONAL_DEEP
 ) -> list[tuple[int, int, int, int, int]]:
     """The shapes (D, C, B, L, H) of a conditional plan: the product of ``axes`` ordered by
     L, H, B, D, C (cheap batches first, so ``--max-minutes`` drops the expensive tail), then
     ``deep`` (extra (D, C, B, L, H) tuples not in the product)."""
-    axes = _check_conditional_axes(axes)
+    axes = _check_axes(axes, CONDITIONAL_KEYS)
     shapes = [
         (dim, ctx, batch, layers, hidden)
         for layers in axes["layers"]
@@ -475,7 +462,7 @@ def conditional_plan(
         The plan, with ``plan.conditional`` describing the axes, the deep shapes and the order
         (``shapes``: [[D, C, B, L, H], ...] as planned).
     """
-    checked = _check_conditional_axes(axes)
+    checked = _check_axes(axes, CONDITIONAL_KEYS)
     shapes = conditional_shapes(checked, deep)
     if settings is None:
         settings = conditional_settings(threads)
@@ -1037,7 +1024,7 @@ def validate(doc: dict) -> dict:
         cond = doc["conditional"]
         if not isinstance(cond, dict) or not isinstance(cond.get("axes"), dict):
             raise ValueError("results: conditional must be a dict with 'axes'")
-        _check_conditional_axes(cond["axes"])
+        _check_axes(cond["axes"], CONDITIONAL_KEYS)
     for i, entry in enumerate(doc["configs"]):
         cfg = entry.get("config")
         if not isinstance(cfg, dict):

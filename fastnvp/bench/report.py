@@ -485,6 +485,17 @@ def grid_markdown(doc: dict, headline_only: bool = False) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _heatmap_title(doc: dict, head: str, shapes: str) -> str:
+    """A ratio heatmap's title: what it shows, the device, dtype and threads, the shape count."""
+    c = doc["configs"][0]["config"]
+    threads = doc["configs"][0].get("settings", {}).get("threads")
+    return (
+        f"{head} ({c['device']} {c['dtype']}"
+        + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
+        + f"; {shapes} shapes; grey: not measured)"
+    )
+
+
 def grid_plots(doc: dict, out_prefix: str) -> list[str]:
     """``<prefix>_heatmap_vs_reference.png`` and, when peers ran, ``_heatmap_vs_peer.png``:
     one panel per workload, rows (D, H), columns (B, L), colour log2 of fastnvp's ratio."""
@@ -506,12 +517,8 @@ def grid_plots(doc: dict, out_prefix: str) -> list[str]:
         }
         if not any(panels.values()):
             continue
-        c = doc["configs"][0]["config"]
-        threads = doc["configs"][0].get("settings", {}).get("threads")
-        title = (
-            f"{name} speed ratio over the grid ({c['device']} {c['dtype']}"
-            + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
-            + f"; {len(ratios)} of {doc['grid']['size']} shapes; grey: not measured)"
+        title = _heatmap_title(
+            doc, f"{name} speed ratio over the grid", f"{len(ratios)} of {doc['grid']['size']}"
         )
         written.append(
             ratio_heatmap(
@@ -714,13 +721,7 @@ def conditional_plots(doc: dict, out_prefix: str) -> list[str]:
         }
         if not any(panels.values()):
             continue
-        c = doc["configs"][0]["config"]
-        threads = doc["configs"][0].get("settings", {}).get("threads")
-        title = (
-            f"conditional flows: {name} speed ratio ({c['device']} {c['dtype']}"
-            + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
-            + f"; {len(ratios)} shapes; grey: not measured)"
-        )
+        title = _heatmap_title(doc, f"conditional flows: {name} speed ratio", f"{len(ratios)}")
         written.append(
             ratio_heatmap(
                 panels,

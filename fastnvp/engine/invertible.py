@@ -265,11 +265,10 @@ def _fused_layer_step(model, i, z, g, grad_log_det, params, autocast, e=None):
     from fastnvp.engine.gpu import fused as gpu_fused
 
     # The forward ran the fused layer only with autocast off, so ``autocast`` keeps it off here.
-    context = {} if e is None else {"context": e}
     with _autocast(autocast):
         return _recompute_step(
-            lambda h: gpu_fused.model_layer(model, i, h, inverse=True, **context),
-            lambda h: gpu_fused.model_layer(model, i, h, inverse=False, **context),
+            lambda h: gpu_fused.model_layer(model, i, h, inverse=True, context=e),
+            lambda h: gpu_fused.model_layer(model, i, h, inverse=False, context=e),
             z,
             g,
             grad_log_det,

@@ -338,8 +338,6 @@ class FastRealNVP(FlowBase):
         ``e``: the embedded context (N, E) of a conditional flow, else None.
         """
         if path == "fused_layer":
-            if e is None:
-                return gpu_fused.model_layer(self, i, h, inverse=inverse)
             return gpu_fused.model_layer(self, i, h, inverse=inverse, context=e)
         direction = "g" if inverse else "f"
         kept, transformed = self._split(i)
@@ -395,10 +393,7 @@ class FastRealNVP(FlowBase):
         inverse = plan.context.direction == "g"
         stack = plan.stack
         if stack == "gpu_fused_stack":
-            if e is None:
-                stacked = gpu_fused.model_stack(self, h, inverse=inverse)
-            else:
-                stacked = gpu_fused.model_stack(self, h, inverse=inverse, context=e)
+            stacked = gpu_fused.model_stack(self, h, inverse=inverse, context=e)
             if stacked is not None:  # None: the stacked weights exceed the cache budget
                 return stacked
         elif stack == "rows_parallel":
