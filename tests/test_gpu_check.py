@@ -83,6 +83,9 @@ def test_partial_json_is_written_before_a_later_section_fails(tmp_path, monkeypa
     def fake_stack(dim, hidden, layers, rows, device, precisions, emit):
         emit({"check": "stack", "ok": True})
 
+    def fake_conditional(dim, hidden, layers, context, rows, device, emit):
+        emit({"check": "conditional", "ok": True})
+
     def failing_timing(args, device, budget, emit):
         seen["before"] = _read(tmp_path / "gpu_check.json")
         emit({"variant": "reference eager", "task": "log_prob", "B": 33, "ms": 1.0})
@@ -91,6 +94,7 @@ def test_partial_json_is_written_before_a_later_section_fails(tmp_path, monkeypa
 
     monkeypatch.setattr(gc, "check_layer", fake_layer)
     monkeypatch.setattr(gc, "check_stack", fake_stack)
+    monkeypatch.setattr(gc, "check_conditional", fake_conditional)
     monkeypatch.setattr(gc, "timing", failing_timing)
     monkeypatch.setattr(gc, "reference_compile", lambda args, budget, emit: None)
     monkeypatch.setattr(gc, "start_compile_report", lambda *args: ())
@@ -98,7 +102,7 @@ def test_partial_json_is_written_before_a_later_section_fails(tmp_path, monkeypa
 
     assert status == 1
     before = seen["before"]
-    assert [r["check"] for r in before["correctness"]] == ["layer D=2", "stack"]
+    assert [r["check"] for r in before["correctness"]] == ["layer D=2", "stack", "conditional"]
     assert before["sections"]["correctness"] == "done" and before["api"][0]["ok"]
     assert [r.get("ms") for r in seen["after_row"]["timing"]] == [1.0]
     final = _read(tmp_path / "gpu_check.json")
