@@ -133,3 +133,15 @@ def check_train_command(tmp_path, run_dir, stdout):
     np_ddp = torch.tensor(payload["history"]["train_loss"])
     np_single = torch.tensor(single.history["train_loss"])
     torch.testing.assert_close(np_ddp, np_single, rtol=1e-5, atol=1e-5)
+
+
+def test_nll_takes_the_context_of_a_conditional_flow():
+    from fastnvp import FastRealNVP
+
+    torch.manual_seed(0)
+    flow = FastRealNVP.standard(3, 2, 8, context=2).double()
+    u, c = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
+    expected = -flow.log_prob(u, context=c).mean()
+    torch.testing.assert_close(distributed.nll(flow, u, c), expected)
+    with pytest.raises(ValueError, match="context"):
+        distributed.nll(flow, u)

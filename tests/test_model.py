@@ -134,3 +134,38 @@ def test_bad_factories_are_named(cls):
         cls(None, lambda: nn.Linear(2, 2), masks)
     with pytest.raises(TypeError, match=r"nett\(\) must return an nn.Module"):
         cls(lambda: nn.Linear(2, 2), lambda: "net", masks)
+
+
+@pytest.mark.parametrize("context", [None, 2], ids=["unconditional", "conditional"])
+def test_copies_and_pickles_after_cached_calls_and_a_step(context):
+    """A model whose caches hold no-grad weight packs deep-copies, pickles and torch.saves
+    after an optimizer step (the copies rebuild their caches and compute the same function)."""
+    import copy
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    model = FastRealNVP.standard(4, 4, 16, context=context)
+    x = torch.randn(32, 4)
+    c = None if context is None else torch.randn(32, context)
+    with torch.no_grad():
+        model.log_prob(x, context=c)  # fills the no-grad pack cache
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    (-model.log_prob(x, context=c).mean()).backward()
+    opt.step()  # the cached pack's parameters change in place
+    with torch.no_grad():
+        expected = model.log_prob(x, context=c)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copies = [
+        copy.deepcopy(model),
+        pickle.loads(pickle.dumps(model)),
+        torch.load(buffer, weights_only=False),
+    ]
+    for clone in copies:
+        with torch.no_grad():
+            torch.testing.assert_close(clone.log_prob(x, context=c), expected)
+        # the copy's split hook still runs on load_state_dict
+        clone.load_state_dict(model.state_dict())
+        assert clone._num_kept == model._num_kept

@@ -163,12 +163,6 @@ def test_npe_recovers_linear_gaussian_posterior(dim, one_thread):
     assert copied.sample((5,), x=x_o, show_progress_bars=False).shape == (5, dim)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(AttributeError, pickle.PicklingError),
-    reason="FastRealNVP registers a lambda as its load_state_dict post-hook, so it does not "
-    "pickle (sbi saves posteriors with pickle / torch.save)",
-)
 def test_estimator_pickles():
     theta, x = batch(100, 2, 2)
     est = realnvp_nn(num_layers=2, hidden=8)(theta, x)

@@ -38,6 +38,16 @@ from fastnvp.engine.invertible import (
 from fastnvp.ops import fused_layer
 from fastnvp.ops.backend import use_triton
 
+#: Attributes that cache per-call work (weight packs, split views); dropped from copies.
+_CALL_CACHES = ("_gemm_pack", "_fused_stack_cache", "_uniform_split_cache")
+
+
+def _refresh_after_load(module: FastRealNVP, _incompatible) -> None:
+    """load_state_dict post-hook: a loaded state may bring other masks, so rebuild the split.
+
+    A module-level function (not a lambda) so the model pickles."""
+    module._refresh_split()
+
 
 class FastRealNVP(FlowBase):
     """Real NVP with fused coupling kernels; a drop-in for :class:`fastnvp.RealNVP`.
@@ -116,9 +126,20 @@ class FastRealNVP(FlowBase):
         self.register_buffer("input_order", torch.empty(0, dtype=torch.long), persistent=False)
         self._refresh_split()
         # Loading a state_dict may bring other masks: rebuild the split each time.
-        self.register_load_state_dict_post_hook(
-            lambda module, _incompatible: module._refresh_split()
-        )
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    def __getstate__(self) -> dict:
+        """The module's state without its per-call caches (deep copies and pickles rebuild them).
+
+        The no-grad weight packs hold views of the parameters made under ``no_grad``, which
+        ``copy.deepcopy`` refuses once an optimizer has changed the parameters in place; a copy
+        starts with empty caches instead.
+        """
+        state = self.__dict__.copy()
+        for name in _CALL_CACHES:
+            state.pop(name, None)
+        state["_plans"] = {}
+        return state
 
     # ----------------------------------------------------------------------------- construction
     @classmethod

@@ -34,7 +34,6 @@ Importing this module needs sbi (``pip install fastnvp[sbi]``); ``import fastnvp
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 
@@ -54,11 +53,6 @@ __all__ = ["RealNVPBuilder", "RealNVPDensityEstimator", "realnvp_nn"]
 
 _Z_SCORE_OPTIONS = ("independent", "structured", "none", None)
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-# Weight packs the flow keeps between no-grad calls (rebuilt on demand, keyed by parameter
-# versions). They hold views of the parameters made under no_grad, which copy.deepcopy refuses
-# once an optimizer step has changed the parameters in place; sbi deep-copies the estimator in
-# build_posterior, so a copy drops them.
-_FLOW_CACHES = ("_gemm_pack", "_fused_stack_cache")
 
 
 class PaddedStandardNormal:
@@ -115,16 +109,6 @@ class RealNVPDensityEstimator(ConditionalDensityEstimator):
         self.register_buffer("_theta_mean", mean.reshape(features).clone())
         self.register_buffer("_theta_std", std.reshape(features).clone())
         self._padded = bool(padded)
-
-    def __deepcopy__(self, memo: dict) -> RealNVPDensityEstimator:
-        """A deep copy without the flow's no-grad weight packs (see ``_FLOW_CACHES``)."""
-        for module in self.modules():
-            for name in _FLOW_CACHES:
-                module.__dict__.pop(name, None)
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        return new
 
     @property
     def embedding_net(self) -> nn.Module | None:

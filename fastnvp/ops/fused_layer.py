@@ -294,12 +294,6 @@ def torch_stack(
     num_layers = kept.shape[0]
     k1s, k2s = k1.tolist(), k2.tolist()
     e = 0 if context is None else context.shape[1]
-    if e and max(k1s) + e > sw[0].shape[2]:
-        raise ValueError(
-            f"context has E = {e} columns but the stacked W1 has {sw[0].shape[2]} columns for "
-            f"up to {max(k1s)} kept features: context must have shape (N, E) with E = the "
-            "context width the weights were stacked with"
-        )
     order = range(num_layers - 1, -1, -1) if inverse else range(num_layers)
     out = x
     log_det = torch.zeros(x.shape[0], dtype=_ld_dtype(x), device=x.device)
@@ -502,16 +496,19 @@ def _check_stack(x, kept, transformed, k1, k2, sw, tw, slope, precision, x_name,
     h_t = _check_net(tw, "t_", x, kept.shape[1], transformed.shape[1], num_layers)
     if h_s != h_t:
         raise ValueError(f"S and T must have the same hidden width, got {h_s} and {h_t}")
-    # The stacked W1 is padded, so E is not in its shape: any E that leaves every layer >= 1
-    # kept column fits (torch_stack checks each layer's K1 + E against it).
+    # The stacked W1 is padded, so E is not in its shape: every layer's K1 + E must fit its
+    # columns. Checked here, before either backend runs (one host read of k1 on a GPU), so a
+    # kernel never reads past a layer's weights.
     why = "E = the context width the weights were stacked with"
     _check_context(context, x, x_name, None, why)
-    if context is not None and context.shape[1] > kept.shape[1] - 1:
-        raise ValueError(
-            f"context has {context.shape[1]} columns but the stacked W1 has only "
-            f"{kept.shape[1]}: context must have shape (N, E) with E the context width the "
-            "weights were stacked with"
-        )
+    if context is not None:
+        e, widest = context.shape[1], int(k1.max())
+        if widest + e > sw[0].shape[2]:
+            raise ValueError(
+                f"context has E = {e} columns but the stacked W1 has {sw[0].shape[2]} columns "
+                f"for up to {widest} kept features: context must have shape (N, E) with E the "
+                "context width the weights were stacked with"
+            )
     _check_slope(slope)
     _check_precision(precision)
 

@@ -143,13 +143,15 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
-def nll(flow: nn.Module, u: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of the rows of ``u`` (N, D) -> scalar.
+def nll(flow: nn.Module, u: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood of the rows of ``u`` (N, D) [given ``context`` (N, C)].
 
-    Goes through ``flow(u)`` (``forward`` = ``f``), because DDP synchronises gradients only for
-    computations that pass through its ``forward``; ``flow.module.log_prob`` would bypass it.
+    Goes through ``flow(u, context)`` (``forward`` = ``f``), because DDP synchronises gradients
+    only for computations that pass through its ``forward``; ``flow.module.log_prob`` would
+    bypass it. ``context`` is required exactly when the flow is conditional
+    (docs/design.md §1.7).
     """
-    z, log_det = flow(u)
+    z, log_det = flow(u) if context is None else flow(u, context=context)
     return -(prior_log_prob(unwrap(flow).prior, z) + log_det).mean()
 
 

@@ -45,7 +45,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastnvp.core.prior import prior_log_prob
 from fastnvp.core.validation import ensure_batch, ensure_num_samples
 from fastnvp.training import checkpoint as ckpt
 from fastnvp.training import distributed
@@ -760,7 +759,7 @@ def train(
             idx = sampler.next()
             idx = idx.to(world.device)
             u = (x_train[idx] - model.mean) / model.std
-            loss = _nll(flow, u, None if cu_train is None else cu_train[idx])
+            loss = distributed.nll(flow, u, None if cu_train is None else cu_train[idx])
             # The global batch's loss: every rank sees the same value and stops together.
             global_loss = distributed.mean_across(loss.detach(), world)
             if not torch.isfinite(global_loss):
@@ -804,15 +803,6 @@ def train(
         metrics = run_metrics(model, config, split, history, elapsed)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return TrainResult(model, config, split, step, history, elapsed, metrics)
-
-
-def _nll(flow: nn.Module, u: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-    """Mean NLL of the standardized batch ``u`` (given the model-unit ``context``), through
-    ``flow``'s forward so that DDP synchronises the gradients."""
-    if context is None:
-        return distributed.nll(flow, u)
-    z, log_det = flow(u, context=context)
-    return -(prior_log_prob(distributed.unwrap(flow).prior, z) + log_det).mean()
 
 
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
