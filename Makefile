@@ -25,7 +25,7 @@ $(BASE): pyproject.toml
 	touch $(BASE)
 
 $(STAMP): $(BASE)
-	$(PY) -m pip install -q -e '.[dev,bench,sbi]'
+	$(PY) -m pip install -q -e '.[dev,bench,sbi,data]'
 	touch $(STAMP)
 
 demo: $(BASE)

@@ -4,6 +4,10 @@ Public API::
 
     fastnvp.RealNVP        reference implementation in plain PyTorch
     fastnvp.FastRealNVP    drop-in replacement whose hot paths are fused kernels
+    fastnvp.SequentialFlow invertible layers composed in the order given
+    fastnvp.ActNorm, fastnvp.BatchNorm, fastnvp.Permutation, fastnvp.LULinear
+                           layers to interleave with couplings (``standard(norm=...,
+                           permutation=...)`` or by hand)
     fastnvp.load_run       a trained run (``fastnvp train``) in one line: model, config, payload
     fastnvp.ops            the custom ops (``torch.ops.fastnvp.*``)
     fastnvp.checks         opt-in non-finite checks: ``with fastnvp.checks.enabled(): ...``
@@ -15,7 +19,26 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["RealNVP", "FastRealNVP", "load_run", "__version__"]
+__all__ = [
+    "RealNVP",
+    "FastRealNVP",
+    "SequentialFlow",
+    "ActNorm",
+    "BatchNorm",
+    "Permutation",
+    "LULinear",
+    "load_run",
+    "__version__",
+]
+
+# Classes reachable as attributes of the package, imported on first use.
+_LAZY_CLASSES = {
+    "SequentialFlow": "fastnvp.flows.sequential",
+    "ActNorm": "fastnvp.core.normalization",
+    "BatchNorm": "fastnvp.core.normalization",
+    "Permutation": "fastnvp.core.mixing",
+    "LULinear": "fastnvp.core.mixing",
+}
 
 # Submodules reachable as attributes of the package without an explicit import.
 _LAZY_SUBMODULES = {
@@ -40,6 +63,10 @@ def __getattr__(name: str):
         from fastnvp.training.train import load_run
 
         return load_run
+    if name in _LAZY_CLASSES:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_CLASSES[name]), name)
     if name in _LAZY_SUBMODULES:
         import importlib
 

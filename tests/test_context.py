@@ -92,7 +92,7 @@ def test_gemm_stack_gradcheck_with_context(one_thread):
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     e = torch.randn(5, C, dtype=torch.float64, requires_grad=True)
     for memory in ("standard", "invertible"):
-        setup = (kept, trans, 0.01, memory, 1, 1e-6)
+        setup = (kept, trans, 0.01, memory, 1, 1e-6, None)
 
         def fn(x, e, *ps, setup=setup):
             return gemm_stack._GemmStack.apply(fast, setup, x, e, *ps)

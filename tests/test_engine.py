@@ -253,7 +253,7 @@ def test_gemm_stack_gradcheck(one_thread):
     params = [p.detach().clone().requires_grad_() for p in gemm_stack.layer_parameters(fast)]
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     for memory in ("standard", "invertible"):
-        setup = (kept, trans, 0.01, memory, 1, 1e-6)
+        setup = (kept, trans, 0.01, memory, 1, 1e-6, None)
 
         def fn(x, *ps, setup=setup):
             return gemm_stack._GemmStack.apply(fast, setup, x, None, *ps)

@@ -155,6 +155,21 @@ def effective_params(ref: RealNVP) -> int:
     embedding = getattr(ref, "embedding", None)
     if embedding is not None:
         total += _count(embedding)
+    return total + interleaved_effective_params(ref)
+
+
+def interleaved_effective_params(flow: nn.Module) -> int:
+    """Parameters of a flow's interleaved layers (docs/design.md §1.8) that influence its
+    function: all of ActNorm's and BatchNorm's; of an LU layer the strict triangles and the
+    diagonal, ``D (D - 1) + D`` (its ``lower`` / ``upper`` tensors also hold the unused
+    triangles); none of a fixed permutation."""
+    total = 0
+    for name in ("norms", "permutations"):
+        for layer in getattr(flow, name, None) or ():
+            if layer.kind == "lu":
+                total += layer.dim * (layer.dim - 1) + layer.dim
+            else:
+                total += _count(layer)
     return total
 
 

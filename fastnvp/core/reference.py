@@ -30,6 +30,7 @@ from fastnvp.core.context import (
     embedded_width,
     sample_context,
 )
+from fastnvp.core.interleave import build_norms, build_permutations, step_layers
 from fastnvp.core.masks import alternating_masks, check_masks
 from fastnvp.core.prior import prior_log_prob, prior_sample
 from fastnvp.core.validation import ensure_batch, ensure_num_samples
@@ -97,6 +98,8 @@ class FlowBase(nn.Module):
         embedding=None,
         clamp=None,
         check=False,
+        norm=None,
+        permutation=None,
     ):
         super().__init__()
         masks = check_masks(masks)
@@ -110,6 +113,12 @@ class FlowBase(nn.Module):
         self.prior = check_prior(prior)
         self.s = build_nets(nets, masks.shape[0], "nets")
         self.t = build_nets(nett, masks.shape[0], "nett")
+        # Interleaved layers (docs/design.md §1.8): registered only when asked for, so a flow
+        # without them keeps its state_dict keys.
+        dim, num_layers = masks.shape[1], masks.shape[0]
+        self.norms = build_norms(norm, dim, num_layers)
+        self.permutations = build_permutations(permutation, dim, num_layers)
+        self.norm, self.permutation = norm, permutation
         if embedding is not None:  # registered last: unconditional state_dict keys stay as they are
             self.embedding = embedding
         else:
@@ -210,6 +219,30 @@ class FlowBase(nn.Module):
         for name, tensor in tensors.items():
             checks.check_finite(tensor, name, i, direction)
 
+    @property
+    def interleaved(self) -> bool:
+        """Whether the flow has norm or mixing layers between its couplings (§1.8)."""
+        return self.norms is not None or self.permutations is not None
+
+    def _pre_forward(self, i: int, h: torch.Tensor, log_det, direction: str = "f"):
+        """Step ``i``'s interleaved layers, data -> latent (docs/design.md §1.8): h (N, D) ->
+        (h, log_det + theirs). ``log_det`` may be None (then theirs, or None without any)."""
+        for layer in step_layers(self, i):
+            h, ld = layer(h)
+            log_det = ld if log_det is None else log_det + ld
+            if self._checking():
+                self._check_layer(i, direction, **{f"{layer.kind}_output": h})
+        return h, log_det
+
+    def _pre_inverse(self, i: int, h: torch.Tensor, log_det):
+        """Inverse of :meth:`_pre_forward`, latent -> data: (h, log_det + theirs)."""
+        for layer in reversed(step_layers(self, i)):
+            h, ld = layer.inverse(h)
+            log_det = ld if log_det is None else log_det + ld
+            if self._checking():
+                self._check_layer(i, "g", **{f"{layer.kind}_output": h})
+        return h, log_det
+
     @classmethod
     def standard(
         cls,
@@ -220,6 +253,8 @@ class FlowBase(nn.Module):
         *,
         context: int | None = None,
         embedding: nn.Module | None = None,
+        norm: str | None = None,
+        permutation: str | None = None,
         **options,
     ):
         """The standard conditioner (docs/design.md §1.3) with alternating checkerboard masks.
@@ -232,6 +267,10 @@ class FlowBase(nn.Module):
             context: None (unconditional) or C, the width of the context (N, C) of every call.
             embedding: None or a module (N, C) -> (N, E) applied once per call to the context;
                 each conditioner's first Linear is then ``Linear(D + E, H)`` (E = C without).
+            norm: None, ``"actnorm"`` or ``"batchnorm"``: a normalization layer before every
+                coupling (docs/design.md §1.8).
+            permutation: None, ``"reverse"``, ``"random"`` (fixed permutations) or ``"lu"``
+                (a learned invertible linear layer) before every coupling, after the norm.
             options: the class's keyword arguments (e.g. ``check=True``; for FastRealNVP also
                 ``memory``, ``fused``, ``precision``).
         """
@@ -247,6 +286,8 @@ class FlowBase(nn.Module):
             masks,
             context=context,
             embedding=embedding,
+            norm=norm,
+            permutation=permutation,
             **options,
         )
 
@@ -264,6 +305,13 @@ class FlowBase(nn.Module):
         """Latent -> data, the exact inverse of :meth:`f`.  z: (N, D), context: (N, C) -> (N, D)."""
         self._check_input(z, "z")
         return self._inverse(z, self._embed(context, z.shape[0]))[0]
+
+    def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None):
+        """Latent -> data with the log-det of that map.  z (N, D), context (N, C) ->
+        (x (N, D), log|det dx/dz| (N,)): the :class:`fastnvp.core.flow_layer.FlowLayer`
+        protocol, so a flow composes with other layers (``fastnvp.SequentialFlow``)."""
+        self._check_input(z, "z")
+        return self._inverse(z, self._embed(context, z.shape[0]), with_log_det=True)
 
     def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Exact log-density: ``log N(f(x); 0, I) + log_det``.  x (N, D), context (N, C) -> (N,)."""
@@ -373,6 +421,7 @@ class RealNVP(FlowBase):
         z = x
         log_det = x.new_zeros(x.shape[0])
         for i in range(self.num_layers):
+            z, log_det = self._pre_forward(i, z, log_det)
             m = self.mask[i]
             z_kept = z * m
             inputs = self._with_context(z_kept, e)
@@ -415,4 +464,7 @@ class RealNVP(FlowBase):
             if checking:
                 self._check_layer(i, "g", x=x)
                 checks.watch_grad(x, "x", i, "g")
+            x, log_det_pre = self._pre_inverse(i, x, None)
+            if with_log_det and log_det_pre is not None:
+                log_det = log_det + log_det_pre
         return x, log_det

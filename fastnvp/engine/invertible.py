@@ -193,6 +193,17 @@ def _layer_params(model, num_layers: int) -> list[list[Tensor]]:
     return out
 
 
+def _pre_layers(model) -> list[list]:
+    """Per step, the interleaved layers it runs before its coupling (docs/design.md §1.8)."""
+    from fastnvp.core.interleave import step_layers
+
+    return [step_layers(model, i) for i in range(model.num_layers)]
+
+
+def _trainable(module) -> list[Tensor]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def _autocast(state):
     device_type, dtype, enabled = state
     return torch.autocast(device_type, dtype=dtype, enabled=enabled)
@@ -214,11 +225,11 @@ def _recompute_step(inverse, forward, z, g, grad_log_det, params, autocast):
         z_again, log_det = forward(x_leaf)
     if grad_log_det is None:  # only z was used downstream
         grad_log_det = torch.zeros_like(log_det)
+    pairs = [(z_again, g.to(z_again.dtype)), (log_det, grad_log_det.to(log_det.dtype))]
+    # A layer whose log-det is a constant (a permutation: zeros) leaves it out of the graph.
+    pairs = [(out, grad) for out, grad in pairs if out.requires_grad]
     out = torch.autograd.grad(
-        (z_again, log_det),
-        (x_leaf, *params),
-        (g.to(z_again.dtype), grad_log_det.to(log_det.dtype)),
-        allow_unused=True,
+        [p[0] for p in pairs], (x_leaf, *params), [p[1] for p in pairs], allow_unused=True
     )
     grad_x = out[0] if out[0] is not None else torch.zeros_like(x)
     return x, grad_x, out[1:], _relative_error(z_again, z)
@@ -339,6 +350,40 @@ def _shared_layer_step(model, i, z, g, grad_log_det, params, autocast, e=None):
     return x, grad_x, out[2:], _relative_error(z2_again, z2)
 
 
+def _pre_layer_step(layer, stats, z, g, grad_log_det, params, autocast):
+    """Step of one interleaved layer (docs/design.md §1.8): invert it on its output ``z``,
+    recompute it with grad, backprop. A BatchNorm that used batch statistics inverts with the
+    (mean, var) its forward kept (``stats``) and is recomputed from the reconstructed batch's
+    own statistics, without touching the running averages.
+
+    Returns:
+        ``(x, grad_x, grads of params, round-trip error)`` (see :func:`_recompute_step`).
+    """
+    if stats is None:
+        return _recompute_step(layer.inverse, layer.forward, z, g, grad_log_det, params, autocast)
+    return _recompute_step(
+        lambda h: layer.inverse_with(h, *stats),
+        lambda h: layer.forward_with(h, *layer.batch_statistics(h)),
+        z,
+        g,
+        grad_log_det,
+        params,
+        autocast,
+    )
+
+
+def _pre_forward(layer, h: Tensor, stats: list):
+    """An interleaved layer's forward in the stack; a batch-statistics BatchNorm's (mean, var)
+    go to ``stats`` (None for every other layer)."""
+    if getattr(layer, "uses_batch_statistics", False):
+        mean, var = layer.batch_statistics(h)
+        layer.update_running(mean, var, h.shape[0])
+        stats.append((mean, var))
+        return layer.forward_with(h, mean, var)
+    stats.append(None)
+    return layer(h)
+
+
 class _InvertibleStack(torch.autograd.Function):
     """``(x, *params) -> (z, log_det)`` over all layers; backward by inversion (module doc)."""
 
@@ -350,11 +395,18 @@ class _InvertibleStack(torch.autograd.Function):
         z = x
         log_det = None
         anchors = []
+        pre = _pre_layers(model)
+        pre_stats: list[list] = []  # per step, per interleaved layer: (mean, var) or None
         for i in range(model.num_layers):
             if anchor_every is not None and i > 0 and i % anchor_every == 0:
-                anchors.append(z)  # layer i's input, (N, D): tiny next to a layer's activations
+                anchors.append(z)  # step i's input, (N, D): tiny next to a layer's activations
+            pre_stats.append([])
+            for layer in pre[i]:
+                z, ld = _pre_forward(layer, z, pre_stats[i])
+                log_det = ld if log_det is None else log_det + ld
             z, ld = model.layer_forward(i, z, *_with_embedded(e))
             log_det = ld if log_det is None else log_det + ld
+        ctx.pre, ctx.pre_stats = pre, pre_stats
         ctx.model = model
         ctx.embedded = e  # (N, E) or None: the embedded context every layer sees
         ctx.tolerance = tolerance
@@ -362,6 +414,9 @@ class _InvertibleStack(torch.autograd.Function):
         ctx.layer_params = layer_params
         positions = {id(p): k for k, p in enumerate(params)}
         ctx.layer_slots = [[positions[id(p)] for p in lp] for lp in layer_params]
+        ctx.pre_slots = [
+            [[positions[id(p)] for p in _trainable(layer)] for layer in step] for step in pre
+        ]
         ctx.num_params = len(params)
         device_type = x.device.type
         ctx.autocast = (
@@ -410,6 +465,15 @@ class _InvertibleStack(torch.autograd.Function):
             for slot, gp in zip(ctx.layer_slots[i], layer_grads):
                 if gp is not None:
                     grads[slot] = gp if grads[slot] is None else grads[slot] + gp
+            for k in reversed(range(len(ctx.pre[i]))):  # the step's interleaved layers
+                layer, stats = ctx.pre[i][k], ctx.pre_stats[i][k]
+                pre_params = _trainable(layer)
+                x, g, pre_grads, _ = _pre_layer_step(
+                    layer, stats, x, g, grad_log_det, pre_params, autocast
+                )
+                for slot, gp in zip(ctx.pre_slots[i][k], pre_grads):
+                    if gp is not None:
+                        grads[slot] = gp if grads[slot] is None else grads[slot] + gp
             if i in stored:
                 # Measure the drift exactly, then restart the walk from the stored input.
                 anchor_errors.append(_relative_error(x, stored[i]))
@@ -506,6 +570,7 @@ def invertible_flow(
         )
     layer_params = _layer_params(model, model.num_layers)
     params = [p for lp in layer_params for p in lp]
+    params += [p for step in _pre_layers(model) for layer in step for p in _trainable(layer)]
     # A parameter shared between layers appears once among the Function's inputs.
     unique = list({id(p): p for p in params}.values())
     return _InvertibleStack.apply(

@@ -32,14 +32,16 @@ Stack strategies (:data:`STACKS`):
                      on the path its forward used.
 ``layers``           a Python loop over the layers, each on its own path (:data:`LAYER_PATHS`).
 
-Layer paths: ``fused_layer`` (the fused-layer op), ``cpu_knots`` (the exact
-piecewise-linea
-piecewise-linear
-form of a one-input conditioner, ``fastnvp.engine.cpu.knots``), ``cpu_pair`` (the CPU conditioner
-pair,
-``fastnvp.engine.cpu.conditioner_pair``), ``split_mlp`` (the standard nets on the split halves with
-plain
-``F.linear``), ``modules`` (the user's own nets on the masked input).
+Layer paths: ``fused_layer`` (the fused-layer op), ``cpu_knots`` (the exact piecewise-linear
+form of a one-input conditioner, ``fastnvp.engine.cpu.knots``), ``cpu_pair`` (the CPU
+conditioner pair, ``fastnvp.engine.cpu.conditioner_pair``), ``split_mlp`` (the standard nets on
+the split halves with plain ``F.linear``), ``modules`` (the user's own nets on the masked input).
+
+Interleaved layers (docs/design.md §1.8: a norm and a mixing layer before each coupling) run
+inside the GEMM stack, the invertible stack and the layer loop; the whole-stack kernel takes
+fixed permutations only (folded into its gathers), and three facts of a call constrain the
+choice: ActNorm layers still to initialize run the layer loop (their first ``f`` call), and
+BatchNorm with batch statistics (``f`` in train mode) never splits the rows.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ class LayerFacts:
         clamped: the log-scale is soft-clamped (``clamp`` set and a non-standard layer).
         context_width: E, the embedded context columns the conditioner also sees (0:
             unconditional).
+        pre: the kinds (``fastnvp.core.flow_layer.KINDS``) of the interleaved layers the step
+            runs before this coupling, in order.
     """
 
     kept: int
@@ -75,6 +79,7 @@ class LayerFacts:
     slope: float | None
     clamped: bool
     context_width: int = 0
+    pre: tuple[str, ...] = ()
 
     @property
     def fusable(self) -> bool:
@@ -106,6 +111,11 @@ class FlowFacts:
         return all(layer.standard for layer in self.layers)
 
     @property
+    def pre_kinds(self) -> frozenset[str]:
+        """The kinds of interleaved layers anywhere in the flow (empty without any)."""
+        return frozenset(kind for layer in self.layers for kind in layer.pre)
+
+    @property
     def one_slope(self) -> float | None:
         """The slope shared by every layer, or None when layers differ or are not standard."""
         slopes = {layer.slope for layer in self.layers}
@@ -115,6 +125,7 @@ class FlowFacts:
 def flow_facts(model) -> FlowFacts:
     """The :class:`FlowFacts` of a ``FastRealNVP`` (its ``_standard`` / ``_num_kept`` lists)."""
     from fastnvp.core.conditioner import match_standard_mlp
+    from fastnvp.core.interleave import step_layers
 
     width = model.embedded_features
     layers = []
@@ -129,6 +140,7 @@ def flow_facts(model) -> FlowFacts:
                 slope=mlp.negative_slope if mlp else None,
                 clamped=bool(model._clamped[i]),
                 context_width=width,
+                pre=tuple(layer.kind for layer in step_layers(model, i)),
             )
         )
     params = [p for net in (*model.s, *model.t) for p in net.parameters()]
@@ -162,6 +174,9 @@ class CallContext:
         memory: ``"standard"`` or ``"invertible"``.
         fused: the model's ``fused`` level.
         knot_tables: the model's ``knot_tables`` option.
+        batch_stats: a BatchNorm layer normalizes with the batch's statistics (``f`` in train
+            mode): the rows of a call are not independent.
+        pending_init: an ActNorm layer initializes from this call's batch (``f`` before any).
     """
 
     direction: str
@@ -178,6 +193,8 @@ class CallContext:
     memory: str
     fused: str
     knot_tables: bool
+    batch_stats: bool = False
+    pending_init: bool = False
 
 
 @dataclass(frozen=True)
@@ -287,9 +304,21 @@ def choose(facts: FlowFacts, ctx: CallContext, policy: Policy = DEFAULT_POLICY) 
         return plan("layers", "inside torch.compile: the layer loop traces into one graph")
     if ctx.checking:
         return plan("layers", "non-finite checks inspect every layer's s, t and outputs")
+    if ctx.pending_init:
+        return plan("layers", "ActNorm layers initialize from this batch (first f call)")
     if all(p == "fused_layer" for p in paths):
         if not ctx.grad:
-            return plan("gpu_fused_stack", "every layer fused, no gradient: one launch")
+            unfoldable = sorted(facts.pre_kinds - {"permutation"})
+            if not unfoldable:
+                folded = ", permutations folded into its gathers" if facts.pre_kinds else ""
+                return plan(
+                    "gpu_fused_stack", f"every layer fused, no gradient: one launch{folded}"
+                )
+            return plan(
+                "layers",
+                f"{' and '.join(unfoldable)} layers run between the fused layers: the "
+                "whole-stack kernel folds only fixed permutations",
+            )
         if ctx.memory == "invertible" and ctx.direction == "f":
             return plan("invertible", "fused layers recomputed by inversion in backward")
         return plan("layers", "every layer fused; autograd records one node per layer")
@@ -303,7 +332,9 @@ def choose(facts: FlowFacts, ctx: CallContext, policy: Policy = DEFAULT_POLICY) 
     if gemm_ok:
         mode = f", memory={ctx.memory}" if ctx.grad else ""
         return plan("cpu_gemm_stack", "standard CPU layers, uniform split" + mode)
-    if standard_cpu and not ctx.in_worker and ctx.threads > 1:
+    if ctx.batch_stats and standard_cpu and ctx.threads > 1 and not ctx.in_worker:
+        why_not += "; no row split: BatchNorm normalizes with the whole batch's statistics"
+    elif standard_cpu and not ctx.in_worker and ctx.threads > 1:
         enough = ctx.rows >= 2 * policy.min_rows_per_thread
         piece_form = not ctx.grad and all(p == "cpu_knots" for p in paths)
         trains = ctx.grad and ctx.direction == "f" and ctx.memory == "standard"

@@ -78,8 +78,10 @@ class FastRealNVP(FlowBase):
         knot_tables: on the CPU, evaluate standard-conditioner layers that keep a single feature
             (every layer at D = 2) in their exact piecewise-linear form, O(H) per row instead of
             the O(H²) GEMM (see ``fastnvp.engine.cpu.knots``); the tables are cached for calls
-            without
-            autograd. False always uses the GEMM path.
+            without autograd. False always uses the GEMM path.
+        norm: None, ``"actnorm"`` or ``"batchnorm"``: a normalization layer before every
+            coupling; permutation: None, ``"reverse"``, ``"random"`` or ``"lu"``: a mixing layer
+            after it (docs/design.md §1.8; ``fastnvp.core.interleave``).
 
     ``f(x, context) -> (z, log_det)``, ``g(z, context) -> x``, ``log_prob(x, context) -> (N,)``,
     ``sample(n, context) -> (n, D)`` or ``(n, M, D)``, ``sample_and_log_prob``, ``distribution``
@@ -107,9 +109,20 @@ class FastRealNVP(FlowBase):
         fused="auto",
         precision="ieee",
         knot_tables=True,
+        norm=None,
+        permutation=None,
     ):
         super().__init__(
-            nets, nett, masks, prior, context=context, embedding=embedding, clamp=clamp, check=check
+            nets,
+            nett,
+            masks,
+            prior,
+            context=context,
+            embedding=embedding,
+            clamp=clamp,
+            check=check,
+            norm=norm,
+            permutation=permutation,
         )
         self.fused = fused_layer.check_fused(fused)
         self.precision = fused_layer.check_precision(precision)
@@ -158,9 +171,19 @@ class FastRealNVP(FlowBase):
             embedding=copy.deepcopy(model.embedding),
             clamp=model.clamp,
             check=model.check,
+            norm=model.norm,
+            permutation=model.permutation,
         )
         anchor = model._anchor()
-        return fast.to(device=anchor.device)
+        fast = fast.to(device=anchor.device)
+        if model.interleaved:  # the same norm statistics, permutations and LU factors
+            for mine, theirs in (
+                (fast.norms, model.norms),
+                (fast.permutations, model.permutations),
+            ):
+                if mine is not None:
+                    mine.to(dtype=anchor.dtype).load_state_dict(theirs.state_dict())
+        return fast
 
     def _refresh_split(self) -> None:
         """Per layer: kept indices then transformed ones, and how many are kept."""
@@ -305,6 +328,20 @@ class FastRealNVP(FlowBase):
             memory=check_memory(self.memory),
             fused=self.fused,
             knot_tables=self.knot_tables,
+            batch_stats=self._uses_batch_statistics(direction),
+            pending_init=self._actnorm_pending(direction),
+        )
+
+    def _uses_batch_statistics(self, direction: str) -> bool:
+        """BatchNorm layers normalize with the batch's statistics: ``f`` in train mode."""
+        return direction == "f" and self.norm == "batchnorm" and self.training
+
+    def _actnorm_pending(self, direction: str) -> bool:
+        """An ActNorm layer is still to initialize from the data (only ``f`` initializes)."""
+        return (
+            direction == "f"
+            and self.norm == "actnorm"
+            and not all(layer.is_initialized for layer in self.norms)
         )
 
     def _plan(self, h: torch.Tensor, direction: str, e=None) -> plan_mod.Plan:
@@ -452,6 +489,7 @@ class FastRealNVP(FlowBase):
             for i in reversed(range(self.num_layers)):
                 x, ld = self._layer(i, x, plan.layers[i], inverse=True, e=e)
                 log_det = ld if log_det is None else log_det + ld
+                x, log_det = self._pre_inverse(i, x, log_det)
             return x, log_det
         tables = self._knot_tables_for_training(plan)
         if tables:
@@ -473,6 +511,7 @@ class FastRealNVP(FlowBase):
         z = x
         log_det = None
         for i in range(self.num_layers):
+            z, log_det = self._pre_forward(i, z, log_det)
             z, ld = self._layer(i, z, plan.layers[i], inverse=False, e=e)
             log_det = ld if log_det is None else log_det + ld
         return z, log_det

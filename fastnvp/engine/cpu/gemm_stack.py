@@ -61,6 +61,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from fastnvp.engine.cpu import interleaved
 from fastnvp.engine.invertible import (
     ReconstructionError,
     ReconstructionReport,
@@ -249,15 +250,24 @@ def _workspaces(x: Tensor, packed: Packed) -> tuple[Tensor, Tensor]:
     return x.new_empty(shape), x.new_empty(shape)
 
 
-def forward_no_grad(packed: Packed, x: Tensor, e: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``f`` without autograd.  x (N, D), e (N, E) or None -> (z (N, D), log_det (N,))."""
+def forward_no_grad(
+    packed: Packed, x: Tensor, e: Tensor | None = None, inter=None
+) -> tuple[Tensor, Tensor]:
+    """``f`` without autograd.  x (N, D), e (N, E) or None -> (z (N, D), log_det (N,)).
+
+    ``inter``: the call's :class:`~fastnvp.engine.cpu.interleaved.Interleave` or None; its
+    parameter-only log-det is the caller's to add.
+    """
     z = x.clone()
     log_det = x.new_zeros(x.shape[0])
     ws1, ws2 = _workspaces(x, packed)
     kept, trans = packed.kept_rows, packed.trans_rows
+    views = inter.views(inter.tensors) if inter is not None else None
     on = _profiling()
     for i in range(packed.num_layers):
         with _mark(on, i, "forward"):
+            if inter is not None:
+                z = interleaved.forward_step(inter, i, z, views[i], None, log_det)
             with _mark(on, i, "conditioner"):
                 x_in = _first_input(z.index_select(1, kept[i]), e)
                 _, _, s, t = _nets(packed, i, x_in, ws1, ws2)
@@ -267,12 +277,18 @@ def forward_no_grad(packed: Packed, x: Tensor, e: Tensor | None = None) -> tuple
     return z, log_det
 
 
-def inverse_no_grad(packed: Packed, z: Tensor, e: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``g`` without autograd.  z (N, D), e (N, E) or None -> (x (N, D), log|det dx/dz| (N,))."""
+def inverse_no_grad(
+    packed: Packed, z: Tensor, e: Tensor | None = None, inter=None
+) -> tuple[Tensor, Tensor]:
+    """``g`` without autograd.  z (N, D), e (N, E) or None -> (x (N, D), log|det dx/dz| (N,)).
+
+    ``inter``: as for :func:`forward_no_grad` (prepared for ``g``: no batch statistics).
+    """
     x = z.clone()
     log_det = z.new_zeros(z.shape[0])
     ws1, ws2 = _workspaces(z, packed)
     kept, trans = packed.kept_rows, packed.trans_rows
+    views = inter.views(inter.tensors) if inter is not None else None
     on = _profiling()
     for i in reversed(range(packed.num_layers)):
         with _mark(on, i, "inverse"):
@@ -281,6 +297,8 @@ def inverse_no_grad(packed: Packed, z: Tensor, e: Tensor | None = None) -> tuple
             log_det.sub_(s.sum(dim=1))
             x2 = (x.index_select(1, trans[i]) - t).mul_(s.neg_().exp_())
             x.index_copy_(1, trans[i], x2)
+            if inter is not None:
+                x = interleaved.inverse_step(inter, i, x, views[i])
     return x, log_det
 
 
@@ -394,9 +412,14 @@ class _GemmStack(torch.autograd.Function):
     """``(x, *params) -> (z, log_det)`` over the whole stack; hand-written backward (module doc)."""
 
     @staticmethod
-    def forward(ctx, model, setup, x, e, *params):
-        kept, trans, slope, memory, anchor_every, tolerance = setup
+    def forward(ctx, model, setup, x, e, *tensors):
+        kept, trans, slope, memory, anchor_every, tolerance, inter = setup
+        num_params = PARAMS_PER_LAYER * kept.shape[0]
+        params, extra = tensors[:num_params], list(tensors[num_params:])
         packed = pack(list(params), kept, trans, slope)
+        views = inter.views(extra) if inter is not None else None
+        pre_saved: list[list] = []
+        batch_stats: list[tuple[Tensor, Tensor]] = []
         kept_i, trans_i = packed.kept_rows, packed.trans_rows
         num_layers = packed.num_layers
         z = x
@@ -414,6 +437,14 @@ class _GemmStack(torch.autograd.Function):
             if i in anchor_layers:
                 anchors.append(z)
             with _mark(on, i, "forward"):
+                if inter is not None:
+                    kept_for_backward = None if memory == "invertible" else []
+                    stats = batch_stats if memory == "invertible" else None
+                    z = interleaved.forward_step(
+                        inter, i, z, views[i], kept_for_backward, log_det, stats
+                    )
+                    if kept_for_backward is not None:
+                        pre_saved.append(kept_for_backward)
                 x1 = _first_input(z.index_select(1, kept_i[i]), e)
                 x2 = z.index_select(1, trans_i[i])
                 with _mark(on, i, "conditioner"):
@@ -429,22 +460,37 @@ class _GemmStack(torch.autograd.Function):
         ctx.packed = packed
         ctx.embedded = e
         ctx.params = params
-        ctx.versions = [p._version for p in params]
+        ctx.inter, ctx.inter_tensors, ctx.inter_views = inter, extra, views
+        ctx.versions = [p._version for p in (*params, *extra)]
         ctx.memory = memory
         ctx.anchor_layers = anchor_layers
         ctx.tolerance = tolerance
         # Through save_for_backward, so autograd frees them after backward (unless retained).
         ctx.num_anchors = len(anchors)
-        ctx.save_for_backward(z, *anchors, *(t for layer in saved for t in layer))
+        # The interleaved layers' state: (N, D) inputs of the standard mode, the (D,) batch
+        # statistics of BatchNorm in invertible mode.
+        pre_flat = [] if inter is None else interleaved.flatten_saved(inter, pre_saved)
+        stats_flat = [t for pair in batch_stats for t in pair]
+        ctx.num_pre, ctx.num_stats = len(pre_flat), len(stats_flat)
+        ctx.save_for_backward(
+            z, *anchors, *pre_flat, *stats_flat, *(t for layer in saved for t in layer)
+        )
         return z, log_det
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_z, grad_log_det):
         packed: Packed = ctx.packed
-        _check_unmodified(ctx.params, ctx.versions)
+        _check_unmodified(ctx.params, ctx.versions[: len(ctx.params)])
+        inter = ctx.inter
         z, *rest = ctx.saved_tensors
-        anchors, activations = rest[: ctx.num_anchors], rest[ctx.num_anchors :]
+        anchors, rest = rest[: ctx.num_anchors], rest[ctx.num_anchors :]
+        pre_flat, rest = rest[: ctx.num_pre], rest[ctx.num_pre :]
+        stats_flat, activations = rest[: ctx.num_stats], rest[ctx.num_stats :]
+        pre_saved = None
+        if inter is not None and ctx.memory != "invertible":
+            pre_saved = interleaved.unflatten_saved(inter, pre_flat)
+        batch_stats = [tuple(stats_flat[k : k + 2]) for k in range(0, len(stats_flat), 2)]
         n, dim = z.shape
         G = (
             torch.zeros_like(z)
@@ -452,32 +498,51 @@ class _GemmStack(torch.autograd.Function):
             else grad_z.clone(memory_format=torch.contiguous_format)
         )
         gl = z.new_zeros(n) if grad_log_det is None else grad_log_det
+        num_params = len(ctx.params)
         wants_params = any(ctx.needs_input_grad[4:])
-        grads = _Grads(packed, z) if wants_params else None
+        grads = _Grads(packed, z) if any(ctx.needs_input_grad[4 : 4 + num_params]) else None
+        inter_grads, inter_grad_views = [], None
+        if inter is not None and wants_params:
+            inter_grads, inter_grad_views = interleaved.grad_buffers(inter, ctx.inter_tensors)
         gh1, gh2 = _workspaces(z, packed)
         num_layers = packed.num_layers
         e = ctx.embedded
         GE = None if e is None else e.new_zeros(e.shape)  # summed over layers
         if ctx.memory == "invertible":
-            _invertible_walk(ctx, packed, z, anchors, G, gl, grads, gh1, gh2, e, GE)
+            G = _invertible_walk(
+                ctx, packed, z, anchors, G, gl, grads, gh1, gh2, e, GE, inter_grad_views,
+                batch_stats,
+            )  # fmt: skip
         else:
             on = _profiling()
             for i in reversed(range(num_layers)):
                 layer = activations[5 * i : 5 * i + 5]
                 with _mark(on, i, "backward"):
                     _layer_backward(packed, i, G, gl, *layer, grads, gh1, gh2, GE)
+                    if inter is not None:
+                        G = interleaved.backward_step(
+                            inter, i, G, gl, ctx.inter_views[i], pre_saved[i],
+                            inter_grad_views,
+                        )  # fmt: skip
         grad_x = G if ctx.needs_input_grad[2] else None
         grad_e = GE if ctx.needs_input_grad[3] else None
-        if grads is None:
-            return (None, None, grad_x, grad_e, *([None] * (PARAMS_PER_LAYER * num_layers)))
-        flat = grads.unpacked(packed, dim)
-        flat = [g if need else None for g, need in zip(flat, ctx.needs_input_grad[4:])]
-        return (None, None, grad_x, grad_e, *flat)
+        needs = ctx.needs_input_grad[4:]
+        flat = [None] * num_params if grads is None else grads.unpacked(packed, dim)
+        flat = [g if need else None for g, need in zip(flat, needs)]
+        extra = inter_grads or [None] * len(ctx.inter_tensors or [])
+        extra = [g if need else None for g, need in zip(extra, needs[num_params:])]
+        return (None, None, grad_x, grad_e, *flat, *extra)
 
 
-def _invertible_walk(ctx, packed, z, anchors, G, gl, grads, gh1, gh2, e=None, GE=None):
-    """Backward by inversion, from the output to the input (module doc); fills G and grads."""
+def _invertible_walk(
+    ctx, packed, z, anchors, G, gl, grads, gh1, gh2, e=None, GE=None, igrads=None, stats=()
+):
+    """Backward by inversion, from the output to the input (module doc); fills ``grads`` and
+    returns the gradient of the stack input. Each step inverts its coupling, then its
+    interleaved layers (``ctx.inter``; a ``batchnorm`` step with the statistics its forward
+    kept)."""
     kept, trans = packed.kept_rows, packed.trans_rows
+    inter, views = ctx.inter, ctx.inter_views
     stored = dict(zip(ctx.anchor_layers, anchors))
     ws1, ws2 = _workspaces(z, packed)
     h = z.clone()
@@ -492,13 +557,27 @@ def _invertible_walk(ctx, packed, z, anchors, G, gl, grads, gh1, gh2, e=None, GE
             x2 = (z2 - t).mul_(torch.exp(-s))
             # Round trip of the transformed half: f(g(z)) against z.
             errors.append(_relative_error(torch.addcmul(t, x2, s.exp()), z2))
-            h.index_copy_(1, trans[i], x2)
+            h.index_copy_(1, trans[i], x2)  # h: the coupling's input
+            pre_saved: list = []
+            bn_stats = stats[i] if inter is not None and inter.norm == "batchnorm" else None
+            if inter is not None:
+                h = interleaved.inverse_step(inter, i, h, views[i], bn_stats, pre_saved)
             if i in stored:
                 anchor_errors.append(_relative_error(h, stored[i]))
-                h.copy_(stored[i])
-                x2 = h.index_select(1, trans[i])
+                h = stored[i].clone()
+                if inter is not None:  # replay the step's interleaved layers from the anchor
+                    pre_saved = []
+                    scratch = h.new_zeros(h.shape[0])
+                    coupling_in = interleaved.forward_step(
+                        inter, i, h, views[i], pre_saved, scratch, bn_stats, update=False
+                    )
+                    x2 = coupling_in.index_select(1, trans[i])
+                else:
+                    x2 = h.index_select(1, trans[i])
         with _mark(on, i, "backward"):
             _layer_backward(packed, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2, GE)
+            if inter is not None:
+                G = interleaved.backward_step(inter, i, G, gl, views[i], pre_saved, igrads)
     errors.reverse()
     anchor_errors.reverse()
     summary = torch.stack([*errors, *anchor_errors]).cpu()
@@ -509,6 +588,7 @@ def _invertible_walk(ctx, packed, z, anchors, G, gl, grads, gh1, gh2, e=None, GE
     ctx.model.last_reconstruction = report
     if not report.ok:
         raise ReconstructionError(_failure_message(report))
+    return G
 
 
 def run_forward(
@@ -535,12 +615,18 @@ def run_forward(
         memory, anchor_every, tolerance: the memory mode (module doc) and, for ``invertible``,
             the anchor spacing and the reconstruction tolerance.
     """
+    inter = interleaved.prepare(model, "f", batch_stats=model.training)
     if not grad:
         with torch.no_grad():
-            return forward_no_grad(cached_pack(model, kept, trans, slope), x, e)
-    params = layer_parameters(model)
-    setup = (kept, trans, slope, memory, anchor_every, tolerance)
-    return _GemmStack.apply(model, setup, x, e, *params)
+            z, log_det = forward_no_grad(cached_pack(model, kept, trans, slope), x, e, inter)
+    else:
+        params = layer_parameters(model)
+        extra = inter.tensors if inter is not None else []
+        setup = (kept, trans, slope, memory, anchor_every, tolerance, inter)
+        z, log_det = _GemmStack.apply(model, setup, x, e, *params, *extra)
+    if inter is not None and inter.log_det is not None:
+        log_det = log_det + inter.log_det.to(log_det.dtype)
+    return z, log_det
 
 
 def run_inverse(
@@ -548,7 +634,11 @@ def run_inverse(
 ) -> tuple[Tensor, Tensor]:
     """``model.g(z)`` without autograd.  z (N, D) -> (x (N, D), log|det dx/dz| (N,))."""
     with torch.no_grad():
-        return inverse_no_grad(cached_pack(model, kept, trans, slope), z, e)
+        inter = interleaved.prepare(model, "g", batch_stats=False)
+        x, log_det = inverse_no_grad(cached_pack(model, kept, trans, slope), z, e, inter)
+        if inter is not None and inter.log_det is not None:
+            log_det = log_det + inter.log_det.to(log_det.dtype)
+        return x, log_det
 
 
 def cached_pack(model, kept: Tensor, trans: Tensor, slope: float) -> Packed:

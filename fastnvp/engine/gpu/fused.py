@@ -72,20 +72,42 @@ def model_layer(
 
 
 def _stack_key(model) -> tuple:
-    return tuple((p.data_ptr(), p._version) for p in model.parameters()) + (
-        model.split_order.data_ptr(),
-        model.split_order._version,
+    tensors = (*model.parameters(), *model.buffers())  # buffers: the split, the permutations
+    return tuple((t.data_ptr(), t._version) for t in tensors) + (
         _embedded_features(model),  # the W1 gather depends on E, never on the context values
     )
+
+
+def _folded_layers(model):
+    """Per layer ``_model_layer_weights`` with fixed permutations folded into the gathers,
+    and the final column order (D,) (docs/design.md §4.4).
+
+    A permutation ``y = x[:, p]`` before layer i relabels the features: with the state kept in
+    its physical column order, logical feature j lives in column ``pi[j]``, and after p in
+    column ``pi[p[j]]``. Layer i then reads and writes columns ``pi[kept_i]``,
+    ``pi[transformed_i]``, and the flow's output is ``state[:, pi]``: no permutation is ever
+    applied to the (N, D) state inside the stack.
+    """
+    permutations = getattr(model, "permutations", None)
+    pi = torch.arange(model.dim, device=model.split_order.device)
+    layers = []
+    for i in range(model.num_layers):
+        if permutations is not None:
+            pi = pi.index_select(0, permutations[i].index)
+        kept, transformed, sw, tw, slope = _model_layer_weights(model, i)
+        layers.append((pi[kept], pi[transformed], sw, tw, slope))
+    return layers, pi
 
 
 def model_stack(model, x: Tensor, inverse: bool, context: Tensor | None = None):
     """All layers in one whole-stack launch when nothing needs a gradient, else None.
 
     Used when every layer takes the fused layer, no gradient is needed, and the stacked weights
-    fit ``STACK_CACHE_BUDGET``. The stacked weights are cached on the model and rebuilt when a
-    parameter changes (in-place updates bump the parameters' version counters). ``context``:
-    the embedded context e (N, E) of a conditional model, shared by every layer.
+    fit ``STACK_CACHE_BUDGET``; fixed permutations between the layers are folded into the
+    gathers (:func:`_folded_layers`), other interleaved layers are the plan's to refuse. The
+    stacked weights are cached on the model and rebuilt when a parameter or buffer changes
+    (in-place updates bump their version counters). ``context``: the embedded context e
+    (N, E) of a conditional model, shared by every layer.
     """
     if not all(model_uses_fused_layer(model, i, x) for i in range(model.num_layers)):
         return None
@@ -98,12 +120,19 @@ def model_stack(model, x: Tensor, inverse: bool, context: Tensor | None = None):
     key = _stack_key(model)
     cache = getattr(model, "_fused_stack_cache", None)
     if cache is None or cache[0] != key:
-        layers = [_model_layer_weights(model, i) for i in range(model.num_layers)]
+        layers, order = _folded_layers(model)
         stacked = stack_layers([w[:4] for w in layers])
-        cache = (key, stacked, layers[0][4], stack_fits(stacked, fused_ops.STACK_CACHE_BUDGET))
+        folded = None
+        if getattr(model, "permutations", None) is not None:
+            folded = (order, torch.argsort(order))
+        fits = stack_fits(stacked, fused_ops.STACK_CACHE_BUDGET)
+        cache = (key, stacked, layers[0][4], fits, folded)
         model._fused_stack_cache = cache
-    _, stacked, slope, fits = cache
+    _, stacked, slope, fits, folded = cache
     if not fits:
         return None
-    op = coupling_stack_inverse if inverse else coupling_stack_forward
-    return op(x, *stacked, slope, model.precision, context)
+    if inverse:
+        state = x if folded is None else x.index_select(1, folded[1])  # logical -> physical
+        return coupling_stack_inverse(state, *stacked, slope, model.precision, context)
+    z, log_det = coupling_stack_forward(x, *stacked, slope, model.precision, context)
+    return (z, log_det) if folded is None else (z.index_select(1, folded[0]), log_det)

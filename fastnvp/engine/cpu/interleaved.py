@@ -1,0 +1,285 @@
+"""The interleaved layers of a flow inside the CPU GEMM stack (docs/design.md §1.8, §3.2).
+
+Step ``i`` runs a norm and a mixing layer before coupling ``i`` (``fastnvp.core.interleave``).
+The GEMM stack runs them inside its one autograd node, in one of four forms:
+
+=============  =========================================  =========================================
+form           forward (data -> latent), per row          backward (G: upstream gradient (N, D))
+=============  =========================================  =========================================
+``affine``     y = x * scale + shift                      gx = G scale, gscale = Σ_r G x,
+                                                          gshift = Σ_r G
+``batchnorm``  x̂ = (x - μ_B) inv_std, y = x̂ γ + β,        gx̂ = G γ; gx = inv_std (gx̂ - mean(gx̂)
+               inv_std = (σ²_B + ε)^-½, log-det           - x̂ mean(gx̂ x̂)) - (Σ gl / N) x̂ inv_std
+               -½ Σ log(σ²_B + ε) per row                 gγ = Σ_r G x̂, gβ = Σ_r G
+``permutation``  y = x[:, index]                          gx = G[:, argsort(index)]
+``linear``     y = x W^T                                  gx = G W, gW = G^T x
+=============  =========================================  =========================================
+
+ActNorm is ``affine`` with ``scale = exp(log_scale)``; BatchNorm is ``batchnorm`` where it uses
+batch statistics (``f`` in train mode) and ``affine`` with the running statistics otherwise;
+the LU layer is ``linear`` with ``W = (L U)[row_order]``. The per-call tensors (scale, shift,
+γ = exp(log γ), β, W; one (L, ...) stack per kind) are built once per call *outside* the node
+with autograd (:func:`prepare`), so the node returns their gradients and autograd carries them
+to the layers' parameters; the part of the log-determinant that depends only on parameters
+(Σ log_scale, Σ log γ, Σ log|u_ii|) is added outside too. The ``batchnorm`` term
+-½ Σ log(σ²_B + ε) depends on the batch and is the node's; its gradient is the last term of gx.
+
+In invertible memory mode a ``batchnorm`` step keeps its batch mean and variance, (D,) each,
+to invert (docs/design.md §5); ``linear`` inverts with ``torch.linalg.solve`` on W.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fastnvp.core.interleave import step_layers
+from fastnvp.core.mixing import LULinear, Permutation
+from fastnvp.core.normalization import ActNorm, BatchNorm
+
+#: The forms of :func:`prepare` (module docstring).
+FORMS = ("affine", "batchnorm", "permutation", "linear")
+
+
+@dataclass
+class Interleave:
+    """The interleaved layers of one call, in the forms the node runs (module docstring).
+
+    Attributes:
+        num_layers: L.
+        norm: ``"affine"``, ``"batchnorm"`` or None (the form of every step's norm layer).
+        mix: ``"permutation"``, ``"linear"`` or None (the form of every step's mixing layer).
+        tensors: the node's extra inputs, stacked over layers: ``affine``: scale, shift (L, D);
+            ``batchnorm``: γ, β (L, D); then ``linear``: W (L, D, D).
+        log_det: 0-d differentiable tensor, the parameter-only log-determinant of all the
+            interleaved layers in the call's direction, or None.
+        index, inverse_index: (L, D) int64 permutations (``permutation``), else None.
+        modules: the BatchNorm modules (running averages; ``batchnorm``), else [].
+        eps: per-layer ε of the BatchNorm modules.
+    """
+
+    num_layers: int
+    norm: str | None
+    mix: str | None
+    tensors: list[Tensor]
+    log_det: Tensor | None
+    index: Tensor | None = None
+    inverse_index: Tensor | None = None
+    modules: list[BatchNorm] = field(default_factory=list)
+    eps: list[float] = field(default_factory=list)
+
+    def views(self, tensors: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Per layer, the node's copies of :attr:`tensors` as ``{name: (D,) or (D, D)}``."""
+        names = []
+        if self.norm == "affine":
+            names += ["scale", "shift"]
+        elif self.norm == "batchnorm":
+            names += ["gamma", "beta"]
+        if self.mix == "linear":
+            names.append("weight")
+        per_name = [t.unbind(0) for t in tensors]
+        return [{n: rows[i] for n, rows in zip(names, per_name)} for i in range(self.num_layers)]
+
+
+def _stack(values) -> Tensor:
+    return torch.stack(list(values))
+
+
+def prepare(model, direction: str, batch_stats: bool) -> Interleave | None:
+    """The :class:`Interleave` of a call on ``model`` (None without interleaved layers).
+
+    ``batch_stats``: BatchNorm layers normalize with batch statistics (``f`` in train mode).
+    Built with autograd: differentiable in the layers' parameters.
+    """
+    norms = getattr(model, "norms", None)
+    mixes = getattr(model, "permutations", None)
+    if norms is None and mixes is None:
+        return None
+    sign = 1.0 if direction == "f" else -1.0
+    tensors: list[Tensor] = []
+    terms: list[Tensor] = []
+    inter = Interleave(model.num_layers, None, None, tensors, None)
+    if norms is not None:
+        first = norms[0]
+        if isinstance(first, BatchNorm) and batch_stats:
+            inter.norm = "batchnorm"
+            inter.modules = list(norms)
+            inter.eps = [m.eps for m in norms]
+            log_gamma = _stack(m.log_gamma for m in norms)
+            tensors += [log_gamma.exp(), _stack(m.beta for m in norms)]
+            terms.append(log_gamma.sum())
+        else:
+            inter.norm = "affine"
+            if isinstance(first, ActNorm):
+                log_scale = _stack(m.log_scale for m in norms)
+                scale, shift = log_scale.exp(), _stack(m.shift for m in norms)
+                terms.append(log_scale.sum())
+            else:  # BatchNorm with its running statistics: a fixed per-feature affine map
+                pairs = [m.scale_shift() for m in norms]
+                scale, shift = _stack(p[0] for p in pairs), _stack(p[1] for p in pairs)
+                terms.append(scale.log().sum())
+            tensors += [scale, shift]
+    if mixes is not None:
+        if isinstance(mixes[0], Permutation):
+            inter.mix = "permutation"
+            inter.index = _stack(m.index for m in mixes)
+            inter.inverse_index = _stack(m.inverse_index for m in mixes)
+        else:
+            inter.mix = "linear"
+            tensors.append(_lu_weights(mixes))
+            terms.append(_stack(m.log_abs_diag for m in mixes).sum())
+    if terms:
+        inter.log_det = sign * torch.stack(terms).sum()
+    return inter
+
+
+def _lu_weights(layers: list[LULinear]) -> Tensor:
+    """W of every LU layer at once, (L, D, D): a few batched ops instead of a few per layer."""
+    lower = _stack(m.lower for m in layers).tril(-1)
+    upper = _stack(m.upper for m in layers).triu(1)
+    diag = _stack(m.sign * m.log_abs_diag.exp() for m in layers)
+    eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
+    products = torch.bmm(lower + eye, upper + torch.diag_embed(diag))
+    order = _stack(m.row_order for m in layers)
+    return torch.gather(products, 1, order[:, :, None].expand_as(products))
+
+
+def _batch_moments(z: Tensor) -> tuple[Tensor, Tensor]:
+    mean = z.mean(0)
+    return mean, (z - mean).square().mean(0)
+
+
+def forward_step(inter, i, z, view, saved, log_det, stats=None, update=True) -> Tensor:
+    """Step ``i``'s interleaved layers on z (N, D), no autograd: the coupling's input.
+
+    ``saved``: a list that receives what backward needs (None: keep nothing); ``log_det``
+    (N,) receives the batch-dependent log-det in place; ``stats``: a list that receives the
+    (mean, var) of a ``batchnorm`` step (invertible mode), or the pair to use instead of the
+    batch's (replaying an anchored step); ``update``: fold the batch's statistics into the
+    running averages.
+    """
+    if inter.norm == "affine":
+        if saved is not None:
+            saved.append(z)
+        z = torch.addcmul(view["shift"], z, view["scale"])
+    elif inter.norm == "batchnorm":
+        if isinstance(stats, tuple):
+            mean, var = stats
+        else:
+            mean, var = _batch_moments(z)
+            if stats is not None:
+                stats.append((mean, var))
+            if update:
+                inter.modules[i].update_running(mean, var, z.shape[0])
+        eps = inter.eps[i]
+        inv_std = (var + eps).rsqrt()
+        xhat = (z - mean).mul_(inv_std)
+        if saved is not None:
+            saved.append((xhat, inv_std))
+        log_det.sub_(0.5 * torch.log(var + eps).sum())
+        z = torch.addcmul(view["beta"], xhat, view["gamma"])
+    if inter.mix == "permutation":
+        z = z.index_select(1, inter.index[i])
+    elif inter.mix == "linear":
+        if saved is not None:
+            saved.append(z)
+        z = z @ view["weight"].t()
+    return z
+
+
+def inverse_step(inter, i, h, view, stats=None, saved=None) -> Tensor:
+    """Invert step ``i``'s interleaved layers: the coupling's input h (N, D) -> the step's input.
+
+    ``stats``: the (mean, var) a ``batchnorm`` forward used (required for that form).
+    ``saved``: receives, in forward order, what :func:`backward_step` needs.
+    """
+    record: list = []
+    if inter.mix == "permutation":
+        h = h.index_select(1, inter.inverse_index[i])
+    elif inter.mix == "linear":
+        h = torch.linalg.solve(view["weight"], h.t()).t()
+        record.append(h)
+    if inter.norm == "affine":
+        h = (h - view["shift"]).div_(view["scale"])
+        record.append(h)
+    elif inter.norm == "batchnorm":
+        mean, var = stats
+        inv_std = (var + inter.eps[i]).rsqrt()
+        xhat = (h - view["beta"]).div_(view["gamma"])
+        record.append((xhat, inv_std))
+        h = xhat / inv_std + mean
+    if saved is not None:
+        saved.extend(reversed(record))
+    return h
+
+
+def backward_step(inter, i, G, gl, view, saved, grads) -> Tensor:
+    """Backprop step ``i``'s interleaved layers: G (N, D) of the coupling's input -> of the
+    step's input. ``saved``: from :func:`forward_step` (forward order); ``grads``: per layer
+    ``{name: (D,) or (D, D)}`` buffers written in place, or None."""
+    k = len(saved)
+    if inter.mix == "permutation":
+        G = G.index_select(1, inter.inverse_index[i])
+    elif inter.mix == "linear":
+        k -= 1
+        if grads is not None:
+            torch.mm(G.t(), saved[k], out=grads[i]["weight"])
+        G = G @ view["weight"]
+    if inter.norm == "affine":
+        k -= 1
+        if grads is not None:
+            torch.sum(G * saved[k], 0, out=grads[i]["scale"])
+            torch.sum(G, 0, out=grads[i]["shift"])
+        G = G * view["scale"]
+    elif inter.norm == "batchnorm":
+        k -= 1
+        xhat, inv_std = saved[k]
+        if grads is not None:
+            torch.sum(G * xhat, 0, out=grads[i]["gamma"])
+            torch.sum(G, 0, out=grads[i]["beta"])
+        gxhat = G * view["gamma"]
+        n = G.shape[0]
+        centred = gxhat - gxhat.mean(0) - xhat * (gxhat * xhat).mean(0)
+        G = centred.sub_(xhat * (gl.sum() / n)).mul_(inv_std)
+    return G
+
+
+def _per_layer_count(inter) -> int:
+    """Tensors :func:`forward_step` keeps per layer for backward (standard memory)."""
+    norm = {"affine": 1, "batchnorm": 2}.get(inter.norm, 0)
+    return norm + (1 if inter.mix == "linear" else 0)
+
+
+def flatten_saved(inter, saved: list[list]) -> list[Tensor]:
+    """The per-layer lists of :func:`forward_step` as one flat tensor list (for
+    ``save_for_backward``, so autograd frees them after backward unless the graph is kept)."""
+    flat: list[Tensor] = []
+    for layer in saved:
+        for item in layer:
+            flat.extend(item if isinstance(item, tuple) else (item,))
+    return flat
+
+
+def unflatten_saved(inter, flat) -> list[list]:
+    """Inverse of :func:`flatten_saved`."""
+    count = _per_layer_count(inter)
+    out = []
+    for i in range(inter.num_layers):
+        chunk = list(flat[count * i : count * (i + 1)])
+        if inter.norm == "batchnorm":
+            chunk = [(chunk[0], chunk[1]), *chunk[2:]]
+        out.append(chunk)
+    return out
+
+
+def grad_buffers(inter, tensors: list[Tensor]) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """Zeroed gradient buffers like ``tensors`` and their per-layer views."""
+    buffers = [torch.zeros_like(t) for t in tensors]
+    return buffers, inter.views(buffers)
+
+
+def layers_of(model, i: int) -> list:
+    """Step ``i``'s interleaved layer modules (for the per-layer paths)."""
+    return step_layers(model, i)

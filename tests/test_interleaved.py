@@ -1,0 +1,410 @@
+"""Interleaved layers (docs/design.md §1.8): ActNorm, BatchNorm, permutations and the LU layer,
+alone, composed by hand, and inside RealNVP / FastRealNVP on every executor."""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+import pickle
+
+import pytest
+import torch
+
+from fastnvp import (
+    ActNorm,
+    BatchNorm,
+    FastRealNVP,
+    LULinear,
+    Permutation,
+    RealNVP,
+    SequentialFlow,
+)
+from fastnvp.core.interleave import NORMS, PERMUTATIONS
+
+OPTIONS = [(n, p) for n, p in itertools.product(NORMS, PERMUTATIONS) if n or p]
+F64 = torch.float64
+
+
+def layer_of(kind: str, dim: int):
+    return {
+        "actnorm": lambda: ActNorm(dim),
+        "batchnorm": lambda: BatchNorm(dim),
+        "reverse": lambda: Permutation.reverse(dim),
+        "random": lambda: Permutation.random(dim),
+        "lu": lambda: LULinear(dim),
+    }[kind]().double()
+
+
+def randomize(module: torch.nn.Module) -> None:
+    """Move every parameter and running statistic away from its identity initialization."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn_like(b))
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand_like(b) + 0.5)
+
+
+def row_jacobian_log_det(fn, x: torch.Tensor) -> torch.Tensor:
+    """slogdet of the Jacobian of a row map, per row: brute force in float64."""
+    out = []
+    for row in x:
+        jac = torch.autograd.functional.jacobian(lambda r: fn(r[None])[0], row)
+        out.append(torch.linalg.slogdet(jac)[1])
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------- single layers
+@pytest.mark.parametrize("kind", ["actnorm", "batchnorm", "reverse", "random", "lu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_layer_log_det_is_the_jacobian_and_inverse_is_exact(kind, training):
+    layer = layer_of(kind, 5)
+    x = torch.randn(9, 5, dtype=F64) * 2 + 1
+    layer(x)  # initializes ActNorm, updates BatchNorm's running statistics
+    randomize(layer)
+    layer.train(training)
+    y, log_det = layer(x)
+    if kind == "batchnorm" and training:
+        # The flow's Jacobian of a row holds the batch's statistics fixed (module docstring).
+        mean, var = layer.batch_statistics(x)
+        brute = row_jacobian_log_det(lambda r: layer.forward_with(r, mean, var)[0], x)
+        torch.testing.assert_close(y, layer.forward_with(x, mean, var)[0])
+        back, inv_log_det = layer.inverse_with(y, mean, var)
+    else:
+        layer.eval()  # one row at a time: BatchNorm needs its running statistics here
+        brute = row_jacobian_log_det(lambda r: layer(r)[0], x)
+        layer.train(training)
+        back, inv_log_det = layer.inverse(y)
+    assert log_det.shape == (9,)
+    torch.testing.assert_close(log_det, brute, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(back, x, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(inv_log_det, -log_det)
+
+
+def test_actnorm_initializes_from_its_first_batch_only():
+    layer = ActNorm(4)
+    x = torch.randn(500, 4) * torch.tensor([1.0, 5.0, 0.1, 3.0]) + torch.tensor([2.0, -1, 0, 7])
+    y, _ = layer(x)
+    torch.testing.assert_close(y.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.std(0, unbiased=False), torch.ones(4), atol=1e-4, rtol=0)
+    assert layer.is_initialized and bool(layer.initialized)
+    before = layer.state_dict()
+    layer(x * 10)  # no second initialization
+    torch.testing.assert_close(layer.state_dict()["log_scale"], before["log_scale"])
+    fresh = ActNorm(4)
+    fresh.load_state_dict(before)  # a loaded layer is initialized: it never re-initializes
+    assert fresh.is_initialized
+    torch.testing.assert_close(fresh(x * 10)[0], layer(x * 10)[0])
+    untouched = ActNorm(4)
+    untouched.inverse(x)  # the inverse never initializes
+    assert not untouched.is_initialized
+
+
+def test_batchnorm_running_statistics_and_eval_independence():
+    layer = BatchNorm(3, momentum=0.5)
+    x = torch.randn(200, 3) * 2 + 5
+    layer(x)
+    torch.testing.assert_close(layer.running_mean, 0.5 * x.mean(0))
+    torch.testing.assert_close(layer.running_var, 0.5 + 0.5 * x.var(0))
+    layer.eval()
+    alone = layer(x[:1])[0]
+    in_batch = layer(torch.cat([x[:1], 100 * torch.randn(7, 3)]))[0][:1]
+    torch.testing.assert_close(alone, in_batch)
+
+
+def test_lu_layer_starts_orthogonal_and_stays_invertible():
+    layer = LULinear(6).double()
+    w = layer.weight()
+    torch.testing.assert_close(w @ w.t(), torch.eye(6, dtype=F64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        torch.linalg.slogdet(w)[1], layer.log_det_constant(), atol=1e-6, rtol=0
+    )
+    randomize(layer)
+    torch.testing.assert_close(
+        torch.linalg.slogdet(layer.weight())[1], layer.log_det_constant(), atol=1e-10, rtol=0
+    )
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: Permutation(torch.tensor([0, 0, 1])), "permutation of 0..2"),
+        (lambda: Permutation(torch.tensor([0.0, 1.0])), "integer"),
+        (lambda: ActNorm(0), "dim"),
+        (lambda: BatchNorm(3, momentum=0.0), "momentum"),
+        (lambda: BatchNorm(3, eps=-1.0), "eps"),
+        (lambda: RealNVP.standard(3, 2, 8, norm="layernorm"), "norm must be one of"),
+        (lambda: FastRealNVP.standard(3, 2, 8, permutation="shuffle"), "permutation must be"),
+        (lambda: FastRealNVP.standard(3, 2, 8, permutation=1), "permutation must be None or a str"),
+    ],
+)
+def test_bad_options_raise_naming_the_argument(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+def test_bad_inputs_raise_naming_the_argument():
+    with pytest.raises(ValueError, match="x must have shape"):
+        ActNorm(3)(torch.randn(4, 2))
+    with pytest.raises(ValueError, match="at least 2 rows for BatchNorm in train mode"):
+        BatchNorm(3)(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="at least 2 rows for BatchNorm in train mode"):
+        FastRealNVP.standard(3, 2, 8, norm="batchnorm").log_prob(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="same D"):
+        SequentialFlow(ActNorm(3), ActNorm(4))
+    with pytest.raises(TypeError, match="dim"):
+        SequentialFlow(torch.nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="context must be None"):
+        SequentialFlow(ActNorm(3)).log_prob(torch.randn(2, 3), torch.randn(2, 1))
+
+
+# ----------------------------------------------------------------------------- whole flows
+def flow_pair(norm, perm, dim=4, layers=3, hidden=12, context=None, **options):
+    torch.manual_seed(0)
+    ref = RealNVP.standard(dim, layers, hidden, norm=norm, permutation=perm, context=context)
+    ref = ref.double()
+    fast = FastRealNVP.standard(
+        dim, layers, hidden, norm=norm, permutation=perm, context=context, **options
+    ).double()
+    x = torch.randn(64, dim, dtype=F64) * 3 + 1
+    c = None if context is None else torch.randn(64, context, dtype=F64)
+    ref.log_prob(x, c)  # ActNorm's data-dependent initialization, BatchNorm statistics
+    for module in (*(ref.norms or []), *(ref.permutations or [])):
+        randomize(module)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast, x, c
+
+
+@pytest.mark.parametrize("norm, perm", OPTIONS)
+def test_flow_log_det_is_the_jacobian(norm, perm):
+    ref, _, x, _ = flow_pair(norm, perm)
+    ref.eval()
+    rows = x[:6]
+    _, log_det = ref.f(rows)
+    torch.testing.assert_close(log_det, row_jacobian_log_det(lambda r: ref.f(r)[0], rows))
+    if norm == "batchnorm":
+        # Train mode is eval mode with the batch's statistics as the running ones.
+        ref.train()
+        stats = []
+        hooks = [
+            bn.register_forward_pre_hook(lambda m, a: stats.append(m.batch_statistics(a[0])))
+            for bn in ref.norms
+        ]
+        _, train_log_det = ref.f(x)
+        for hook in hooks:
+            hook.remove()
+        for bn, (mean, var) in zip(ref.norms, stats):
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+        ref.eval()
+        torch.testing.assert_close(train_log_det, ref.f(x)[1])
+        torch.testing.assert_close(
+            train_log_det[:4], row_jacobian_log_det(lambda r: ref.f(r)[0], x[:4])
+        )
+
+
+@pytest.mark.parametrize("norm, perm", OPTIONS)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"memory": "invertible", "anchor_every": 2}, {"fused": "layer"}, {"knot_tables": False}],
+    ids=["gemm", "invertible", "fused", "no-knots"],
+)
+def test_fast_equals_reference_in_train_and_eval(norm, perm, options):
+    """Outputs, every gradient and the running statistics, on the plan each call takes."""
+    ref, fast, x, _ = flow_pair(norm, perm, **options)
+    for training in (True, False):
+        ref.train(training)
+        fast.train(training)
+        lp_ref, lp_fast = ref.log_prob(x), fast.log_prob(x)
+        torch.testing.assert_close(lp_fast, lp_ref, atol=1e-10, rtol=1e-10)
+        names = [n for n, _ in ref.named_parameters()]
+        g_ref = torch.autograd.grad(lp_ref.sum(), list(ref.parameters()))
+        params = dict(fast.named_parameters())
+        g_fast = torch.autograd.grad(lp_fast.sum(), [params[n] for n in names])
+        # The fused layer's backward recomputes gs from its output, g2 (y2 - t), which cancels
+        # (docs/design.md §1.5): float64 agreement to ~1e-9 there, ~1e-13 elsewhere.
+        tol = 1e-7 if options.get("fused") == "layer" else 1e-9
+        for name, a, b in zip(names, g_ref, g_fast):
+            scale = max(1.0, a.abs().max().item())  # relative to the gradient's magnitude
+            assert (a - b).abs().max().item() <= tol * scale, name
+        mine = dict(fast.named_buffers())
+        for name, buffer in ref.named_buffers():
+            torch.testing.assert_close(mine[name], buffer, msg=name)
+        with torch.no_grad():
+            z = torch.randn(9, 4, dtype=F64)
+            torch.testing.assert_close(fast.g(z), ref.g(z), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("norm, perm", OPTIONS)
+def test_round_trip_and_every_parameter_learns(norm, perm):
+    _, fast, x, _ = flow_pair(norm, perm)
+    fast.eval()
+    z, log_det = fast.f(x)
+    back, inv_log_det = fast.inverse(z)
+    torch.testing.assert_close(back, x, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(inv_log_det, -log_det, atol=1e-10, rtol=1e-10)
+    fast.train()
+    fast.log_prob(x).sum().backward()
+    for name, p in fast.named_parameters():
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+
+
+@pytest.mark.parametrize("norm, perm", [("actnorm", "lu"), ("batchnorm", "random")])
+@pytest.mark.parametrize("memory", ["standard", "invertible"])
+def test_gemm_stack_gradcheck(norm, perm, memory):
+    _, fast, x, _ = flow_pair(norm, perm, dim=4, layers=2, hidden=4, memory=memory)
+    assert fast.explain(x).stack == "cpu_gemm_stack"
+    params = [p for p in fast.parameters()]
+
+    def fn(x_in, *weights):
+        return fast.log_prob(x_in)
+
+    x_in = x[:5].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(fn, (x_in, *params), eps=1e-6, atol=1e-5)
+
+
+def test_conditional_flow_with_interleaved_layers():
+    ref, fast, x, c = flow_pair("batchnorm", "lu", context=2)
+    for training in (True, False):
+        ref.train(training)
+        fast.train(training)
+        torch.testing.assert_close(fast.log_prob(x, c), ref.log_prob(x, c))
+    samples, log_p = fast.sample_and_log_prob(5, c[:3])
+    assert samples.shape == (5, 3, 4)
+    torch.testing.assert_close(
+        log_p.reshape(-1), fast.log_prob(samples.reshape(-1, 4), c[:3].repeat(5, 1))
+    )
+
+
+def test_without_options_the_flow_and_its_state_dict_are_unchanged():
+    torch.manual_seed(0)
+    plain = FastRealNVP.standard(4, 3, 8)
+    torch.manual_seed(0)
+    explicit = FastRealNVP.standard(4, 3, 8, norm=None, permutation=None)
+    assert list(plain.state_dict()) == list(explicit.state_dict())
+    assert not any(k.startswith(("norms", "permutations")) for k in plain.state_dict())
+    assert plain.norms is None and plain.permutations is None
+    x = torch.randn(10, 4)
+    torch.testing.assert_close(plain.log_prob(x), explicit.log_prob(x))
+
+
+def test_state_dict_keys_are_stable():
+    keys = set(FastRealNVP.standard(4, 2, 8, norm="actnorm", permutation="lu").state_dict())
+    for i in range(2):
+        assert {f"norms.{i}.{k}" for k in ("log_scale", "shift", "initialized")} <= keys
+        lu = ("lower", "upper", "log_abs_diag", "row_order", "sign")
+        assert {f"permutations.{i}.{k}" for k in lu} <= keys
+    keys = set(RealNVP.standard(4, 2, 8, norm="batchnorm", permutation="random").state_dict())
+    bn = ("log_gamma", "beta", "running_mean", "running_var")
+    assert {f"norms.1.{k}" for k in bn} | {"permutations.1.index"} <= keys
+    # a random permutation is part of the state: a reloaded model has the same one
+    torch.manual_seed(1)
+    a = RealNVP.standard(5, 2, 8, permutation="random")
+    torch.manual_seed(2)
+    b = RealNVP.standard(5, 2, 8, permutation="random")
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.permutations[0].index, b.permutations[0].index)
+    assert torch.equal(b.permutations[0].inverse_index, torch.argsort(a.permutations[0].index))
+
+
+def test_from_reference_copies_the_interleaved_layers():
+    ref, _, x, _ = flow_pair("actnorm", "random")
+    fast = FastRealNVP.from_reference(ref)
+    assert fast.norm == "actnorm" and fast.permutation == "random"
+    torch.testing.assert_close(fast.log_prob(x), ref.log_prob(x))
+
+
+def test_plans_say_why():
+    model = FastRealNVP.standard(4, 3, 16, norm="actnorm", permutation="reverse")
+    x = torch.randn(4096, 4)
+    assert "ActNorm layers initialize" in model.explain(x).reason
+    model(x)
+    assert model.explain(x).stack == "cpu_gemm_stack"
+    bn = FastRealNVP.standard(4, 3, 16, norm="batchnorm", knot_tables=True)
+    bn.policy = type(bn.policy)(gemm_stack=False)
+    plan = bn.explain(x)
+    assert plan.stack != "rows_parallel" and "whole batch's statistics" in plan.reason
+    fused = FastRealNVP.standard(4, 3, 16, norm="batchnorm", fused="layer").eval()
+    with torch.no_grad():
+        assert "folds only fixed permutations" in fused.explain(x).reason
+    folded = FastRealNVP.standard(4, 3, 16, permutation="random", fused="layer")
+    with torch.no_grad():
+        plan = folded.explain(x)
+    assert plan.stack == "gpu_fused_stack" and "folded" in plan.reason
+
+
+@pytest.mark.parametrize("norm, perm", [("actnorm", "lu"), ("batchnorm", "random")])
+def test_copies_and_pickles(norm, perm):
+    _, fast, x, _ = flow_pair(norm, perm)
+    fast.eval()
+    expected = fast.log_prob(x)
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    for clone in (
+        copy.deepcopy(fast),
+        pickle.loads(pickle.dumps(fast)),
+        torch.load(buffer, weights_only=False),
+    ):
+        torch.testing.assert_close(clone.log_prob(x), expected)
+        if norm == "actnorm":
+            assert all(layer.is_initialized for layer in clone.norms)
+
+
+# ----------------------------------------------------------------------------- by hand
+def test_sequential_flow_composes_in_the_given_order():
+    torch.manual_seed(0)
+    members = [
+        ActNorm(4),
+        FastRealNVP.standard(4, 2, 8),
+        LULinear(4),
+        Permutation.reverse(4),
+        RealNVP.standard(4, 2, 8),
+        BatchNorm(4),
+    ]
+    flow = SequentialFlow(*members).double()
+    x = torch.randn(32, 4, dtype=F64)
+    z, log_det = flow.f(x)
+    h, total = x, torch.zeros(32, dtype=F64)
+    for layer in flow.layers:
+        h, ld = layer(h)
+        total = total + ld
+    torch.testing.assert_close(z, h)
+    torch.testing.assert_close(log_det, total)
+    flow.eval()
+    z, log_det = flow.f(x)
+    torch.testing.assert_close(flow.g(z), x, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(log_det[:3], row_jacobian_log_det(lambda r: flow.f(r)[0], x[:3]))
+    assert flow.sample(7).shape == (7, 4)
+    assert flow.log_prob(x).shape == (32,)
+
+
+def test_sequential_flow_passes_the_context_to_conditional_members():
+    torch.manual_seed(0)
+    cond = FastRealNVP.standard(3, 2, 8, context=2)
+    flow = SequentialFlow(ActNorm(3), cond, LULinear(3))
+    x, c = torch.randn(16, 3), torch.randn(16, 2)
+    flow(x, c)
+    z, ld = flow.f(x, c)
+    torch.testing.assert_close(flow.g(z, c), x, atol=1e-5, rtol=1e-5)
+    assert flow.sample(4, c[:5]).shape == (4, 5, 3)
+    with pytest.raises(ValueError, match="context"):
+        flow.log_prob(x)
+
+
+# ----------------------------------------------------------------------------- deep stacks
+def test_two_hundred_layers_with_actnorm_train_without_nan():
+    torch.manual_seed(0)
+    model = FastRealNVP.standard(2, 200, 16, norm="actnorm", permutation="reverse")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(128, 2) * torch.tensor([3.0, 0.2])
+    for _ in range(3):
+        opt.zero_grad()
+        loss = -model.log_prob(x).mean()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
