@@ -184,7 +184,7 @@ def train_candidate(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        running += float(loss)
+        running += float(loss.detach())
         count += 1
         if bar is not None:
             bar.update(1)

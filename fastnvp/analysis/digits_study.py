@@ -77,8 +77,8 @@ class DigitsStudyConfig:
         )
 
 
-def label(norm, permutation) -> str:
-    return f"fastnvp[norm={norm or '-'}, perm={permutation or '-'}]"
+def label(norm, permutation, hidden: int) -> str:
+    return f"fastnvp[norm={norm or '-'}, perm={permutation or '-'}, H={hidden}]"
 
 
 def fastnvp_candidate(
@@ -93,7 +93,7 @@ def fastnvp_candidate(
         DIM, layers, hidden, norm=norm, permutation=permutation, context=context
     )
     count = sum(p.numel() for p in model.parameters())
-    name = label(norm, permutation) + ("" if context is None else " | digit")
+    name = label(norm, permutation, hidden) + ("" if context is None else " | digit")
     return Candidate(
         name=name,
         module=model,

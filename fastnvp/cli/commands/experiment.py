@@ -1,4 +1,11 @@
-"""``fastnvp experiment depth``: the seed report's depth study, reproducible with one command."""
+"""``fastnvp experiment``: the studies, each reproducible with one command.
+
+- ``depth``: the seed report's depth study on two moons (docs/experiment.md);
+- ``digits``: fastnvp variants, a Gaussian and the peers' Real NVPs on the 8 x 8 digits
+  (``fastnvp.analysis.digits_study``, docs/digits.md);
+- ``norm-depth``: 50-layer stacks with and without ActNorm on moons and digits, and a
+  200-layer one (``fastnvp.analysis.norm_depth``).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,13 @@ from fastnvp.cli.commands._training_options import (
     set_threads,
 )
 
-HELP = "run a study: 'depth' trains L = 1..50 and tabulates test NLL and latent Gaussianity"
+HELP = (
+    "run a study: 'depth' (two moons, L = 1..50), 'digits' (64-D real data: fastnvp variants, "
+    "a Gaussian, the peers), 'norm-depth' (ActNorm in 50- and 200-layer stacks)"
+)
+STUDIES = ("depth", "digits", "norm-depth")
+#: Default report directory of each study (the depth study writes next to its runs).
+REPORT_DIRS = {"digits": "docs/digits", "norm-depth": "docs/digits"}
 
 # Sized for two CPU cores (see docs/experiment.md); the seed's full size is --hidden 256.
 DEFAULTS = {"hidden": 64, "steps": 2000, "batch": 512, "lr": 2e-3, "threads": 1}
@@ -20,10 +33,19 @@ DEFAULTS = {"hidden": 64, "steps": 2000, "batch": 512, "lr": 2e-3, "threads": 1}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``fastnvp experiment``."""
-    parser.add_argument("study", choices=("depth",), help="which study to run")
-    parser.add_argument("--out", default="runs/depth", help="run directory (default runs/depth)")
+    parser.add_argument("study", choices=STUDIES, help="which study to run")
     parser.add_argument(
-        "--report-dir", default=None, help="where figures and tables go (default: --out)"
+        "--out", default="runs/depth", help="run directory of 'depth' (default runs/depth)"
+    )
+    parser.add_argument(
+        "--report-dir",
+        default=None,
+        help="where figures and tables go (default: --out for 'depth', docs/digits otherwise)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="'digits' / 'norm-depth': a tiny version that runs in seconds (a smoke test)",
     )
     parser.add_argument(
         "--depths",
@@ -52,6 +74,26 @@ def report(summary: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     set_threads(args)
+    if args.study == "digits":
+        from fastnvp.analysis.digits_study import DigitsStudyConfig, run_digits_study
+
+        config = DigitsStudyConfig.quick() if args.quick else DigitsStudyConfig()
+        report_dir = args.report_dir or REPORT_DIRS["digits"]
+        summary = run_digits_study(report_dir, config, progress=not args.no_progress)
+        print()
+        print(summary["table"], end="")
+        print(f"table and figures: {report_dir}/results.md, results.json, *.png")
+        return 0
+    if args.study == "norm-depth":
+        from fastnvp.analysis.norm_depth import NormDepthConfig, run_norm_depth_study
+
+        config = NormDepthConfig.quick() if args.quick else NormDepthConfig()
+        report_dir = args.report_dir or REPORT_DIRS["norm-depth"]
+        run_norm_depth_study(report_dir, config, progress=not args.no_progress)
+        from pathlib import Path
+
+        print((Path(report_dir) / "norm_depth.md").read_text(), end="")
+        return 0
     from fastnvp.analysis.experiment import run_depth_study
 
     base = config_from_args(args, layers=1)
