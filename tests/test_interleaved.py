@@ -291,6 +291,19 @@ def test_without_options_the_flow_and_its_state_dict_are_unchanged():
     torch.testing.assert_close(plain.log_prob(x), explicit.log_prob(x))
 
 
+def test_with_a_permutation_every_coupling_keeps_the_first_half():
+    """The mixing layer alternates the halves (Glow); alternating masks would undo a reversal."""
+    for perm in ("reverse", "random", "lu"):
+        model = RealNVP.standard(5, 3, 8, permutation=perm)
+        assert torch.equal(model.mask, torch.tensor([[1.0, 1, 1, 0, 0]] * 3))
+    assert torch.equal(RealNVP.standard(4, 2, 8, norm="actnorm").mask[:, 0], torch.tensor([0.0, 1]))
+    # reverse + half masks: each feature is transformed in every other layer
+    model = RealNVP.standard(4, 2, 8, permutation="reverse")
+    x = torch.randn(6, 4)
+    h, _ = model.permutations[0](x)
+    assert torch.equal(h[:, :2], x[:, [3, 2]])  # layer 0 keeps the last two features
+
+
 def test_state_dict_keys_are_stable():
     keys = set(FastRealNVP.standard(4, 2, 8, norm="actnorm", permutation="lu").state_dict())
     for i in range(2):

@@ -29,6 +29,26 @@ def alternating_masks(dim: int, num_layers: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def half_masks(dim: int, num_layers: int) -> torch.Tensor:
+    """The same mask in every layer: keep the first ``ceil(D / 2)`` features, transform the rest.
+
+    Glow's arrangement: with a permutation or LU layer before every coupling
+    (docs/design.md §1.8) the mixing layer decides which features each coupling keeps, so the
+    mask does not alternate. Alternating masks would undo a ``reverse`` permutation's swap of
+    halves (at even D it maps odd positions to even ones) and transform the same features in
+    every layer.
+
+    Returns:
+        (num_layers, dim) float32 tensor of 0/1.
+    """
+    if not isinstance(dim, int) or dim < 2:
+        raise ValueError(f"dim must be an int >= 2 (a coupling layer needs two parts), got {dim!r}")
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+    row = (torch.arange(dim) < (dim + 1) // 2).float()
+    return row.expand(num_layers, dim).clone()
+
+
 def check_masks(masks) -> torch.Tensor:
     """Validate an (L, D) 0/1 mask tensor and return it as float32 (a copy, on CPU if given so).
 

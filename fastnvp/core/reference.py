@@ -31,7 +31,7 @@ from fastnvp.core.context import (
     sample_context,
 )
 from fastnvp.core.interleave import build_norms, build_permutations, step_layers
-from fastnvp.core.masks import alternating_masks, check_masks
+from fastnvp.core.masks import alternating_masks, check_masks, half_masks
 from fastnvp.core.prior import prior_log_prob, prior_sample
 from fastnvp.core.validation import ensure_batch, ensure_num_samples
 
@@ -257,7 +257,9 @@ class FlowBase(nn.Module):
         permutation: str | None = None,
         **options,
     ):
-        """The standard conditioner (docs/design.md §1.3) with alternating checkerboard masks.
+        """The standard conditioner (docs/design.md §1.3) with alternating checkerboard masks
+        (with a ``permutation``: every layer keeps the first ceil(D/2) features and the mixing
+        layer alternates them, ``masks.half_masks``, docs/design.md §1.8).
 
         Args:
             dim: D, the number of features.
@@ -274,7 +276,7 @@ class FlowBase(nn.Module):
             options: the class's keyword arguments (e.g. ``check=True``; for FastRealNVP also
                 ``memory``, ``fused``, ``precision``).
         """
-        masks = alternating_masks(dim, num_layers)
+        masks = (alternating_masks if permutation is None else half_masks)(dim, num_layers)
         width = embedded_width(embedding, check_context_features(context))
         return cls(
             lambda: standard_net(

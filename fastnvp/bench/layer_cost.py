@@ -1,0 +1,218 @@
+"""What an interleaved layer costs, relative to a coupling layer, in the fast engine.
+
+docs/design.md §1.8, §3.2. For each shape (D, H, B, L) the flow ``FastRealNVP.standard(D, L,
+H)`` (L couplings) is timed next to the same couplings with one interleaved layer of a kind
+before each of them (``norm="actnorm"``, ``"batchnorm"``, ``permutation="reverse"``,
+``"random"``, ``"lu"``). With t_base the base flow's time and t_kind the time with L layers of
+the kind added, one layer of the kind costs (t_kind - t_base) / L and one coupling t_base / L,
+so the cost relative to a coupling is ``t_kind / t_base - 1``. Flows are timed alternately in
+rounds, each round starting at a different flow; the ratio is taken within a round (paired) and
+reported as the median and quartiles over rounds. Workloads: ``train`` (log_prob, backward,
+Adam step; train mode), ``log_prob`` and ``sample`` (B rows; no gradient, eval mode).
+
+    python -m fastnvp.bench.layer_cost [--out DIR] [--rounds 7] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+KINDS = {
+    "actnorm": {"norm": "actnorm"},
+    "batchnorm": {"norm": "batchnorm"},
+    "reverse": {"permutation": "reverse"},
+    "random": {"permutation": "random"},
+    "lu": {"permutation": "lu"},
+}
+WORKLOADS = ("train", "log_prob", "sample")
+#: (D, H, B, L): D = 2 (every layer keeps one feature), 16 and 64 (the digits); H 64 and 256;
+#: B 256 and 4096.
+SHAPES = tuple(
+    (dim, hidden, batch, 8) for dim in (2, 16, 64) for hidden in (64, 256) for batch in (256, 4096)
+)
+TARGET = 0.10  # issue #14: a norm or permutation layer costs <= 10 % of a coupling
+
+
+def _flows(dim: int, hidden: int, layers: int, x: torch.Tensor) -> dict:
+    from fastnvp.flows.fast_realnvp import FastRealNVP
+
+    torch.manual_seed(0)
+    base = FastRealNVP.standard(dim, layers, hidden)
+    flows = {"couplings": base}
+    for kind, option in KINDS.items():
+        flow = FastRealNVP.standard(dim, layers, hidden, **option)
+        flow.load_state_dict(base.state_dict(), strict=False)
+        with torch.no_grad():
+            flow.log_prob(x)  # ActNorm's data-dependent initialization
+        flows[kind] = flow
+    return flows
+
+
+def _call(flow, workload: str, x: torch.Tensor) -> Callable[[], object]:
+    if workload == "train":
+        flow.train()
+        opt = torch.optim.Adam(flow.parameters(), lr=1e-5)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            (-flow.log_prob(x).mean()).backward()
+            opt.step()
+
+        return step
+    flow.eval()
+
+    def infer():
+        with torch.no_grad():
+            return flow.log_prob(x) if workload == "log_prob" else flow.sample(x.shape[0])
+
+    return infer
+
+
+def _seconds(call, number: int) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
+        call()
+    return (time.perf_counter() - start) / number
+
+
+def measure_shape(shape, rounds: int, workloads=WORKLOADS, min_seconds: float = 0.02) -> dict:
+    """Paired ratios of every kind against the couplings alone at one (D, H, B, L)."""
+    dim, hidden, batch, layers = shape
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, dim, generator=gen)
+    flows = _flows(dim, hidden, layers, x)
+    names = list(flows)
+    out = {}
+    for workload in workloads:
+        calls = {name: _call(flow, workload, x) for name, flow in flows.items()}
+        for call in calls.values():  # warm-up: plans, packs, knot tables
+            call()
+            call()
+        number = max(1, round(min_seconds / max(_seconds(calls["couplings"], 1), 1e-6)))
+        times = {name: [] for name in names}
+        for r in range(rounds):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
+                times[name].append(_seconds(calls[name], number))
+        base = times["couplings"]
+        entry = {"couplings_ms": statistics.median(base) * 1e3, "kinds": {}}
+        for kind in KINDS:
+            ratios = sorted(t / b - 1 for t, b in zip(times[kind], base))
+            q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else None
+            entry["kinds"][kind] = {
+                "ms": statistics.median(times[kind]) * 1e3,
+                "relative_cost": statistics.median(ratios),
+                "q1": q[0] if q else ratios[0],
+                "q3": q[2] if q else ratios[0],
+            }
+        out[workload] = entry
+    return out
+
+
+def run(shapes=SHAPES, rounds: int = 7, threads: int = 2, log=print) -> dict:
+    """Every shape; returns the results document."""
+    from fastnvp.bench.harness import environment, load_average
+
+    torch.set_num_threads(threads)
+    started = time.time()
+    doc = {
+        "what": "relative cost of one interleaved layer against one coupling layer "
+        "(t_kind / t_couplings - 1, paired per round; median and quartiles over rounds)",
+        "command": "python -m fastnvp.bench.layer_cost",
+        "rounds": rounds,
+        "target": TARGET,
+        "load_average_start": load_average(),
+        **environment("cpu", threads),
+        "shapes": [],
+    }
+    for shape in shapes:
+        result = measure_shape(shape, rounds)
+        doc["shapes"].append({"shape": dict(zip(("dim", "hidden", "batch", "layers"), shape)),
+                              "workloads": result})  # fmt: skip
+        worst = max(v["relative_cost"] for w in result.values() for v in w["kinds"].values())
+        log(f"D={shape[0]} H={shape[1]} B={shape[2]} L={shape[3]}: worst {worst:+.1%}")
+    doc["load_average_end"] = load_average()
+    doc["seconds"] = time.time() - started
+    return doc
+
+
+def markdown(doc: dict) -> str:
+    """Generated table: one row per shape and workload, one column per kind."""
+    kinds = list(KINDS)
+    lines = [
+        f"Measured by `{doc['command']}` at commit {str(doc.get('commit'))[:10]} on "
+        f"{doc['machine']['cpu_model']}, {doc['machine']['torch_threads']} threads, "
+        f"{doc['rounds']} rounds; load average {doc['load_average_start']} -> "
+        f"{doc['load_average_end']}.",
+        "",
+        "Cost of one interleaved layer relative to one coupling layer (t_kind / t_couplings "
+        "- 1: median over rounds [quartiles]); target <= "
+        f"{doc['target']:.0%}.",
+        "",
+        "| D | H | B | L | workload | couplings (ms) | " + " | ".join(kinds) + " |",
+        "|---:|---:|---:|---:|---|---:|" + "---:|" * len(kinds),
+    ]
+    for entry in doc["shapes"]:
+        s = entry["shape"]
+        for workload, result in entry["workloads"].items():
+            cells = [
+                f"{v['relative_cost']:+.1%} [{v['q1']:+.0%}, {v['q3']:+.0%}]"
+                for v in (result["kinds"][k] for k in kinds)
+            ]
+            lines.append(
+                f"| {s['dim']} | {s['hidden']} | {s['batch']} | {s['layers']} | {workload} | "
+                f"{result['couplings_ms']:.2f} | " + " | ".join(cells) + " |"
+            )
+    costs = {
+        k: [
+            e["workloads"][w]["kinds"][k]["relative_cost"]
+            for e in doc["shapes"]
+            for w in e["workloads"]
+        ]  # fmt: skip
+        for k in kinds
+    }
+    lines += [
+        "",
+        "| kind | median over cells | worst cell | cells within target |",
+        "|---|---:|---:|---:|",
+    ]
+    for kind, values in costs.items():
+        within = sum(v <= doc["target"] for v in values)
+        lines.append(
+            f"| {kind} | {statistics.median(values):+.1%} | {max(values):+.1%} | "
+            f"{within} / {len(values)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, help="default benchmarks/results/<machine>/")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    from fastnvp.bench.harness import machine_name
+
+    doc = run(rounds=args.rounds, threads=args.threads)
+    root = Path(__file__).resolve().parents[2]
+    out = (
+        Path(args.out)
+        if args.out
+        else root / "benchmarks/results" / machine_name("cpu", args.threads)
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "layer_cost.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "layer_cost.md").write_text(markdown(doc))
+    print(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
