@@ -179,3 +179,20 @@ def test_train_and_load_errors(tmp_path):
         load_run(tmp_path / "x.pt")
     with pytest.raises(ValueError, match="unknown keys"):
         TrainConfig.from_dict({**tiny().to_dict(), "extra": 1})
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_a_run_with_interleaved_layers_trains_resumes_and_loads(tmp_path, impl):
+    """--norm / --permutation reach the model; a resumed run equals an uninterrupted one."""
+    config = tiny(norm="actnorm", permutation="lu", impl=impl, checkpoint_every=4)
+    full = train(config, tmp_path / "full", progress=False)
+    assert full.model.flow.norm == "actnorm" and full.model.flow.permutation == "lu"
+    train(config, tmp_path / "resumed", progress=False, stop_after=4)
+    resumed = train(config, tmp_path / "resumed", resume=True, progress=False)
+    for name, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=0)
+    model, loaded, _ = load_run(tmp_path / "full")
+    assert loaded.norm == "actnorm" and all(layer.is_initialized for layer in model.flow.norms)
+    assert "norm" not in tiny().to_dict()  # a run without them keeps its old config keys
+    with pytest.raises(ValueError, match="norm must be one of"):
+        tiny(norm="groupnorm").validate()

@@ -24,8 +24,7 @@ def _save(fig: Figure, path) -> Path:
 def _show(ax, grid: np.ndarray, title: str) -> None:
     from matplotlib import colormaps
 
-    cmap = colormaps["gray_r"].copy()
-    cmap.set_bad("white")
+    cmap = colormaps["gray_r"].with_extremes(bad="white")
     ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=LEVELS - 1)
     ax.set_title(title, fontsize=10)
     ax.set_xticks([])

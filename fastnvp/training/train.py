@@ -73,7 +73,9 @@ CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "fastnvp-run/1"
 CONTEXTS = ("label",)
 # Config fields of conditional runs; left out of an unconditional run's config dict.
-_CONTEXT_FIELDS = ("context", "context_columns")
+# Fields a config omits when None, so a run without them keeps exactly the config (and the
+# checkpoint equality of a resumed study) it always had.
+_OPTIONAL_FIELDS = ("context", "context_columns", "norm", "permutation")
 
 
 @dataclass
@@ -88,6 +90,8 @@ class TrainConfig:
     test_fraction: float = 0.2  # user data: fraction held out for testing
     layers: int = 50
     hidden: int = 256
+    norm: str | None = None  # interleaved layers (docs/design.md §1.8): None, actnorm, batchnorm
+    permutation: str | None = None  # None, reverse, random, lu
     impl: str = DEFAULT_IMPL
     steps: int = 5_000
     batch: int = 256
@@ -149,6 +153,10 @@ class TrainConfig:
             raise TypeError(f"data must be a path string, got {type(self.data).__name__}")
         if self.noise is not None and (not isinstance(self.noise, (int, float)) or self.noise < 0):
             raise ValueError(f"noise must be None or a float >= 0, got {self.noise!r}")
+        from fastnvp.core.interleave import NORMS, PERMUTATIONS, check_option
+
+        check_option(self.norm, "norm", NORMS)
+        check_option(self.permutation, "permutation", PERMUTATIONS)
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
         if self.schedule not in SCHEDULES:
@@ -198,8 +206,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
-        # An unconditional run's config keeps exactly the fields it always had.
-        for name in _CONTEXT_FIELDS:
+        for name in _OPTIONAL_FIELDS:
             if values[name] is None:
                 del values[name]
         return values
@@ -306,13 +313,24 @@ def prepare_data(config: TrainConfig) -> DataSplit:
 
 
 def build_flow(
-    impl: str, dim: int, layers: int, hidden: int, context: int | None = None
+    impl: str,
+    dim: int,
+    layers: int,
+    hidden: int,
+    context: int | None = None,
+    norm: str | None = None,
+    permutation: str | None = None,
 ) -> nn.Module:
     """A standard Real NVP (``.standard(dim, layers, hidden)``) of the chosen implementation.
 
-    ``context``: None, or the width C of the context of a conditional flow.
+    ``context``: None, or the width C of the context of a conditional flow; ``norm``,
+    ``permutation``: the interleaved layers (docs/design.md §1.8), None for none.
     """
     options = {} if context is None else {"context": context}
+    if norm is not None:
+        options["norm"] = norm
+    if permutation is not None:
+        options["permutation"] = permutation
     if impl == "reference":
         from fastnvp.core.reference import RealNVP
 
@@ -457,7 +475,10 @@ def build_model(config: TrainConfig, split: DataSplit) -> DataFlow:
     """The flow of ``config`` (initialised from its seed) with ``split``'s standardization."""
     torch.manual_seed(config.seed)
     width = split.context_features
-    flow = build_flow(config.impl, split.dim, config.layers, config.hidden, width)
+    flow = build_flow(
+        config.impl, split.dim, config.layers, config.hidden, width, config.norm,
+        config.permutation,
+    )  # fmt: skip
     st = split.standardizer
     if width is None:
         return DataFlow(flow, torch.from_numpy(st.mean), torch.from_numpy(st.std))
@@ -604,7 +625,10 @@ def _model_from_checkpoint(payload: dict, config: TrainConfig, source: str) -> D
     if not isinstance(mean, torch.Tensor) or mean.ndim != 1 or mean.shape[0] < 2:
         raise ckpt.CheckpointError(f"{source}: the checkpoint has no model state with a (D,) mean")
     width = _checkpoint_context(payload, config, source)
-    flow = build_flow(config.impl, mean.shape[0], config.layers, config.hidden, width)
+    flow = build_flow(
+        config.impl, mean.shape[0], config.layers, config.hidden, width, config.norm,
+        config.permutation,
+    )  # fmt: skip
     if width is None:
         model = DataFlow(flow, mean, torch.ones_like(mean))
     else:

@@ -101,12 +101,26 @@ def add_context_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_optim_options(parser: argparse.ArgumentParser, *, defaults: dict) -> None:
-    """--hidden/--steps/--batch/--lr/--schedule/--clip/--seed/--impl/--threads/--no-progress."""
+    """--hidden/--norm/--permutation/--steps/--batch/--lr/--schedule/--clip/--seed/--impl/
+    --threads/--no-progress."""
     parser.add_argument(
         "--hidden",
         type=positive_int,
         default=defaults["hidden"],
         help=f"hidden width H of the conditioner MLPs (default {defaults['hidden']})",
+    )
+    parser.add_argument(
+        "--norm",
+        choices=("actnorm", "batchnorm"),
+        default=None,
+        help="a normalization layer before every coupling (docs/design.md §1.8; default none)",
+    )
+    parser.add_argument(
+        "--permutation",
+        choices=("reverse", "random", "lu"),
+        default=None,
+        help="a fixed permutation or a learned LU linear layer before every coupling, after the "
+        "norm (default none: alternating masks)",
     )
     parser.add_argument(
         "--steps",
@@ -172,6 +186,8 @@ def config_from_args(args, layers: int):
         test_fraction=args.test_fraction,
         layers=layers,
         hidden=args.hidden,
+        norm=getattr(args, "norm", None),
+        permutation=getattr(args, "permutation", None),
         impl=args.impl or DEFAULT_IMPL,
         steps=args.steps,
         batch=args.batch,
