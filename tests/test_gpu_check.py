@@ -95,6 +95,9 @@ def test_partial_json_is_written_before_a_later_section_fails(tmp_path, monkeypa
     monkeypatch.setattr(gc, "check_layer", fake_layer)
     monkeypatch.setattr(gc, "check_stack", fake_stack)
     monkeypatch.setattr(gc, "check_conditional", fake_conditional)
+    monkeypatch.setattr(
+        gc, "check_interleaved", lambda *a: a[-1]({"check": "interleaved", "ok": True})
+    )
     monkeypatch.setattr(gc, "timing", failing_timing)
     monkeypatch.setattr(gc, "reference_compile", lambda args, budget, emit: None)
     monkeypatch.setattr(gc, "start_compile_report", lambda *args: ())
@@ -102,7 +105,12 @@ def test_partial_json_is_written_before_a_later_section_fails(tmp_path, monkeypa
 
     assert status == 1
     before = seen["before"]
-    assert [r["check"] for r in before["correctness"]] == ["layer D=2", "stack", "conditional"]
+    assert [r["check"] for r in before["correctness"]] == [
+        "layer D=2",
+        "stack",
+        "conditional",
+        "interleaved",
+    ]
     assert before["sections"]["correctness"] == "done" and before["api"][0]["ok"]
     assert [r.get("ms") for r in seen["after_row"]["timing"]] == [1.0]
     final = _read(tmp_path / "gpu_check.json")
