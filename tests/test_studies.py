@@ -94,7 +94,8 @@ def test_norm_depth_study_quick(tmp_path):
         runs = summary[data]["runs"]
         assert set(runs) == {"plain", "actnorm"}
         assert runs["actnorm"]["name"].endswith("actnorm")
-    assert summary["deep"]["finite"]
+    assert set(summary["deep"]) == {"plain", "actnorm"}
+    assert summary["deep"]["actnorm"]["finite"]
     for name in ("norm_depth.json", "norm_depth.md", "norm_depth.png"):
         assert (tmp_path / name).stat().st_size > 0
     history = {"step": [10, 20, 30], "val_nll": [5.0, 3.0, 1.0]}

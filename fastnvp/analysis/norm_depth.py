@@ -9,10 +9,12 @@ and steps (``fastnvp.analysis.density_training``). Convergence is compared by
 - steps to target: the first evaluated step at which each run's validation NLL is within
   ``margin`` nats of the better of the two best values (a run that never gets there has None).
 
-"No slower to converge" means ActNorm's steps to target are <= the plain stack's. A 200-layer
-stack with ActNorm (and reversing permutations) is trained for a few hundred steps on moons to
-show it stays finite. Moons is standardized two moons (noise 0.05), NLL in nats per point of
-the standardized data; digits use the study's transform (nats per image).
+"No slower to converge" means ActNorm's steps to target are <= the plain stack's. At 200
+layers the same pair is trained on moons for a few hundred steps at a tenth of the learning
+rate (at 1e-3 both stacks oscillate): every loss must stay finite, and the first minibatch's
+NLL shows what 200 randomly initialized couplings do without a normalization. Moons is
+standardized two moons (noise 0.05), NLL in nats per point of the standardized data; digits
+use the study's transform (nats per image).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class NormDepthConfig:
     layers: int = 50
     hidden: int = 64
     deep_layers: int = 200
-    deep_steps: int = 300
+    deep_steps: int = 500
+    deep_lr: float = 1e-4
     margin: float = 0.05
     digits_margin: float = 2.0
     moons: TrainSettings = TrainSettings(steps=1500, batch=256, eval_every=50, patience=100)
@@ -122,19 +125,29 @@ def run_norm_depth_study(
         LogitTransform(), config.digits_margin, progress, log,
     )  # fmt: skip
     deep_settings = dataclasses.replace(
-        config.moons, steps=config.deep_steps, eval_every=max(1, config.deep_steps // 10)
+        config.moons,
+        steps=config.deep_steps,
+        eval_every=max(1, config.deep_steps // 20),
+        lr=config.deep_lr,
     )
-    cand = _candidate(2, config.deep_layers, config.hidden, "actnorm", "reverse")
-    deep = train_candidate(cand, _moons(), deep_settings, None, progress=progress, log=log)
-    finite = not deep.diverged and all(math.isfinite(v) for v in deep.history["val_nll"])
-    log(f"{cand.name}: {deep.steps_run} steps, finite: {finite}, best val {deep.best_val_nll:.3f}")
+    deep = {}
+    for norm in (None, "actnorm"):
+        cand = _candidate(2, config.deep_layers, config.hidden, norm)
+        result = train_candidate(cand, _moons(), deep_settings, None, progress=progress, log=log)
+        h = result.history
+        finite = not result.diverged and all(
+            math.isfinite(v) for v in (*h["val_nll"], *h["train_nll"])
+        )
+        deep[norm or "plain"] = {"result": result.to_dict(), "finite": finite}
+        log(f"{cand.name}: {result.steps_run} steps, finite: {finite}, first train NLL "
+            f"{h['train_nll'][0]:.3g}, best val {result.best_val_nll:.3f}")  # fmt: skip
     summary = {
         "command": "fastnvp experiment norm-depth",
         "config": dataclasses.asdict(config),
         "threads": torch.get_num_threads(),
         "moons": moons,
         "digits": digits,
-        "deep": {"result": deep.to_dict(), "finite": finite},
+        "deep": deep,
         "seconds": time.time() - started,
     }
     _plot(summary, report / "norm_depth.png")
@@ -158,13 +171,17 @@ def markdown(summary: dict) -> str:
                 f"{'never' if reached is None else reached} | {part['target']:.3f} | "
                 f"{run['test_nll']:.3f} |"
             )
-    deep = summary["deep"]
     text = "\n".join(lines) + "\n"
     text += (
-        f"\n{deep['result']['name']} on moons: {deep['result']['steps_run']} steps, every loss "
-        f"and validation NLL finite: {deep['finite']}; best validation NLL "
-        f"{deep['result']['best_val_nll']:.3f}.\n"
+        "\n| 200 layers on moons | training NLL, first evaluation interval | "
+        "best validation NLL | every loss finite |\n|---|---:|---:|---|\n"
     )
+    for run in summary["deep"].values():
+        r = run["result"]
+        text += (
+            f"| {r['name']} | {r['history']['train_nll'][0]:.3g} | {r['best_val_nll']:.3f} | "
+            f"{run['finite']} |\n"
+        )
     for data in ("moons", "digits"):
         verdict = "no slower" if summary[data]["actnorm_no_slower"] else "slower"
         text += f"\n{data}: ActNorm converged {verdict} than the plain stack.\n"

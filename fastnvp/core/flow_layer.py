@@ -13,7 +13,7 @@ so ``inverse(forward(x)[0])[0] == x`` and the two log-determinants are negatives
 inverse's log-det), so :class:`fastnvp.flows.sequential.SequentialFlow` composes any of them in
 the order a user gives.
 
-Each layer also states its *form* for the fast engine (``fastnvp.engine.cpu.interleaved``):
+Each layer also states its *form* for the fast engine (``fastnvp.engine.interleaved``):
 ``kind`` (one of :data:`KINDS`) and the tensors that form needs, so an executor can run it
 without calling the module.
 """

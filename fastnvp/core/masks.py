@@ -11,6 +11,13 @@ import torch
 from fastnvp.core.validation import ensure_tensor
 
 
+def _check_shape(dim, num_layers) -> None:
+    if not isinstance(dim, int) or dim < 2:
+        raise ValueError(f"dim must be an int >= 2 (a coupling layer needs two parts), got {dim!r}")
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+
+
 def alternating_masks(dim: int, num_layers: int) -> torch.Tensor:
     """Checkerboard masks that swap roles every layer.
 
@@ -20,10 +27,7 @@ def alternating_masks(dim: int, num_layers: int) -> torch.Tensor:
     Returns:
         (num_layers, dim) float32 tensor of 0/1.
     """
-    if not isinstance(dim, int) or dim < 2:
-        raise ValueError(f"dim must be an int >= 2 (a coupling layer needs two parts), got {dim!r}")
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+    _check_shape(dim, num_layers)
     j = torch.arange(dim)
     rows = [((j + layer) % 2 == 1).float() for layer in range(num_layers)]
     return torch.stack(rows)
@@ -41,10 +45,7 @@ def half_masks(dim: int, num_layers: int) -> torch.Tensor:
     Returns:
         (num_layers, dim) float32 tensor of 0/1.
     """
-    if not isinstance(dim, int) or dim < 2:
-        raise ValueError(f"dim must be an int >= 2 (a coupling layer needs two parts), got {dim!r}")
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+    _check_shape(dim, num_layers)
     row = (torch.arange(dim) < (dim + 1) // 2).float()
     return row.expand(num_layers, dim).clone()
 

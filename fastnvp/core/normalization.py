@@ -162,9 +162,10 @@ class BatchNorm(FlowLayer):
         return mean, (x - mean).square().mean(0)
 
     @torch.no_grad()
-    def update_running(self, mean: torch.Tensor, var: torch.Tensor, rows: int) -> None:
-        """Fold a batch's mean and biased variance (rows >= 2) into the running averages."""
-        unbiased = var * (rows / (rows - 1))
+    def update_running(self, mean: torch.Tensor, var: torch.Tensor, rows: int | None) -> None:
+        """Fold a batch's mean and biased variance (rows >= 2) into the running averages;
+        ``rows=None``: ``var`` is already the unbiased variance."""
+        unbiased = var if rows is None else var * (rows / (rows - 1))
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
 

@@ -23,6 +23,7 @@ from fastnvp import ops
 from fastnvp.core import checks
 from fastnvp.core.conditioner import is_standard_pair, match_standard_mlp
 from fastnvp.core.reference import FlowBase, RealNVP
+from fastnvp.engine import interleaved
 from fastnvp.engine import plan as plan_mod
 from fastnvp.engine.cpu import conditioner_pair, gemm_stack, knots
 from fastnvp.engine.cpu.threads import in_worker
@@ -39,7 +40,7 @@ from fastnvp.ops import fused_layer
 from fastnvp.ops.backend import use_triton
 
 #: Attributes that cache per-call work (weight packs, split views); dropped from copies.
-_CALL_CACHES = ("_gemm_pack", "_fused_stack_cache", "_uniform_split_cache")
+_CALL_CACHES = ("_gemm_pack", "_fused_stack_cache", "_uniform_split_cache", "_interleave_cache")
 
 
 def _refresh_after_load(module: FastRealNVP, _incompatible) -> None:
@@ -484,18 +485,34 @@ class FastRealNVP(FlowBase):
             return invertible_flow(
                 self, h, self.reconstruction_tolerance, anchor_every=self.anchor_every, embedded=e
             )
+        forms = self._interleaved_forms(plan)
         if inverse:
             x, log_det = h, None
+            views = forms.views(forms.tensors) if forms is not None else None
             for i in reversed(range(self.num_layers)):
                 x, ld = self._layer(i, x, plan.layers[i], inverse=True, e=e)
                 log_det = ld if log_det is None else log_det + ld
-                x, log_det = self._pre_inverse(i, x, log_det)
+                if forms is not None:
+                    x = interleaved.inverse_step(forms, i, x, views[i])
+                else:
+                    x, log_det = self._pre_inverse(i, x, log_det)
+            if forms is not None and forms.log_det is not None:
+                log_det = log_det + forms.log_det
             return x, log_det
         tables = self._knot_tables_for_training(plan)
         if tables:
             with self._knot_cache.prebuilt(tables):
                 return self._layers_forward(plan, h, e)
-        return self._layers_forward(plan, h, e)
+        return self._layers_forward(plan, h, e, forms)
+
+    def _interleaved_forms(self, plan: plan_mod.Plan):
+        """The interleaved layers in the engine's forms (``fastnvp.engine.interleaved``) for a
+        layer loop without a gradient, checks, tracing or a pending ActNorm initialization;
+        else None (the loop calls the layer modules)."""
+        ctx = plan.context
+        if not self.interleaved or ctx.grad or ctx.checking or ctx.compiling or ctx.pending_init:
+            return None
+        return interleaved.prepare(self, ctx.direction, ctx.batch_stats)
 
     def _uniform_split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(L, K1) kept and (L, K2) transformed indices of a flow whose layers keep K1 each."""
@@ -507,13 +524,24 @@ class FastRealNVP(FlowBase):
             cache = self._uniform_split_cache = ((order.data_ptr(), order._version), halves)
         return cache[1]
 
-    def _layers_forward(self, plan: plan_mod.Plan, x: torch.Tensor, e=None):
+    def _layers_forward(self, plan: plan_mod.Plan, x: torch.Tensor, e=None, forms=None):
+        """The layer loop of ``f``; ``forms``: the interleaved layers' engine forms (no
+        gradient), else they run as modules."""
         z = x
         log_det = None
+        views = forms.views(forms.tensors) if forms is not None else None
+        stats: list = []
         for i in range(self.num_layers):
-            z, log_det = self._pre_forward(i, z, log_det)
+            if forms is not None:
+                z = interleaved.forward_step(forms, i, z, views[i], None, stats)
+            else:
+                z, log_det = self._pre_forward(i, z, log_det)
             z, ld = self._layer(i, z, plan.layers[i], inverse=False, e=e)
             log_det = ld if log_det is None else log_det + ld
+        if forms is not None:
+            interleaved.finish_batch_stats(forms, stats, x.shape[0], log_det, update=True)
+            if forms.log_det is not None:
+                log_det = log_det + forms.log_det
         return z, log_det
 
     def _knot_tables_for_training(self, plan: plan_mod.Plan) -> dict:

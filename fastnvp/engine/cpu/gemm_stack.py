@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from fastnvp.engine.cpu import interleaved
+from fastnvp.engine import interleaved
 from fastnvp.engine.invertible import (
     ReconstructionError,
     ReconstructionReport,
@@ -255,7 +255,7 @@ def forward_no_grad(
 ) -> tuple[Tensor, Tensor]:
     """``f`` without autograd.  x (N, D), e (N, E) or None -> (z (N, D), log_det (N,)).
 
-    ``inter``: the call's :class:`~fastnvp.engine.cpu.interleaved.Interleave` or None; its
+    ``inter``: the call's :class:`~fastnvp.engine.interleaved.Interleave` or None; its
     parameter-only log-det is the caller's to add.
     """
     z = x.clone()
@@ -263,17 +263,19 @@ def forward_no_grad(
     ws1, ws2 = _workspaces(x, packed)
     kept, trans = packed.kept_rows, packed.trans_rows
     views = inter.views(inter.tensors) if inter is not None else None
+    stats: list = []
     on = _profiling()
     for i in range(packed.num_layers):
         with _mark(on, i, "forward"):
             if inter is not None:
-                z = interleaved.forward_step(inter, i, z, views[i], None, log_det)
+                z = interleaved.forward_step(inter, i, z, views[i], None, stats)
             with _mark(on, i, "conditioner"):
                 x_in = _first_input(z.index_select(1, kept[i]), e)
                 _, _, s, t = _nets(packed, i, x_in, ws1, ws2)
             z2 = torch.addcmul(t, z.index_select(1, trans[i]), s.exp())
             z.index_copy_(1, trans[i], z2)
             log_det.add_(s.sum(1))
+    interleaved.finish_batch_stats(inter, stats, x.shape[0], log_det, update=True)
     return z, log_det
 
 
@@ -439,9 +441,8 @@ class _GemmStack(torch.autograd.Function):
             with _mark(on, i, "forward"):
                 if inter is not None:
                     kept_for_backward = None if memory == "invertible" else []
-                    stats = batch_stats if memory == "invertible" else None
                     z = interleaved.forward_step(
-                        inter, i, z, views[i], kept_for_backward, log_det, stats
+                        inter, i, z, views[i], kept_for_backward, batch_stats
                     )
                     if kept_for_backward is not None:
                         pre_saved.append(kept_for_backward)
@@ -456,6 +457,9 @@ class _GemmStack(torch.autograd.Function):
                     saved.append((x1, x2, h1, h2, s))
                 z = z.index_copy(1, trans_i[i], torch.addcmul(t, x2, s.exp()))
                 log_det.add_(s.sum(1))
+        interleaved.finish_batch_stats(inter, batch_stats, x.shape[0], log_det, update=True)
+        if memory != "invertible":
+            batch_stats = []  # only the invertible walk inverts with them
         ctx.model = model
         ctx.packed = packed
         ctx.embedded = e
@@ -567,9 +571,8 @@ def _invertible_walk(
                 h = stored[i].clone()
                 if inter is not None:  # replay the step's interleaved layers from the anchor
                     pre_saved = []
-                    scratch = h.new_zeros(h.shape[0])
                     coupling_in = interleaved.forward_step(
-                        inter, i, h, views[i], pre_saved, scratch, bn_stats, update=False
+                        inter, i, h, views[i], pre_saved, bn_stats
                     )
                     x2 = coupling_in.index_select(1, trans[i])
                 else:
