@@ -70,26 +70,33 @@ def plot_nll_curves(results: list[dict], path, *, baseline: float | None = None)
     ``results``: dicts with ``name`` and ``history`` (``step``, ``val_nll``, ``train_nll``);
     ``baseline``: a horizontal reference line (the Gaussian's test NLL).
     """
-    fig = Figure(figsize=(11, 5))
-    val_ax, train_ax = fig.subplots(1, 2, sharey=True)
-    values = []
+    fig = Figure(figsize=(12, 7.5))
+    grid = fig.add_gridspec(2, 2, height_ratios=(3, 1.2))
+    val_ax, train_ax = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+    values, lines = [], []
     for result in results:
         h = result["history"]
         if not h.get("step"):
             continue
         style = "--" if result.get("group") == "peer" else "-"
-        val_ax.plot(h["step"], h["val_nll"], style, label=result["name"], linewidth=1.2)
-        train_ax.plot(h["step"], h["train_nll"], style, label=result["name"], linewidth=1.2)
+        (line,) = val_ax.plot(h["step"], h["val_nll"], style, label=result["name"], linewidth=1.2)
+        train_ax.plot(h["step"], h["train_nll"], style, color=line.get_color(), linewidth=1.2)
         values += [v for v in h["val_nll"] if np.isfinite(v)]
+        lines.append(line)
     for ax, name in ((val_ax, "validation"), (train_ax, "training (running mean)")):
         if baseline is not None:
-            ax.axhline(baseline, color="black", linewidth=1, linestyle=":", label="Gaussian (test)")
+            ax.axhline(baseline, color="black", linewidth=1, linestyle=":")
         ax.set_xlabel("optimizer step")
         ax.set_title(f"{name} NLL")
+        ax.set_ylabel("nats per image (discrete data)")
         ax.grid(alpha=0.3)
-    val_ax.set_ylabel("nats per image (discrete data)")
     if values:
         low = min(values + ([baseline] if baseline is not None else []))
-        val_ax.set_ylim(low - 10, max(low + 80, min(max(values), low + 200)))
-    val_ax.legend(fontsize=7, ncol=2)
+        val_ax.set_ylim(low - 5, low + 40)
+        train_ax.set_ylim(low - 40, low + 40)
+    handles = lines + ([val_ax.lines[-1]] if baseline is not None else [])
+    labels = [h.get_label() for h in lines] + (["Gaussian (test NLL)"] if baseline else [])
+    legend_ax = fig.add_subplot(grid[1, :])
+    legend_ax.axis("off")
+    legend_ax.legend(handles, labels, loc="center", ncol=3, fontsize=8, frameon=False)
     return _save(fig, path)
