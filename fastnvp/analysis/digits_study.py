@@ -352,3 +352,118 @@ def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def key_rows(summary: dict) -> list[dict]:
+    """The rows the study's questions are about: the Gaussian, the plain fastnvp model at the
+    base width, the chosen model, the best test NLL of fastnvp if another, and the peers."""
+    rows = summary["rows"]
+    fastnvp_rows = [r for r in rows if r["group"] == "fastnvp"]
+    base = summary["config"]["hidden"]
+    plain = next((r for r in fastnvp_rows if r["name"] == label(None, None, base)), None)
+    chosen = next(r for r in rows if r["name"] == summary["best"])
+    best_test = min(fastnvp_rows, key=lambda r: r["test_nll"])
+    out = [rows[0]] + ([plain] if plain else []) + [chosen]
+    if best_test is not chosen:
+        out.append(best_test)
+    return out + sorted((r for r in rows if r["group"] == "peer"), key=lambda r: r["test_nll"])
+
+
+def _grid_markdown(summary: dict) -> str:
+    """Test NLL of the norm x permutation grid at the base width (rows: norm)."""
+    config = summary["config"]
+    by_name = {r["name"]: r for r in summary["rows"]}
+    perms = config["permutations"]
+    lines = [
+        f"Test NLL (nats/image) of every norm × permutation option at H = {config['hidden']}:",
+        "",
+        "| norm \\ permutation | " + " | ".join(str(p or "none") for p in perms) + " |",
+        "|---|" + "---:|" * len(perms),
+    ]
+    for norm in config["norms"]:
+        cells = []
+        for perm in perms:
+            row = by_name.get(label(norm, perm, config["hidden"]))
+            cells.append("-" if row is None else f"{row['test_nll']:.2f}")
+        lines.append(f"| {norm or 'none'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary_markdown(summary: dict) -> str:
+    """Generated tables of :func:`key_rows`, the option grid and the verdicts (docs/digits.md)."""
+    chosen = summary["best"]
+    lines = [
+        "| model | effective parameters | test NLL (nats/image) | bits/dim |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in key_rows(summary):
+        name = row["name"]
+        if name == chosen:
+            name = f"**{name} (chosen on validation)**"
+        elif row["group"] == "peer":
+            name = f"{name} (its own Real NVP, same budget)"
+        lines.append(
+            f"| {name} | {row['effective']:,} | {row['test_nll']:.2f} | "
+            f"{row['test_bits_per_dim']:.3f} |"
+        )
+    cond = summary.get("conditional")
+    if cond:
+        name = cond["name"].replace("|", "given the")
+        lines.append(
+            f"| {name}: marginal Σ_c p(c) p(x \\| c) | {cond['effective']:,} | "
+            f"{cond['marginal_test_nll']:.2f} | {cond['marginal_test_bits_per_dim']:.3f} |"
+        )
+        lines.append(
+            f"| {name}: p(x \\| c) | {cond['effective']:,} | {cond['test_nll']:.2f} | "
+            f"{cond['test_bits_per_dim']:.3f} |"
+        )
+    rows = summary["rows"]
+    best = next(r for r in rows if r["name"] == chosen)
+    peers = [r for r in rows if r["group"] == "peer"]
+    text = "\n".join(lines) + "\n\n"
+    text += (
+        f"The chosen model's test NLL is {rows[0]['test_nll'] - best['test_nll']:.2f} "
+        "nats/image below the Gaussian's"
+    )
+    if peers:
+        top = min(peers, key=lambda r: r["test_nll"])
+        margin = top["test_nll"] - best["test_nll"]
+        verdict = "below" if margin >= 0 else "ABOVE"
+        text += (
+            f" and {abs(margin):.2f} nats/image {verdict} the best peer's Real NVP at its "
+            f"budget ({top['name']})"
+        )
+    return text + ".\n\n" + _grid_markdown(summary) + "\n"
+
+
+def readme_text(summary: dict) -> str:
+    """One generated paragraph for the README."""
+    rows = summary["rows"]
+    best = next(r for r in rows if r["name"] == summary["best"])
+    peers = [r["test_nll"] for r in rows if r["group"] == "peer"]
+    text = (
+        f"The model chosen on validation ({best['name']}) scores **{best['test_nll']:.1f} "
+        f"nats/image ({best['test_bits_per_dim']:.2f} bits/dim)** against "
+        f"{rows[0]['test_nll']:.1f} for the full-covariance Gaussian"
+    )
+    if peers:
+        text += f" and {min(peers):.1f}–{max(peers):.1f} for the peers' Real NVPs at its budget"
+    cond = summary.get("conditional")
+    if cond:
+        text += (
+            f"; the class-conditional version's marginal density scores "
+            f"{cond['marginal_test_nll']:.1f}"
+        )
+    return text + "."
+
+
+def write_docs(summary: dict, page="docs/digits.md", readme="README.md") -> list[str]:
+    """Write the generated sections (markers ``digits``) of the page and the README."""
+    from fastnvp.bench.report import update_section
+
+    written = []
+    if update_section(page, summary_markdown(summary), "digits"):
+        written.append(str(page))
+    if update_section(readme, readme_text(summary), "digits"):
+        written.append(str(readme))
+    return written

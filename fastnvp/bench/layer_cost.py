@@ -209,11 +209,29 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_markdown(doc: dict) -> str:
+    """The per-kind summary of :func:`markdown` with the run's line, for docs/digits.md."""
+    text = markdown(doc)
+    head = text.split("\n\n")[0]
+    tail = text[text.index("Over the engine's workloads") :]
+    return head + "\n\n" + tail
+
+
+def write_docs(doc: dict, page="docs/digits.md") -> bool:
+    """Write the generated section (markers ``layer-cost``) of the digits page."""
+    from fastnvp.bench.report import update_section
+
+    return update_section(page, summary_markdown(doc), "layer-cost")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="default benchmarks/results/<machine>/")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--docs", default=None, help="a page with layer-cost markers to update (docs/digits.md)"
+    )
     args = parser.parse_args(argv)
     from fastnvp.bench.harness import machine_name
 
@@ -227,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "layer_cost.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "layer_cost.md").write_text(markdown(doc))
+    if args.docs:
+        write_docs(doc, args.docs)
     print(markdown(doc))
     return 0
 

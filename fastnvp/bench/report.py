@@ -13,9 +13,6 @@ from collections.abc import Sequence
 from fastnvp.bench.harness import CONDITIONAL_KEYS, GRID_WORKLOADS, WORKLOADS, validate
 from fastnvp.bench.providers import PEERS
 
-README_START = "<!-- bench:start -->"
-README_END = "<!-- bench:end -->"
-
 
 def load(path: str) -> dict:
     """Read and validate a results JSON file."""
@@ -145,19 +142,35 @@ def update_readme(readme_path: str, section: str) -> bool:
     Raises:
         ValueError: the markers are present but out of order or repeated.
     """
-    with open(readme_path) as fh:
-        text = fh.read()
-    if README_START not in text and README_END not in text:
+    return update_section(readme_path, section, "bench")
+
+
+def update_section(path, section: str, name: str) -> bool:
+    """Replace the text between ``<!-- {name}:start -->`` and ``<!-- {name}:end -->`` in the
+    file ``path`` with ``section`` (generated results in a hand-written page).
+
+    Returns False (file untouched) when the file or the markers are absent.
+
+    Raises:
+        ValueError: the markers are present but out of order or repeated.
+    """
+    begin, finish = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    try:
+        with open(path) as fh:
+            text = fh.read()
+    except FileNotFoundError:
         return False
-    if text.count(README_START) != 1 or text.count(README_END) != 1:
-        raise ValueError(f"{readme_path}: expected exactly one {README_START} and {README_END}")
-    start = text.index(README_START) + len(README_START)
-    end = text.index(README_END)
+    if begin not in text and finish not in text:
+        return False
+    if text.count(begin) != 1 or text.count(finish) != 1:
+        raise ValueError(f"{path}: expected exactly one {begin} and {finish}")
+    start = text.index(begin) + len(begin)
+    end = text.index(finish)
     if end < start:
-        raise ValueError(f"{readme_path}: {README_END} comes before {README_START}")
+        raise ValueError(f"{path}: {finish} comes before {begin}")
     new = text[:start] + "\n" + section.strip() + "\n" + text[end:]
     if new != text:
-        with open(readme_path, "w") as fh:
+        with open(path, "w") as fh:
             fh.write(new)
     return True
 

@@ -422,6 +422,9 @@ class FastRealNVP(FlowBase):
     def layer_forward(self, i: int, z: torch.Tensor, embedded: torch.Tensor | None = None):
         """Coupling layer ``i`` in the data -> latent direction.  (N, D) -> ((N, D), (N,)).
 
+        The coupling alone: step ``i``'s interleaved layers (``norms[i]``, ``permutations[i]``,
+        docs/design.md §1.8) run before it in ``f`` and are not part of this call.
+
         ``embedded``: a conditional flow's embedded context e (N, E) (the context itself when
         the flow has no embedding).
         """

@@ -40,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--report-dir",
         default=None,
-        help="where figures and tables go (default: --out for 'depth', docs/digits otherwise)",
+        help="where figures and tables go (default: --out for 'depth'; docs/digits otherwise, "
+        "whose page docs/digits.md and the README get their generated sections refreshed; "
+        "runs/<study>-quick with --quick)",
     )
     parser.add_argument(
         "--quick",
@@ -72,14 +74,24 @@ def report(summary: dict) -> None:
         print(f"figure:  {folder / name}")
 
 
+def _default_report_dir(study: str, quick: bool) -> str:
+    """The committed run's folder, or a scratch one for ``--quick`` (never over the docs)."""
+    return f"runs/{study}-quick" if quick else REPORT_DIRS[study]
+
+
 def run(args: argparse.Namespace) -> int:
     set_threads(args)
     if args.study == "digits":
         from fastnvp.analysis.digits_study import DigitsStudyConfig, run_digits_study
 
         config = DigitsStudyConfig.quick() if args.quick else DigitsStudyConfig()
-        report_dir = args.report_dir or REPORT_DIRS["digits"]
+        report_dir = args.report_dir or _default_report_dir("digits", args.quick)
         summary = run_digits_study(report_dir, config, progress=not args.no_progress)
+        if args.report_dir is None and not args.quick:  # the committed run: refresh the pages
+            from fastnvp.analysis.digits_study import write_docs
+
+            for path in write_docs(summary):
+                print(f"updated {path}")
         print()
         print(summary["table"], end="")
         print(f"table and figures: {report_dir}/results.md, results.json, *.png")
@@ -88,8 +100,12 @@ def run(args: argparse.Namespace) -> int:
         from fastnvp.analysis.norm_depth import NormDepthConfig, run_norm_depth_study
 
         config = NormDepthConfig.quick() if args.quick else NormDepthConfig()
-        report_dir = args.report_dir or REPORT_DIRS["norm-depth"]
-        run_norm_depth_study(report_dir, config, progress=not args.no_progress)
+        report_dir = args.report_dir or _default_report_dir("norm-depth", args.quick)
+        summary = run_norm_depth_study(report_dir, config, progress=not args.no_progress)
+        if args.report_dir is None and not args.quick:
+            from fastnvp.analysis.norm_depth import write_docs
+
+            write_docs(summary)
         from pathlib import Path
 
         print((Path(report_dir) / "norm_depth.md").read_text(), end="")
