@@ -187,12 +187,15 @@ def test_config_context_label_and_flops():
 def test_conditional_presets():
     plan = harness.preset("conditional")
     shapes = [(c.dim, c.context, c.batch, c.layers, c.hidden) for c, _ in plan.entries]
-    assert len(shapes) == len(set(shapes)) == 13 == plan.conditional["planned"]
-    assert {s[:3] for s in shapes[:12]} == {
-        (d, c, b) for d in (2, 8, 16) for c in (1, 8) for b in (256, 4096)
+    assert len(shapes) == len(set(shapes)) == 25 == plan.conditional["planned"]
+    assert {s for s in shapes[:24]} == {
+        (d, c, b, 8, h) for d in (2, 8, 16) for c in (1, 8) for b in (256, 4096) for h in (64, 256)
     }
-    assert all(s[3:] == (8, 256) for s in shapes[:12]) and shapes[12] == (2, 8, 1024, 50, 256)
-    assert [s[2] for s in shapes[:12]] == sorted(s[2] for s in shapes[:12])  # cheap first
+    assert shapes[24] == (2, 8, 1024, 50, 256)
+    assert [s[4] for s in shapes[:24]] == sorted(s[4] for s in shapes[:24])  # cheap widths first
+    for width in (64, 256):  # and within a width, cheap batches first
+        batches = [s[2] for s in shapes[:24] if s[4] == width]
+        assert batches == sorted(batches)
     for _, settings in plan.entries:
         assert tuple(settings.providers) == COND
         assert tuple(settings.workloads) == ("train", "log_prob", "sample")

@@ -161,7 +161,7 @@ def preset(
       :data:`GRID_WORKLOADS`, in the cover-first order of :func:`grid_order` (seed
       ``grid_seed``); ``grid_sample``: keep only the first that many shapes (see
       :func:`grid_plan`).
-    - ``conditional`` (about 3-4 min on 2 idle cores): conditional flows, the product
+    - ``conditional`` (about 6-8 min on 2 idle cores): conditional flows, the product
       :data:`CONDITIONAL_AXES` (D ∈ {2, 8, 16}, C ∈ {1, 8}, B ∈ {256, 4096}, L = 8, H = 256)
       and the deep point :data:`CONDITIONAL_DEEP` (L = 50, D = 2, C = 8, H = 256, B = 1024),
       with :data:`prov.CONDITIONAL_PROVIDERS` on :data:`GRID_WORKLOADS` (see
@@ -385,7 +385,8 @@ CONDITIONAL_AXES = {
     "context": (1, 8),
     "batch": (256, 4096),
     "layers": (8,),
-    "hidden": (256,),
+    # 64: the width class of sbi's default estimators (50 hidden units); 256: the main preset's.
+    "hidden": (64, 256),
 }
 #: Extra shapes after the product, (D, C, B, L, H): the main preset's L = 50, D = 2, H = 256
 #: with an 8-wide context, at the depth sweep's B = 1024 (at B = 4096 this one shape would cost

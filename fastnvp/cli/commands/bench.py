@@ -42,10 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="main: L=50 D=2 H=256 B=4096; full: main + sweeps of L, D, H, B; grid: "
         "D=2,6,16,64 x H=32,64,256 x B=256,1024,4096 x L=8,50 (72 shapes; train, log_prob, "
         "sample; fastnvp, reference, zuko, FrEIA), written as a table and ratio heatmaps; "
-        "conditional: conditional flows p(x | c), D=2,8,16 x C=1,8 x B=256,4096 at L=8 H=256 "
-        "plus L=50 D=2 C=8 B=1024 (13 shapes; train, log_prob, sample with one sample per "
-        "context row; fastnvp, reference, zuko, nflows, FrEIA; about 3-4 min on 2 idle "
-        "cores); "
+        "conditional: conditional flows p(x | c), D=2,8,16 x C=1,8 x B=256,4096 x H=64,256 at "
+        "L=8 plus L=50 D=2 C=8 B=1024 H=256 (25 shapes; train, log_prob, sample with one "
+        "sample per context row; fastnvp, reference, zuko, nflows, FrEIA; about 6-8 min on 2 "
+        "idle cores); "
         "conditional-quick: D=2,8 x C=1,8 at B=256 L=8 H=64 (under a minute) (default main)",
     )
     parser.add_argument(
