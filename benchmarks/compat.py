@@ -60,6 +60,8 @@ TEST_FAMILIES = {
     "tests/test_properties.py": "elementwise coupling",
     "tests/test_fused_layer.py": "fused layer",
     "tests/test_invertible_fused.py": "fused layer backward",
+    "tests/test_fused_context.py": "fused layer",  # the context columns (HAS_CONTEXT)
+    "tests/test_interleaved.py": "whole stack",  # permutations folded into its gathers
 }
 
 
