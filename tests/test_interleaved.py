@@ -473,3 +473,67 @@ def test_fused_path_with_interleaved_layers(backend, norm, perm):
         )
         z = torch.randn(24, 4)
         torch.testing.assert_close(fast.g(z).double(), ref64.g(z.double()), atol=1e-4, rtol=1e-4)
+
+
+def test_each_batchnorm_layer_follows_its_own_mode():
+    """A partly frozen flow (some BatchNorm layers in eval mode) computes what the reference
+    computes: the mixed modes run as modules."""
+    ref, fast, x, _ = flow_pair("batchnorm", "lu")
+    for model in (ref, fast):
+        model.train()
+        model.norms[1].eval()
+    assert "mix train and eval" in fast.explain(x).reason
+    torch.testing.assert_close(fast.log_prob(x), ref.log_prob(x))
+    for model in (ref, fast):
+        model.eval()
+        model.norms[0].train()
+    with torch.no_grad():
+        torch.testing.assert_close(fast.log_prob(x), ref.log_prob(x))
+    mine = dict(fast.named_buffers())
+    for name, buffer in ref.named_buffers():
+        torch.testing.assert_close(mine[name], buffer, msg=name)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_one_row_in_train_mode_names_the_problem_on_every_path(grad):
+    model = FastRealNVP.standard(4, 2, 16, norm="batchnorm")
+    with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="at least 2 rows"):
+        model.f(torch.randn(1, 4))
+    model.eval()
+    assert model.f(torch.randn(1, 4))[0].shape == (1, 4)
+
+
+def test_sequential_flow_checks_its_generator_and_samples_with_permutations_only():
+    flow = SequentialFlow(Permutation.reverse(3), Permutation.random(3))
+    assert flow.sample(5).dtype == torch.get_default_dtype()
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        flow.sample(2, generator=5)
+
+
+def test_a_loaded_permutation_must_be_one():
+    layer = Permutation.reverse(3)
+    with pytest.raises(ValueError, match="index must be a permutation"):
+        layer.load_state_dict({"index": torch.tensor([0, 0, 2])})
+
+
+def test_the_whole_stack_launch_refuses_norm_layers():
+    from fastnvp.engine.gpu import fused as gpu_fused
+
+    model = FastRealNVP.standard(4, 2, 16, norm="actnorm", fused="layer").eval()
+    model(torch.randn(8, 4))
+    with torch.no_grad(), pytest.raises(ValueError, match="folds only fixed permutations"):
+        gpu_fused.model_stack(model, torch.randn(8, 4), inverse=False)
+
+
+def test_lu_inverse_of_the_engine_uses_the_factors():
+    from fastnvp.engine import interleaved
+
+    torch.manual_seed(0)
+    model = RealNVP.standard(6, 3, 8, permutation="lu").double()
+    for layer in model.permutations:
+        randomize(layer)
+    with torch.no_grad():
+        forms = interleaved.prepare(model, "g", batch_stats=False)
+        for i, layer in enumerate(model.permutations):
+            eye = torch.eye(6, dtype=F64)
+            torch.testing.assert_close(forms.inverse_weights()[i] @ layer.weight(), eye)

@@ -196,3 +196,25 @@ def test_a_run_with_interleaved_layers_trains_resumes_and_loads(tmp_path, impl):
     assert "norm" not in tiny().to_dict()  # a run without them keeps its old config keys
     with pytest.raises(ValueError, match="norm must be one of"):
         tiny(norm="groupnorm").validate()
+
+
+def test_batchnorm_is_refused_for_data_parallel_training(tmp_path):
+    from fastnvp.training import distributed
+
+    world = distributed.World(rank=0, size=2)
+    with pytest.raises(ValueError, match="norm='batchnorm'.*torchrun"):
+        train(tiny(norm="batchnorm"), tmp_path, progress=False, world=world)
+
+
+def test_actnorm_initializes_from_the_first_training_rows(tmp_path):
+    """Every data-parallel process sees the same rows, so replicas start equal."""
+    config = tiny(norm="actnorm", steps=1)
+    split = prepare_data(config)
+    model = build_model(config, split)
+    u = (split.x_train[: config.batch] - model.mean) / model.std
+    expected = model.flow.norms[0]
+    expected.initialize(u)
+    result = train(config, tmp_path, progress=False)
+    # the first step moved the parameters by at most lr; the initialization is that of u
+    got = result.model.flow.norms[0].log_scale
+    assert (got - expected.log_scale).abs().max() < 5 * config.lr

@@ -163,7 +163,7 @@ def train_candidate(
         optimizer = torch.optim.Adam(params, lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
     history = {"step": [], "train_nll": [], "val_nll": [], "seconds": []}
-    best = (math.inf, 0, copy.deepcopy(module.state_dict()))
+    best = (math.inf, 0, None)  # (validation NLL, step, parameters) of the best evaluation
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -197,6 +197,11 @@ def train_candidate(
             running, count = 0.0, 0
             if bar is not None:
                 bar.set_postfix(val_nll=f"{val:.2f}")
+            if not math.isfinite(val):
+                diverged = True
+                if log:
+                    log(f"{candidate.name}: validation NLL {val} at step {step}; stopped")
+                break
             if val < best[0]:
                 best, stale = (val, step, copy.deepcopy(module.state_dict())), 0
             else:
@@ -206,7 +211,8 @@ def train_candidate(
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
-    module.load_state_dict(best[2])
+    if best[2] is not None:  # else no evaluation was finite: the module stays as it ended
+        module.load_state_dict(best[2])
     test = evaluate(
         candidate, data.test, data.test_context, transform, settings.test_samples, settings.seed + 2
     )

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from fastnvp.analysis.density_training import Candidate, Data, TrainSettings, train_candidate
+from fastnvp.core.interleave import copy_couplings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +69,7 @@ def _candidate(dim: int, layers: int, hidden: int, norm, permutation=None) -> Ca
     torch.manual_seed(0)  # the same couplings with and without the norm layers
     couplings = FastRealNVP.standard(dim, layers, hidden)
     model = FastRealNVP.standard(dim, layers, hidden, norm=norm, permutation=permutation)
-    model.load_state_dict(couplings.state_dict(), strict=False)
+    copy_couplings(couplings, model)  # not the masks: a permutation brings half masks
     name = (
         f"L={layers}"
         + (f" + {norm}" if norm else "")

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from fastnvp.core.interleave import copy_couplings
+
 KINDS = {
     "actnorm": {"norm": "actnorm"},
     "batchnorm": {"norm": "batchnorm"},
@@ -52,7 +54,7 @@ def _flows(dim: int, hidden: int, layers: int, x: torch.Tensor) -> dict:
     flows = {"couplings": base}
     for kind, option in KINDS.items():
         flow = FastRealNVP.standard(dim, layers, hidden, **option)
-        flow.load_state_dict(base.state_dict(), strict=False)
+        copy_couplings(base, flow)  # not the masks: a permutation brings half masks
         with torch.no_grad():
             flow.log_prob(x)  # ActNorm's data-dependent initialization
         flows[kind] = flow

@@ -13,9 +13,10 @@ so ``inverse(forward(x)[0])[0] == x`` and the two log-determinants are negatives
 inverse's log-det), so :class:`fastnvp.flows.sequential.SequentialFlow` composes any of them in
 the order a user gives.
 
-Each layer also states its *form* for the fast engine (``fastnvp.engine.interleaved``):
-``kind`` (one of :data:`KINDS`) and the tensors that form needs, so an executor can run it
-without calling the module.
+Each layer names its ``kind`` (one of :data:`KINDS`): the plan's facts record the kinds of
+every step (docs/design.md §3.1), and ``fastnvp.engine.interleaved`` runs each kind in the
+engine's own form (an affine map, batch normalization, a gather or a dense product) without
+calling the module.
 """
 
 from __future__ import annotations

@@ -71,3 +71,12 @@ def step_layers(model, i: int) -> list[nn.Module]:
         if layers is not None:
             out.append(layers[i])
     return out
+
+
+def copy_couplings(source: nn.Module, target: nn.Module) -> None:
+    """Load the conditioner nets of ``source``'s couplings into ``target``'s, leaving the masks
+    and the interleaved layers as they are (the same couplings with and without norm or
+    mixing layers, for comparisons)."""
+    for mine, theirs in ((target.s, source.s), (target.t, source.t)):
+        for net, other in zip(mine, theirs, strict=True):
+            net.load_state_dict(other.state_dict())

@@ -24,6 +24,12 @@ def _zeros_log_det(x: torch.Tensor) -> torch.Tensor:
     return x.new_zeros(x.shape[0])
 
 
+def _check_permutation(index: torch.Tensor, name: str) -> None:
+    dim = index.shape[0]
+    if not torch.equal(torch.sort(index).values, torch.arange(dim, device=index.device)):
+        raise ValueError(f"{name} must be a permutation of 0..{dim - 1}, got {index.tolist()}")
+
+
 class Permutation(FlowLayer):
     """A fixed permutation of the features: ``y = x[:, index]``, log-det 0.
 
@@ -42,8 +48,7 @@ class Permutation(FlowLayer):
         dim = index.shape[0]
         super().__init__(dim)
         index = index.to(torch.long)
-        if not torch.equal(torch.sort(index).values, torch.arange(dim)):
-            raise ValueError(f"index must be a permutation of 0..{dim - 1}, got {index.tolist()}")
+        _check_permutation(index, "index")
         self.register_buffer("index", index.clone())
         self.register_buffer("inverse_index", torch.argsort(index), persistent=False)
 
@@ -59,6 +64,9 @@ class Permutation(FlowLayer):
         return cls(torch.randperm(dim, generator=generator))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        loaded = state_dict.get(prefix + "index")
+        if isinstance(loaded, torch.Tensor) and loaded.shape == self.index.shape:
+            _check_permutation(loaded.to(torch.long), prefix + "index")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.inverse_index = torch.argsort(self.index)
 

@@ -33,7 +33,7 @@ from fastnvp.core.context import (
 from fastnvp.core.interleave import build_norms, build_permutations, step_layers
 from fastnvp.core.masks import alternating_masks, check_masks, half_masks
 from fastnvp.core.prior import prior_log_prob, prior_sample
-from fastnvp.core.validation import ensure_batch, ensure_num_samples
+from fastnvp.core.validation import check_generator, ensure_batch, ensure_num_samples
 
 
 def build_nets(factory: Callable[[], nn.Module], count: int, name: str) -> nn.ModuleList:
@@ -360,15 +360,7 @@ class FlowBase(nn.Module):
         """(samples, log_prob or None) shaped (n, *batch, D) and (n, *batch)."""
         ensure_num_samples(num_samples)
         anchor = self._anchor()
-        if generator is not None:
-            if not isinstance(generator, torch.Generator):
-                raise TypeError(
-                    f"generator must be a torch.Generator or None, got {type(generator).__name__}"
-                )
-            if generator.device.type != anchor.device.type:
-                raise ValueError(
-                    f"generator is on {generator.device} but the model is on {anchor.device}"
-                )
+        check_generator(generator, anchor.device)
         rows_context, batch_shape = sample_context(context, self.context_features, anchor)
         per_sample = 1 if rows_context is None else rows_context.shape[0]
         e = None

@@ -62,3 +62,16 @@ def ensure_num_samples(n, name: str = "num_samples") -> int:
     if n < 1:
         raise ValueError(f"{name} must be >= 1, got {n}")
     return n
+
+
+def check_generator(generator, device: torch.device):
+    """``generator`` must be None or a ``torch.Generator`` on ``device``'s type."""
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+    if generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the model is on {device}")
+    return generator

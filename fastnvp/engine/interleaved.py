@@ -40,12 +40,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fastnvp.core.interleave import step_layers
 from fastnvp.core.mixing import LULinear, Permutation
 from fastnvp.core.normalization import ActNorm, BatchNorm
-
-#: The forms of :func:`prepare` (module docstring).
-FORMS = ("affine", "batchnorm", "permutation", "linear")
 
 
 @dataclass
@@ -74,6 +70,7 @@ class Interleave:
     inverse_index: Tensor | None = None
     modules: list[BatchNorm] = field(default_factory=list)
     eps: list[float] = field(default_factory=list)
+    factors: tuple[Tensor, Tensor, Tensor] | None = None  # LU: L, U (L, D, D), row order (L, D)
     _inverse: Tensor | None = None
 
     def views(self, tensors: list[Tensor]) -> list[dict[str, Tensor]]:
@@ -89,10 +86,18 @@ class Interleave:
         return [{n: rows[i] for n, rows in zip(names, per_name)} for i in range(self.num_layers)]
 
     def inverse_weights(self) -> Tensor:
-        """W^-1 of every ``linear`` layer, (L, D, D), computed once per call (no autograd)."""
+        """W^-1 of every ``linear`` layer, (L, D, D), computed once per call (no autograd)
+        from the LU factors, ``U^-1 L^-1 P^T`` (two batched triangular solves: better
+        conditioned than inverting W)."""
         if self._inverse is None:
+            lower, upper, order = self.factors
             with torch.no_grad():
-                self._inverse = torch.linalg.inv(self.tensors[-1].detach())
+                eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
+                p_t = eye[order].transpose(1, 2)  # W = P L U with P = eye[row_order]
+                m = torch.linalg.solve_triangular(
+                    lower.detach(), p_t, upper=False, unitriangular=True
+                )
+                self._inverse = torch.linalg.solve_triangular(upper.detach(), m, upper=True)
         return self._inverse
 
 
@@ -159,22 +164,25 @@ def _prepare(model, norms, mixes, direction: str, batch_stats: bool) -> Interlea
             inter.inverse_index = _stack(m.inverse_index for m in mixes)
         else:
             inter.mix = "linear"
-            tensors.append(_lu_weights(mixes))
+            weight, inter.factors = _lu_weights(mixes)
+            tensors.append(weight)
             terms.append(_stack(m.log_abs_diag for m in mixes).sum())
     if terms:
         inter.log_det = sign * torch.stack(terms).sum()
     return inter
 
 
-def _lu_weights(layers: list[LULinear]) -> Tensor:
-    """W of every LU layer at once, (L, D, D): a few batched ops instead of a few per layer."""
-    lower = _stack(m.lower for m in layers).tril(-1)
+def _lu_weights(layers: list[LULinear]):
+    """W of every LU layer at once, (L, D, D), and its factors (L, U, row order): a few batched
+    ops instead of a few per layer."""
+    eye = torch.eye(layers[0].dim, dtype=layers[0].lower.dtype, device=layers[0].lower.device)
+    lower = _stack(m.lower for m in layers).tril(-1) + eye
     upper = _stack(m.upper for m in layers).triu(1)
-    diag = _stack(m.sign * m.log_abs_diag.exp() for m in layers)
-    eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
-    products = torch.bmm(lower + eye, upper + torch.diag_embed(diag))
+    upper = upper + torch.diag_embed(_stack(m.sign * m.log_abs_diag.exp() for m in layers))
+    products = torch.bmm(lower, upper)
     order = _stack(m.row_order for m in layers)
-    return torch.gather(products, 1, order[:, :, None].expand_as(products))
+    weight = torch.gather(products, 1, order[:, :, None].expand_as(products))
+    return weight, (lower, upper, order)
 
 
 def forward_step(inter, i, z, view, saved, stats=None) -> Tensor:
@@ -194,6 +202,8 @@ def forward_step(inter, i, z, view, saved, stats=None) -> Tensor:
             mean, var = stats
             centred = z - mean
         else:
+            if z.shape[0] < 2:  # the message of BatchNorm.batch_statistics, before any kernel
+                inter.modules[i].batch_statistics(z)
             # Two passes, not torch.var_mean: its column reduction over a row-major (N, D)
             # was 4-5x slower on the CPU (256 x 64: 113 vs 20 us).
             mean = z.mean(0)
@@ -304,7 +314,7 @@ def _per_layer_count(inter) -> int:
     return norm + (1 if inter.mix == "linear" else 0)
 
 
-def flatten_saved(inter, saved: list[list]) -> list[Tensor]:
+def flatten_saved(saved: list[list]) -> list[Tensor]:
     """The per-layer lists of :func:`forward_step` as one flat tensor list (for
     ``save_for_backward``, so autograd frees them after backward unless the graph is kept)."""
     flat: list[Tensor] = []
@@ -330,8 +340,3 @@ def grad_buffers(inter, tensors: list[Tensor]) -> tuple[list[Tensor], list[dict[
     """Zeroed gradient buffers like ``tensors`` and their per-layer views."""
     buffers = [torch.zeros_like(t) for t in tensors]
     return buffers, inter.views(buffers)
-
-
-def layers_of(model, i: int) -> list:
-    """Step ``i``'s interleaved layer modules (for the per-layer paths)."""
-    return step_layers(model, i)

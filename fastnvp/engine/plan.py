@@ -40,8 +40,9 @@ the split halves with plain ``F.linear``), ``modules`` (the user's own nets on t
 Interleaved layers (docs/design.md §1.8: a norm and a mixing layer before each coupling) run
 inside the GEMM stack, the invertible stack and the layer loop; the whole-stack kernel takes
 fixed permutations only (folded into its gathers), and three facts of a call constrain the
-choice: ActNorm layers still to initialize run the layer loop (their first ``f`` call), and
-BatchNorm with batch statistics (``f`` in train mode) never splits the rows.
+choice: ActNorm layers still to initialize run the layer loop (their first ``f`` call),
+BatchNorm layers in mixed train / eval modes run as modules, and BatchNorm with batch
+statistics (``f`` in train mode) never splits the rows.
 """
 
 from __future__ import annotations
@@ -177,6 +178,7 @@ class CallContext:
         batch_stats: a BatchNorm layer normalizes with the batch's statistics (``f`` in train
             mode): the rows of a call are not independent.
         pending_init: an ActNorm layer initializes from this call's batch (``f`` before any).
+        mixed_norm_modes: some BatchNorm layers are in train mode and others in eval mode.
     """
 
     direction: str
@@ -195,6 +197,7 @@ class CallContext:
     knot_tables: bool
     batch_stats: bool = False
     pending_init: bool = False
+    mixed_norm_modes: bool = False
 
 
 @dataclass(frozen=True)
@@ -306,6 +309,8 @@ def choose(facts: FlowFacts, ctx: CallContext, policy: Policy = DEFAULT_POLICY) 
         return plan("layers", "non-finite checks inspect every layer's s, t and outputs")
     if ctx.pending_init:
         return plan("layers", "ActNorm layers initialize from this batch (first f call)")
+    if ctx.mixed_norm_modes:
+        return plan("layers", "BatchNorm layers mix train and eval modes: they run as modules")
     if all(p == "fused_layer" for p in paths):
         if not ctx.grad:
             unfoldable = sorted(facts.pre_kinds - {"permutation"})

@@ -331,11 +331,24 @@ class FastRealNVP(FlowBase):
             knot_tables=self.knot_tables,
             batch_stats=self._uses_batch_statistics(direction),
             pending_init=self._actnorm_pending(direction),
+            mixed_norm_modes=self._norm_modes_mixed(),
         )
 
     def _uses_batch_statistics(self, direction: str) -> bool:
-        """BatchNorm layers normalize with the batch's statistics: ``f`` in train mode."""
-        return direction == "f" and self.norm == "batchnorm" and self.training
+        """BatchNorm layers normalize with the batch's statistics: ``f`` with them in train
+        mode (each layer's own mode, as ``torch.nn`` decides it; :meth:`_norm_modes_mixed`)."""
+        return (
+            direction == "f"
+            and self.norm == "batchnorm"
+            and any(layer.training for layer in self.norms)
+        )
+
+    def _norm_modes_mixed(self) -> bool:
+        """Some BatchNorm layers are in train mode and others in eval mode (a partly frozen
+        flow): the engine's forms take one mode for all, so the layers run as modules."""
+        if self.norm != "batchnorm":
+            return False
+        return len({layer.training for layer in self.norms}) > 1
 
     def _actnorm_pending(self, direction: str) -> bool:
         """An ActNorm layer is still to initialize from the data (only ``f`` initializes)."""
@@ -480,6 +493,7 @@ class FastRealNVP(FlowBase):
                 slope,
                 e,
                 grad=plan.context.grad,
+                batch_stats=plan.context.batch_stats,
                 memory=plan.context.memory,
                 anchor_every=self.anchor_every,
                 tolerance=resolve_tolerance(self.reconstruction_tolerance, h.dtype),
@@ -513,7 +527,8 @@ class FastRealNVP(FlowBase):
         layer loop without a gradient, checks, tracing or a pending ActNorm initialization;
         else None (the loop calls the layer modules)."""
         ctx = plan.context
-        if not self.interleaved or ctx.grad or ctx.checking or ctx.compiling or ctx.pending_init:
+        as_modules = ctx.grad or ctx.checking or ctx.compiling or ctx.pending_init
+        if not self.interleaved or as_modules or ctx.mixed_norm_modes:
             return None
         return interleaved.prepare(self, ctx.direction, ctx.batch_stats)
 

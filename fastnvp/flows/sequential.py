@@ -27,7 +27,7 @@ from torch import nn
 from fastnvp.core.context import sample_context
 from fastnvp.core.prior import prior_log_prob, prior_sample
 from fastnvp.core.reference import FlowBase, check_prior
-from fastnvp.core.validation import ensure_batch, ensure_num_samples
+from fastnvp.core.validation import check_generator, ensure_batch, ensure_num_samples
 
 
 def _member_dim(layer: nn.Module, k: int) -> int:
@@ -82,9 +82,12 @@ class SequentialFlow(nn.Module):
         return self.context_features is not None
 
     def _anchor(self) -> torch.Tensor:
+        """A floating tensor with the flow's dtype and device (samples are drawn like it)."""
         for tensor in (*self.parameters(), *self.buffers()):
-            return tensor
-        return torch.empty(0)
+            if tensor.is_floating_point():
+                return tensor
+        device = next(self.buffers(), torch.empty(0)).device  # a flow of permutations only
+        return torch.empty(0, dtype=torch.get_default_dtype(), device=device)
 
     def _call(self, layer, h, context, inverse: bool):
         method = layer.inverse if inverse else layer
@@ -141,6 +144,7 @@ class SequentialFlow(nn.Module):
         ensure_num_samples(num_samples)
         self._check_context(context)
         anchor = self._anchor()
+        check_generator(generator, anchor.device)
         rows, batch_shape = sample_context(context, self.context_features, anchor)
         per_sample = 1 if rows is None else rows.shape[0]
         repeated = None if rows is None else rows.repeat(num_samples, 1)

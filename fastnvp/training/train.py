@@ -709,6 +709,11 @@ def train(
         )
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be None or an int >= 1, got {stop_after!r}")
+    if config.norm == "batchnorm" and world.size > 1:
+        raise ValueError(
+            "norm='batchnorm' normalizes each process's shard with its own batch statistics, so "
+            "data-parallel replicas would diverge: with torchrun use norm='actnorm' or None"
+        )
     out = Path(out_dir)
     payload = None
     if not resume and not overwrite and (out / CHECKPOINT).exists():
@@ -770,6 +775,7 @@ def train(
     cu_train = model.standardize_context(
         None if split.c_train is None else split.c_train.to(world.device), x_train.shape[0]
     )
+    _initialize_actnorm(model, x_train, cu_train, config.batch)
     flow = distributed.wrap(model.flow, world)  # DDP replica when distributed
     sampler = distributed.ShardedBatches(x_train.shape[0], config.batch, batches, world)
     log_scale = float(model.log_scale())
@@ -827,6 +833,20 @@ def train(
         metrics = run_metrics(model, config, split, history, elapsed)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return TrainResult(model, config, split, step, history, elapsed, metrics)
+
+
+@torch.no_grad()
+def _initialize_actnorm(model: DataFlow, x_train, cu_train, rows: int) -> None:
+    """ActNorm's data-dependent initialization from the first ``rows`` training rows, before
+    any replica is made: every process sees the same rows, so every replica starts equal (the
+    first sampled minibatch differs between processes). A loaded run is already initialized."""
+    norms = getattr(model.flow, "norms", None)
+    if getattr(model.flow, "norm", None) != "actnorm" or all(n.is_initialized for n in norms):
+        return
+    count = min(max(rows, 2), x_train.shape[0])
+    u = (x_train[:count] - model.mean) / model.std
+    context = None if cu_train is None else cu_train[:count]
+    model.flow.f(u, context)
 
 
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool):

@@ -465,7 +465,9 @@ class _GemmStack(torch.autograd.Function):
         ctx.embedded = e
         ctx.params = params
         ctx.inter, ctx.inter_tensors, ctx.inter_views = inter, extra, views
-        ctx.versions = [p._version for p in (*params, *extra)]
+        # The interleaved tensors are built per call by autograd ops, which check their own
+        # inputs' versions; the parameters read here directly are checked in backward.
+        ctx.versions = [p._version for p in params]
         ctx.memory = memory
         ctx.anchor_layers = anchor_layers
         ctx.tolerance = tolerance
@@ -473,7 +475,7 @@ class _GemmStack(torch.autograd.Function):
         ctx.num_anchors = len(anchors)
         # The interleaved layers' state: (N, D) inputs of the standard mode, the (D,) batch
         # statistics of BatchNorm in invertible mode.
-        pre_flat = [] if inter is None else interleaved.flatten_saved(inter, pre_saved)
+        pre_flat = [] if inter is None else interleaved.flatten_saved(pre_saved)
         stats_flat = [t for pair in batch_stats for t in pair]
         ctx.num_pre, ctx.num_stats = len(pre_flat), len(stats_flat)
         ctx.save_for_backward(
@@ -485,7 +487,7 @@ class _GemmStack(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_z, grad_log_det):
         packed: Packed = ctx.packed
-        _check_unmodified(ctx.params, ctx.versions[: len(ctx.params)])
+        _check_unmodified(ctx.params, ctx.versions)
         inter = ctx.inter
         z, *rest = ctx.saved_tensors
         anchors, rest = rest[: ctx.num_anchors], rest[ctx.num_anchors :]
@@ -606,6 +608,7 @@ def run_forward(
     memory: str = "standard",
     anchor_every: int | None = None,
     tolerance: float = 1e-3,
+    batch_stats: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``model.f(x)`` on this executor.  x (N, D) -> (z (N, D), log_det (N,)).
 
@@ -617,8 +620,9 @@ def run_forward(
         grad: build the autograd node (else the no-grad forward).
         memory, anchor_every, tolerance: the memory mode (module doc) and, for ``invertible``,
             the anchor spacing and the reconstruction tolerance.
+        batch_stats: BatchNorm layers use batch statistics (the plan's call context).
     """
-    inter = interleaved.prepare(model, "f", batch_stats=model.training)
+    inter = interleaved.prepare(model, "f", batch_stats=batch_stats)
     if not grad:
         with torch.no_grad():
             z, log_det = forward_no_grad(cached_pack(model, kept, trans, slope), x, e, inter)

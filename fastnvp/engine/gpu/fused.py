@@ -111,6 +111,13 @@ def model_stack(model, x: Tensor, inverse: bool, context: Tensor | None = None):
     """
     if not all(model_uses_fused_layer(model, i, x) for i in range(model.num_layers)):
         return None
+    if getattr(model, "norms", None) is not None or any(
+        layer.kind != "permutation" for layer in getattr(model, "permutations", None) or ()
+    ):
+        raise ValueError(
+            "model_stack folds only fixed permutations into the whole-stack launch; a flow "
+            "with norm or LU layers runs layer by layer (the plan chooses that)"
+        )
     if torch.is_grad_enabled() and (
         x.requires_grad
         or (context is not None and context.requires_grad)
