@@ -32,7 +32,7 @@ TRITON_VERSION = tuple(int(p) for p in triton.__version__.split("+")[0].split(".
 # (first version, last version) inclusive -> {(kernel, precision, tier): tile}. kernel: "layer"
 # (forward / inverse), "stack" (whole stack), "backward"; tier: fused_layer.tile_tier. A tile
 # may carry "min_hidden": the last tile of a key's list whose min_hidden <= H applies. Found by
-# benchmarks/tune_configs.py on 3.3.1 and 3.6.0; the 3.9 defaults need none.
+# benchmarks/tune_configs.py on 3.3.1, 3.4.0, 3.5.1 and 3.6.0; the 3.9 defaults need none.
 _T = dict  # one tile: BLOCK_M rows, HC output columns, KC K chunk, num_warps
 TILE_OVERRIDES: dict[tuple[tuple[int, int], tuple[int, int]], dict[tuple[str, str, str], list]] = {
     ((3, 3), (3, 3)): {
@@ -61,6 +61,13 @@ TILE_OVERRIDES: dict[tuple[tuple[int, int], tuple[int, int]], dict[tuple[str, st
         ],
     },
     ((3, 4), (3, 4)): {
+        # 2-4 first-Linear columns (D = 2 with a context column): the default tiles spilled
+        # 64-1568 B on 3.4.0 (compile report, D=2,E=1).
+        ("layer", "tf32", "outer"): [_T(BLOCK_M=128, HC=32, KC=32, num_warps=8)],
+        ("layer", "bf16", "outer"): [_T(BLOCK_M=64, HC=128, KC=32, num_warps=8)],
+        ("stack", "ieee", "outer"): [_T(BLOCK_M=64, HC=32, KC=32, num_warps=4)],
+        ("stack", "tf32", "outer"): [_T(BLOCK_M=32, HC=64, KC=64, num_warps=8)],
+        ("stack", "bf16", "outer"): [_T(BLOCK_M=64, HC=32, KC=128, num_warps=4)],
         ("layer", "ieee", "narrow"): [
             _T(BLOCK_M=64, HC=32, KC=32, num_warps=4),
             _T(BLOCK_M=64, HC=16, KC=32, num_warps=4, min_hidden=128),
@@ -85,6 +92,11 @@ TILE_OVERRIDES: dict[tuple[tuple[int, int], tuple[int, int]], dict[tuple[str, st
         ("backward", "bf16", "dot_k1"): [_T(BLOCK_M=64, HC=16, KC=32, num_warps=8)],
     },
     ((3, 5), (3, 5)): {
+        # 2-4 first-Linear columns (D = 2 with a context column): 44-88 B spilled on 3.5.1.
+        ("layer", "ieee", "outer"): [_T(BLOCK_M=64, HC=32, KC=32, num_warps=4)],
+        ("layer", "bf16", "outer"): [_T(BLOCK_M=64, HC=128, KC=64, num_warps=8)],
+        ("stack", "ieee", "outer"): [_T(BLOCK_M=64, HC=32, KC=32, num_warps=4)],
+        ("stack", "bf16", "outer"): [_T(BLOCK_M=64, HC=128, KC=64, num_warps=8)],
         ("layer", "tf32", "narrow"): [_T(BLOCK_M=128, HC=64, KC=32, num_warps=8, min_hidden=128)],
         ("layer", "tf32", "wide"): [_T(BLOCK_M=32, HC=64, KC=32, num_warps=8)],
         ("layer", "bf16", "wide"): [_T(BLOCK_M=32, HC=64, KC=32, num_warps=8)],
@@ -92,7 +104,8 @@ TILE_OVERRIDES: dict[tuple[tuple[int, int], tuple[int, int]], dict[tuple[str, st
         ("stack", "tf32", "wide"): [_T(BLOCK_M=64, HC=32, KC=32, num_warps=8)],
         ("backward", "tf32", "dot_k1"): [_T(BLOCK_M=64, HC=16, KC=32, num_warps=8)],
         ("backward", "bf16", "narrow"): [_T(BLOCK_M=64, HC=32, KC=64, num_warps=8, min_hidden=128)],
-        ("backward", "bf16", "dot_k1"): [_T(BLOCK_M=64, HC=32, KC=64, num_warps=8)],
+        # HC 16: with 8 context columns (K1 + E = 9-16) HC = 32 spilled 24 B on 3.5.1.
+        ("backward", "bf16", "dot_k1"): [_T(BLOCK_M=64, HC=16, KC=64, num_warps=8)],
     },
     ((3, 6), (3, 8)): {
         # 2-4 first-Linear columns (D = 2 with a context column): the default tiles spilled
