@@ -209,9 +209,9 @@ def _plot(summary: dict, path: Path) -> Path:
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+    from fastnvp.analysis.viz import save_png
+
+    return save_png(fig, path)
 
 
 def write_docs(summary: dict, page="docs/digits.md") -> bool:

@@ -50,6 +50,11 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+def save_png(fig: Figure, path) -> Path:
+    """Write ``fig`` to ``path`` (a .png; parent folders created) as every figure here is."""
+    return _save(fig, _check_path(path))
+
+
 def data_bounds(x: torch.Tensor, pad: float = 0.15) -> tuple[float, float, float, float]:
     """A box around the 0.5–99.5 % quantiles of ``x`` (N, 2), padded by ``pad`` of its size."""
     ensure_batch(x, "x", 2)

@@ -11,14 +11,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from fastnvp.analysis.viz import save_png
 from fastnvp.training.digits import LEVELS, image_grid
-
-
-def _save(fig: Figure, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
 
 
 def _show(ax, grid: np.ndarray, title: str) -> None:
@@ -46,7 +40,7 @@ def plot_real_vs_samples(real, samples, path, *, title: str = "") -> Path:
     _show(right, image_grid(samples, 8, 8), "64 samples of the model")
     if title:
         fig.suptitle(title, fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_class_samples(samples, path, *, title: str = "") -> Path:
@@ -61,7 +55,7 @@ def plot_class_samples(samples, path, *, title: str = "") -> Path:
     _show(ax, image_grid(rows, 10, per_class), title or "samples given the digit (one row each)")
     ax.set_yticks([4 + 9 * c for c in range(10)])
     ax.set_yticklabels([str(c) for c in range(10)])
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_nll_curves(results: list[dict], path, *, baseline: float | None = None) -> Path:
@@ -99,4 +93,4 @@ def plot_nll_curves(results: list[dict], path, *, baseline: float | None = None)
     legend_ax = fig.add_subplot(grid[1, :])
     legend_ax.axis("off")
     legend_ax.legend(handles, labels, loc="center", ncol=3, fontsize=8, frameon=False)
-    return _save(fig, path)
+    return save_png(fig, path)

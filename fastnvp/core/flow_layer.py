@@ -21,6 +21,8 @@ calling the module.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import nn
 
@@ -32,10 +34,11 @@ from fastnvp.core.validation import ensure_batch
 KINDS = ("actnorm", "batchnorm", "permutation", "lu")
 
 
-class FlowLayer(nn.Module):
+class FlowLayer(nn.Module, ABC):
     """Base class of the invertible layers placed between couplings (module docstring).
 
-    Subclasses set ``kind`` and implement :meth:`forward` and :meth:`inverse`. ``dim`` is D.
+    Subclasses set ``kind`` and implement the abstract :meth:`forward` and :meth:`inverse`.
+    ``dim`` is D.
     """
 
     kind: str = ""
@@ -58,13 +61,13 @@ class FlowLayer(nn.Module):
             break
         return x
 
+    @abstractmethod
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Data -> latent.  x (N, D) -> (y (N, D), log|det dy/dx| (N,))."""
-        raise NotImplementedError
 
+    @abstractmethod
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent -> data.  y (N, D) -> (x (N, D), log|det dx/dy| (N,))."""
-        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"

@@ -192,14 +192,20 @@ class BatchNorm(FlowLayer):
         log_det = (self.log_gamma - torch.log(std)).sum()
         return x, _rows_constant(-log_det, y)
 
+    def forward_batch(self, x: torch.Tensor):
+        """The train-mode map: x (N, D), N >= 2 -> (y, log|det| per row (N,), (mean, var)), the
+        batch's statistics folded into the running averages and returned (the invertible
+        memory mode inverts with them)."""
+        mean, var = self.batch_statistics(x)
+        self.update_running(mean.detach(), var.detach(), x.shape[0])
+        return (*self.forward_with(x, mean, var), (mean, var))
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, D) -> (y, log|det| per row (N,)): batch statistics in train mode (updating
         the running averages), the running averages in eval mode."""
         self._check(x, "x")
         if self.training:
-            mean, var = self.batch_statistics(x)
-            self.update_running(mean.detach(), var.detach(), x.shape[0])
-            return self.forward_with(x, mean, var)
+            return self.forward_batch(x)[:2]
         return self.forward_with(x, self.running_mean, self.running_var)
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

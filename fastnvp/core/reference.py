@@ -224,14 +224,14 @@ class FlowBase(nn.Module):
         """Whether the flow has norm or mixing layers between its couplings (§1.8)."""
         return self.norms is not None or self.permutations is not None
 
-    def _pre_forward(self, i: int, h: torch.Tensor, log_det, direction: str = "f"):
+    def _pre_forward(self, i: int, h: torch.Tensor, log_det):
         """Step ``i``'s interleaved layers, data -> latent (docs/design.md §1.8): h (N, D) ->
         (h, log_det + theirs). ``log_det`` may be None (then theirs, or None without any)."""
         for layer in step_layers(self, i):
             h, ld = layer(h)
             log_det = ld if log_det is None else log_det + ld
             if self._checking():
-                self._check_layer(i, direction, **{f"{layer.kind}_output": h})
+                self._check_layer(i, "f", **{f"{layer.kind}_output": h})
         return h, log_det
 
     def _pre_inverse(self, i: int, h: torch.Tensor, log_det):

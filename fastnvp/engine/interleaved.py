@@ -28,9 +28,8 @@ to the layers' parameters; the part of the log-determinant that depends only on 
 A ``batchnorm`` step's log-det term and running-average update are done once for all layers
 after the walk (:func:`finish_batch_stats`: a few batched ops instead of a few per layer). In
 invertible memory mode it keeps its batch mean and variance, (D,) each, to invert
-(docs/design.md §5). ``linear`` inverts with W^-1 of every layer from one batched
-``torch.linalg.inv`` per call (D <= a few hundred: the solve of one (N, D) row block per
-layer would refactor W every time).
+(docs/design.md §5). ``linear`` inverts with W^-1 of every layer, built once per call from the
+LU factors by two batched triangular solves (:meth:`Interleave.inverse_weights`).
 """
 
 from __future__ import annotations
@@ -72,6 +71,7 @@ class Interleave:
     eps: list[float] = field(default_factory=list)
     factors: tuple[Tensor, Tensor, Tensor] | None = None  # LU: L, U (L, D, D), row order (L, D)
     _inverse: Tensor | None = None
+    _own_views: list[dict[str, Tensor]] | None = None
 
     def views(self, tensors: list[Tensor]) -> list[dict[str, Tensor]]:
         """Per layer, the node's copies of :attr:`tensors` as ``{name: (D,) or (D, D)}``."""
@@ -84,6 +84,16 @@ class Interleave:
             names.append("weight")
         per_name = [t.unbind(0) for t in tensors]
         return [{n: rows[i] for n, rows in zip(names, per_name)} for i in range(self.num_layers)]
+
+    def layer_views(self) -> list[dict[str, Tensor]]:
+        """:meth:`views` of :attr:`tensors` itself, made once (a cached form serves many calls)."""
+        if self._own_views is None:
+            self._own_views = self.views(self.tensors)
+        return self._own_views
+
+    def add_log_det(self, log_det: Tensor) -> Tensor:
+        """``log_det`` (N,) plus the parameter-only log-det of the layers (if any)."""
+        return log_det if self.log_det is None else log_det + self.log_det.to(log_det.dtype)
 
     def inverse_weights(self) -> Tensor:
         """W^-1 of every ``linear`` layer, (L, D, D), computed once per call (no autograd)
@@ -120,8 +130,12 @@ def prepare(model, direction: str, batch_stats: bool) -> Interleave | None:
         return None
     if torch.is_grad_enabled():
         return _prepare(model, norms, mixes, direction, batch_stats)
-    tensors = [t for layers in (norms, mixes) if layers is not None for t in layers.state_dict(
-        keep_vars=True).values()]  # fmt: skip
+    tensors = [
+        t
+        for layers in (norms, mixes)
+        if layers is not None
+        for t in layers.state_dict(keep_vars=True).values()
+    ]
     key = (direction, batch_stats, *((t.data_ptr(), t._version) for t in tensors))
     cache = getattr(model, "_interleave_cache", None) or {}
     if key not in cache:
@@ -224,18 +238,15 @@ def forward_step(inter, i, z, view, saved, stats=None) -> Tensor:
     return z
 
 
-def finish_batch_stats(inter, stats, rows: int, log_det: Tensor | None, update: bool) -> None:
+def finish_batch_stats(inter, stats, rows: int, log_det: Tensor) -> None:
     """After a walk with ``batchnorm`` steps: subtract ½ Σ_layers Σ_j log(σ²_j + ε) from every
     row of ``log_det`` (in place) and fold each layer's (mean, var) into its running averages."""
     if inter is None or inter.norm != "batchnorm" or not stats:
         return
     means = [m for m, _ in stats]
     variances = [v for _, v in stats]
-    if log_det is not None:
-        eps = torch.tensor(inter.eps, dtype=variances[0].dtype, device=variances[0].device)
-        log_det.sub_(0.5 * torch.log(torch.stack(variances) + eps[:, None]).sum())
-    if not update:
-        return
+    eps = torch.tensor(inter.eps, dtype=variances[0].dtype, device=variances[0].device)
+    log_det.sub_(0.5 * torch.log(torch.stack(variances) + eps[:, None]).sum())
     unbiased = torch._foreach_mul(variances, rows / (rows - 1))
     momenta = {m.momentum for m in inter.modules}
     if len(momenta) == 1:  # the usual case: two multi-tensor updates for every layer
@@ -337,6 +348,7 @@ def unflatten_saved(inter, flat) -> list[list]:
 
 
 def grad_buffers(inter, tensors: list[Tensor]) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-    """Zeroed gradient buffers like ``tensors`` and their per-layer views."""
-    buffers = [torch.zeros_like(t) for t in tensors]
+    """Gradient buffers like ``tensors`` and their per-layer views; every layer's
+    :func:`backward_step` writes all of its rows, so they start uninitialized."""
+    buffers = [torch.empty_like(t) for t in tensors]
     return buffers, inter.views(buffers)

@@ -376,10 +376,9 @@ def _pre_forward(layer, h: Tensor, stats: list):
     """An interleaved layer's forward in the stack; a batch-statistics BatchNorm's (mean, var)
     go to ``stats`` (None for every other layer)."""
     if getattr(layer, "uses_batch_statistics", False):
-        mean, var = layer.batch_statistics(h)
-        layer.update_running(mean, var, h.shape[0])
-        stats.append((mean, var))
-        return layer.forward_with(h, mean, var)
+        y, log_det, batch = layer.forward_batch(h)
+        stats.append(batch)
+        return y, log_det
     stats.append(None)
     return layer(h)
 

@@ -505,7 +505,7 @@ class FastRealNVP(FlowBase):
         forms = self._interleaved_forms(plan)
         if inverse:
             x, log_det = h, None
-            views = forms.views(forms.tensors) if forms is not None else None
+            views = forms.layer_views() if forms is not None else None
             for i in reversed(range(self.num_layers)):
                 x, ld = self._layer(i, x, plan.layers[i], inverse=True, e=e)
                 log_det = ld if log_det is None else log_det + ld
@@ -513,9 +513,7 @@ class FastRealNVP(FlowBase):
                     x = interleaved.inverse_step(forms, i, x, views[i])
                 else:
                     x, log_det = self._pre_inverse(i, x, log_det)
-            if forms is not None and forms.log_det is not None:
-                log_det = log_det + forms.log_det
-            return x, log_det
+            return x, log_det if forms is None else forms.add_log_det(log_det)
         tables = self._knot_tables_for_training(plan)
         if tables:
             with self._knot_cache.prebuilt(tables):
@@ -547,7 +545,7 @@ class FastRealNVP(FlowBase):
         gradient), else they run as modules."""
         z = x
         log_det = None
-        views = forms.views(forms.tensors) if forms is not None else None
+        views = forms.layer_views() if forms is not None else None
         stats: list = []
         for i in range(self.num_layers):
             if forms is not None:
@@ -556,11 +554,10 @@ class FastRealNVP(FlowBase):
                 z, log_det = self._pre_forward(i, z, log_det)
             z, ld = self._layer(i, z, plan.layers[i], inverse=False, e=e)
             log_det = ld if log_det is None else log_det + ld
-        if forms is not None:
-            interleaved.finish_batch_stats(forms, stats, x.shape[0], log_det, update=True)
-            if forms.log_det is not None:
-                log_det = log_det + forms.log_det
-        return z, log_det
+        if forms is None:
+            return z, log_det
+        interleaved.finish_batch_stats(forms, stats, x.shape[0], log_det)
+        return z, forms.add_log_det(log_det)
 
     def _knot_tables_for_training(self, plan: plan_mod.Plan) -> dict:
         """Under autograd, the knot tables of every layer the plan runs in the knot form,

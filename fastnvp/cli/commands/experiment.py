@@ -26,6 +26,11 @@ HELP = (
 STUDIES = ("depth", "digits", "norm-depth")
 #: Default report directory of each study (the depth study writes next to its runs).
 REPORT_DIRS = {"digits": "docs/digits", "norm-depth": "docs/digits"}
+#: study -> (module, config class, run function); each module also has markdown and write_docs.
+STUDY_MODULES = {
+    "digits": ("fastnvp.analysis.digits_study", "DigitsStudyConfig", "run_digits_study"),
+    "norm-depth": ("fastnvp.analysis.norm_depth", "NormDepthConfig", "run_norm_depth_study"),
+}
 
 # Sized for two CPU cores (see docs/experiment.md); the seed's full size is --hidden 256.
 DEFAULTS = {"hidden": 64, "steps": 2000, "batch": 512, "lr": 2e-3, "threads": 1}
@@ -79,37 +84,29 @@ def _default_report_dir(study: str, quick: bool) -> str:
     return f"runs/{study}-quick" if quick else REPORT_DIRS[study]
 
 
+def _run_study(args: argparse.Namespace) -> int:
+    """``digits`` / ``norm-depth``: run, write the report, refresh the pages' generated sections
+    for the committed run (default folder, not ``--quick``), print the table."""
+    import importlib
+
+    module_name, config_name, run_name = STUDY_MODULES[args.study]
+    study = importlib.import_module(module_name)
+    config_class = getattr(study, config_name)
+    config = config_class.quick() if args.quick else config_class()
+    report_dir = args.report_dir or _default_report_dir(args.study, args.quick)
+    summary = getattr(study, run_name)(report_dir, config, progress=not args.no_progress)
+    if args.report_dir is None and not args.quick:
+        study.write_docs(summary)
+    print()
+    print(study.markdown(summary), end="")
+    print(f"table, figures and JSON: {report_dir}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     set_threads(args)
-    if args.study == "digits":
-        from fastnvp.analysis.digits_study import DigitsStudyConfig, run_digits_study
-
-        config = DigitsStudyConfig.quick() if args.quick else DigitsStudyConfig()
-        report_dir = args.report_dir or _default_report_dir("digits", args.quick)
-        summary = run_digits_study(report_dir, config, progress=not args.no_progress)
-        if args.report_dir is None and not args.quick:  # the committed run: refresh the pages
-            from fastnvp.analysis.digits_study import write_docs
-
-            for path in write_docs(summary):
-                print(f"updated {path}")
-        print()
-        print(summary["table"], end="")
-        print(f"table and figures: {report_dir}/results.md, results.json, *.png")
-        return 0
-    if args.study == "norm-depth":
-        from fastnvp.analysis.norm_depth import NormDepthConfig, run_norm_depth_study
-
-        config = NormDepthConfig.quick() if args.quick else NormDepthConfig()
-        report_dir = args.report_dir or _default_report_dir("norm-depth", args.quick)
-        summary = run_norm_depth_study(report_dir, config, progress=not args.no_progress)
-        if args.report_dir is None and not args.quick:
-            from fastnvp.analysis.norm_depth import write_docs
-
-            write_docs(summary)
-        from pathlib import Path
-
-        print((Path(report_dir) / "norm_depth.md").read_text(), end="")
-        return 0
+    if args.study in STUDY_MODULES:
+        return _run_study(args)
     from fastnvp.analysis.experiment import run_depth_study
 
     base = config_from_args(args, layers=1)

@@ -262,7 +262,7 @@ def forward_no_grad(
     log_det = x.new_zeros(x.shape[0])
     ws1, ws2 = _workspaces(x, packed)
     kept, trans = packed.kept_rows, packed.trans_rows
-    views = inter.views(inter.tensors) if inter is not None else None
+    views = inter.layer_views() if inter is not None else None
     stats: list = []
     on = _profiling()
     for i in range(packed.num_layers):
@@ -275,7 +275,7 @@ def forward_no_grad(
             z2 = torch.addcmul(t, z.index_select(1, trans[i]), s.exp())
             z.index_copy_(1, trans[i], z2)
             log_det.add_(s.sum(1))
-    interleaved.finish_batch_stats(inter, stats, x.shape[0], log_det, update=True)
+    interleaved.finish_batch_stats(inter, stats, x.shape[0], log_det)
     return z, log_det
 
 
@@ -290,7 +290,7 @@ def inverse_no_grad(
     log_det = z.new_zeros(z.shape[0])
     ws1, ws2 = _workspaces(z, packed)
     kept, trans = packed.kept_rows, packed.trans_rows
-    views = inter.views(inter.tensors) if inter is not None else None
+    views = inter.layer_views() if inter is not None else None
     on = _profiling()
     for i in reversed(range(packed.num_layers)):
         with _mark(on, i, "inverse"):
@@ -457,7 +457,7 @@ class _GemmStack(torch.autograd.Function):
                     saved.append((x1, x2, h1, h2, s))
                 z = z.index_copy(1, trans_i[i], torch.addcmul(t, x2, s.exp()))
                 log_det.add_(s.sum(1))
-        interleaved.finish_batch_stats(inter, batch_stats, x.shape[0], log_det, update=True)
+        interleaved.finish_batch_stats(inter, batch_stats, x.shape[0], log_det)
         if memory != "invertible":
             batch_stats = []  # only the invertible walk inverts with them
         ctx.model = model
@@ -631,9 +631,7 @@ def run_forward(
         extra = inter.tensors if inter is not None else []
         setup = (kept, trans, slope, memory, anchor_every, tolerance, inter)
         z, log_det = _GemmStack.apply(model, setup, x, e, *params, *extra)
-    if inter is not None and inter.log_det is not None:
-        log_det = log_det + inter.log_det.to(log_det.dtype)
-    return z, log_det
+    return z, log_det if inter is None else inter.add_log_det(log_det)
 
 
 def run_inverse(
@@ -643,9 +641,7 @@ def run_inverse(
     with torch.no_grad():
         inter = interleaved.prepare(model, "g", batch_stats=False)
         x, log_det = inverse_no_grad(cached_pack(model, kept, trans, slope), z, e, inter)
-        if inter is not None and inter.log_det is not None:
-            log_det = log_det + inter.log_det.to(log_det.dtype)
-        return x, log_det
+        return x, log_det if inter is None else inter.add_log_det(log_det)
 
 
 def cached_pack(model, kept: Tensor, trans: Tensor, slope: float) -> Packed:
