@@ -62,6 +62,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from fastnvp.engine import interleaved
+from fastnvp.engine.cpu.columns import Columns, split_columns
 from fastnvp.engine.invertible import (
     ReconstructionError,
     ReconstructionReport,
@@ -74,6 +75,7 @@ from fastnvp.engine.invertible import (
 PARAMS_PER_LAYER = 12
 
 _lrelu_backward = torch.ops.aten.leaky_relu_backward
+_tanh_backward = torch.ops.aten.tanh_backward
 
 _NO_RANGE = contextlib.nullcontext()
 
@@ -92,10 +94,13 @@ def _mark(on: bool, i: int, kind: str):
 def layer_parameters(model) -> list[Tensor]:
     """The 12 L parameters of a standard-conditioner flow, layer by layer (S then T)."""
     params: list[Tensor] = []
-    for i in range(model.num_layers):
-        for net in (model.s[i], model.t[i]):
-            params += [net[0].weight, net[0].bias, net[2].weight, net[2].bias]
-            params += [net[4].weight, net[4].bias]
+    for pair in zip(model.s, model.t, strict=True):
+        for net in pair:
+            # Positional (Linear, act, Linear, act, Linear, ...), as the plan matched them; read
+            # from the module dict once per call (indexing a Sequential costs 3x more).
+            first, _, second, _, third, *_ = net._modules.values()
+            params += [first.weight, first.bias, second.weight, second.bias]
+            params += [third.weight, third.bias]
     return params
 
 
@@ -133,8 +138,8 @@ class Packed:
     trans: Tensor
     slope: float
     layers: list[LayerViews]
-    kept_rows: tuple[Tensor, ...]  # kept.unbind(0): (K1,) per layer
-    trans_rows: tuple[Tensor, ...]
+    kept_cols: tuple[Columns, ...]  # per layer: the kept half's columns (a view for a range)
+    trans_cols: tuple[Columns, ...]
     inputs: Tensor  # (L, K1 + E): W1's packed columns, the kept ones then the context ones
     in_features: int  # D + E, the full width of W1
 
@@ -209,8 +214,8 @@ def pack(params: list[Tensor], kept: Tensor, trans: Tensor, slope: float) -> Pac
         trans=trans,
         slope=slope,
         layers=layers,
-        kept_rows=kept.unbind(0),
-        trans_rows=trans.unbind(0),
+        kept_cols=split_columns(kept),
+        trans_cols=split_columns(trans),
         inputs=inputs,
         in_features=in_features,
     )
@@ -261,7 +266,7 @@ def forward_no_grad(
     z = x.clone()
     log_det = x.new_zeros(x.shape[0])
     ws1, ws2 = _workspaces(x, packed)
-    kept, trans = packed.kept_rows, packed.trans_rows
+    kept, trans = packed.kept_cols, packed.trans_cols
     views = inter.layer_views() if inter is not None else None
     stats: list = []
     on = _profiling()
@@ -270,10 +275,9 @@ def forward_no_grad(
             if inter is not None:
                 z = interleaved.forward_step(inter, i, z, views[i], None, stats)
             with _mark(on, i, "conditioner"):
-                x_in = _first_input(z.index_select(1, kept[i]), e)
+                x_in = _first_input(kept[i].take(z), e)
                 _, _, s, t = _nets(packed, i, x_in, ws1, ws2)
-            z2 = torch.addcmul(t, z.index_select(1, trans[i]), s.exp())
-            z.index_copy_(1, trans[i], z2)
+            trans[i].put_(z, torch.addcmul(t, trans[i].take(z), s.exp()))
             log_det.add_(s.sum(1))
     interleaved.finish_batch_stats(inter, stats, x.shape[0], log_det)
     return z, log_det
@@ -289,16 +293,15 @@ def inverse_no_grad(
     x = z.clone()
     log_det = z.new_zeros(z.shape[0])
     ws1, ws2 = _workspaces(z, packed)
-    kept, trans = packed.kept_rows, packed.trans_rows
+    kept, trans = packed.kept_cols, packed.trans_cols
     views = inter.layer_views() if inter is not None else None
     on = _profiling()
     for i in reversed(range(packed.num_layers)):
         with _mark(on, i, "inverse"):
-            x_in = _first_input(x.index_select(1, kept[i]), e)
+            x_in = _first_input(kept[i].take(x), e)
             _, _, s, t = _nets(packed, i, x_in, ws1, ws2)
             log_det.sub_(s.sum(dim=1))
-            x2 = (x.index_select(1, trans[i]) - t).mul_(s.neg_().exp_())
-            x.index_copy_(1, trans[i], x2)
+            trans[i].put_(x, (trans[i].take(x) - t).mul_(s.neg_().exp_()))
             if inter is not None:
                 x = interleaved.inverse_step(inter, i, x, views[i])
     return x, log_det
@@ -338,12 +341,10 @@ class _Grads:
         w3.scatter_(2, packed.trans[:, None, :, None].expand(num_layers, 2, k2, hidden), self.w3)
         b3 = self.b3.new_zeros((num_layers, 2, dim))
         b3.scatter_(2, packed.trans[:, None, :].expand(num_layers, 2, k2), self.b3[:, :, 0])
-        b1, w2, b2 = self.b1[:, :, 0], self.w2, self.b2
-        out: list[Tensor] = []
-        for i in range(num_layers):
-            for j in range(2):
-                out += [w1[i, j], b1[i, j], w2[i, j], b2[i, j], w3[i, j], b3[i, j]]
-        return out
+        # (L, 2, ...) -> 2 L views each, in (layer, net) order, then interleaved by kind.
+        kinds = (w1, self.b1[:, :, 0], self.w2, self.b2, w3, b3)
+        per_kind = [kind.flatten(0, 1).unbind(0) for kind in kinds]
+        return [g for net in zip(*per_kind) for g in net]
 
 
 def _layer_backward(packed, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2, GE=None):
@@ -354,13 +355,18 @@ def _layer_backward(packed, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2, GE=Non
     :class:`_Grads` or None; gh1, gh2 (2, N, H) workspaces; ``GE`` (N, E): the context gradient
     accumulated over layers, added to in place (None when unconditional).
     """
-    kept, trans = packed.kept_rows[i], packed.trans_rows[i]
+    kept, trans = packed.kept_cols[i], packed.trans_cols[i]
     slope = packed.slope
-    g2 = G.index_select(1, trans)
     e = s.exp()
-    go = torch.empty((2, *g2.shape), dtype=G.dtype, device=G.device)
-    torch.mul(g2, x2, out=go[0]).mul_(e).add_(gl[:, None]).mul_(1 - s * s)
-    go[1].copy_(g2)
+    # go = (gs * (1 - s^2), g2) (2, N, K2); g2, the upstream gradient of z2, is read into go[1].
+    go = G.new_empty((2, G.shape[0], trans.index.shape[0]))
+    g2 = go[1]
+    if trans.start is None:
+        torch.index_select(G, 1, trans.index, out=g2)
+    else:
+        g2.copy_(trans.take(G))
+    torch.mul(g2, x2, out=go[0]).mul_(e).add_(gl[:, None])
+    _tanh_backward.grad_input(go[0], s, grad_input=go[0])  # d tanh: (1 - s^2)
     v = packed.layers[i]
     gh1_s, gh1_t = gh1.unbind(0)
     gh2_s, gh2_t = gh2.unbind(0)
@@ -379,16 +385,20 @@ def _layer_backward(packed, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2, GE=Non
         torch.sum(gh2, 1, out=b2)
         torch.bmm(gh1.transpose(1, 2), x1.expand(2, *x1.shape), out=w1)
         torch.sum(gh1, 1, keepdim=True, out=b1)
-    if GE is None:
-        gx1 = G.index_select(1, kept)
-        gx1.addmm_(gh1_s, v.w1[0]).addmm_(gh1_t, v.w1[1])
+    # gx1 = g1 + sum_P ga1_P W1_P (module doc); G's halves are rewritten in place.
+    if GE is None and kept.start is not None:  # straight into G's kept columns (a view)
+        kept.take(G).addmm_(gh1_s, v.w1[0]).addmm_(gh1_t, v.w1[1])
     else:
         g_in = torch.mm(gh1_s, v.w1[0]).addmm_(gh1_t, v.w1[1])  # (N, K1 + E)
-        k1 = kept.shape[0]
-        gx1 = G.index_select(1, kept).add_(g_in[:, :k1])
-        GE.add_(g_in[:, k1:])
-    G.index_copy_(1, trans, g2.mul_(e))
-    G.index_copy_(1, kept, gx1)
+        if GE is not None:
+            k1 = kept.index.shape[0]
+            GE.add_(g_in[:, k1:])
+            g_in = g_in[:, :k1]
+        if kept.start is None:
+            G.index_add_(1, kept.index, g_in)
+        else:
+            kept.take(G).add_(g_in)
+    trans.put_(G, g2.mul_(e))
 
 
 def _check_unmodified(params, versions) -> None:
@@ -422,7 +432,7 @@ class _GemmStack(torch.autograd.Function):
         views = inter.views(extra) if inter is not None else None
         pre_saved: list[list] = []
         batch_stats: list[tuple[Tensor, Tensor]] = []
-        kept_i, trans_i = packed.kept_rows, packed.trans_rows
+        kept_i, trans_i = packed.kept_cols, packed.trans_cols
         num_layers = packed.num_layers
         z = x
         log_det = x.new_zeros(x.shape[0])
@@ -446,8 +456,9 @@ class _GemmStack(torch.autograd.Function):
                     )
                     if kept_for_backward is not None:
                         pre_saved.append(kept_for_backward)
-                x1 = _first_input(z.index_select(1, kept_i[i]), e)
-                x2 = z.index_select(1, trans_i[i])
+                # Views of z for range halves: z is never written in place here.
+                x1 = _first_input(kept_i[i].take(z), e)
+                x2 = trans_i[i].take(z)
                 with _mark(on, i, "conditioner"):
                     if memory == "invertible":
                         _, _, s, t = _nets(packed, i, x1, ws1, ws2)
@@ -455,7 +466,7 @@ class _GemmStack(torch.autograd.Function):
                         h1, h2, s, t = _nets(packed, i, x1)
                 if memory != "invertible":
                     saved.append((x1, x2, h1, h2, s))
-                z = z.index_copy(1, trans_i[i], torch.addcmul(t, x2, s.exp()))
+                z = trans_i[i].replaced(z, torch.addcmul(t, x2, s.exp()), kept_i[i])
                 log_det.add_(s.sum(1))
         interleaved.finish_batch_stats(inter, batch_stats, x.shape[0], log_det)
         if memory != "invertible":
@@ -547,7 +558,7 @@ def _invertible_walk(
     returns the gradient of the stack input. Each step inverts its coupling, then its
     interleaved layers (``ctx.inter``; a ``batchnorm`` step with the statistics its forward
     kept)."""
-    kept, trans = packed.kept_rows, packed.trans_rows
+    kept, trans = packed.kept_cols, packed.trans_cols
     inter, views = ctx.inter, ctx.inter_views
     stored = dict(zip(ctx.anchor_layers, anchors))
     ws1, ws2 = _workspaces(z, packed)
@@ -557,13 +568,14 @@ def _invertible_walk(
     on = _profiling()
     for i in reversed(range(packed.num_layers)):
         with _mark(on, i, "inverse"):
-            x1 = _first_input(h.index_select(1, kept[i]), e)
-            z2 = h.index_select(1, trans[i])
+            # Copies, not views: h is rewritten in place below.
+            x1 = _first_input(h.index_select(1, kept[i].index), e)
+            z2 = h.index_select(1, trans[i].index)
             h1, h2, s, t = _nets(packed, i, x1, ws1, ws2)
             x2 = (z2 - t).mul_(torch.exp(-s))
             # Round trip of the transformed half: f(g(z)) against z.
             errors.append(_relative_error(torch.addcmul(t, x2, s.exp()), z2))
-            h.index_copy_(1, trans[i], x2)  # h: the coupling's input
+            trans[i].put_(h, x2)  # h: the coupling's input
             pre_saved: list = []
             bn_stats = stats[i] if inter is not None and inter.norm == "batchnorm" else None
             if inter is not None:
@@ -576,9 +588,9 @@ def _invertible_walk(
                     coupling_in = interleaved.forward_step(
                         inter, i, h, views[i], pre_saved, bn_stats
                     )
-                    x2 = coupling_in.index_select(1, trans[i])
+                    x2 = coupling_in.index_select(1, trans[i].index)
                 else:
-                    x2 = h.index_select(1, trans[i])
+                    x2 = h.index_select(1, trans[i].index)
         with _mark(on, i, "backward"):
             _layer_backward(packed, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2, GE)
             if inter is not None:

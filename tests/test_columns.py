@@ -1,0 +1,117 @@
+"""Split halves as column ranges (fastnvp.engine.cpu.columns) and the GEMM stack on both forms.
+
+A half whose columns form a range is taken as a view and written in place; any other half
+keeps the index ops. Both must give the float64 reference's values and gradients, also in one
+flow that mixes the two forms, with a context and in both memory modes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastnvp.core.conditioner import standard_net
+from fastnvp.core.reference import RealNVP
+from fastnvp.engine.cpu.columns import Columns, split_columns
+from fastnvp.flows.fast_realnvp import FastRealNVP
+
+NAN = float("nan")
+
+
+def test_split_columns_finds_ranges_only():
+    index = torch.tensor([[0, 1, 2], [2, 3, 4], [0, 2, 4], [4, 3, 2], [1, 2, 4]])
+    assert [c.start for c in split_columns(index)] == [0, 2, None, None, None]
+    for row, cols in zip(index, split_columns(index), strict=True):
+        assert torch.equal(cols.index, row)
+
+
+@pytest.mark.parametrize("index", [[1, 2], [0, 3], [3, 4], [0, 1]])
+def test_columns_match_the_index_ops(index):
+    dim = 5
+    h = torch.randn(6, dim, dtype=torch.float64)
+    values = torch.randn(6, len(index), dtype=torch.float64)
+    idx = torch.tensor(index)
+    rest = torch.tensor([j for j in range(dim) if j not in index])
+    (cols,) = split_columns(idx[None])
+    (other,) = split_columns(rest[None])
+    assert torch.equal(cols.take(h), h.index_select(1, idx))
+    assert torch.equal(cols.replaced(h, values, other), h.index_copy(1, idx, values))
+    target = torch.full_like(h, NAN)
+    target.copy_(h)
+    assert cols.put_(target, values) is target
+    assert torch.equal(target, h.index_copy(1, idx, values))
+    # the gathered form on the same columns gives the same results
+    gathered = Columns(idx, None)
+    assert torch.equal(gathered.take(h), cols.take(h))
+    assert torch.equal(gathered.replaced(h, values, other), cols.replaced(h, values, other))
+
+
+# Two kept features per layer: a range at the start, interleaved, a range at the end (whose
+# transformed half starts at column 0), and the reverse of the first.
+MIXED_MASKS = torch.tensor(
+    [[1.0, 1, 0, 0, 0], [0, 1, 0, 1, 0], [0, 0, 0, 1, 1], [0, 0, 1, 1, 0], [1, 0, 0, 0, 1]]
+)
+
+
+def _twins(context):
+    torch.manual_seed(3)
+    dim, hidden = MIXED_MASKS.shape[1], 8
+    width = context or 0
+
+    def nets():
+        return standard_net(dim, hidden, tanh=True, context=width)
+
+    def nett():
+        return standard_net(dim, hidden, tanh=False, context=width)
+
+    ref = RealNVP(nets, nett, MIXED_MASKS, context=context).double()
+    return ref, FastRealNVP.from_reference(ref)
+
+
+@pytest.mark.parametrize("memory", ["standard", "invertible"])
+@pytest.mark.parametrize("context", [None, 3])
+def test_gemm_stack_on_mixed_halves_matches_float64_reference(memory, context, one_thread):
+    ref, fast = _twins(context)
+    fast.memory = memory
+    fast.anchor_every = 2
+    rows = 9
+    x = torch.randn(rows, 5, dtype=torch.float64, requires_grad=True)
+    c = None if context is None else torch.randn(rows, context, dtype=torch.float64)
+    given = {} if c is None else {"context": c}
+    assert fast.explain(x, **given).stack == "cpu_gemm_stack"
+    w = torch.randn(rows, 5, dtype=torch.float64)
+    v = torch.randn(rows, dtype=torch.float64)
+    results = []
+    for model in (ref, fast):
+        xx = x.detach().clone().requires_grad_()
+        inputs = [xx, *model.parameters()]
+        kw = {}
+        if c is not None:
+            cc = c.clone().requires_grad_()
+            inputs.append(cc)
+            kw = {"context": cc}
+        z, ld = model.f(xx, **kw)
+        grads = torch.autograd.grad((z * w).sum() + (ld * v).sum(), inputs)
+        results.append((z, ld, grads))
+    (z_ref, ld_ref, g_ref), (z, ld, g) = results
+    torch.testing.assert_close(z, z_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ld, ld_ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(g, g_ref, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.f(x, **given)[0], z_ref, rtol=1e-12, atol=1e-12)
+        x_back, ld_back = fast.inverse(z_ref, **given)
+        torch.testing.assert_close(x_back, x.detach(), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ld_back, -ld_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_gemm_stack_does_not_write_into_its_input(one_thread):
+    _, fast = _twins(None)
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    before = x.detach().clone()
+    fast.log_prob(x).sum().backward()
+    with torch.no_grad():
+        fast.f(x)
+        fast.g(x)
+    assert torch.equal(x.detach(), before)
