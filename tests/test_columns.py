@@ -1,8 +1,9 @@
 """Split halves as column ranges (fastnvp.engine.cpu.columns) and the GEMM stack on both forms.
 
 A half whose columns form a range is taken as a view and written in place; any other half
-keeps the index ops. Both must give the float64 reference's values and gradients, also in one
-flow that mixes the two forms, with a context and in both memory modes.
+keeps the index ops; a stack that alternates two halves (the checkerboard masks of
+``standard()``) runs on reordered columns. All must give the float64 reference's values and
+gradients, with a context and in both memory modes.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import pytest
 import torch
 
 from fastnvp.core.conditioner import standard_net
+from fastnvp.core.masks import alternating_masks
 from fastnvp.core.reference import RealNVP
-from fastnvp.engine.cpu.columns import Columns, split_columns
+from fastnvp.engine.cpu.columns import Columns, split_columns, stack_layout
 from fastnvp.flows.fast_realnvp import FastRealNVP
 
 NAN = float("nan")
@@ -53,9 +55,41 @@ MIXED_MASKS = torch.tensor(
 )
 
 
-def _twins(context):
+def _halves(masks):
+    order = torch.argsort(1 - masks, dim=1, stable=True)
+    k1 = int(masks[0].sum())
+    return order[:, :k1].contiguous(), order[:, k1:].contiguous()
+
+
+def test_stack_layout_reorders_alternating_halves():
+    kept, trans = _halves(alternating_masks(6, 3))
+    layout = stack_layout(kept, trans)
+    assert layout.order.tolist() == [1, 3, 5, 0, 2, 4]
+    assert [c.start for c in layout.kept] == [0, 3, 0]
+    assert [c.start for c in layout.trans] == [3, 0, 3]
+    x = torch.randn(4, 6)
+    state = layout.enter(x)
+    for i in range(3):  # each half of the reordered state is the layer's own columns
+        assert torch.equal(layout.kept[i].take(state), x.index_select(1, kept[i]))
+        assert torch.equal(layout.trans[i].take(state), x.index_select(1, trans[i]))
+    assert torch.equal(layout.leave(state), x)
+    plain = stack_layout(kept, trans, reorder=False)
+    assert plain.order is None and all(c.start is None for c in plain.kept)
+
+
+def test_stack_layout_keeps_feature_order_for_other_masks():
+    layout = stack_layout(*_halves(MIXED_MASKS))
+    assert layout.order is None and layout.restore is None
+    assert [c.start for c in layout.kept] == [0, None, 3, 2, None]
+    x = torch.randn(3, 5)
+    state = layout.enter(x)
+    assert torch.equal(state, x) and state is not x
+    assert layout.leave(state) is state
+
+
+def _twins(context, masks=MIXED_MASKS):
     torch.manual_seed(3)
-    dim, hidden = MIXED_MASKS.shape[1], 8
+    dim, hidden = masks.shape[1], 8
     width = context or 0
 
     def nets():
@@ -64,22 +98,24 @@ def _twins(context):
     def nett():
         return standard_net(dim, hidden, tanh=False, context=width)
 
-    ref = RealNVP(nets, nett, MIXED_MASKS, context=context).double()
+    ref = RealNVP(nets, nett, masks, context=context).double()
     return ref, FastRealNVP.from_reference(ref)
 
 
+@pytest.mark.parametrize("masks", ["mixed", "checkerboard"])
 @pytest.mark.parametrize("memory", ["standard", "invertible"])
 @pytest.mark.parametrize("context", [None, 3])
-def test_gemm_stack_on_mixed_halves_matches_float64_reference(memory, context, one_thread):
-    ref, fast = _twins(context)
+def test_gemm_stack_matches_float64_reference(masks, memory, context, one_thread):
+    ref, fast = _twins(context, MIXED_MASKS if masks == "mixed" else alternating_masks(6, 4))
+    dim = ref.dim
     fast.memory = memory
     fast.anchor_every = 2
     rows = 9
-    x = torch.randn(rows, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(rows, dim, dtype=torch.float64, requires_grad=True)
     c = None if context is None else torch.randn(rows, context, dtype=torch.float64)
     given = {} if c is None else {"context": c}
     assert fast.explain(x, **given).stack == "cpu_gemm_stack"
-    w = torch.randn(rows, 5, dtype=torch.float64)
+    w = torch.randn(rows, dim, dtype=torch.float64)
     v = torch.randn(rows, dtype=torch.float64)
     results = []
     for model in (ref, fast):
@@ -106,9 +142,10 @@ def test_gemm_stack_on_mixed_halves_matches_float64_reference(memory, context, o
         torch.testing.assert_close(ld_back, -ld_ref, rtol=1e-10, atol=1e-10)
 
 
-def test_gemm_stack_does_not_write_into_its_input(one_thread):
-    _, fast = _twins(None)
-    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("masks", ["mixed", "checkerboard"])
+def test_gemm_stack_does_not_write_into_its_input(masks, one_thread):
+    _, fast = _twins(None, MIXED_MASKS if masks == "mixed" else alternating_masks(6, 4))
+    x = torch.randn(4, fast.dim, dtype=torch.float64, requires_grad=True)
     before = x.detach().clone()
     fast.log_prob(x).sum().backward()
     with torch.no_grad():

@@ -1,13 +1,17 @@
 """The columns of one split half: a strided view where they form a range, else index ops.
 
 docs/design.md §3.2. A layer's mask splits the D features into the kept half and the
-transformed half. The masks of ``standard()`` keep a contiguous block (the first ⌈D/2⌉ features
-or the rest), so both halves are ranges of columns. Taking a range is a view (no copy), writing
-it back is a copy into that view, and the new (N, D) state of the autograd forward is one
-``cat`` of the two halves. ``index_select`` / ``index_copy`` gather and scatter instead, which
-costs 3-5x more from B = 4096 on (measured at 4096 x 16 on two cores: ``index_copy`` 76 µs
-against 25 µs for ``cat``, 55 µs against 10 µs written in place). Other masks keep the index
-ops; both forms give the same values.
+transformed half. Where a half is a range of columns, taking it is a view (no copy), writing it
+back is a copy into that view, and the new (N, D) state of the autograd forward is one ``cat``
+of the two halves. ``index_select`` / ``index_copy`` gather and scatter instead, which costs
+3-5x more from B = 4096 on (measured at 4096 x 16 on two cores: ``index_copy`` 76 µs against
+25 µs for ``cat``, 55 µs against 10 µs written in place).
+
+Most stacks alternate two complementary halves A and B: the checkerboard masks of
+``standard()`` (A the odd features, B the even ones) and the half masks used with a mixing
+layer. :func:`stack_layout` finds such a stack and gives the column order ``A + B``: a walk
+that reorders its state once on entry (and back once on exit) sees every half as a range.
+Other masks keep the index ops; both forms give the same values.
 
 A view aliases the tensor it was taken from: callers write a state in place only after they
 are done with the views of the half they overwrite (the halves never overlap).
@@ -67,3 +71,48 @@ def _range_start(row: list[int]) -> int | None:
     if row and row == list(range(row[0], row[0] + len(row))):
         return row[0]
     return None
+
+
+class StackLayout(NamedTuple):
+    """The column order of a walk over a whole stack, and each layer's halves in that order.
+
+    ``order`` (D,) int64: the walk's state is ``x[:, order]``, or None when it is the
+    features' own order; ``restore`` (D,) its inverse (``state[:, restore]`` gives features
+    back). ``kept`` / ``trans``: one :class:`Columns` per layer, indexing the reordered state.
+    """
+
+    order: Tensor | None
+    restore: Tensor | None
+    kept: tuple[Columns, ...]
+    trans: tuple[Columns, ...]
+
+    def enter(self, x: Tensor) -> Tensor:
+        """x (N, D) in feature order -> the walk's state (a copy)."""
+        return x.clone() if self.order is None else x.index_select(1, self.order)
+
+    def leave(self, h: Tensor) -> Tensor:
+        """The walk's state (N, D) -> feature order (h itself when no reordering)."""
+        return h if self.restore is None else h.index_select(1, self.restore)
+
+
+def stack_layout(kept: Tensor, trans: Tensor, reorder: bool = True) -> StackLayout:
+    """kept (L, K1), trans (L, K2) int64, increasing within each row -> the walk's layout.
+
+    When every layer keeps A and transforms B, or keeps B and transforms A (A and B the
+    halves of layer 0), and ``reorder``, the walk runs on the columns in the order A + B,
+    where both are ranges; else in feature order, with each half a range where it is one.
+    """
+    if not reorder:
+        return StackLayout(None, None, split_columns(kept), split_columns(trans))
+    kept_rows, trans_rows = kept.tolist(), trans.tolist()
+    a, b = kept_rows[0], trans_rows[0]
+    two_halves = all(
+        (k == a and t == b) or (k == b and t == a)
+        for k, t in zip(kept_rows, trans_rows, strict=True)
+    )
+    order_list = a + b
+    if not two_halves or order_list == list(range(len(order_list))):
+        return StackLayout(None, None, split_columns(kept), split_columns(trans))
+    order = torch.tensor(order_list, dtype=kept.dtype, device=kept.device)
+    restore = torch.argsort(order)
+    return StackLayout(order, restore, split_columns(restore[kept]), split_columns(restore[trans]))

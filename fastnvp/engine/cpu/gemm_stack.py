@@ -62,7 +62,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from fastnvp.engine import interleaved
-from fastnvp.engine.cpu.columns import Columns, split_columns
+from fastnvp.engine.cpu.columns import StackLayout, stack_layout
 from fastnvp.engine.invertible import (
     ReconstructionError,
     ReconstructionReport,
@@ -138,14 +138,18 @@ class Packed:
     trans: Tensor
     slope: float
     layers: list[LayerViews]
-    kept_cols: tuple[Columns, ...]  # per layer: the kept half's columns (a view for a range)
-    trans_cols: tuple[Columns, ...]
+    layout: StackLayout  # the walk's column order, each half a range where it can be
+    plain: StackLayout  # feature order: for walks with interleaved layers, which index features
     inputs: Tensor  # (L, K1 + E): W1's packed columns, the kept ones then the context ones
     in_features: int  # D + E, the full width of W1
 
     @property
     def num_layers(self) -> int:
         return self.w1.shape[0]
+
+    def walk_layout(self, inter) -> StackLayout:
+        """The layout of a walk: reordered columns, unless interleaved layers run in it."""
+        return self.plain if inter is not None else self.layout
 
     @property
     def hidden(self) -> int:
@@ -214,8 +218,8 @@ def pack(params: list[Tensor], kept: Tensor, trans: Tensor, slope: float) -> Pac
         trans=trans,
         slope=slope,
         layers=layers,
-        kept_cols=split_columns(kept),
-        trans_cols=split_columns(trans),
+        layout=stack_layout(kept, trans),
+        plain=stack_layout(kept, trans, reorder=False),
         inputs=inputs,
         in_features=in_features,
     )
@@ -263,10 +267,11 @@ def forward_no_grad(
     ``inter``: the call's :class:`~fastnvp.engine.interleaved.Interleave` or None; its
     parameter-only log-det is the caller's to add.
     """
-    z = x.clone()
+    layout = packed.walk_layout(inter)
+    z = layout.enter(x)
     log_det = x.new_zeros(x.shape[0])
     ws1, ws2 = _workspaces(x, packed)
-    kept, trans = packed.kept_cols, packed.trans_cols
+    kept, trans = layout.kept, layout.trans
     views = inter.layer_views() if inter is not None else None
     stats: list = []
     on = _profiling()
@@ -280,7 +285,7 @@ def forward_no_grad(
             trans[i].put_(z, torch.addcmul(t, trans[i].take(z), s.exp()))
             log_det.add_(s.sum(1))
     interleaved.finish_batch_stats(inter, stats, x.shape[0], log_det)
-    return z, log_det
+    return layout.leave(z), log_det
 
 
 def inverse_no_grad(
@@ -290,10 +295,11 @@ def inverse_no_grad(
 
     ``inter``: as for :func:`forward_no_grad` (prepared for ``g``: no batch statistics).
     """
-    x = z.clone()
+    layout = packed.walk_layout(inter)
+    x = layout.enter(z)
     log_det = z.new_zeros(z.shape[0])
     ws1, ws2 = _workspaces(z, packed)
-    kept, trans = packed.kept_cols, packed.trans_cols
+    kept, trans = layout.kept, layout.trans
     views = inter.layer_views() if inter is not None else None
     on = _profiling()
     for i in reversed(range(packed.num_layers)):
@@ -304,7 +310,7 @@ def inverse_no_grad(
             trans[i].put_(x, (trans[i].take(x) - t).mul_(s.neg_().exp_()))
             if inter is not None:
                 x = interleaved.inverse_step(inter, i, x, views[i])
-    return x, log_det
+    return layout.leave(x), log_det
 
 
 class _Grads:
@@ -347,15 +353,17 @@ class _Grads:
         return [g for net in zip(*per_kind) for g in net]
 
 
-def _layer_backward(packed, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2, GE=None):
+def _layer_backward(packed, layout, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2, GE=None):
     """Backprop layer ``i``: ``G`` (N, D) becomes the gradient of the layer input, in place.
+
+    ``layout``: the walk's :class:`StackLayout` (G's columns are in its order).
 
     x1 (N, K1 + E): the first Linear's input (the kept half, then the context); x2 (N, K2): the
     transformed half; h1, h2 (2, N, H) and s (N, K2) its activations; ``grads`` a
     :class:`_Grads` or None; gh1, gh2 (2, N, H) workspaces; ``GE`` (N, E): the context gradient
     accumulated over layers, added to in place (None when unconditional).
     """
-    kept, trans = packed.kept_cols[i], packed.trans_cols[i]
+    kept, trans = layout.kept[i], layout.trans[i]
     slope = packed.slope
     e = s.exp()
     # go = (gs * (1 - s^2), g2) (2, N, K2); g2, the upstream gradient of z2, is read into go[1].
@@ -432,9 +440,10 @@ class _GemmStack(torch.autograd.Function):
         views = inter.views(extra) if inter is not None else None
         pre_saved: list[list] = []
         batch_stats: list[tuple[Tensor, Tensor]] = []
-        kept_i, trans_i = packed.kept_cols, packed.trans_cols
+        layout = packed.walk_layout(inter)
+        kept_i, trans_i = layout.kept, layout.trans
         num_layers = packed.num_layers
-        z = x
+        z = x if layout.order is None else x.index_select(1, layout.order)
         log_det = x.new_zeros(x.shape[0])
         saved: list[tuple[Tensor, ...]] = []
         anchors: list[Tensor] = []
@@ -473,6 +482,7 @@ class _GemmStack(torch.autograd.Function):
             batch_stats = []  # only the invertible walk inverts with them
         ctx.model = model
         ctx.packed = packed
+        ctx.layout = layout
         ctx.embedded = e
         ctx.params = params
         ctx.inter, ctx.inter_tensors, ctx.inter_views = inter, extra, views
@@ -492,7 +502,7 @@ class _GemmStack(torch.autograd.Function):
         ctx.save_for_backward(
             z, *anchors, *pre_flat, *stats_flat, *(t for layer in saved for t in layer)
         )
-        return z, log_det
+        return layout.leave(z), log_det
 
     @staticmethod
     @once_differentiable
@@ -509,11 +519,8 @@ class _GemmStack(torch.autograd.Function):
             pre_saved = interleaved.unflatten_saved(inter, pre_flat)
         batch_stats = [tuple(stats_flat[k : k + 2]) for k in range(0, len(stats_flat), 2)]
         n, dim = z.shape
-        G = (
-            torch.zeros_like(z)
-            if grad_z is None
-            else grad_z.clone(memory_format=torch.contiguous_format)
-        )
+        layout: StackLayout = ctx.layout
+        G = torch.zeros_like(z) if grad_z is None else layout.enter(grad_z).contiguous()
         gl = z.new_zeros(n) if grad_log_det is None else grad_log_det
         num_params = len(ctx.params)
         wants_params = any(ctx.needs_input_grad[4:])
@@ -535,13 +542,13 @@ class _GemmStack(torch.autograd.Function):
             for i in reversed(range(num_layers)):
                 layer = activations[5 * i : 5 * i + 5]
                 with _mark(on, i, "backward"):
-                    _layer_backward(packed, i, G, gl, *layer, grads, gh1, gh2, GE)
+                    _layer_backward(packed, layout, i, G, gl, *layer, grads, gh1, gh2, GE)
                     if inter is not None:
                         G = interleaved.backward_step(
                             inter, i, G, gl, ctx.inter_views[i], pre_saved[i],
                             inter_grad_views,
                         )  # fmt: skip
-        grad_x = G if ctx.needs_input_grad[2] else None
+        grad_x = layout.leave(G) if ctx.needs_input_grad[2] else None
         grad_e = GE if ctx.needs_input_grad[3] else None
         needs = ctx.needs_input_grad[4:]
         flat = [None] * num_params if grads is None else grads.unpacked(packed, dim)
@@ -558,7 +565,7 @@ def _invertible_walk(
     returns the gradient of the stack input. Each step inverts its coupling, then its
     interleaved layers (``ctx.inter``; a ``batchnorm`` step with the statistics its forward
     kept)."""
-    kept, trans = packed.kept_cols, packed.trans_cols
+    kept, trans = ctx.layout.kept, ctx.layout.trans
     inter, views = ctx.inter, ctx.inter_views
     stored = dict(zip(ctx.anchor_layers, anchors))
     ws1, ws2 = _workspaces(z, packed)
@@ -592,7 +599,7 @@ def _invertible_walk(
                 else:
                     x2 = h.index_select(1, trans[i].index)
         with _mark(on, i, "backward"):
-            _layer_backward(packed, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2, GE)
+            _layer_backward(packed, ctx.layout, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2, GE)
             if inter is not None:
                 G = interleaved.backward_step(inter, i, G, gl, views[i], pre_saved, igrads)
     errors.reverse()
