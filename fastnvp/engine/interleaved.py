@@ -238,15 +238,22 @@ def forward_step(inter, i, z, view, saved, stats=None) -> Tensor:
     return z
 
 
-def finish_batch_stats(inter, stats, rows: int, log_det: Tensor) -> None:
+def finish_batch_stats(inter, stats, rows: int, log_det: Tensor, restore=None) -> None:
     """After a walk with ``batchnorm`` steps: subtract ½ Σ_layers Σ_j log(σ²_j + ε) from every
-    row of ``log_det`` (in place) and fold each layer's (mean, var) into its running averages."""
+    row of ``log_det`` (in place) and fold each layer's (mean, var) into its running averages.
+
+    ``restore``: (D,) int64 when the walk ran on reordered columns (:func:`walk_views`): the
+    statistics are put back in feature order before the running averages take them.
+    """
     if inter is None or inter.norm != "batchnorm" or not stats:
         return
     means = [m for m, _ in stats]
     variances = [v for _, v in stats]
     eps = torch.tensor(inter.eps, dtype=variances[0].dtype, device=variances[0].device)
     log_det.sub_(0.5 * torch.log(torch.stack(variances) + eps[:, None]).sum())
+    if restore is not None:
+        means = list(torch.stack(means).index_select(1, restore).unbind(0))
+        variances = list(torch.stack(variances).index_select(1, restore).unbind(0))
     unbiased = torch._foreach_mul(variances, rows / (rows - 1))
     momenta = {m.momentum for m in inter.modules}
     if len(momenta) == 1:  # the usual case: two multi-tensor updates for every layer
@@ -257,6 +264,18 @@ def finish_batch_stats(inter, stats, rows: int, log_det: Tensor) -> None:
         return
     for module, mean, var in zip(inter.modules, means, unbiased):
         module.update_running(mean, var, None)
+
+
+def walk_views(inter, order, tensors=None) -> list[dict[str, Tensor]]:
+    """Per-layer views of ``tensors`` (default :attr:`Interleave.tensors`) for a walk whose
+    state is ``x[:, order]`` (None: feature order). Only norm forms reorder: their tensors
+    are per feature, (L, D) each, and are gathered into the walk's order (one op per kind)."""
+    if order is None:
+        return inter.layer_views() if tensors is None else inter.views(tensors)
+    if inter.mix is not None:
+        raise ValueError("a walk with mixing layers runs in feature order (order=None)")
+    tensors = inter.tensors if tensors is None else tensors
+    return inter.views([t.index_select(1, order) for t in tensors])
 
 
 def inverse_step(inter, i, h, view, stats=None, saved=None) -> Tensor:

@@ -148,8 +148,10 @@ class Packed:
         return self.w1.shape[0]
 
     def walk_layout(self, inter) -> StackLayout:
-        """The layout of a walk: reordered columns, unless interleaved layers run in it."""
-        return self.plain if inter is not None else self.layout
+        """The layout of a walk: reordered columns, unless mixing layers run in it (a norm
+        layer's per-feature tensors are reordered with the state; a mixing layer indexes
+        features)."""
+        return self.plain if inter is not None and inter.mix is not None else self.layout
 
     @property
     def hidden(self) -> int:
@@ -272,7 +274,7 @@ def forward_no_grad(
     log_det = x.new_zeros(x.shape[0])
     ws1, ws2 = _workspaces(x, packed)
     kept, trans = layout.kept, layout.trans
-    views = inter.layer_views() if inter is not None else None
+    views = interleaved.walk_views(inter, layout.order) if inter is not None else None
     stats: list = []
     on = _profiling()
     for i in range(packed.num_layers):
@@ -284,7 +286,7 @@ def forward_no_grad(
                 _, _, s, t = _nets(packed, i, x_in, ws1, ws2)
             trans[i].put_(z, torch.addcmul(t, trans[i].take(z), s.exp()))
             log_det.add_(s.sum(1))
-    interleaved.finish_batch_stats(inter, stats, x.shape[0], log_det)
+    interleaved.finish_batch_stats(inter, stats, x.shape[0], log_det, layout.restore)
     return layout.leave(z), log_det
 
 
@@ -300,7 +302,7 @@ def inverse_no_grad(
     log_det = z.new_zeros(z.shape[0])
     ws1, ws2 = _workspaces(z, packed)
     kept, trans = layout.kept, layout.trans
-    views = inter.layer_views() if inter is not None else None
+    views = interleaved.walk_views(inter, layout.order) if inter is not None else None
     on = _profiling()
     for i in reversed(range(packed.num_layers)):
         with _mark(on, i, "inverse"):
@@ -437,10 +439,10 @@ class _GemmStack(torch.autograd.Function):
         num_params = PARAMS_PER_LAYER * kept.shape[0]
         params, extra = tensors[:num_params], list(tensors[num_params:])
         packed = pack(list(params), kept, trans, slope)
-        views = inter.views(extra) if inter is not None else None
+        layout = packed.walk_layout(inter)
+        views = interleaved.walk_views(inter, layout.order, extra) if inter is not None else None
         pre_saved: list[list] = []
         batch_stats: list[tuple[Tensor, Tensor]] = []
-        layout = packed.walk_layout(inter)
         kept_i, trans_i = layout.kept, layout.trans
         num_layers = packed.num_layers
         z = x if layout.order is None else x.index_select(1, layout.order)
@@ -477,7 +479,7 @@ class _GemmStack(torch.autograd.Function):
                     saved.append((x1, x2, h1, h2, s))
                 z = trans_i[i].replaced(z, torch.addcmul(t, x2, s.exp()), kept_i[i])
                 log_det.add_(s.sum(1))
-        interleaved.finish_batch_stats(inter, batch_stats, x.shape[0], log_det)
+        interleaved.finish_batch_stats(inter, batch_stats, x.shape[0], log_det, layout.restore)
         if memory != "invertible":
             batch_stats = []  # only the invertible walk inverts with them
         ctx.model = model
@@ -553,6 +555,8 @@ class _GemmStack(torch.autograd.Function):
         needs = ctx.needs_input_grad[4:]
         flat = [None] * num_params if grads is None else grads.unpacked(packed, dim)
         flat = [g if need else None for g, need in zip(flat, needs)]
+        if layout.restore is not None:  # written in the walk's column order
+            inter_grads = [g.index_select(1, layout.restore) for g in inter_grads]
         extra = inter_grads or [None] * len(ctx.inter_tensors or [])
         extra = [g if need else None for g, need in zip(extra, needs[num_params:])]
         return (None, None, grad_x, grad_e, *flat, *extra)
