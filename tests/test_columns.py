@@ -191,3 +191,18 @@ def test_norm_layers_walk_the_reordered_columns(norm, memory, one_thread):
         ref.eval()
         fast.eval()
         torch.testing.assert_close(fast.g(z), ref.g(z), rtol=1e-10, atol=1e-10)
+
+
+def test_split_layouts_are_built_once_per_split():
+    from fastnvp.engine.cpu.columns import split_layouts
+    from fastnvp.engine.cpu.gemm_stack import cached_layouts
+
+    ranges = split_layouts(*_halves(torch.tensor([[1.0, 1, 0, 0], [1, 1, 0, 0]])))
+    assert ranges.plain is ranges.reordered and ranges.reordered.order is None
+    alternating = split_layouts(*_halves(alternating_masks(4, 2)))
+    assert alternating.reordered.order is not None and alternating.plain.order is None
+    _, fast = _twins(None, alternating_masks(6, 4))
+    kept, trans = fast._uniform_split()
+    first = cached_layouts(fast, kept, trans)
+    assert cached_layouts(fast, kept, trans) is first
+    assert cached_layouts(fast, kept.clone(), trans) is not first

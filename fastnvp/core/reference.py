@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -78,7 +79,7 @@ def check_prior(prior):
     return prior
 
 
-class FlowBase(nn.Module):
+class FlowBase(nn.Module, ABC):
     """Shared constructor, validation and prior handling of the reference and fast flows.
 
     ``clamp=α`` bounds the log-scale of user-supplied scale nets softly, ``s <- α·tanh(s/α)``
@@ -382,13 +383,13 @@ class FlowBase(nn.Module):
         return self.f(x, context)
 
     # ------------------------------------------------------------------ implemented per class
+    @abstractmethod
     def _forward(self, x: torch.Tensor, e: torch.Tensor | None):
         """(z, log_det) of validated x (N, D) and embedded context e (N, E) or None."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _inverse(self, z: torch.Tensor, e: torch.Tensor | None, with_log_det: bool = False):
         """(x, log|det dx/dz| or None) of validated z (N, D) and embedded context e."""
-        raise NotImplementedError
 
 
 class RealNVP(FlowBase):

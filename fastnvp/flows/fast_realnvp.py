@@ -40,7 +40,13 @@ from fastnvp.ops import fused_layer
 from fastnvp.ops.backend import use_triton
 
 #: Attributes that cache per-call work (weight packs, split views); dropped from copies.
-_CALL_CACHES = ("_gemm_pack", "_fused_stack_cache", "_uniform_split_cache", "_interleave_cache")
+_CALL_CACHES = (
+    "_gemm_pack",
+    "_gemm_layouts",
+    "_fused_stack_cache",
+    "_uniform_split_cache",
+    "_interleave_cache",
+)
 
 
 def _refresh_after_load(module: FastRealNVP, _incompatible) -> None:

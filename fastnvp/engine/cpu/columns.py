@@ -95,6 +95,22 @@ class StackLayout(NamedTuple):
         return h if self.restore is None else h.index_select(1, self.restore)
 
 
+class SplitLayouts(NamedTuple):
+    """The two layouts a stack's walks use: ``reordered`` (the order A + B where it applies)
+    and ``plain`` (feature order, for walks with mixing layers; the same object when no
+    reordering applies). Both depend only on the masks: callers cache them per split."""
+
+    reordered: StackLayout
+    plain: StackLayout
+
+
+def split_layouts(kept: Tensor, trans: Tensor) -> SplitLayouts:
+    """kept (L, K1), trans (L, K2) int64 -> the :class:`SplitLayouts` of the split."""
+    reordered = stack_layout(kept, trans)
+    plain = reordered if reordered.order is None else stack_layout(kept, trans, reorder=False)
+    return SplitLayouts(reordered, plain)
+
+
 def stack_layout(kept: Tensor, trans: Tensor, reorder: bool = True) -> StackLayout:
     """kept (L, K1), trans (L, K2) int64, increasing within each row -> the walk's layout.
 

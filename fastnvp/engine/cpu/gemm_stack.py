@@ -62,7 +62,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from fastnvp.engine import interleaved
-from fastnvp.engine.cpu.columns import StackLayout, stack_layout
+from fastnvp.engine.cpu.columns import SplitLayouts, StackLayout, split_layouts
 from fastnvp.engine.invertible import (
     ReconstructionError,
     ReconstructionReport,
@@ -138,8 +138,7 @@ class Packed:
     trans: Tensor
     slope: float
     layers: list[LayerViews]
-    layout: StackLayout  # the walk's column order, each half a range where it can be
-    plain: StackLayout  # feature order: for walks with interleaved layers, which index features
+    layouts: SplitLayouts  # the walks' column orders, each half a range where it can be
     inputs: Tensor  # (L, K1 + E): W1's packed columns, the kept ones then the context ones
     in_features: int  # D + E, the full width of W1
 
@@ -151,14 +150,17 @@ class Packed:
         """The layout of a walk: reordered columns, unless mixing layers run in it (a norm
         layer's per-feature tensors are reordered with the state; a mixing layer indexes
         features)."""
-        return self.plain if inter is not None and inter.mix is not None else self.layout
+        mixing = inter is not None and inter.mix is not None
+        return self.layouts.plain if mixing else self.layouts.reordered
 
     @property
     def hidden(self) -> int:
         return self.w1.shape[2]
 
 
-def pack(params: list[Tensor], kept: Tensor, trans: Tensor, slope: float) -> Packed:
+def pack(
+    params: list[Tensor], kept: Tensor, trans: Tensor, slope: float, layouts: SplitLayouts
+) -> Packed:
     """Pack the parameters of :func:`layer_parameters` for the batched GEMMs.
 
     Called where nothing is recorded (inside the autograd node's forward, or without a
@@ -169,6 +171,7 @@ def pack(params: list[Tensor], kept: Tensor, trans: Tensor, slope: float) -> Pac
         kept: (L, K1) int64, the kept features of each layer.
         trans: (L, K2) int64, the transformed features of each layer.
         slope: the LeakyReLU slope shared by every net.
+        layouts: the split's :class:`SplitLayouts` (:func:`cached_layouts`).
     """
     num_layers, k1 = kept.shape
     k2 = trans.shape[1]
@@ -220,8 +223,7 @@ def pack(params: list[Tensor], kept: Tensor, trans: Tensor, slope: float) -> Pac
         trans=trans,
         slope=slope,
         layers=layers,
-        layout=stack_layout(kept, trans),
-        plain=stack_layout(kept, trans, reorder=False),
+        layouts=layouts,
         inputs=inputs,
         in_features=in_features,
     )
@@ -438,7 +440,7 @@ class _GemmStack(torch.autograd.Function):
         kept, trans, slope, memory, anchor_every, tolerance, inter = setup
         num_params = PARAMS_PER_LAYER * kept.shape[0]
         params, extra = tensors[:num_params], list(tensors[num_params:])
-        packed = pack(list(params), kept, trans, slope)
+        packed = pack(list(params), kept, trans, slope, cached_layouts(model, kept, trans))
         layout = packed.walk_layout(inter)
         views = interleaved.walk_views(inter, layout.order, extra) if inter is not None else None
         pre_saved: list[list] = []
@@ -667,6 +669,18 @@ def run_inverse(
         return x, log_det if inter is None else inter.add_log_det(log_det)
 
 
+def cached_layouts(model, kept: Tensor, trans: Tensor) -> SplitLayouts:
+    """The :class:`SplitLayouts` of the split ``kept``/``trans``, kept on the model: they
+    depend only on the masks, so a training step does not rebuild them. Rebuilt when the
+    split tensors are other objects or were changed in place."""
+    key = (kept._version, trans._version)
+    cache = getattr(model, "_gemm_layouts", None)
+    if cache is None or cache[0] is not kept or cache[1] is not trans or cache[2] != key:
+        cache = (kept, trans, key, split_layouts(kept, trans))
+        model._gemm_layouts = cache
+    return cache[3]
+
+
 def cached_pack(model, kept: Tensor, trans: Tensor, slope: float) -> Packed:
     """:func:`pack` for calls without a gradient, kept on the model between calls.
 
@@ -683,6 +697,6 @@ def cached_pack(model, kept: Tensor, trans: Tensor, slope: float) -> Packed:
     )
     cache = getattr(model, "_gemm_pack", None)
     if cache is None or cache[0] != key:
-        cache = (key, pack(params, kept, trans, slope))
+        cache = (key, pack(params, kept, trans, slope, cached_layouts(model, kept, trans)))
         model._gemm_pack = cache
     return cache[1]
