@@ -41,6 +41,7 @@ from torch import Tensor
 
 from fastnvp.core.mixing import LULinear, Permutation
 from fastnvp.core.normalization import ActNorm, BatchNorm
+from fastnvp.engine.cache_keys import tensors_key
 
 
 @dataclass
@@ -136,7 +137,7 @@ def prepare(model, direction: str, batch_stats: bool) -> Interleave | None:
         if layers is not None
         for t in layers.state_dict(keep_vars=True).values()
     ]
-    key = (direction, batch_stats, *((t.data_ptr(), t._version) for t in tensors))
+    key = (direction, batch_stats, *tensors_key(tensors))
     cache = getattr(model, "_interleave_cache", None) or {}
     if key not in cache:
         # One entry per (direction, statistics): a sampling loop and a log_prob loop alternate.

@@ -161,6 +161,18 @@ class FastRealNVP(FlowBase):
         state["_plans"] = {}
         return state
 
+    def clear_caches(self) -> None:
+        """Drop the work kept between calls without a gradient (packed weights, knot tables,
+        stacked interleaved layers); the next call rebuilds it.
+
+        Every cache already notices optimizer steps (fused ones included), ``load_state_dict``
+        and ``.to()`` (``fastnvp.engine.cache_keys``). Call this after writing parameters
+        through ``.data`` (``p.data.copy_(w)``), which no version counter records.
+        """
+        for name in _CALL_CACHES:
+            self.__dict__.pop(name, None)
+        self._knot_cache.clear()
+
     # ----------------------------------------------------------------------------- construction
     @classmethod
     def from_reference(cls, model: RealNVP) -> FastRealNVP:

@@ -47,7 +47,7 @@ from torch import nn
 
 from fastnvp.core.validation import ensure_batch, ensure_num_samples
 from fastnvp.training import checkpoint as ckpt
-from fastnvp.training import distributed
+from fastnvp.training import distributed, optim
 from fastnvp.training.data import (
     DATASETS,
     NUM_LABELS,
@@ -732,7 +732,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     split = prepare_data(config)
     model = build_model(config, split).to(world.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = optim.adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = _make_scheduler(optimizer, config)
     batches = torch.Generator().manual_seed(config.seed + 1)
     history = {"train_loss": [], "test_steps": [], "test_nll": []}

@@ -62,6 +62,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from fastnvp.engine import interleaved
+from fastnvp.engine.cache_keys import tensors_key
 from fastnvp.engine.cpu.columns import SplitLayouts, StackLayout, split_layouts
 from fastnvp.engine.invertible import (
     ReconstructionError,
@@ -682,13 +683,14 @@ def cached_layouts(model, kept: Tensor, trans: Tensor) -> SplitLayouts:
 def cached_pack(model, kept: Tensor, trans: Tensor, slope: float) -> Packed:
     """:func:`pack` for calls without a gradient, kept on the model between calls.
 
-    Rebuilt when a parameter's storage or version counter changes (an optimizer step, a
-    ``load_state_dict``, ``.to()``), so inference after training always sees the new weights.
+    Rebuilt when a parameter may have changed (an optimizer step, fused or not, a
+    ``load_state_dict``, ``.to()``: :mod:`fastnvp.engine.cache_keys`), so inference after
+    training always sees the new weights.
     Packing costs about 20 small ops per layer, a third of a no-grad call at B = 256, H = 32.
     """
     params = layer_parameters(model)
     key = (
-        tuple((p.data_ptr(), p._version) for p in params),
+        tensors_key(params),
         kept.data_ptr(),
         trans.data_ptr(),
         slope,

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from fastnvp.core.conditioner import StandardMLP
+from fastnvp.engine.cache_keys import tensors_key
 from fastnvp.engine.cpu.threads import over_shares
 
 #: Rows per tile of :func:`evaluate_pair`, forward and backward: 512 x 2H fp32 gathered rows at
@@ -506,7 +507,7 @@ class TableCache:
         return self._cached(("pieces", layer), build_pieces, s_mlp, t_mlp, kept, transformed, True)
 
     def _cached(self, slot, builder, s_mlp, t_mlp, kept, transformed, joint=False):
-        key = tuple((p.data_ptr(), p._version) for p in net_weights(s_mlp, t_mlp)) + (
+        key = tensors_key(net_weights(s_mlp, t_mlp)) + (
             kept.data_ptr(),
             kept._version,
             transformed.data_ptr(),

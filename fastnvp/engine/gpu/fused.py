@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastnvp.engine.cache_keys import tensors_key
 from fastnvp.ops import fused_layer as fused_ops
 from fastnvp.ops.fused_layer import (
     coupling_layer,
@@ -73,7 +74,7 @@ def model_layer(
 
 def _stack_key(model) -> tuple:
     tensors = (*model.parameters(), *model.buffers())  # buffers: the split, the permutations
-    return tuple((t.data_ptr(), t._version) for t in tensors) + (
+    return tensors_key(tensors) + (
         _embedded_features(model),  # the W1 gather depends on E, never on the context values
     )
 
