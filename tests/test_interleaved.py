@@ -516,6 +516,36 @@ def test_a_loaded_permutation_must_be_one():
         layer.load_state_dict({"index": torch.tensor([0, 0, 2])})
 
 
+def test_a_reversal_is_applied_by_flip_and_a_loaded_index_replaces_it():
+    """A reversal takes ``flip`` (module and engine); loading another index turns that off."""
+    torch.manual_seed(3)
+    x = torch.randn(6, 5)
+    layer = Permutation.reverse(5)
+    assert layer.is_reversal
+    assert not Permutation(torch.tensor([1, 0, 2, 3, 4])).is_reversal
+    assert torch.equal(layer(x)[0], x[:, [4, 3, 2, 1, 0]])
+    other = torch.tensor([2, 0, 4, 1, 3])
+    layer.load_state_dict({"index": other})
+    assert not layer.is_reversal
+    assert torch.equal(layer(x)[0], x[:, other])
+    assert torch.equal(layer.inverse(layer(x)[0])[0], x)
+    back = torch.arange(4, -1, -1)
+    layer.load_state_dict({"index": back})
+    assert layer.is_reversal and torch.equal(layer.inverse(x)[0], x[:, back])
+    # The engine's stacks read the same fact per layer, in both directions and in backward.
+    flow = FastRealNVP.standard(5, 3, 8, permutation="reverse")
+    reference = RealNVP.standard(5, 3, 8, permutation="reverse")
+    reference.load_state_dict(flow.state_dict())
+    xg = x.clone().requires_grad_()
+    xr = x.clone().requires_grad_()
+    torch.testing.assert_close(flow.log_prob(xg), reference.log_prob(xr))
+    flow.log_prob(xg).sum().backward()
+    reference.log_prob(xr).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(flow.g(x), reference.g(x))
+
+
 def test_the_whole_stack_launch_refuses_norm_layers():
     from fastnvp.engine.gpu import fused as gpu_fused
 

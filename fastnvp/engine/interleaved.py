@@ -57,6 +57,7 @@ class Interleave:
         log_det: 0-d differentiable tensor, the parameter-only log-determinant of all the
             interleaved layers in the call's direction, or None.
         index, inverse_index: (L, D) int64 permutations (``permutation``), else None.
+        reversal: per layer, whether its permutation is D-1, ..., 0 (applied by ``flip``).
         modules: the BatchNorm modules (running averages; ``batchnorm``), else [].
         eps: per-layer ε of the BatchNorm modules.
     """
@@ -68,6 +69,7 @@ class Interleave:
     log_det: Tensor | None
     index: Tensor | None = None
     inverse_index: Tensor | None = None
+    reversal: list[bool] = field(default_factory=list)
     modules: list[BatchNorm] = field(default_factory=list)
     eps: list[float] = field(default_factory=list)
     factors: tuple[Tensor, Tensor, Tensor] | None = None  # LU: L, U (L, D, D), row order (L, D)
@@ -177,6 +179,7 @@ def _prepare(model, norms, mixes, direction: str, batch_stats: bool) -> Interlea
             inter.mix = "permutation"
             inter.index = _stack(m.index for m in mixes)
             inter.inverse_index = _stack(m.inverse_index for m in mixes)
+            inter.reversal = [m.is_reversal for m in mixes]
         else:
             inter.mix = "linear"
             weight, inter.factors = _lu_weights(mixes)
@@ -231,7 +234,7 @@ def forward_step(inter, i, z, view, saved, stats=None) -> Tensor:
             saved.append((xhat, inv_std))
         z = torch.addcmul(view["beta"], xhat, view["gamma"])
     if inter.mix == "permutation":
-        z = z.index_select(1, inter.index[i])
+        z = z.flip(1) if inter.reversal[i] else z.index_select(1, inter.index[i])
     elif inter.mix == "linear":
         if saved is not None:
             saved.append(z)
@@ -287,7 +290,7 @@ def inverse_step(inter, i, h, view, stats=None, saved=None) -> Tensor:
     """
     record: list = []
     if inter.mix == "permutation":
-        h = h.index_select(1, inter.inverse_index[i])
+        h = h.flip(1) if inter.reversal[i] else h.index_select(1, inter.inverse_index[i])
     elif inter.mix == "linear":
         h = h @ inter.inverse_weights()[i].t()
         record.append(h)
@@ -311,7 +314,7 @@ def backward_step(inter, i, G, gl, view, saved, grads) -> Tensor:
     ``{name: (D,) or (D, D)}`` buffers written in place, or None."""
     k = len(saved)
     if inter.mix == "permutation":
-        G = G.index_select(1, inter.inverse_index[i])
+        G = G.flip(1) if inter.reversal[i] else G.index_select(1, inter.inverse_index[i])
     elif inter.mix == "linear":
         k -= 1
         if grads is not None:
