@@ -1,6 +1,6 @@
 """When a value cached from parameters is stale: the one rule every engine cache keys on.
 
-docs/design.md §3.2. The engine keeps work derived from parameters between calls without a
+docs/design.md §3.4. The engine keeps work derived from parameters between calls without a
 gradient: the packed weights of the GEMM stack, the knot tables of single-input layers, the
 stacked interleaved layers and the GPU whole-stack weights. A cache entry is valid while its
 tensors hold the values it was built from.
@@ -10,7 +10,7 @@ ops bump the counter (a default or ``foreach`` optimizer step, ``load_state_dict
 ``torch.nn.init``), and ``.to()`` or ``param.data = ...`` move the storage. Two updates leave
 both as they were:
 
-- torch's fused optimizers (``torch.optim.Adam(..., fused=True)``, AdamW, SGD, Adagrad) write
+- torch's fused optimizers (``fused=True``: Adam, AdamW, SGD among them) write
   the parameters in one kernel without bumping their version counters. A process-wide count of
   optimizer steps, kept by a post-step hook on every ``torch.optim.Optimizer``
   (``torch.optim.optimizer.register_optimizer_step_post_hook``), is part of every key: after
