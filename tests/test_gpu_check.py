@@ -59,8 +59,15 @@ def test_smoke_run_end_to_end(tmp_path, gc):
     assert api["ok"] and "return_mode=" in api["check"], api
 
     correctness = data["correctness"]
-    assert len(correctness) == 12 + 3 + 12, [r["check"] for r in correctness]  # D=2, stack, D=3
-    assert all(r["ok"] is True for r in correctness), [r for r in correctness if not r.get("ok")]
+    # D=2 layers (12), the stack (3), the conditional check and its train-step timing (2), the
+    # interleaved layers on the fused path (3), D=3 layers (12).
+    assert len(correctness) == 12 + 3 + 2 + 3 + 12, [r["check"] for r in correctness]
+    verdicts = [r for r in correctness if "ok" in r]
+    assert len(verdicts) == len(correctness) - 1
+    assert all(r["ok"] is True for r in verdicts), [r for r in verdicts if r["ok"] is not True]
+    assert sum(r["check"].startswith("interleaved ") for r in verdicts) == 3
+    [timing] = [r for r in correctness if "ok" not in r]
+    assert timing["check"].endswith("train step ms") and timing["speedup"] > 0, timing
 
     timed = {r["variant"] for r in data["timing"] if "ms" in r}
     expected = {name for name, _ in gc.in_process_variants()} | {gc.REFERENCE_COMPILE}
