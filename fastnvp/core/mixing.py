@@ -31,6 +31,13 @@ def _is_reversal(index: torch.Tensor) -> bool:
     return torch.equal(index, torch.arange(dim - 1, -1, -1, device=index.device))
 
 
+def permute_columns(x: torch.Tensor, index: torch.Tensor, is_reversal: bool) -> torch.Tensor:
+    """``x[:, index]`` for x (N, D): ``flip`` when ``index`` is the reversal (``is_reversal``,
+    a fact the caller keeps as a Python bool), else ``index_select``. The module and the
+    engine's stacked forms (``fastnvp.engine.interleaved``) both permute through here."""
+    return x.flip(1) if is_reversal else x.index_select(1, index)
+
+
 def _check_permutation(index: torch.Tensor, name: str) -> None:
     dim = index.shape[0]
     if not torch.equal(torch.sort(index).values, torch.arange(dim, device=index.device)):
@@ -83,14 +90,12 @@ class Permutation(FlowLayer):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, D) -> (x[:, index], zeros (N,))."""
         self._check(x, "x")
-        y = x.flip(1) if self.is_reversal else x.index_select(1, self.index)
-        return y, _zeros_log_det(x)
+        return permute_columns(x, self.index, self.is_reversal), _zeros_log_det(x)
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """y (N, D) -> (y[:, argsort(index)], zeros (N,))."""
         self._check(y, "y")
-        x = y.flip(1) if self.is_reversal else y.index_select(1, self.inverse_index)
-        return x, _zeros_log_det(y)
+        return permute_columns(y, self.inverse_index, self.is_reversal), _zeros_log_det(y)
 
 
 class LULinear(FlowLayer):

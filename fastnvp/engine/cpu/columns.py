@@ -86,9 +86,12 @@ class StackLayout(NamedTuple):
     kept: tuple[Columns, ...]
     trans: tuple[Columns, ...]
 
-    def enter(self, x: Tensor) -> Tensor:
-        """x (N, D) in feature order -> the walk's state (a copy)."""
-        return x.clone() if self.order is None else x.index_select(1, self.order)
+    def enter(self, x: Tensor, copy: bool = True) -> Tensor:
+        """x (N, D) in feature order -> the walk's state: a copy, or with ``copy=False`` x
+        itself when no reordering applies (for a walk that never writes its state in place)."""
+        if self.order is not None:
+            return x.index_select(1, self.order)
+        return x.clone() if copy else x
 
     def leave(self, h: Tensor) -> Tensor:
         """The walk's state (N, D) -> feature order (h itself when no reordering)."""

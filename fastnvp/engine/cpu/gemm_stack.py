@@ -446,7 +446,7 @@ class _GemmStack(torch.autograd.Function):
         batch_stats: list[tuple[Tensor, Tensor]] = []
         kept_i, trans_i = layout.kept, layout.trans
         num_layers = packed.num_layers
-        z = x if layout.order is None else x.index_select(1, layout.order)
+        z = layout.enter(x, copy=False)  # the autograd walk builds new states, never writes z
         log_det = x.new_zeros(x.shape[0])
         saved: list[tuple[Tensor, ...]] = []
         anchors: list[Tensor] = []
