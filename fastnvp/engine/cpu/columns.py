@@ -45,6 +45,25 @@ class Columns(NamedTuple):
         h.narrow(1, self.start, self.index.shape[0]).copy_(values)
         return h
 
+    def scale_shift_(self, h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        """``h[:, cols] = h[:, cols] * scale + shift`` in place (scale, shift (N, K)); returns h.
+
+        A range is rewritten by one ``addcmul`` into its own view (an elementwise op may write
+        the exact memory it reads), with no temporary and no copy back."""
+        if self.start is None:
+            return h.index_copy_(1, self.index, torch.addcmul(shift, self.take(h), scale))
+        view = self.take(h)
+        torch.addcmul(shift, view, scale, out=view)
+        return h
+
+    def shift_scale_(self, h: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+        """``h[:, cols] = (h[:, cols] - shift) * scale`` in place (shift, scale (N, K));
+        returns h."""
+        if self.start is None:
+            return h.index_copy_(1, self.index, (self.take(h) - shift).mul_(scale))
+        self.take(h).sub_(shift).mul_(scale)
+        return h
+
     def replaced(self, h: Tensor, values: Tensor, other: Columns) -> Tensor:
         """A new (N, D) tensor: h with these columns replaced by values (N, K); ``other`` is the
         complementary half, whose columns are copied from h."""

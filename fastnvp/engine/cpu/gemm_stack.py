@@ -261,6 +261,23 @@ def _nets(packed: Packed, i: int, x1: Tensor, h1: Tensor | None = None, h2: Tens
     return h1, h2, s, o[1]
 
 
+class _LogDet:
+    """The log-det of a walk, summed over layers as (N, K2) and over features once at the end:
+    one call per layer (``add_``) instead of two (a row sum, then its ``add_``). Every layer of
+    a GEMM stack transforms K2 features (uniform split), so the layers' ``s`` add up."""
+
+    def __init__(self):
+        self.total: Tensor | None = None
+
+    def add_(self, s: Tensor) -> None:
+        """Add a layer's s (N, K2); s itself is neither kept nor changed."""
+        self.total = s.clone() if self.total is None else self.total.add_(s)
+
+    def rows(self) -> Tensor:
+        """Σ over layers and features, (N,)."""
+        return self.total.sum(1)
+
+
 def _workspaces(x: Tensor, packed: Packed) -> tuple[Tensor, Tensor]:
     shape = (2, x.shape[0], packed.hidden)
     return x.new_empty(shape), x.new_empty(shape)
@@ -276,7 +293,7 @@ def forward_no_grad(
     """
     layout = packed.walk_layout(inter)
     z = layout.enter(x)
-    log_det = x.new_zeros(x.shape[0])
+    log_det = _LogDet()
     ws1, ws2 = _workspaces(x, packed)
     kept, trans = layout.kept, layout.trans
     views = interleaved.walk_views(inter, layout.order) if inter is not None else None
@@ -289,8 +306,9 @@ def forward_no_grad(
             with _mark(on, i, "conditioner"):
                 x_in = _first_input(kept[i].take(z), e)
                 _, _, s, t = _nets(packed, i, x_in, ws1, ws2)
-            trans[i].put_(z, torch.addcmul(t, trans[i].take(z), s.exp()))
-            log_det.add_(s.sum(1))
+            trans[i].scale_shift_(z, s.exp(), t)
+            log_det.add_(s)
+    log_det = log_det.rows()
     interleaved.finish_batch_stats(inter, stats, x.shape[0], log_det, layout.restore)
     return layout.leave(z), log_det
 
@@ -304,7 +322,7 @@ def inverse_no_grad(
     """
     layout = packed.walk_layout(inter)
     x = layout.enter(z)
-    log_det = z.new_zeros(z.shape[0])
+    log_det = _LogDet()
     ws1, ws2 = _workspaces(z, packed)
     kept, trans = layout.kept, layout.trans
     views = interleaved.walk_views(inter, layout.order) if inter is not None else None
@@ -313,11 +331,11 @@ def inverse_no_grad(
         with _mark(on, i, "inverse"):
             x_in = _first_input(kept[i].take(x), e)
             _, _, s, t = _nets(packed, i, x_in, ws1, ws2)
-            log_det.sub_(s.sum(dim=1))
-            trans[i].put_(x, (trans[i].take(x) - t).mul_(s.neg_().exp_()))
+            log_det.add_(s.neg_())
+            trans[i].shift_scale_(x, t, s.exp_())
             if inter is not None:
                 x = interleaved.inverse_step(inter, i, x, views[i])
-    return layout.leave(x), log_det
+    return layout.leave(x), log_det.rows()
 
 
 class _Grads:
@@ -447,7 +465,7 @@ class _GemmStack(torch.autograd.Function):
         kept_i, trans_i = layout.kept, layout.trans
         num_layers = packed.num_layers
         z = layout.enter(x, copy=False)  # the autograd walk builds new states, never writes z
-        log_det = x.new_zeros(x.shape[0])
+        log_det = _LogDet()
         saved: list[tuple[Tensor, ...]] = []
         anchors: list[Tensor] = []
         anchor_layers: tuple[int, ...] = ()
@@ -479,7 +497,8 @@ class _GemmStack(torch.autograd.Function):
                 if memory != "invertible":
                     saved.append((x1, x2, h1, h2, s))
                 z = trans_i[i].replaced(z, torch.addcmul(t, x2, s.exp()), kept_i[i])
-                log_det.add_(s.sum(1))
+                log_det.add_(s)
+        log_det = log_det.rows()
         interleaved.finish_batch_stats(inter, batch_stats, x.shape[0], log_det, layout.restore)
         if memory != "invertible":
             batch_stats = []  # only the invertible walk inverts with them
