@@ -395,9 +395,11 @@ def _layer_backward(packed, layout, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2
     g2 = go[1]
     if trans.start is None:
         torch.index_select(G, 1, trans.index, out=g2)
-    else:
+        gx2 = torch.mul(g2, e)  # put into G at the end
+    else:  # g2 is a copy now, so gx2 = g2 e goes straight into G's own columns
         g2.copy_(trans.take(G))
-    torch.mul(g2, x2, out=go[0]).mul_(e).add_(gl[:, None])
+        gx2 = torch.mul(g2, e, out=trans.take(G))
+    torch.addcmul(gl[:, None], gx2, x2, out=go[0])  # gs = g2 x2 exp(s) + gl
     _tanh_backward.grad_input(go[0], s, grad_input=go[0])  # d tanh: (1 - s^2)
     v = packed.layers[i]
     gh1_s, gh1_t = gh1.unbind(0)
@@ -427,7 +429,8 @@ def _layer_backward(packed, layout, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2
             G.index_add_(1, kept.index, g_in)
         else:
             kept.take(G).add_(g_in)
-    trans.put_(G, g2.mul_(e))
+    if trans.start is None:
+        trans.put_(G, gx2)
 
 
 def _check_unmodified(params, versions) -> None:
