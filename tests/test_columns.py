@@ -46,6 +46,17 @@ def test_columns_match_the_index_ops(index):
     gathered = Columns(idx, None)
     assert torch.equal(gathered.take(h), cols.take(h))
     assert torch.equal(gathered.replaced(h, values, other), cols.replaced(h, values, other))
+    # the in-place affine maps of the walks without a gradient, in both forms
+    scale = torch.rand(6, len(index), dtype=torch.float64) + 0.5
+    forward = h.index_copy(1, idx, h.index_select(1, idx) * scale + values)
+    inverse = h.index_copy(1, idx, (h.index_select(1, idx) - values) * scale)
+    for form in (cols, gathered):
+        target = h.clone()
+        assert form.scale_shift_(target, scale, values) is target
+        torch.testing.assert_close(target, forward, rtol=1e-15, atol=1e-15)
+        target = h.clone()
+        assert form.shift_scale_(target, values, scale) is target
+        torch.testing.assert_close(target, inverse, rtol=1e-15, atol=1e-15)
 
 
 # Two kept features per layer: a range at the start, interleaved, a range at the end (whose
@@ -206,3 +217,31 @@ def test_split_layouts_are_built_once_per_split():
     first = cached_layouts(fast, kept, trans)
     assert cached_layouts(fast, kept, trans) is first
     assert cached_layouts(fast, kept.clone(), trans) is not first
+
+
+@pytest.mark.parametrize("context", [None, 3])
+def test_cached_pack_keeps_stacked_pairs_below_its_limit(context, monkeypatch, one_thread):
+    """The no-gradient pack keeps every layer's H x H pair stacked (a copy) while they fit
+    CACHED_W2_MAX_BYTES; above it each layer stacks its pair where it runs. Same values."""
+    from fastnvp.engine.cpu import gemm_stack
+
+    _, fast = _twins(context, alternating_masks(6, 4))
+    x = torch.randn(7, fast.dim, dtype=torch.float64)
+    given = {} if context is None else {"context": torch.randn(7, context, dtype=torch.float64)}
+    with torch.no_grad():
+        results = []
+        for limit in (gemm_stack.CACHED_W2_MAX_BYTES, 0):
+            monkeypatch.setattr(gemm_stack, "CACHED_W2_MAX_BYTES", limit)
+            fast.clear_caches()
+            results.append((fast.log_prob(x, **given), fast.inverse(x, **given)))
+            packed = fast._gemm_pack[1]  # the pack those calls used
+            stacked = [v.w2_stacked for v in packed.layers]
+            if limit:
+                for v, pair in zip(packed.layers, stacked, strict=True):
+                    assert torch.equal(pair, torch.stack(v.w2))
+            else:
+                assert stacked == [None] * len(packed.layers)
+    (lp, (xg, ldg)), (lp0, (xg0, ldg0)) = results
+    torch.testing.assert_close(lp, lp0, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(xg, xg0, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(ldg, ldg0, rtol=1e-14, atol=1e-14)

@@ -75,6 +75,12 @@ from fastnvp.engine.invertible import (
 #: S (W1, b1, W2, b2, W3, b3), then T (W1, b1, W2, b2, W3, b3).
 PARAMS_PER_LAYER = 12
 
+#: The most bytes of stacked H x H pairs a cached pack keeps (a copy of those weights): below
+#: it every no-gradient call skips each layer's ``stack`` (46 us a layer at H = 256, 10 % of a
+#: call at B = 256); above it (deep, wide flows) the copy would cost more memory than it saves
+#: time, and the pairs are stacked where they run, as under autograd.
+CACHED_W2_MAX_BYTES = 64 * 2**20
+
 _lrelu_backward = torch.ops.aten.leaky_relu_backward
 _tanh_backward = torch.ops.aten.tanh_backward
 
@@ -112,6 +118,7 @@ class LayerViews(NamedTuple):
     b1: Tensor  # (P, 1, H)
     w1: tuple[Tensor, Tensor]  # (H, K1) each
     w2: tuple[Tensor, Tensor]  # (H, H) each, the parameters themselves
+    w2_stacked: Tensor | None  # (P, H, H), kept by a cached pack (:func:`cached_pack`), else None
     b2: Tensor  # (P, 1, H)
     w3t: Tensor  # (P, H, K2)
     w3: Tensor  # (P, K2, H)
@@ -127,8 +134,9 @@ class Packed:
     H x H weights are not packed: ``layers[i].w2`` are the parameters themselves (they are most
     of a flow's parameters, and a packed copy would make the memory of the invertible mode grow
     with depth). A layer stacks its pair into one (P, H, H) temporary where it runs
-    (:func:`_stacked_w2`). ``kept`` (L, K1) and ``trans`` (L, K2) int64 indices; ``slope`` the
-    LeakyReLU slope.
+    (:func:`_stacked_w2`), unless the pack keeps them stacked (``stack_w2``: the cached pack
+    of calls without a gradient, :data:`CACHED_W2_MAX_BYTES`). ``kept`` (L, K1) and ``trans``
+    (L, K2) int64 indices; ``slope`` the LeakyReLU slope.
     """
 
     w1: Tensor
@@ -161,7 +169,12 @@ class Packed:
 
 
 def pack(
-    params: list[Tensor], kept: Tensor, trans: Tensor, slope: float, layouts: SplitLayouts
+    params: list[Tensor],
+    kept: Tensor,
+    trans: Tensor,
+    slope: float,
+    layouts: SplitLayouts,
+    stack_w2: bool = False,
 ) -> Packed:
     """Pack the parameters of :func:`layer_parameters` for the batched GEMMs.
 
@@ -174,6 +187,8 @@ def pack(
         trans: (L, K2) int64, the transformed features of each layer.
         slope: the LeakyReLU slope shared by every net.
         layouts: the split's :class:`SplitLayouts` (:func:`cached_layouts`).
+        stack_w2: keep every layer's H x H pair stacked as (2, H, H) (a copy of those
+            weights, for a pack that serves many calls).
     """
     num_layers, k1 = kept.shape
     k2 = trans.shape[1]
@@ -199,14 +214,16 @@ def pack(
     b2 = b2.view(num_layers, 2, 1, hidden)
     b3 = b3.view(num_layers, 2, 1, k2)
     w2_pairs = list(zip(w2[0::2], w2[1::2]))
+    w2_stacked = [torch.stack(pair) if stack_w2 else None for pair in w2_pairs]
     # Per-layer views, made once per call: a layer's loop body then indexes Python lists.
     layers = [
-        LayerViews(w1t, b1_i, tuple(w1_i.unbind(0)), w2_pair, b2_i, w3t, w3_i, b3_i)
-        for w1t, b1_i, w1_i, w2_pair, b2_i, w3t, w3_i, b3_i in zip(
+        LayerViews(w1t, b1_i, tuple(w1_i.unbind(0)), w2_pair, w2s, b2_i, w3t, w3_i, b3_i)
+        for w1t, b1_i, w1_i, w2_pair, w2s, b2_i, w3t, w3_i, b3_i in zip(
             w1.transpose(2, 3).unbind(0),
             b1.unbind(0),
             w1.unbind(0),
             w2_pairs,
+            w2_stacked,
             b2.unbind(0),
             w3.transpose(2, 3).unbind(0),
             w3.unbind(0),
@@ -238,8 +255,9 @@ def _stacked_w2(v: LayerViews) -> Tensor:
     """Layer ``v``'s two H x H weights as one (2, H, H) temporary, so one batched GEMM replaces
     two matmuls in each direction. The copy of 2 H^2 values costs 2-11 us at H = 64-256, against
     12-30 us saved per GEMM pair at 256-4096 rows. It lives for one layer, so no copy of the
-    H x H weights outlives its layer (the invertible mode's memory stays flat in depth)."""
-    return torch.stack(v.w2)
+    H x H weights outlives its layer (the invertible mode's memory stays flat in depth). A
+    cached pack keeps the stacked pairs instead (:data:`CACHED_W2_MAX_BYTES`)."""
+    return torch.stack(v.w2) if v.w2_stacked is None else v.w2_stacked
 
 
 def _nets(packed: Packed, i: int, x1: Tensor, h1: Tensor | None = None, h2: Tensor | None = None):
@@ -709,6 +727,8 @@ def cached_pack(model, kept: Tensor, trans: Tensor, slope: float) -> Packed:
     ``load_state_dict``, ``.to()``: :mod:`fastnvp.engine.cache_keys`), so inference after
     training always sees the new weights.
     Packing costs about 20 small ops per layer, a third of a no-grad call at B = 256, H = 32.
+    The pack keeps each layer's H x H pair stacked while all of them take at most
+    :data:`CACHED_W2_MAX_BYTES`.
     """
     params = layer_parameters(model)
     key = (
@@ -719,6 +739,9 @@ def cached_pack(model, kept: Tensor, trans: Tensor, slope: float) -> Packed:
     )
     cache = getattr(model, "_gemm_pack", None)
     if cache is None or cache[0] != key:
-        cache = (key, pack(params, kept, trans, slope, cached_layouts(model, kept, trans)))
+        w2 = params[2::6]
+        stack_w2 = sum(w.nelement() * w.element_size() for w in w2) <= CACHED_W2_MAX_BYTES
+        layouts = cached_layouts(model, kept, trans)
+        cache = (key, pack(params, kept, trans, slope, layouts, stack_w2=stack_w2))
         model._gemm_pack = cache
     return cache[1]
