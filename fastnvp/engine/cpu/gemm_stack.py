@@ -46,6 +46,12 @@ Conditional flows (docs/design.md §1.7): the first Linear's input is ``x_in = c
 context columns (L, P, H, K1 + E). The context's contribution is part of that one batched GEMM
 for S and T, and its gradient ``ge = sum_i sum_P ga1_P W1_P[:, K1:]`` is summed over the layers.
 
+Bias column: wherever the first input has more than one column it is built per layer anyway
+(the cat with the context, or a copy of the kept half), so it also gets a column of ones and
+b1 rides in the GEMM as W1's last column: ``h1 = [x_in, 1] @ [W1, b1]^T``. That saves the
+broadcast copy of b1 into the (2, N, H) output that ``baddbmm`` makes before its GEMM, and
+``gW1`` comes with ``gb1`` as its last column (no row sum of ``ga1``).
+
 Limit: every layer must keep the same number of features K1 (uniform split), have its own
 parameters, a slope >= 0 and the model's dtype; the plan (``fastnvp.engine.plan``) checks this
 once and sends other flows down the per-layer path.
@@ -114,7 +120,7 @@ def layer_parameters(model) -> list[Tensor]:
 class LayerViews(NamedTuple):
     """Layer ``i``'s weights as the views its GEMMs take, built once per call (P = 2 nets)."""
 
-    w1t: Tensor  # (P, K1, H)
+    w1t: Tensor  # (P, K1 + E + 1, H) with b1 as its last row (bias column), else (P, K1, H)
     b1: Tensor  # (P, 1, H)
     w1: tuple[Tensor, Tensor]  # (H, K1) each
     w2: tuple[Tensor, Tensor]  # (H, H) each, the parameters themselves
@@ -151,6 +157,7 @@ class Packed:
     layouts: SplitLayouts  # the walks' column orders, each half a range where it can be
     inputs: Tensor  # (L, K1 + E): W1's packed columns, the kept ones then the context ones
     in_features: int  # D + E, the full width of W1
+    bias_column: bool  # b1 rides in the first GEMM as a column of ones (K1 + E > 1)
 
     @property
     def num_layers(self) -> int:
@@ -204,6 +211,13 @@ def pack(
         columns = torch.arange(dim, in_features, device=kept.device)
         inputs = torch.cat([kept, columns.expand(num_layers, in_features - dim)], dim=1)
     k_in = inputs.shape[1]
+    # With more than one input column the first Linear's input is built per layer anyway
+    # (a cat with the context, or a copy of a strided half), so it takes a column of ones
+    # too and b1 becomes W1's last column: no broadcast copy of b1 into the (2, N, H) output
+    # before the GEMM, and b1's gradient comes out of W1's GEMM instead of a row sum (at
+    # B = 4096, H = 256 the two cost 0.9 ms a layer). A single input column keeps the
+    # broadcast multiply-add (an outer product, no GEMM).
+    bias_column = k_in > 1
     w1_full = w1_full.view(num_layers, 2, hidden, in_features)
     w3_full = w3_full.view(num_layers, 2, dim, hidden)
     b3_full = b3_full.view(num_layers, 2, dim)
@@ -211,6 +225,7 @@ def pack(
     w3 = torch.gather(w3_full, 2, trans[:, None, :, None].expand(num_layers, 2, k2, hidden))
     b3 = torch.gather(b3_full, 2, trans[:, None, :].expand(num_layers, 2, k2))
     b1 = b1.view(num_layers, 2, 1, hidden)
+    w1_in = torch.cat([w1, b1.transpose(2, 3)], dim=3) if bias_column else w1
     b2 = b2.view(num_layers, 2, 1, hidden)
     b3 = b3.view(num_layers, 2, 1, k2)
     w2_pairs = list(zip(w2[0::2], w2[1::2]))
@@ -219,7 +234,7 @@ def pack(
     layers = [
         LayerViews(w1t, b1_i, tuple(w1_i.unbind(0)), w2_pair, w2s, b2_i, w3t, w3_i, b3_i)
         for w1t, b1_i, w1_i, w2_pair, w2s, b2_i, w3t, w3_i, b3_i in zip(
-            w1.transpose(2, 3).unbind(0),
+            w1_in.transpose(2, 3).unbind(0),
             b1.unbind(0),
             w1.unbind(0),
             w2_pairs,
@@ -243,12 +258,22 @@ def pack(
         layouts=layouts,
         inputs=inputs,
         in_features=in_features,
+        bias_column=bias_column,
     )
 
 
-def _first_input(x1: Tensor, e: Tensor | None) -> Tensor:
-    """The first Linear's input: the kept half (N, K1), with the context (N, K1 + E) if any."""
-    return x1 if e is None else torch.cat([x1, e], dim=1)
+def _input_tail(packed: Packed, x: Tensor, e: Tensor | None) -> Tensor | None:
+    """What every layer appends to its kept half, built once per call: the context (N, E) if
+    any, then the bias column of ones (N, 1) (``packed.bias_column``); None when nothing."""
+    if not packed.bias_column:
+        return e
+    ones = x.new_ones((x.shape[0], 1))
+    return ones if e is None else torch.cat([e, ones], dim=1)
+
+
+def _first_input(x1: Tensor, tail: Tensor | None) -> Tensor:
+    """The first Linear's input: the kept half (N, K1), then :func:`_input_tail` if any."""
+    return x1 if tail is None else torch.cat([x1, tail], dim=1)
 
 
 def _stacked_w2(v: LayerViews) -> Tensor:
@@ -261,16 +286,17 @@ def _stacked_w2(v: LayerViews) -> Tensor:
 
 
 def _nets(packed: Packed, i: int, x1: Tensor, h1: Tensor | None = None, h2: Tensor | None = None):
-    """Layer ``i``'s conditioner pair on ``x1`` (N, K1) -> (h1, h2, s, t); h1, h2 (2, N, H).
+    """Layer ``i``'s conditioner pair on its first input ``x1`` (:func:`_first_input`:
+    (N, K1 + E + 1) with the bias column, else (N, 1)) -> (h1, h2, s, t); h1, h2 (2, N, H).
 
     ``h1``/``h2`` are optional (2, N, H) workspaces written in place; else fresh tensors.
     """
     n, k1 = x1.shape
     v = packed.layers[i]
-    if k1 == 1:  # an outer product: one broadcast FMA is 2x faster than a batched GEMM
+    if not packed.bias_column:  # one input: an outer product, 2x faster as a broadcast FMA
         h1 = torch.addcmul(v.b1, x1, v.w1t, out=h1)
-    else:
-        h1 = torch.baddbmm(v.b1, x1.expand(2, n, k1), v.w1t, out=h1)
+    else:  # b1 is the last row of w1t, against x1's column of ones
+        h1 = torch.bmm(x1.expand(2, n, k1), v.w1t, out=h1)
     torch.nn.functional.leaky_relu_(h1, packed.slope)
     h2 = torch.baddbmm(v.b2, h1, _stacked_w2(v).transpose(1, 2), out=h2)
     torch.nn.functional.leaky_relu_(h2, packed.slope)
@@ -313,6 +339,7 @@ def forward_no_grad(
     z = layout.enter(x)
     log_det = _LogDet()
     ws1, ws2 = _workspaces(x, packed)
+    tail = _input_tail(packed, x, e)
     kept, trans = layout.kept, layout.trans
     views = interleaved.walk_views(inter, layout.order) if inter is not None else None
     stats: list = []
@@ -322,7 +349,7 @@ def forward_no_grad(
             if inter is not None:
                 z = interleaved.forward_step(inter, i, z, views[i], None, stats)
             with _mark(on, i, "conditioner"):
-                x_in = _first_input(kept[i].take(z), e)
+                x_in = _first_input(kept[i].take(z), tail)
                 _, _, s, t = _nets(packed, i, x_in, ws1, ws2)
             trans[i].scale_shift_(z, s.exp(), t)
             log_det.add_(s)
@@ -342,12 +369,13 @@ def inverse_no_grad(
     x = layout.enter(z)
     log_det = _LogDet()
     ws1, ws2 = _workspaces(z, packed)
+    tail = _input_tail(packed, z, e)
     kept, trans = layout.kept, layout.trans
     views = interleaved.walk_views(inter, layout.order) if inter is not None else None
     on = _profiling()
     for i in reversed(range(packed.num_layers)):
         with _mark(on, i, "inverse"):
-            x_in = _first_input(kept[i].take(x), e)
+            x_in = _first_input(kept[i].take(x), tail)
             _, _, s, t = _nets(packed, i, x_in, ws1, ws2)
             log_det.add_(s.neg_())
             trans[i].shift_scale_(x, t, s.exp_())
@@ -361,8 +389,11 @@ class _Grads:
 
     def __init__(self, packed: Packed, like: Tensor):
         num_layers, hidden = packed.num_layers, packed.hidden
-        self.w1 = torch.empty_like(packed.w1)
-        self.b1 = torch.empty_like(packed.b1)
+        w1 = packed.w1
+        self.w1 = like.new_empty((*w1.shape[:-1], w1.shape[-1] + packed.bias_column))
+        # b1's gradient: with the bias column, the last column of W1's (one GEMM gives both)
+        bias = self.w1[..., -1:].transpose(2, 3) if packed.bias_column else None
+        self.b1 = torch.empty_like(packed.b1) if bias is None else bias
         self.w2 = like.new_empty((num_layers, 2, hidden, hidden))
         self.b2 = torch.empty_like(packed.b2)
         self.w3 = torch.empty_like(packed.w3)
@@ -384,13 +415,14 @@ class _Grads:
         k2 = packed.w3.shape[2]
         w1 = self.w1.new_zeros((num_layers, 2, hidden, packed.in_features))
         index = packed.inputs[:, None, None, :].expand(num_layers, 2, hidden, k_in)
-        w1.scatter_(3, index, self.w1)
+        w1.scatter_(3, index, self.w1[..., :k_in])
         w3 = self.w3.new_zeros((num_layers, 2, dim, hidden))
         w3.scatter_(2, packed.trans[:, None, :, None].expand(num_layers, 2, k2, hidden), self.w3)
         b3 = self.b3.new_zeros((num_layers, 2, dim))
         b3.scatter_(2, packed.trans[:, None, :].expand(num_layers, 2, k2), self.b3[:, :, 0])
         # (L, 2, ...) -> 2 L views each, in (layer, net) order, then interleaved by kind.
-        kinds = (w1, self.b1[:, :, 0], self.w2, self.b2[:, :, 0], w3, b3)
+        b1 = self.b1[:, :, 0].contiguous()  # a strided column of W1's with the bias column
+        kinds = (w1, b1, self.w2, self.b2[:, :, 0], w3, b3)
         per_kind = [kind.flatten(0, 1).unbind(0) for kind in kinds]
         return [g for net in zip(*per_kind) for g in net]
 
@@ -400,7 +432,8 @@ def _layer_backward(packed, layout, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2
 
     ``layout``: the walk's :class:`StackLayout` (G's columns are in its order).
 
-    x1 (N, K1 + E): the first Linear's input (the kept half, then the context); x2 (N, K2): the
+    x1: the first Linear's input (:func:`_first_input`: the kept half, the context, the bias
+    column of ones, (N, K1 + E + 1), or the kept half alone, (N, 1)); x2 (N, K2): the
     transformed half; h1, h2 (2, N, H) and s (N, K2) its activations; ``grads`` a
     :class:`_Grads` or None; gh1, gh2 (2, N, H) workspaces; ``GE`` (N, E): the context gradient
     accumulated over layers, added to in place (None when unconditional).
@@ -432,8 +465,9 @@ def _layer_backward(packed, layout, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2
         # One batched GEMM for both nets: 2x faster than two mm(gh2_P^T, h1_P) at 256 x 64.
         torch.bmm(gh2.transpose(1, 2), h1, out=w2)
         torch.sum(gh2, 1, keepdim=True, out=b2)
-        torch.bmm(gh1.transpose(1, 2), x1.expand(2, *x1.shape), out=w1)
-        torch.sum(gh1, 1, keepdim=True, out=b1)
+        torch.bmm(gh1.transpose(1, 2), x1.expand(2, *x1.shape), out=w1)  # and b1's
+        if not packed.bias_column:
+            torch.sum(gh1, 1, keepdim=True, out=b1)
     # gx1 = g1 + sum_P ga1_P W1_P (module doc); G's halves are rewritten in place.
     if GE is None and kept.start is not None:  # straight into G's kept columns (a view)
         kept.take(G).addmm_(gh1_s, v.w1[0]).addmm_(gh1_t, v.w1[1])
@@ -487,6 +521,7 @@ class _GemmStack(torch.autograd.Function):
         num_layers = packed.num_layers
         z = layout.enter(x, copy=False)  # the autograd walk builds new states, never writes z
         log_det = _LogDet()
+        tail = _input_tail(packed, x, e)
         saved: list[tuple[Tensor, ...]] = []
         anchors: list[Tensor] = []
         anchor_layers: tuple[int, ...] = ()
@@ -508,7 +543,7 @@ class _GemmStack(torch.autograd.Function):
                     if kept_for_backward is not None:
                         pre_saved.append(kept_for_backward)
                 # Views of z for range halves: z is never written in place here.
-                x1 = _first_input(kept_i[i].take(z), e)
+                x1 = _first_input(kept_i[i].take(z), tail)
                 x2 = trans_i[i].take(z)
                 with _mark(on, i, "conditioner"):
                     if memory == "invertible":
@@ -614,6 +649,7 @@ def _invertible_walk(
     inter, views = ctx.inter, ctx.inter_views
     stored = dict(zip(ctx.anchor_layers, anchors))
     ws1, ws2 = _workspaces(z, packed)
+    tail = _input_tail(packed, z, e)
     h = z.clone()
     errors: list[Tensor] = []
     anchor_errors: list[Tensor] = []
@@ -621,7 +657,7 @@ def _invertible_walk(
     for i in reversed(range(packed.num_layers)):
         with _mark(on, i, "inverse"):
             # Copies, not views: h is rewritten in place below.
-            x1 = _first_input(h.index_select(1, kept[i].index), e)
+            x1 = _first_input(h.index_select(1, kept[i].index), tail)
             z2 = h.index_select(1, trans[i].index)
             h1, h2, s, t = _nets(packed, i, x1, ws1, ws2)
             x2 = (z2 - t).mul_(torch.exp(-s))
