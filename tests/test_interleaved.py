@@ -236,6 +236,14 @@ def test_fast_equals_reference_in_train_and_eval(norm, perm, options):
         with torch.no_grad():
             z = torch.randn(9, 4, dtype=F64)
             torch.testing.assert_close(fast.g(z), ref.g(z), atol=1e-10, rtol=1e-10)
+            # the walks without a gradient (in place, in the walk's own buffers) as well,
+            # leaving their inputs as they were
+            x_before, z_before = x.clone(), z.clone()
+            for got, want in zip(fast.f(x), ref.f(x), strict=True):
+                torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+            for got, want in zip(fast.inverse(z), ref.inverse(z), strict=True):
+                torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+            assert torch.equal(x, x_before) and torch.equal(z, z_before)
 
 
 @pytest.mark.parametrize("norm, perm", OPTIONS)

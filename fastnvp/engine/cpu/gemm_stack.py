@@ -342,12 +342,18 @@ def forward_no_grad(
     tail = _input_tail(packed, x, e)
     kept, trans = layout.kept, layout.trans
     views = interleaved.walk_views(inter, layout.order) if inter is not None else None
+    # The walk owns z (entered as a copy) and one spare (N, D) buffer: the interleaved steps
+    # write into the two in turn (interleaved.forward_step) instead of new tensors.
+    spare = torch.empty_like(z) if inter is not None else None
     stats: list = []
     on = _profiling()
     for i in range(packed.num_layers):
         with _mark(on, i, "forward"):
             if inter is not None:
-                z = interleaved.forward_step(inter, i, z, views[i], None, stats)
+                new = interleaved.forward_step(inter, i, z, views[i], None, stats, spare)
+                if new is spare:
+                    spare = z
+                z = new
             with _mark(on, i, "conditioner"):
                 x_in = _first_input(kept[i].take(z), tail)
                 _, _, s, t = _nets(packed, i, x_in, ws1, ws2)
@@ -372,6 +378,7 @@ def inverse_no_grad(
     tail = _input_tail(packed, z, e)
     kept, trans = layout.kept, layout.trans
     views = interleaved.walk_views(inter, layout.order) if inter is not None else None
+    spare = torch.empty_like(x) if inter is not None else None  # see forward_no_grad
     on = _profiling()
     for i in reversed(range(packed.num_layers)):
         with _mark(on, i, "inverse"):
@@ -380,7 +387,10 @@ def inverse_no_grad(
             log_det.add_(s.neg_())
             trans[i].shift_scale_(x, t, s.exp_())
             if inter is not None:
-                x = interleaved.inverse_step(inter, i, x, views[i])
+                new = interleaved.inverse_step(inter, i, x, views[i], spare=spare)
+                if new is spare:
+                    spare = x
+                x = new
     return layout.leave(x), log_det.rows()
 
 
