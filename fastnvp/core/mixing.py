@@ -31,11 +31,15 @@ def _is_reversal(index: torch.Tensor) -> bool:
     return torch.equal(index, torch.arange(dim - 1, -1, -1, device=index.device))
 
 
-def permute_columns(x: torch.Tensor, index: torch.Tensor, is_reversal: bool) -> torch.Tensor:
+def permute_columns(
+    x: torch.Tensor, index: torch.Tensor, is_reversal: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x[:, index]`` for x (N, D): ``flip`` when ``index`` is the reversal (``is_reversal``,
-    a fact the caller keeps as a Python bool), else ``index_select``. The module and the
-    engine's stacked forms (``fastnvp.engine.interleaved``) both permute through here."""
-    return x.flip(1) if is_reversal else x.index_select(1, index)
+    a fact the caller keeps as a Python bool), else ``index_select``, into ``out`` when given
+    (``flip`` has no ``out=``: a reversal always returns a new tensor, so callers compare what
+    they get with ``out``). The module and the engine's stacked forms
+    (``fastnvp.engine.interleaved``) both permute through here."""
+    return x.flip(1) if is_reversal else torch.index_select(x, 1, index, out=out)
 
 
 def _check_permutation(index: torch.Tensor, name: str) -> None:

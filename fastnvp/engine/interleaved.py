@@ -240,9 +240,9 @@ class _LUWeights(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_weight, grad_log_det, _grad_lower, _grad_upper):
         lower, upper, diag, rows = ctx.saved_tensors
-        if grad_weight is None:
-            grad_weight = torch.zeros_like(lower)
-        grad_product = torch.zeros_like(grad_weight).scatter_(1, rows, grad_weight)
+        grad_product = torch.zeros_like(lower)
+        if grad_weight is not None:
+            grad_product.scatter_(1, rows, grad_weight)
         grad_lower = torch.bmm(grad_product, upper.transpose(1, 2)).tril_(-1)
         grad_upper = torch.bmm(lower.transpose(1, 2), grad_product)
         grad_log_diag = grad_upper.diagonal(dim1=1, dim2=2) * diag
@@ -294,10 +294,7 @@ def forward_step(inter, i, z, view, saved, stats=None, spare=None) -> Tensor:
             saved.append((xhat, inv_std))
         z = torch.addcmul(view["beta"], xhat, view["gamma"])
     if inter.mix == "permutation":
-        if owned and not inter.reversal[i]:
-            z = torch.index_select(z, 1, inter.index[i], out=spare)
-        else:
-            z = permute_columns(z, inter.index[i], inter.reversal[i])
+        z = permute_columns(z, inter.index[i], inter.reversal[i], out=spare if owned else None)
     elif inter.mix == "linear":
         if saved is not None:
             saved.append(z)
@@ -361,10 +358,8 @@ def inverse_step(inter, i, h, view, stats=None, saved=None, spare=None) -> Tenso
     record: list = []
     owned = spare is not None and saved is None  # h and spare are the walk's own buffers
     if inter.mix == "permutation":
-        if owned and not inter.reversal[i]:
-            h = torch.index_select(h, 1, inter.inverse_index[i], out=spare)
-        else:
-            h = permute_columns(h, inter.inverse_index[i], inter.reversal[i])
+        out = spare if owned else None
+        h = permute_columns(h, inter.inverse_index[i], inter.reversal[i], out=out)
     elif inter.mix == "linear":
         h = torch.mm(h, inter.inverse_weights()[i].t(), out=spare if owned else None)
         record.append(h)

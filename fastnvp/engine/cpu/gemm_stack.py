@@ -211,12 +211,8 @@ def pack(
         columns = torch.arange(dim, in_features, device=kept.device)
         inputs = torch.cat([kept, columns.expand(num_layers, in_features - dim)], dim=1)
     k_in = inputs.shape[1]
-    # With more than one input column the first Linear's input is built per layer anyway
-    # (a cat with the context, or a copy of a strided half), so it takes a column of ones
-    # too and b1 becomes W1's last column: no broadcast copy of b1 into the (2, N, H) output
-    # before the GEMM, and b1's gradient comes out of W1's GEMM instead of a row sum (at
-    # B = 4096, H = 256 the two cost 0.9 ms a layer). A single input column keeps the
-    # broadcast multiply-add (an outer product, no GEMM).
+    # The bias column (module doc; at B = 4096, H = 256 it saves 0.9 ms a layer). A single
+    # input column keeps the broadcast multiply-add (an outer product, no GEMM).
     bias_column = k_in > 1
     w1_full = w1_full.view(num_layers, 2, hidden, in_features)
     w3_full = w3_full.view(num_layers, 2, dim, hidden)
@@ -291,12 +287,11 @@ def _nets(packed: Packed, i: int, x1: Tensor, h1: Tensor | None = None, h2: Tens
 
     ``h1``/``h2`` are optional (2, N, H) workspaces written in place; else fresh tensors.
     """
-    n, k1 = x1.shape
     v = packed.layers[i]
     if not packed.bias_column:  # one input: an outer product, 2x faster as a broadcast FMA
         h1 = torch.addcmul(v.b1, x1, v.w1t, out=h1)
     else:  # b1 is the last row of w1t, against x1's column of ones
-        h1 = torch.bmm(x1.expand(2, n, k1), v.w1t, out=h1)
+        h1 = torch.bmm(x1.expand(2, *x1.shape), v.w1t, out=h1)
     torch.nn.functional.leaky_relu_(h1, packed.slope)
     h2 = torch.baddbmm(v.b2, h1, _stacked_w2(v).transpose(1, 2), out=h2)
     torch.nn.functional.leaky_relu_(h2, packed.slope)
@@ -320,6 +315,12 @@ class _LogDet:
     def rows(self) -> Tensor:
         """Σ over layers and features, (N,)."""
         return self.total.sum(1)
+
+
+def _advance(state: Tensor, new: Tensor, spare: Tensor) -> tuple[Tensor, Tensor]:
+    """After an interleaved step of a walk without a gradient: (the new state, the next
+    spare). The step wrote into ``spare`` (then the old state is free) or elsewhere."""
+    return new, (state if new is spare else spare)
 
 
 def _workspaces(x: Tensor, packed: Packed) -> tuple[Tensor, Tensor]:
@@ -351,9 +352,7 @@ def forward_no_grad(
         with _mark(on, i, "forward"):
             if inter is not None:
                 new = interleaved.forward_step(inter, i, z, views[i], None, stats, spare)
-                if new is spare:
-                    spare = z
-                z = new
+                z, spare = _advance(z, new, spare)
             with _mark(on, i, "conditioner"):
                 x_in = _first_input(kept[i].take(z), tail)
                 _, _, s, t = _nets(packed, i, x_in, ws1, ws2)
@@ -388,9 +387,7 @@ def inverse_no_grad(
             trans[i].shift_scale_(x, t, s.exp_())
             if inter is not None:
                 new = interleaved.inverse_step(inter, i, x, views[i], spare=spare)
-                if new is spare:
-                    spare = x
-                x = new
+                x, spare = _advance(x, new, spare)
     return layout.leave(x), log_det.rows()
 
 
@@ -401,9 +398,10 @@ class _Grads:
         num_layers, hidden = packed.num_layers, packed.hidden
         w1 = packed.w1
         self.w1 = like.new_empty((*w1.shape[:-1], w1.shape[-1] + packed.bias_column))
-        # b1's gradient: with the bias column, the last column of W1's (one GEMM gives both)
-        bias = self.w1[..., -1:].transpose(2, 3) if packed.bias_column else None
-        self.b1 = torch.empty_like(packed.b1) if bias is None else bias
+        if packed.bias_column:  # b1's gradient is W1's last column: one GEMM gives both
+            self.b1 = self.w1[..., -1:].transpose(2, 3)
+        else:
+            self.b1 = torch.empty_like(packed.b1)
         self.w2 = like.new_empty((num_layers, 2, hidden, hidden))
         self.b2 = torch.empty_like(packed.b2)
         self.w3 = torch.empty_like(packed.w3)
