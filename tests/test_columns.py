@@ -220,28 +220,35 @@ def test_split_layouts_are_built_once_per_split():
 
 
 @pytest.mark.parametrize("context", [None, 3])
-def test_cached_pack_keeps_stacked_pairs_below_its_limit(context, monkeypatch, one_thread):
-    """The no-gradient pack keeps every layer's H x H pair stacked (a copy) while they fit
-    CACHED_W2_MAX_BYTES; above it each layer stacks its pair where it runs. Same values."""
+def test_cached_pack_stacked_pairs_from_bank_copy_or_per_layer(context, monkeypatch, one_thread):
+    """The no-gradient pack takes every layer's H x H pair from the parameter bank (views, no
+    copy); without a bank it keeps a stacked copy while they fit CACHED_W2_MAX_BYTES, and above
+    it each layer stacks its pair where it runs. Same values all three ways."""
     from fastnvp.engine.cpu import gemm_stack
 
     _, fast = _twins(context, alternating_masks(6, 4))
+    bank = fast._param_bank
+    assert bank is not None
     x = torch.randn(7, fast.dim, dtype=torch.float64)
     given = {} if context is None else {"context": torch.randn(7, context, dtype=torch.float64)}
     with torch.no_grad():
         results = []
-        for limit in (gemm_stack.CACHED_W2_MAX_BYTES, 0):
-            monkeypatch.setattr(gemm_stack, "CACHED_W2_MAX_BYTES", limit)
+        for source, limit in (("bank", None), ("copy", None), ("per layer", 0)):
+            fast._param_bank = bank if source == "bank" else None
+            if limit is not None:
+                monkeypatch.setattr(gemm_stack, "CACHED_W2_MAX_BYTES", limit)
             fast.clear_caches()
             results.append((fast.log_prob(x, **given), fast.inverse(x, **given)))
             packed = fast._gemm_pack[1]  # the pack those calls used
             stacked = [v.w2_stacked for v in packed.layers]
-            if limit:
-                for v, pair in zip(packed.layers, stacked, strict=True):
-                    assert torch.equal(pair, torch.stack(v.w2))
-            else:
+            if source == "per layer":
                 assert stacked == [None] * len(packed.layers)
-    (lp, (xg, ldg)), (lp0, (xg0, ldg0)) = results
-    torch.testing.assert_close(lp, lp0, rtol=1e-14, atol=1e-14)
-    torch.testing.assert_close(xg, xg0, rtol=1e-14, atol=1e-14)
-    torch.testing.assert_close(ldg, ldg0, rtol=1e-14, atol=1e-14)
+                continue
+            for i, (v, pair) in enumerate(zip(packed.layers, stacked, strict=True)):
+                assert torch.equal(pair, torch.stack(v.w2))
+                shares = pair.data_ptr() == bank.kinds[2][i].data_ptr()
+                assert shares == (source == "bank")
+    first = results[0]
+    for other in results[1:]:
+        for a, b in zip((first[0], *first[1]), (other[0], *other[1]), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)

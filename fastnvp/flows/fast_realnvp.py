@@ -23,7 +23,7 @@ from fastnvp import ops
 from fastnvp.core import checks
 from fastnvp.core.conditioner import is_standard_pair, match_standard_mlp
 from fastnvp.core.reference import FlowBase, RealNVP
-from fastnvp.engine import interleaved
+from fastnvp.engine import interleaved, param_bank
 from fastnvp.engine import plan as plan_mod
 from fastnvp.engine.cpu import conditioner_pair, gemm_stack, knots
 from fastnvp.engine.cpu.threads import in_worker
@@ -54,6 +54,7 @@ def _refresh_after_load(module: FastRealNVP, _incompatible) -> None:
 
     A module-level function (not a lambda) so the model pickles."""
     module._refresh_split()
+    module._refresh_storage()  # load_state_dict(assign=True) rebinds the parameters
 
 
 class FastRealNVP(FlowBase):
@@ -145,6 +146,8 @@ class FastRealNVP(FlowBase):
         self.register_buffer("split_order", torch.empty(0, dtype=torch.long), persistent=False)
         self.register_buffer("input_order", torch.empty(0, dtype=torch.long), persistent=False)
         self._refresh_split()
+        self._param_bank = None
+        self._refresh_storage()
         # Loading a state_dict may bring other masks: rebuild the split each time.
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
@@ -159,7 +162,34 @@ class FastRealNVP(FlowBase):
         for name in _CALL_CACHES:
             state.pop(name, None)
         state["_plans"] = {}
+        state["_param_bank"] = None  # a copy's parameters are clones: it builds its own
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._refresh_storage()
+
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (``.to()``, ``.double()``, ``.cuda()``, ...), then the
+        conditioner weights back into one tensor per kind (:meth:`_refresh_storage`)."""
+        out = super()._apply(fn, recurse)
+        if "_param_bank" in self.__dict__:  # not while FlowBase.__init__ runs
+            self._refresh_storage()
+        return out
+
+    def _refresh_storage(self) -> None:
+        """Keep the standard conditioners' weights in one (L, 2, ...) tensor per kind, each
+        parameter a view into it (``fastnvp.engine.param_bank``; docs/design.md §3.2), so the
+        GEMM stack stacks nothing per call. A no-op while the current bank still holds them;
+        no bank for flows the GEMM stack does not run (non-standard or shared nets)."""
+        facts = self._facts
+        if not (facts.all_standard and facts.own_parameters):
+            self._param_bank = None
+            return
+        params = gemm_stack.layer_parameters(self)
+        bank = self._param_bank
+        if bank is None or not bank.holds(params):
+            self._param_bank = param_bank.build(params)
 
     def clear_caches(self) -> None:
         """Drop the work kept between calls without a gradient (packed weights, knot tables,

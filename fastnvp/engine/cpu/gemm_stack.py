@@ -11,8 +11,11 @@ nets run side by side as batched matmuls over a leading net axis of size 2 (S, T
     f:  z2 = x2 * exp(s) + t,   log_det += sum_k s          g:  x2 = (z2 - t) * exp(-s)
 
 so a layer is 3 batched GEMMs (instead of 6 Linear calls) and a handful of elementwise ops. The
-weights of all layers are packed once per call: one ``stack`` per parameter kind and one
-``gather`` for the kept columns of W1 and the transformed rows of W3, never a per-layer gather.
+weights of all layers are packed once per call: one ``gather`` for the kept columns of W1 and
+the transformed rows of W3, never a per-layer gather. The flow keeps each parameter kind in one
+(L, 2, ...) tensor, every parameter a view of it (:mod:`fastnvp.engine.param_bank`), so the
+pack reads those as they are; parameters that are not the bank's views (rebound, stand-ins)
+are stacked per call instead, one ``stack`` per kind and one per layer's H x H pair.
 
 Backward is written out by hand (the formulas below) and runs as ONE autograd node for the
 whole flow call: no per-layer autograd graph, no per-op saved-tensor bookkeeping. With upstream
@@ -76,15 +79,17 @@ from fastnvp.engine.invertible import (
     _failure_message,
     _relative_error,
 )
+from fastnvp.engine.param_bank import ParameterBank
 
 #: Parameters per layer, in the order :func:`layer_parameters` returns them:
 #: S (W1, b1, W2, b2, W3, b3), then T (W1, b1, W2, b2, W3, b3).
 PARAMS_PER_LAYER = 12
 
-#: The most bytes of stacked H x H pairs a cached pack keeps (a copy of those weights): below
-#: it every no-gradient call skips each layer's ``stack`` (46 us a layer at H = 256, 10 % of a
-#: call at B = 256); above it (deep, wide flows) the copy would cost more memory than it saves
-#: time, and the pairs are stacked where they run, as under autograd.
+#: Without a parameter bank (:func:`bank_of`), the most bytes of stacked H x H pairs a cached
+#: pack keeps (a copy of those weights): below it every no-gradient call skips each layer's
+#: ``stack`` (46 us a layer at H = 256, 10 % of a call at B = 256); above it (deep, wide flows)
+#: the copy would cost more memory than it saves time, and the pairs are stacked where they run.
+#: With a bank the pairs are its views: no copy at any size.
 CACHED_W2_MAX_BYTES = 64 * 2**20
 
 _lrelu_backward = torch.ops.aten.leaky_relu_backward
@@ -137,9 +142,10 @@ class Packed:
 
     Shapes (P = 2 nets, S then T): ``w1`` (L, P, H, K1), ``b1`` (L, P, 1, H), ``b2`` (L, P,
     1, H), ``w3`` (L, P, K2, H), ``b3`` (L, P, 1, K2), packed copies (O(L H D) values); the
-    H x H weights are not packed: ``layers[i].w2`` are the parameters themselves (they are most
-    of a flow's parameters, and a packed copy would make the memory of the invertible mode grow
-    with depth). A layer stacks its pair into one (P, H, H) temporary where it runs
+    H x H weights are never copied for a call: ``layers[i].w2`` are the parameters themselves
+    (most of a flow's parameters; a packed copy would make the memory of the invertible mode
+    grow with depth) and ``layers[i].w2_stacked`` the bank's (P, H, H) view of the pair. Without
+    a bank a layer stacks its pair into one (P, H, H) temporary where it runs
     (:func:`_stacked_w2`), unless the pack keeps them stacked (``stack_w2``: the cached pack
     of calls without a gradient, :data:`CACHED_W2_MAX_BYTES`). ``kept`` (L, K1) and ``trans``
     (L, K2) int64 indices; ``slope`` the LeakyReLU slope.
@@ -182,6 +188,7 @@ def pack(
     slope: float,
     layouts: SplitLayouts,
     stack_w2: bool = False,
+    bank: ParameterBank | None = None,
 ) -> Packed:
     """Pack the parameters of :func:`layer_parameters` for the batched GEMMs.
 
@@ -195,12 +202,18 @@ def pack(
         slope: the LeakyReLU slope shared by every net.
         layouts: the split's :class:`SplitLayouts` (:func:`cached_layouts`).
         stack_w2: keep every layer's H x H pair stacked as (2, H, H) (a copy of those
-            weights, for a pack that serves many calls).
+            weights, for a pack that serves many calls; no copy with a ``bank``).
+        bank: the :class:`~fastnvp.engine.param_bank.ParameterBank` that holds ``params``
+            (:func:`bank_of`), or None: its tensors are read as they are, with no ``stack``.
     """
     num_layers, k1 = kept.shape
     k2 = trans.shape[1]
-    # Leading axis 2 L: (layer, net) flattened. Everything but the H x H weights is stacked.
-    w1_full, b1, b2, w3_full, b3_full = (torch.stack(params[j::6]) for j in (0, 1, 3, 4, 5))
+    # Leading axis 2 L: (layer, net) flattened. Everything but the H x H weights is stacked
+    # (or, with a bank, already is).
+    if bank is None:
+        w1_full, b1, b2, w3_full, b3_full = (torch.stack(params[j::6]) for j in (0, 1, 3, 4, 5))
+    else:
+        w1_full, b1, b2, w3_full, b3_full = (bank.kinds[j].flatten(0, 1) for j in (0, 1, 3, 4, 5))
     w2 = params[2::6]
     hidden = w1_full.shape[1]
     dim = w1_full.shape[-1]
@@ -225,7 +238,10 @@ def pack(
     b2 = b2.view(num_layers, 2, 1, hidden)
     b3 = b3.view(num_layers, 2, 1, k2)
     w2_pairs = list(zip(w2[0::2], w2[1::2]))
-    w2_stacked = [torch.stack(pair) if stack_w2 else None for pair in w2_pairs]
+    if bank is not None:
+        w2_stacked = list(bank.kinds[2].unbind(0))
+    else:
+        w2_stacked = [torch.stack(pair) if stack_w2 else None for pair in w2_pairs]
     # Per-layer views, made once per call: a layer's loop body then indexes Python lists.
     layers = [
         LayerViews(w1t, b1_i, tuple(w1_i.unbind(0)), w2_pair, w2s, b2_i, w3t, w3_i, b3_i)
@@ -258,6 +274,13 @@ def pack(
     )
 
 
+def bank_of(model, params: list[Tensor]) -> ParameterBank | None:
+    """The model's :class:`~fastnvp.engine.param_bank.ParameterBank` if it holds ``params``
+    now (else None: the parameters were rebound, or are stand-ins such as clones)."""
+    bank = getattr(model, "_param_bank", None)
+    return bank if bank is not None and bank.holds(params) else None
+
+
 def _input_tail(packed: Packed, x: Tensor, e: Tensor | None) -> Tensor | None:
     """What every layer appends to its kept half, built once per call: the context (N, E) if
     any, then the bias column of ones (N, 1) (``packed.bias_column``); None when nothing."""
@@ -273,11 +296,13 @@ def _first_input(x1: Tensor, tail: Tensor | None) -> Tensor:
 
 
 def _stacked_w2(v: LayerViews) -> Tensor:
-    """Layer ``v``'s two H x H weights as one (2, H, H) temporary, so one batched GEMM replaces
-    two matmuls in each direction. The copy of 2 H^2 values costs 2-11 us at H = 64-256, against
-    12-30 us saved per GEMM pair at 256-4096 rows. It lives for one layer, so no copy of the
-    H x H weights outlives its layer (the invertible mode's memory stays flat in depth). A
-    cached pack keeps the stacked pairs instead (:data:`CACHED_W2_MAX_BYTES`)."""
+    """Layer ``v``'s two H x H weights as one (2, H, H) tensor, so one batched GEMM replaces
+    two matmuls in each direction: the bank's view of the pair (no copy), or, without a bank,
+    a temporary stack that lives for one layer, so no copy of the H x H weights outlives its
+    layer (the invertible mode's memory stays flat in depth); that copy of 2 H^2 values costs
+    2-70 us at H = 64-256 in context (about 1.1 ms of the 14 ms forward and backward at
+    B = 256, H = 256, L = 8). A cached pack without a bank keeps its own stacked copies instead
+    (:data:`CACHED_W2_MAX_BYTES`)."""
     return torch.stack(v.w2) if v.w2_stacked is None else v.w2_stacked
 
 
@@ -520,7 +545,9 @@ class _GemmStack(torch.autograd.Function):
         kept, trans, slope, memory, anchor_every, tolerance, inter = setup
         num_params = PARAMS_PER_LAYER * kept.shape[0]
         params, extra = tensors[:num_params], list(tensors[num_params:])
-        packed = pack(list(params), kept, trans, slope, cached_layouts(model, kept, trans))
+        params = list(params)
+        layouts = cached_layouts(model, kept, trans)
+        packed = pack(params, kept, trans, slope, layouts, bank=bank_of(model, params))
         layout = packed.walk_layout(inter)
         views = interleaved.walk_views(inter, layout.order, extra) if inter is not None else None
         pre_saved: list[list] = []
@@ -771,8 +798,8 @@ def cached_pack(model, kept: Tensor, trans: Tensor, slope: float) -> Packed:
     ``load_state_dict``, ``.to()``: :mod:`fastnvp.engine.cache_keys`), so inference after
     training always sees the new weights.
     Packing costs about 20 small ops per layer, a third of a no-grad call at B = 256, H = 32.
-    The pack keeps each layer's H x H pair stacked while all of them take at most
-    :data:`CACHED_W2_MAX_BYTES`.
+    The pack takes each layer's H x H pair from the parameter bank; without one it keeps a
+    stacked copy while all of them take at most :data:`CACHED_W2_MAX_BYTES`.
     """
     params = layer_parameters(model)
     key = (
@@ -786,6 +813,7 @@ def cached_pack(model, kept: Tensor, trans: Tensor, slope: float) -> Packed:
         w2 = params[2::6]
         stack_w2 = sum(w.nelement() * w.element_size() for w in w2) <= CACHED_W2_MAX_BYTES
         layouts = cached_layouts(model, kept, trans)
-        cache = (key, pack(params, kept, trans, slope, layouts, stack_w2=stack_w2))
+        bank = bank_of(model, params)
+        cache = (key, pack(params, kept, trans, slope, layouts, stack_w2=stack_w2, bank=bank))
         model._gemm_pack = cache
     return cache[1]

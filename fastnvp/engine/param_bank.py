@@ -1,0 +1,94 @@
+"""One contiguous tensor per kind of conditioner weight (docs/design.md §3.2).
+
+A flow of standard layers has twelve parameters per layer: W1, b1, W2, b2, W3, b3 of S, then
+of T (``fastnvp.engine.cpu.gemm_stack.layer_parameters`` order). The GEMM stack runs each
+kind for all layers and both nets as one (L, 2, ...) tensor, and built it per call with a
+``stack`` (five per call, plus one H x H pair per layer and direction: about 1.1 ms of the
+14 ms forward and backward of an 8-layer flow at B = 256, H = 256).
+
+A :class:`ParameterBank` makes the parameters *be* those stacks: every parameter of kind ``j``
+is a view into the bank's ``kinds[j]`` (L, 2, *shape), set with ``param.data = view``. Each
+parameter keeps its identity, name, ``requires_grad``, version counter and ``state_dict`` key,
+and an optimizer still sees the same tensors; what changes is only where their values live.
+The executor then reads ``kinds[j]`` itself, with no copy.
+
+Whatever rebinds a parameter to other storage (``.to()`` onto another device or dtype,
+``load_state_dict(assign=True)``, ``torch.func.functional_call``, ``p.data = t``) makes the
+bank stale: :meth:`ParameterBank.holds` then fails, and the executor stacks the parameters
+per call as before, with the same results. The flow rebuilds its bank where it rebinds its
+own parameters (``FastRealNVP._refresh_storage``).
+
+Limit: every layer's parameters of one kind must have one shape, dtype and device, and no
+parameter may be shared (the plan's ``own_parameters``); otherwise there is no bank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Kinds of conditioner weight per net, in ``layer_parameters`` order: W1, b1, W2, b2, W3, b3.
+KINDS_PER_NET = 6
+
+
+@dataclass(frozen=True)
+class ParameterBank:
+    """The stacked storage of a flow's 12 L conditioner parameters.
+
+    Attributes:
+        kinds: six tensors, kind ``j`` of every layer and net: (L, 2, *shape_j), S then T.
+        offsets: per parameter (``layer_parameters`` order), its byte offset from the start
+            of its kind's tensor.
+    """
+
+    kinds: tuple[Tensor, ...]
+    offsets: tuple[int, ...]
+
+    def holds(self, params: list[Tensor]) -> bool:
+        """Whether ``params`` (12 L, ``layer_parameters`` order) are this bank's views now.
+
+        Compares addresses relative to each kind's current start, so a storage moved in place
+        (``share_memory_``) still holds; shapes are checked by the executor's own views."""
+        if len(params) != len(self.offsets):
+            return False
+        starts = [kind.data_ptr() for kind in self.kinds]
+        for k, (param, offset) in enumerate(zip(params, self.offsets)):
+            if param.data_ptr() != starts[k % KINDS_PER_NET] + offset:
+                return False
+        return True
+
+
+def build(params: list[Tensor]) -> ParameterBank | None:
+    """Move ``params`` (12 L, ``layer_parameters`` order) into a new bank; None where one
+    kind differs in shape, dtype or device across layers and nets (module limit).
+
+    The values are copied once; afterwards each parameter's ``.data`` is its bank view.
+    """
+    if not params or len(params) % (2 * KINDS_PER_NET):
+        return None
+    if len({id(p) for p in params}) != len(params):
+        return None
+    num_layers = len(params) // (2 * KINDS_PER_NET)
+    groups = [params[j::KINDS_PER_NET] for j in range(KINDS_PER_NET)]
+    for group in groups:
+        first = group[0]
+        if any(
+            p.shape != first.shape or p.dtype != first.dtype or p.device != first.device
+            for p in group
+        ):
+            return None
+    kinds = []
+    with torch.no_grad():
+        for group in groups:
+            stacked = torch.stack([p.detach() for p in group])  # (2 L, *shape), layer-major
+            for param, view in zip(group, stacked.unbind(0)):
+                param.data = view
+            kinds.append(stacked.view(num_layers, 2, *group[0].shape))
+    offsets = [0] * len(params)
+    for j, group in enumerate(groups):
+        start = kinds[j].data_ptr()
+        for n, param in enumerate(group):
+            offsets[n * KINDS_PER_NET + j] = param.data_ptr() - start
+    return ParameterBank(tuple(kinds), tuple(offsets))

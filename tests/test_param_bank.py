@@ -1,0 +1,173 @@
+"""The parameter bank: the conditioner weights as views of one tensor per kind.
+
+docs/design.md §3.2, ``fastnvp.engine.param_bank``. The bank must be invisible: the same
+parameters (names, count, state_dict keys), the same results and gradients as without it and
+as the float64 reference, and it must stay correct whenever something rebinds the parameters.
+"""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from fastnvp import FastRealNVP, RealNVP
+from fastnvp.core.conditioner import standard_net
+from fastnvp.core.masks import alternating_masks
+from fastnvp.engine.cpu.gemm_stack import bank_of, layer_parameters
+
+
+def _twins(context=None, num_layers=4, dim=6, hidden=8):
+    torch.manual_seed(5)
+    width = context or 0
+    masks = alternating_masks(dim, num_layers)
+
+    def nets():
+        return standard_net(dim, hidden, tanh=True, context=width)
+
+    def nett():
+        return standard_net(dim, hidden, tanh=False, context=width)
+
+    ref = RealNVP(nets, nett, masks, context=context).double()
+    return ref, FastRealNVP.from_reference(ref)
+
+
+def _inputs(model, rows=9):
+    x = torch.randn(rows, model.dim, dtype=torch.float64)
+    width = model.context_features
+    given = {} if width is None else {"context": torch.randn(rows, width, dtype=torch.float64)}
+    return x, given
+
+
+def _holds(model) -> bool:
+    return bank_of(model, layer_parameters(model)) is not None
+
+
+def _grads(model, x, given):
+    model.zero_grad(set_to_none=True)
+    model.log_prob(x, **given).sum().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("context", [None, 3])
+def test_parameters_are_views_of_one_tensor_per_kind(context):
+    ref, fast = _twins(context)
+    bank = fast._param_bank
+    assert bank is not None and _holds(fast)
+    assert [name for name, _ in fast.named_parameters()] == [
+        name for name, _ in ref.named_parameters()
+    ]
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    params = layer_parameters(fast)
+    for k, param in enumerate(params):
+        layer, slot = divmod(k, 12)
+        net, kind = divmod(slot, 6)
+        view = bank.kinds[kind][layer, net]
+        assert param.data_ptr() == view.data_ptr() and param.shape == view.shape
+        assert param.is_leaf and param.requires_grad
+    for kind in bank.kinds:
+        assert kind.shape[:2] == (fast.num_layers, 2) and kind.is_contiguous()
+
+
+@pytest.mark.parametrize("context", [None, 3])
+def test_bank_changes_no_result_or_gradient(context, one_thread):
+    """log_prob, f, g and every parameter's gradient: with the bank, without it (the per-call
+    stacks) and in the float64 reference agree; the outputs are poisoned beforehand by
+    running on fresh buffers, and nothing is NaN."""
+    ref, fast = _twins(context)
+    x, given = _inputs(fast)
+    with_bank = _grads(fast, x, given)
+    lp_bank = fast.log_prob(x, **given).detach()
+    bank = fast._param_bank
+    fast._param_bank = None
+    fast.clear_caches()
+    without = _grads(fast, x, given)
+    lp_without = fast.log_prob(x, **given).detach()
+    fast._param_bank = bank
+    expected = _grads(ref, x, given)
+    torch.testing.assert_close(lp_bank, lp_without, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(lp_bank, ref.log_prob(x, **given).detach())
+    for name, grad in with_bank.items():
+        assert torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad, without[name], rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(grad, expected[name], rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        z, _ = fast.f(x, **given)
+        torch.testing.assert_close(fast.g(z, **given), x)
+
+
+def test_optimizer_steps_update_the_bank_in_place(one_thread):
+    """Adam writes each parameter in place, i.e. into the bank: the bank keeps holding them,
+    and the next call (cached no-grad pack included) computes with the new values."""
+    ref, fast = _twins()
+    x, given = _inputs(fast)
+    ref.load_state_dict(fast.state_dict())
+    for model in (ref, fast):
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        for _ in range(3):
+            opt.zero_grad()
+            (-model.log_prob(x, **given).mean()).backward()
+            opt.step()
+    assert _holds(fast)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.log_prob(x, **given), ref.log_prob(x, **given))
+
+
+@pytest.mark.parametrize(
+    "rebind",
+    ["deepcopy", "pickle", "to_float", "assign_load", "share_memory", "from_reference"],
+)
+def test_bank_survives_what_rebinds_parameters(rebind, one_thread):
+    ref, fast = _twins(3)
+    if rebind == "deepcopy":
+        model = copy.deepcopy(fast)
+    elif rebind == "pickle":
+        model = pickle.loads(pickle.dumps(fast))
+    elif rebind == "to_float":
+        model, ref = fast.float(), ref.float()
+    elif rebind == "assign_load":
+        state = {name: value.clone() for name, value in ref.state_dict().items()}
+        model = fast
+        model.load_state_dict(state, assign=True)
+    elif rebind == "share_memory":
+        model = fast.share_memory()
+    else:
+        model = FastRealNVP.from_reference(ref)
+    assert _holds(model), rebind
+    x, given = _inputs(model)
+    dtype = next(model.parameters()).dtype
+    x, given = x.to(dtype), {k: v.to(dtype) for k, v in given.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(model.log_prob(x, **given), ref.log_prob(x, **given))
+    if rebind in ("deepcopy", "pickle"):  # the copy owns its own storage
+        assert model._param_bank.kinds[2].data_ptr() != fast._param_bank.kinds[2].data_ptr()
+
+
+def test_stand_in_parameters_are_used_not_the_bank(one_thread):
+    """torch.func.functional_call swaps in other tensors for one call: they are not the bank's
+    views, so the engine stacks them per call and computes with them."""
+    ref, fast = _twins()
+    x, given = _inputs(fast)
+    other = {name: p.detach() * 1.1 for name, p in fast.named_parameters()}
+    got = torch.func.functional_call(fast, other, (x,), given, strict=False)
+    ref.load_state_dict({**ref.state_dict(), **other})
+    with torch.no_grad():
+        torch.testing.assert_close(got, ref(x, **given))
+
+
+def test_no_bank_where_the_gemm_stack_does_not_run():
+    """Shared nets or non-standard conditioners: no bank, parameters untouched."""
+    dim = 4
+    masks = alternating_masks(dim, 4)
+    shared = standard_net(dim, 8, tanh=True)
+    tied = FastRealNVP(lambda: shared, lambda: standard_net(dim, 8, tanh=False), masks)
+    assert tied._param_bank is None
+
+    def custom():
+        return torch.nn.Sequential(
+            torch.nn.Linear(dim, 8), torch.nn.ReLU(), torch.nn.Linear(8, dim)
+        )
+
+    plain = FastRealNVP(custom, custom, masks)
+    assert plain._param_bank is None
+    assert all(p._base is None for p in plain.parameters())
