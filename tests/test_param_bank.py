@@ -155,6 +155,71 @@ def test_stand_in_parameters_are_used_not_the_bank(one_thread):
         torch.testing.assert_close(got, ref(x, **given))
 
 
+def test_pickles_are_compact_and_copies_independent(one_thread):
+    """A plain pickle writes a view's whole storage once per view: the flow pickles its nets as
+    compact copies (the bytes are those of its parameters, not 2 L times more). Copies, shallow
+    ones included, get their own parameters and bank; the original keeps its own."""
+    _, fast = _twins(3, num_layers=6, hidden=32)
+    x, given = _inputs(fast)
+    payload = sum(p.numel() * p.element_size() for p in fast.parameters())
+    data = pickle.dumps(fast)
+    assert len(data) < 1.2 * payload + 100_000, (len(data), payload)
+    original = fast._param_bank.kinds[2].data_ptr()
+    for copied in (pickle.loads(data), copy.copy(fast), copy.deepcopy(fast)):
+        assert _holds(copied) and copied._param_bank is not fast._param_bank
+        assert copied._param_bank.kinds[2].data_ptr() != original
+        with torch.no_grad():
+            torch.testing.assert_close(copied.log_prob(x, **given), fast.log_prob(x, **given))
+    assert _holds(fast) and fast._param_bank.kinds[2].data_ptr() == original
+
+
+def _train_in_child(model):
+    torch.set_num_threads(1)
+    x = torch.randn(16, model.dim)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.zero_grad()
+    (-model.log_prob(x).mean()).backward()
+    opt.step()
+
+
+def test_shared_memory_flow_stays_shared_with_a_spawned_process():
+    """Hogwild: a share_memory() flow sent to a spawned process is the same storage there (the
+    bank goes as views, not as copies), so the child's optimizer step changes the parent's
+    parameters."""
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    fast = FastRealNVP.standard(4, 2, 8).share_memory()
+    assert _holds(fast)
+    before = [p.detach().clone() for p in fast.parameters()]
+    child = mp.get_context("spawn").Process(target=_train_in_child, args=(fast,))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    changed = [not torch.equal(a, p) for a, p in zip(before, fast.parameters(), strict=True)]
+    assert all(changed)
+    assert _holds(fast)
+
+
+def test_rebinding_from_outside_drops_the_bank(one_thread):
+    """vector_to_parameters re-points every parameter into one vector: the next call finds the
+    bank stale, drops it (no dead copy of the weights stays alive) and computes with the new
+    parameters; the next .to() builds a new bank."""
+    ref, fast = _twins()
+    x, given = _inputs(fast)
+    vector = torch.nn.utils.parameters_to_vector(fast.parameters()) * 0.9
+    torch.nn.utils.vector_to_parameters(vector, fast.parameters())
+    torch.nn.utils.vector_to_parameters(vector.clone(), ref.parameters())
+    fast.clear_caches()
+    with torch.no_grad():
+        torch.testing.assert_close(fast.log_prob(x, **given), ref.log_prob(x, **given))
+    assert fast._param_bank is None
+    fast.to(torch.float64)
+    assert _holds(fast)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.log_prob(x, **given), ref.log_prob(x, **given))
+
+
 def test_no_bank_where_the_gemm_stack_does_not_run():
     """Shared nets or non-standard conditioners: no bank, parameters untouched."""
     dim = 4

@@ -12,11 +12,16 @@ parameter keeps its identity, name, ``requires_grad``, version counter and ``sta
 and an optimizer still sees the same tensors; what changes is only where their values live.
 The executor then reads ``kinds[j]`` itself, with no copy.
 
-Whatever rebinds a parameter to other storage (``.to()`` onto another device or dtype,
-``load_state_dict(assign=True)``, ``torch.func.functional_call``, ``p.data = t``) makes the
-bank stale: :meth:`ParameterBank.holds` then fails, and the executor stacks the parameters
-per call as before, with the same results. The flow rebuilds its bank where it rebinds its
-own parameters (``FastRealNVP._refresh_storage``).
+The flow builds a new bank wherever it rebinds its own parameters (``FastRealNVP.
+_refresh_storage``: construction, ``.to()`` and the other ``_apply`` conversions,
+``load_state_dict`` with ``assign=True``, deep copies; pickles and processes keep the storage
+shared, and so the bank). Whatever rebinds a parameter from outside (``torch.func.
+functional_call``'s stand-ins, ``vector_to_parameters``, ``p.data = t``) makes the bank stale:
+:meth:`ParameterBank.holds` fails, the executor drops the bank (freeing its copy of the
+weights) and stacks the parameters per call as before, with the same results.
+
+Writes through ``p.data`` are invisible to the no-grad caches (docs/design.md §3.4) with or
+without a bank; call ``FastRealNVP.clear_caches()`` after one.
 
 Limit: every layer's parameters of one kind must have one shape, dtype and device, and no
 parameter may be shared (the plan's ``own_parameters``); otherwise there is no bank.
@@ -50,7 +55,9 @@ class ParameterBank:
         """Whether ``params`` (12 L, ``layer_parameters`` order) are this bank's views now.
 
         Compares addresses relative to each kind's current start, so a storage moved in place
-        (``share_memory_``) still holds; shapes are checked by the executor's own views."""
+        (``share_memory_``) still holds. Addresses only (12 L ``data_ptr`` reads, a few us a
+        call): a parameter re-pointed through ``.data`` to another shape at the same address
+        is not noticed."""
         if len(params) != len(self.offsets):
             return False
         starts = [kind.data_ptr() for kind in self.kinds]

@@ -276,9 +276,14 @@ def pack(
 
 def bank_of(model, params: list[Tensor]) -> ParameterBank | None:
     """The model's :class:`~fastnvp.engine.param_bank.ParameterBank` if it holds ``params``
-    now (else None: the parameters were rebound, or are stand-ins such as clones)."""
+    now, else None. A bank that does not hold them (parameters rebound from outside the flow,
+    stand-ins such as ``functional_call``'s) is dropped, so no dead copy of the weights stays
+    alive; the flow builds a new one when it next rebinds its own parameters."""
     bank = getattr(model, "_param_bank", None)
-    return bank if bank is not None and bank.holds(params) else None
+    if bank is None or bank.holds(params):
+        return bank
+    model._param_bank = None
+    return None
 
 
 def _input_tail(packed: Packed, x: Tensor, e: Tensor | None) -> Tensor | None:
