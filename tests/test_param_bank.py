@@ -236,3 +236,14 @@ def test_no_bank_where_the_gemm_stack_does_not_run():
     plain = FastRealNVP(custom, custom, masks)
     assert plain._param_bank is None
     assert all(p._base is None for p in plain.parameters())
+
+
+def test_no_bank_off_the_cpu():
+    """Only CPU parameters are banked (module limit): the GPU paths gain nothing from it, and
+    back-to-back packing would misalign some of them. Checked with meta tensors here."""
+    from fastnvp.engine import param_bank
+
+    _, fast = _twins()
+    params = [p.detach().to("meta") for p in layer_parameters(fast)]
+    assert param_bank.build(params) is None
+    assert all(p.device.type == "meta" for p in params)

@@ -23,8 +23,11 @@ weights) and stacks the parameters per call as before, with the same results.
 Writes through ``p.data`` are invisible to the no-grad caches (docs/design.md §3.4) with or
 without a bank; call ``FastRealNVP.clear_caches()`` after one.
 
-Limit: every layer's parameters of one kind must have one shape, dtype and device, and no
-parameter may be shared (the plan's ``own_parameters``); otherwise there is no bank.
+Limit: CPU parameters only, every layer's parameters of one kind with one shape and dtype,
+and no parameter shared (the plan's ``own_parameters``); otherwise there is no bank. On CUDA
+the fused kernels read each parameter where it is and the whole-stack kernel keeps its own
+stacked copies, so a bank would save nothing there, and packing parameters back to back would
+move some off the 16-byte alignment Triton specializes its loads on (a bias of D = 6 floats).
 """
 
 from __future__ import annotations
@@ -68,14 +71,16 @@ class ParameterBank:
 
 
 def build(params: list[Tensor]) -> ParameterBank | None:
-    """Move ``params`` (12 L, ``layer_parameters`` order) into a new bank; None where one
-    kind differs in shape, dtype or device across layers and nets (module limit).
+    """Move ``params`` (12 L, ``layer_parameters`` order) into a new bank; None off the CPU,
+    or where one kind differs in shape, dtype or device across layers and nets (module limit).
 
     The values are copied once; afterwards each parameter's ``.data`` is its bank view.
     """
     if not params or len(params) % (2 * KINDS_PER_NET):
         return None
     if len({id(p) for p in params}) != len(params):
+        return None
+    if any(p.device.type != "cpu" for p in params):
         return None
     num_layers = len(params) // (2 * KINDS_PER_NET)
     groups = [params[j::KINDS_PER_NET] for j in range(KINDS_PER_NET)]
