@@ -247,3 +247,24 @@ def test_no_bank_off_the_cpu():
     params = [p.detach().to("meta") for p in layer_parameters(fast)]
     assert param_bank.build(params) is None
     assert all(p.device.type == "meta" for p in params)
+
+
+def test_bank_ab_benchmark_writes_its_table(tmp_path, monkeypatch, one_thread):
+    """benchmarks/param_bank_ab.py on one tiny shape: both files, every workload, finite
+    positive times and ratios."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "param_bank_ab.py"
+    spec = importlib.util.spec_from_file_location("param_bank_ab", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "SHAPES", ((4, 2, 8, 16, 2),))
+    module.main(["--rounds", "4", "--threads", "1", "--seconds", "0.002", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "param_bank_ab.json").read_text())["rows"]
+    assert [row["workload"] for row in rows] == list(module.WORKLOADS)
+    for row in rows:
+        for key in ("with_bank_ms", "without_bank_ms", "speedup", "q1", "q3"):
+            assert 0 < row[key] < float("inf"), (key, row)
+    assert "| 4 | 2 | 8 | 16 | 2 | train |" in (tmp_path / "param_bank_ab.md").read_text()
