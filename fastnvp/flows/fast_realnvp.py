@@ -156,29 +156,20 @@ class FastRealNVP(FlowBase):
 
         The no-grad weight packs hold views of the parameters made under ``no_grad``, which
         ``copy.deepcopy`` refuses once an optimizer has changed the parameters in place; a copy
-        starts with empty caches instead. The conditioner nets go as compact copies unless the
-        parameter bank is in shared memory (below), so copies and pickles get their own
-        parameters (``copy.copy`` included) and build their own bank.
+        starts with empty caches instead.
         """
         state = self.__dict__.copy()
         for name in _CALL_CACHES:
             state.pop(name, None)
         state["_plans"] = {}
-        bank = state.get("_param_bank")
-        if bank is not None and not bank.kinds[0].is_shared():
-            # A plain pickle writes a view's whole storage, once per view: the banked nets go
-            # as compact copies (2 L times smaller), and the copy builds its own bank. A flow
-            # in shared memory keeps its views: multiprocessing then shares the storage itself.
-            modules = type(state["_modules"])(state["_modules"])
-            modules["s"], modules["t"] = copy.deepcopy(self.s), copy.deepcopy(self.t)
-            state["_modules"] = modules
-            state["_param_bank"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
-        """Restore, then keep the bank where the parameters are still its views (a flow in
-        shared memory sent to another process) or build a new one (copies and pickles)."""
+        """Restore, then the parameter bank: a shallow copy shares the original's (the same
+        parameters); deep copies and pickles carry none (``param_bank``) and build their own,
+        as do flows pickled before the bank existed."""
         super().__setstate__(state)
+        self.__dict__.setdefault("_param_bank", None)
         self._refresh_storage()
 
     def _apply(self, fn, recurse=True):

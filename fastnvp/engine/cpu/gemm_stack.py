@@ -14,7 +14,7 @@ so a layer is 3 batched GEMMs (instead of 6 Linear calls) and a handful of eleme
 weights of all layers are packed once per call: one ``gather`` for the kept columns of W1 and
 the transformed rows of W3, never a per-layer gather. The flow keeps each parameter kind in one
 (L, 2, ...) tensor, every parameter a view of it (:mod:`fastnvp.engine.param_bank`), so the
-pack reads those as they are; parameters that are not the bank's views (rebound, stand-ins)
+pack reads those as they are; parameters that are not in the bank (rebound, stand-ins)
 are stacked per call instead, one ``stack`` per kind and one per layer's H x H pair.
 
 Backward is written out by hand (the formulas below) and runs as ONE autograd node for the
@@ -89,7 +89,7 @@ PARAMS_PER_LAYER = 12
 #: pack keeps (a copy of those weights): below it every no-gradient call skips each layer's
 #: ``stack`` (46 us a layer at H = 256, 10 % of a call at B = 256); above it (deep, wide flows)
 #: the copy would cost more memory than it saves time, and the pairs are stacked where they run.
-#: With a bank the pairs are its views: no copy at any size.
+#: With a bank the pairs are views of it: no copy at any size.
 CACHED_W2_MAX_BYTES = 64 * 2**20
 
 _lrelu_backward = torch.ops.aten.leaky_relu_backward
@@ -141,7 +141,9 @@ class Packed:
     """The weights of all L layers for both nets, restricted to the split halves.
 
     Shapes (P = 2 nets, S then T): ``w1`` (L, P, H, K1), ``b1`` (L, P, 1, H), ``b2`` (L, P,
-    1, H), ``w3`` (L, P, K2, H), ``b3`` (L, P, 1, K2), packed copies (O(L H D) values); the
+    1, H), ``w3`` (L, P, K2, H), ``b3`` (L, P, 1, K2): ``w1``, ``w3``, ``b3`` gathered copies
+    (O(L H D) values), ``b1`` and ``b2`` views of the parameter bank (stacked copies without
+    one; ``b1`` also rides in ``layers[i].w1t``, a copy); the
     H x H weights are never copied for a call: ``layers[i].w2`` are the parameters themselves
     (most of a flow's parameters; a packed copy would make the memory of the invertible mode
     grow with depth) and ``layers[i].w2_stacked`` the bank's (P, H, H) view of the pair. Without
@@ -276,9 +278,9 @@ def pack(
 
 def bank_of(model, params: list[Tensor]) -> ParameterBank | None:
     """The model's :class:`~fastnvp.engine.param_bank.ParameterBank` if it holds ``params``
-    now, else None. A bank that does not hold them (parameters rebound from outside the flow,
-    stand-ins such as ``functional_call``'s) is dropped, so no dead copy of the weights stays
-    alive; the flow builds a new one when it next rebinds its own parameters."""
+    now, else None. A bank that does not hold them (parameters moved from outside the flow,
+    stand-ins such as ``functional_call``'s) is dropped: its memory goes once no parameter
+    lies in it, and the flow builds a new bank when it next rebinds its own parameters."""
     bank = getattr(model, "_param_bank", None)
     if bank is None or bank.holds(params):
         return bank
