@@ -349,3 +349,35 @@ def test_masks_with_interleaved_features_run_on_the_gemm_stack(one_thread):
     g_ref = torch.autograd.grad(ref.log_prob(x).sum(), [x, *ref.parameters()])
     for a, b in zip(g_fast, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"context": 3}, {"norm": "actnorm", "permutation": "lu"}, {"permutation": "random"}],
+)
+def test_first_calls_under_inference_mode(options, one_thread):
+    """A fresh flow called first under torch.inference_mode (sampling, evaluation): the
+    engine's caches are built from normal tensors, so the calls agree with the float64
+    reference and a training step afterwards still runs and matches it."""
+    torch.manual_seed(4)
+    dim, width = 6, options.get("context") or 0
+    ref = RealNVP.standard(dim, 4, 16, **options).double()
+    fast = FastRealNVP.from_reference(ref)
+    x = torch.randn(9, dim, dtype=torch.float64)
+    given = {"context": torch.randn(9, width, dtype=torch.float64)} if width else {}
+    with torch.inference_mode():
+        x_inference = x.clone()
+        lp = fast.log_prob(x_inference, **given)
+        z, _ = fast.f(x_inference, **given)
+        back = fast.g(z, **given)
+        drawn = fast.sample(4, **({"context": given["context"][0]} if width else {}))
+    assert drawn.shape == (4, dim) and torch.isfinite(drawn).all()
+    ref.load_state_dict(fast.state_dict())  # ActNorm initialized by the first call
+    with torch.no_grad():
+        torch.testing.assert_close(lp, ref.log_prob(x, **given))
+    torch.testing.assert_close(back, x)
+    for model in (fast, ref):
+        model.zero_grad()
+        model.log_prob(x, **given).sum().backward()
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)

@@ -23,10 +23,13 @@ The flow builds a new bank wherever it rebinds its own parameters (``FastRealNVP
 _refresh_storage``: construction, ``.to()`` and the other ``_apply`` conversions,
 ``load_state_dict`` with ``assign=True``, copies and unpickling). Whatever moves a parameter
 from outside (``torch.func.functional_call``'s stand-ins, ``vector_to_parameters``,
-``p.data = t``, ``share_memory_()``) makes the bank stale: :meth:`ParameterBank.holds` fails,
-the executor drops the bank and stacks the parameters per call as before, with the same
-results, until the flow next rebinds its parameters. Nets shared by two flows belong to the
-bank of the flow that built last; the other one stacks them per call.
+``p.data = t``, ``share_memory_()``) is seen by :meth:`ParameterBank.holds`: the executor
+then stacks the parameters per call as before, with the same results. The bank is kept, so
+it serves again when the parameters come back (after ``functional_call``); where they never
+do, it holds one unused copy of the conditioner weights until the flow next rebinds its
+parameters (``.to()``, ``load_state_dict(assign=True)``, a copy), which builds a new one. Nets
+shared by two flows belong to the bank of the flow that built last; the other one stacks them
+per call.
 
 Writes through ``p.data`` are invisible to the no-grad caches (docs/design.md §3.4) with or
 without a bank; call ``FastRealNVP.clear_caches()`` after one.

@@ -14,6 +14,7 @@ function (docs/design.md §1). What differs is how it is computed:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -47,6 +48,20 @@ _CALL_CACHES = (
     "_uniform_split_cache",
     "_interleave_cache",
 )
+
+
+def _outside_inference_mode():
+    """Under ``torch.inference_mode``, run a call as under ``no_grad`` instead (a no-op
+    elsewhere): the engine keeps index tensors and packs between calls, keyed on version
+    counters, and an inference tensor has none and cannot enter a later call with a gradient.
+    The call's inputs may still be inference tensors; the engine never writes them. A traced
+    call (``torch.compile``) keeps no such caches and cannot ask for the mode."""
+    if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
 
 
 def _refresh_after_load(module: FastRealNVP, _incompatible) -> None:
@@ -505,10 +520,12 @@ class FastRealNVP(FlowBase):
     # ----------------------------------------------------------------------------- the flow
     def _forward(self, x: torch.Tensor, e: torch.Tensor | None):
         """Runs the plan of the call (:meth:`explain`; docs/design.md §3)."""
-        return self._run(self._plan(x, "f", e), x, e)
+        with _outside_inference_mode():
+            return self._run(self._plan(x, "f", e), x, e)
 
     def _inverse(self, z: torch.Tensor, e: torch.Tensor | None, with_log_det: bool = False):
-        x, log_det = self._run(self._plan(z, "g", e), z, e)
+        with _outside_inference_mode():
+            x, log_det = self._run(self._plan(z, "g", e), z, e)
         return x, log_det if with_log_det else None
 
     def _run(self, plan: plan_mod.Plan, h: torch.Tensor, e=None):

@@ -278,14 +278,10 @@ def pack(
 
 def bank_of(model, params: list[Tensor]) -> ParameterBank | None:
     """The model's :class:`~fastnvp.engine.param_bank.ParameterBank` if it holds ``params``
-    now, else None. A bank that does not hold them (parameters moved from outside the flow,
-    stand-ins such as ``functional_call``'s) is dropped: its memory goes once no parameter
-    lies in it, and the flow builds a new bank when it next rebinds its own parameters."""
+    now, else None (parameters moved from outside the flow, or stand-ins such as
+    ``functional_call``'s: the bank is kept, and serves again once they are back)."""
     bank = getattr(model, "_param_bank", None)
-    if bank is None or bank.holds(params):
-        return bank
-    model._param_bank = None
-    return None
+    return bank if bank is not None and bank.holds(params) else None
 
 
 def _input_tail(packed: Packed, x: Tensor, e: Tensor | None) -> Tensor | None:
