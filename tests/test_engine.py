@@ -381,3 +381,33 @@ def test_first_calls_under_inference_mode(options, one_thread):
         model.log_prob(x, **given).sum().backward()
     for (name, p), q in zip(fast.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+@pytest.mark.parametrize(
+    "dim, options",
+    [(4, {}), (2, {}), (4, {"memory": "invertible"}), (4, {"permutation": "lu"})],
+)
+def test_second_derivatives_raise_on_first_order_nodes(dim, options, one_thread):
+    """The engine's hand-written backwards are first order: asking for a second derivative
+    (create_graph=True) raises and names the reference, instead of autograd.grad pruning the
+    node and returning a silent None (zero) with allow_unused=True."""
+    fast = FastRealNVP.standard(dim, 2, 8, **options).double()
+    x = torch.randn(5, dim, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="first-order backward.*fastnvp.RealNVP"):
+        torch.autograd.grad(fast.log_prob(x).sum(), x, create_graph=True)
+    (grad,) = torch.autograd.grad(fast.log_prob(x).sum(), x)  # first order still runs
+    assert torch.isfinite(grad).all()
+
+
+def test_second_derivatives_where_the_path_is_plain_autograd(one_thread):
+    """D = 3 (layers keep 2 and 1 features) runs the layer loop, whose ops are differentiable
+    twice: its second derivative equals the reference's."""
+    ref = RealNVP.standard(3, 2, 8).double()
+    fast = FastRealNVP.from_reference(ref)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+
+    def curvature(model):
+        (grad,) = torch.autograd.grad(model.log_prob(x).sum(), x, create_graph=True)
+        return torch.autograd.grad(grad.square().sum(), x)[0]
+
+    torch.testing.assert_close(curvature(fast), curvature(ref), rtol=1e-10, atol=1e-12)

@@ -42,6 +42,7 @@ from torch import Tensor
 from fastnvp.core.mixing import LULinear, Permutation, permute_columns
 from fastnvp.core.normalization import ActNorm, BatchNorm
 from fastnvp.engine.cache_keys import tensors_key
+from fastnvp.engine.first_order import first_order
 
 
 @dataclass
@@ -237,7 +238,7 @@ class _LUWeights(torch.autograd.Function):
         return weight, log_diag.sum(), lower, upper
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, grad_weight, grad_log_det, _grad_lower, _grad_upper):
         lower, upper, diag, rows = ctx.saved_tensors
         grad_product = torch.zeros_like(lower)

@@ -68,7 +68,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from fastnvp.engine.first_order import first_order
 
 MEMORY_MODES = ("standard", "invertible")
 
@@ -431,7 +432,7 @@ class _InvertibleStack(torch.autograd.Function):
         return z, log_det
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_z, grad_log_det):
         model = ctx.model
         x_in, z, *anchors = ctx.saved_tensors

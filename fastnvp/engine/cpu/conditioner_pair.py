@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from fastnvp.core.conditioner import StandardMLP, standard_weights
 from fastnvp.engine.cpu.threads import on_threads
+from fastnvp.engine.first_order import first_order
 
 #: Rows per tile in the no-grad path. 512 rows x 2H fp32 at H = 256 is 1 MiB of activations per
 #: tile, the L2 of two cores; measured fastest among 256 / 512 / 1024 / untiled at H = 256.
@@ -216,7 +217,7 @@ class _RowParallelForward(torch.autograd.Function):
         )
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, grad_z, grad_log_det):
         graphs, params = ctx.graphs, ctx.params
         wants_x, wants_e = ctx.wants

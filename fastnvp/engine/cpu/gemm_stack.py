@@ -68,11 +68,11 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from fastnvp.engine import interleaved
 from fastnvp.engine.cache_keys import tensors_key
 from fastnvp.engine.cpu.columns import SplitLayouts, StackLayout, split_layouts
+from fastnvp.engine.first_order import first_order
 from fastnvp.engine.invertible import (
     ReconstructionError,
     ReconstructionReport,
@@ -621,7 +621,7 @@ class _GemmStack(torch.autograd.Function):
         return layout.leave(z), log_det
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_z, grad_log_det):
         packed: Packed = ctx.packed
         _check_unmodified(ctx.params, ctx.versions)

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from fastnvp.core.conditioner import StandardMLP
 from fastnvp.engine.cache_keys import tensors_key
 from fastnvp.engine.cpu.threads import over_shares
+from fastnvp.engine.first_order import first_order
 
 #: Rows per tile of :func:`evaluate_pair`, forward and backward: 512 x 2H fp32 gathered rows at
 #: H = 256 are 1 MiB, the L2 of two cores.
@@ -165,7 +166,7 @@ class _BuildTable(torch.autograd.Function):
         return knots, table
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, _grad_knots, grad_table):
         w2, *saved = ctx.saved_tensors
         return (*_table_backward(w2, saved, grad_table, ctx.slope), None)
@@ -200,7 +201,7 @@ class _BuildTables(torch.autograd.Function):
         return tuple(outputs)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, *grads):
         w2s, saved, slope = ctx.saved_tensors, ctx.saved, ctx.slope
         tables = grads[1::2]
@@ -600,7 +601,7 @@ class _KnotPair(torch.autograd.Function):
         return s, t
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, grad_s, grad_t):
         x, s, s_idx, t_idx, s_table, s_w3, t_table, t_w3 = ctx.saved_tensors
         needs = ctx.needs_input_grad  # x1, tile_rows, slope, then (knots, table, w3, b3) x 2
