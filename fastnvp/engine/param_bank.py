@@ -31,6 +31,11 @@ parameters (``.to()``, ``load_state_dict(assign=True)``, a copy), which builds a
 shared by two flows belong to the bank of the flow that built last; the other one stacks them
 per call.
 
+A banked parameter's storage is not resizable (it lies inside the bank): code that frees
+parameter storage with ``untyped_storage().resize_(0)`` (FSDP-style sharding) needs the flow
+unbanked, e.g. after ``vector_to_parameters`` or on CUDA. A flow loaded with
+``torch.load(mmap=True)`` builds its bank in memory, a copy of the mapped weights.
+
 Writes through ``p.data`` are invisible to the no-grad caches (docs/design.md §3.4) with or
 without a bank; call ``FastRealNVP.clear_caches()`` after one.
 
