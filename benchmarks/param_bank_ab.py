@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -56,16 +55,15 @@ def _workload(flow, name: str, x: torch.Tensor, given: dict):
 
 
 def _measure(flow, run, rounds: int, seconds: float) -> dict:
+    from fastnvp.bench.harness import time_call
+
     bank = flow._param_bank
 
     def timed(with_bank: bool, calls: int) -> float:
         flow._param_bank = bank if with_bank else None
         flow.clear_caches()  # the no-gradient pack is rebuilt the way the setting reads it
         run()
-        start = time.perf_counter()
-        for _ in range(calls):
-            run()
-        return (time.perf_counter() - start) / calls * 1e3
+        return time_call(run, "cpu", calls) * 1e3
 
     calls = max(3, int(seconds / (timed(True, 2) / 1e3)))
     with_ms, without_ms, ratios = [], [], []
@@ -88,7 +86,7 @@ def _measure(flow, run, rounds: int, seconds: float) -> dict:
 
 
 def main(argv=None) -> None:
-    from fastnvp.bench.harness import machine_name
+    from fastnvp.bench.harness import environment, load_average
     from fastnvp.flows.fast_realnvp import FastRealNVP
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -100,7 +98,9 @@ def main(argv=None) -> None:
     if args.rounds < 4:
         raise SystemExit("--rounds must be at least 4 (quartiles over rounds)")
     torch.set_num_threads(args.threads)
-    out = args.out or Path("benchmarks/results") / machine_name("cpu", args.threads)
+    env = environment("cpu", args.threads)
+    out = args.out or Path("benchmarks/results") / env["machine"]["name"]
+    load_start = load_average()
     rows = []
     for dim, context, hidden, batch, layers in SHAPES:
         torch.manual_seed(0)
@@ -124,15 +124,17 @@ def main(argv=None) -> None:
     record = {
         "command": "python benchmarks/param_bank_ab.py",
         "rounds": args.rounds,
-        "threads": args.threads,
-        "torch": torch.__version__,
+        "load_average_start": load_start,
+        **env,
+        "load_average_end": load_average(),
         "rows": rows,
     }
     (out / "param_bank_ab.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = [
-        f"Measured by `python benchmarks/param_bank_ab.py` ({args.rounds} rounds, "
-        f"{args.threads} threads, torch {torch.__version__}). Speed-up = time without the "
-        "parameter bank / time with it, paired per round: median [quartiles].",
+        f"Measured by `python benchmarks/param_bank_ab.py` at commit {str(env['commit'])[:10]} "
+        f"on {env['machine']['cpu_model']}, {args.threads} threads, torch "
+        f"{torch.__version__}, {args.rounds} rounds. Speed-up = time without the parameter "
+        "bank / time with it, paired per round: median [quartiles].",
         "",
         "| D | C | H | B | L | workload | without bank (ms) | with bank (ms) | speed-up |",
         "|---:|---:|---:|---:|---:|---|---:|---:|---:|",

@@ -19,16 +19,7 @@ from fastnvp.engine.cpu.gemm_stack import bank_of, layer_parameters
 
 def _twins(context=None, num_layers=4, dim=6, hidden=8):
     torch.manual_seed(5)
-    width = context or 0
-    masks = alternating_masks(dim, num_layers)
-
-    def nets():
-        return standard_net(dim, hidden, tanh=True, context=width)
-
-    def nett():
-        return standard_net(dim, hidden, tanh=False, context=width)
-
-    ref = RealNVP(nets, nett, masks, context=context).double()
+    ref = RealNVP.standard(dim, num_layers, hidden, context=context).double()
     return ref, FastRealNVP.from_reference(ref)
 
 

@@ -102,15 +102,14 @@ def _alias(view: Tensor) -> Tensor:
 
 
 def build(params: list[Tensor]) -> ParameterBank | None:
-    """Move ``params`` (12 L, ``layer_parameters`` order) into a new bank; None where the
-    module's limit excludes one: off the CPU, in shared memory, empty, or one kind differing
-    in shape or dtype across layers and nets.
+    """Move ``params`` (12 L distinct tensors, ``layer_parameters`` order: the caller has
+    checked the plan's ``own_parameters``) into a new bank; None where the module's limit
+    excludes one: off the CPU, in shared memory, empty, or one kind differing in shape or
+    dtype across layers and nets.
 
     The values are copied once; afterwards each parameter's ``.data`` lies in the bank.
     """
     if not params or len(params) % (2 * KINDS_PER_NET):
-        return None
-    if len({id(p) for p in params}) != len(params):
         return None
     if any(p.device.type != "cpu" or p.is_shared() or p.numel() == 0 for p in params):
         return None
@@ -118,10 +117,7 @@ def build(params: list[Tensor]) -> ParameterBank | None:
     groups = [params[j::KINDS_PER_NET] for j in range(KINDS_PER_NET)]
     for group in groups:
         first = group[0]
-        if any(
-            p.shape != first.shape or p.dtype != first.dtype or p.device != first.device
-            for p in group
-        ):
+        if any(p.shape != first.shape or p.dtype != first.dtype for p in group):
             return None
     kinds = []
     with torch.no_grad():

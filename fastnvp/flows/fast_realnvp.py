@@ -197,7 +197,7 @@ class FastRealNVP(FlowBase):
 
     def _refresh_storage(self) -> None:
         """Keep the standard conditioners' weights in one (L, 2, ...) tensor per kind, each
-        parameter a view into it (``fastnvp.engine.param_bank``; docs/design.md §3.2), so the
+        parameter lying in it (``fastnvp.engine.param_bank``; docs/design.md §3.2), so the
         GEMM stack stacks nothing per call. A no-op while the current bank still holds them;
         no bank for flows the GEMM stack does not run (non-standard or shared nets)."""
         facts = self._facts
@@ -205,8 +205,7 @@ class FastRealNVP(FlowBase):
             self._param_bank = None
             return
         params = gemm_stack.layer_parameters(self)
-        bank = self._param_bank
-        if bank is None or not bank.holds(params):
+        if gemm_stack.bank_of(self, params) is None:
             self._param_bank = param_bank.build(params)
 
     def clear_caches(self) -> None:

@@ -13,7 +13,7 @@ nets run side by side as batched matmuls over a leading net axis of size 2 (S, T
 so a layer is 3 batched GEMMs (instead of 6 Linear calls) and a handful of elementwise ops. The
 weights of all layers are packed once per call: one ``gather`` for the kept columns of W1 and
 the transformed rows of W3, never a per-layer gather. The flow keeps each parameter kind in one
-(L, 2, ...) tensor, every parameter a view of it (:mod:`fastnvp.engine.param_bank`), so the
+(L, 2, ...) tensor, every parameter lying in it (:mod:`fastnvp.engine.param_bank`), so the
 pack reads those as they are; parameters that are not in the bank (rebound, stand-ins)
 are stacked per call instead, one ``stack`` per kind and one per layer's H x H pair.
 
