@@ -179,7 +179,7 @@ def test_norm_layers_walk_the_reordered_columns(norm, memory, one_thread):
     fast = FastRealNVP.from_reference(ref)
     fast.memory = memory
     fast.anchor_every = 2
-    kept, trans = fast._uniform_split()
+    kept, trans = fast._stack_split()
     assert stack_layout(kept, trans).order is not None
     results = []
     for model in (ref, fast):
@@ -213,7 +213,7 @@ def test_split_layouts_are_built_once_per_split():
     alternating = split_layouts(*_halves(alternating_masks(4, 2)))
     assert alternating.reordered.order is not None and alternating.plain.order is None
     _, fast = _twins(None, alternating_masks(6, 4))
-    kept, trans = fast._uniform_split()
+    kept, trans = fast._stack_split()
     first = cached_layouts(fast, kept, trans)
     assert cached_layouts(fast, kept, trans) is first
     assert cached_layouts(fast, kept.clone(), trans) is not first

@@ -87,7 +87,7 @@ def test_gemm_stack_matches_reference(one_thread, embedding, memory):
 
 def test_gemm_stack_gradcheck_with_context(one_thread):
     _, fast = _twins(dim=4, layers=2, hidden=4)
-    kept, trans = fast._uniform_split()
+    kept, trans = fast._stack_split()
     params = [p.detach().clone().requires_grad_() for p in gemm_stack.layer_parameters(fast)]
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     e = torch.randn(5, C, dtype=torch.float64, requires_grad=True)
@@ -100,11 +100,58 @@ def test_gemm_stack_gradcheck_with_context(one_thread):
         assert torch.autograd.gradcheck(fn, (x, e, *params))
 
 
+#: Layers keep 2, 4 and 4 features: the GEMM stack pads both halves to 4, twice in two rows.
+UNEQUAL_MASKS = torch.tensor(
+    [[1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1], [1, 0, 1, 0, 1, 1]], dtype=torch.float32
+)
+
+
+@pytest.mark.parametrize("embedding", [None, _embedding], ids=["raw", "embedded"])
+@pytest.mark.parametrize("memory", ["standard", "invertible"])
+def test_gemm_stack_pads_unequal_halves(one_thread, embedding, memory):
+    """Layers that keep different numbers of features run in the GEMM stack, padded with a
+    zero column (docs/design.md §3.2): same values and gradients as the reference, including
+    the W1 column and W3 row (index 0) that the padding entries gather from."""
+    proto = RealNVP.standard(D, 3, 16, context=C, embedding=embedding() if embedding else None)
+    ref = _with_masks(proto, UNEQUAL_MASKS)
+    fast = FastRealNVP.from_reference(ref).double()
+    fast.memory = memory
+    kept, trans = fast._stack_split()
+    assert kept.tolist()[0] == [0, 1, D, D] and trans.tolist()[1] == [0, 1, D, D]
+    x, c = _inputs()
+    plan = fast.explain(x, "f", c)
+    assert plan.stack == "cpu_gemm_stack" and "unequal halves" in plan.reason
+    _assert_same_gradients(ref, fast, x, c)
+    with torch.no_grad():
+        z, ld = ref.f(x, c)
+        assert fast.explain(z, "g", c).stack == "cpu_gemm_stack"
+        z_fast, ld_fast = fast.f(x, c)
+        torch.testing.assert_close(z_fast, z, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ld_fast, ld, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fast.g(z, c), x, rtol=1e-10, atol=1e-10)
+
+
+def test_gemm_stack_gradcheck_with_unequal_halves(one_thread):
+    ref = _with_masks(RealNVP.standard(5, 3, 4, context=C), alternating_masks(5, 3))
+    fast = FastRealNVP.from_reference(ref).double()
+    kept, trans = fast._stack_split()
+    assert kept.shape == trans.shape == (3, 3)  # 3 + 2 features, padded to 3 + 3
+    params = [p.detach().clone().requires_grad_() for p in gemm_stack.layer_parameters(fast)]
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(4, C, dtype=torch.float64, requires_grad=True)
+    for memory in ("standard", "invertible"):
+        setup = (kept, trans, 0.01, memory, 1, 1e-6, None)
+
+        def fn(x, e, *ps, setup=setup):
+            return gemm_stack._GemmStack.apply(fast, setup, x, e, *ps)
+
+        assert torch.autograd.gradcheck(fn, (x, e, *params))
+
+
 def test_layer_paths_and_custom_nets_match_reference(one_thread):
-    """Non-uniform masks send standard layers down the per-layer CPU path; user nets too."""
-    masks = torch.tensor(
-        [[1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1], [1, 0, 1, 0, 1, 1]], dtype=torch.float32
-    )
+    """Standard layers on the per-layer CPU path (the GEMM stack turned off), and user nets,
+    match the reference with masks that keep different numbers of features."""
+    masks = UNEQUAL_MASKS
     width = D + C
 
     def user_net():
@@ -116,6 +163,7 @@ def test_layer_paths_and_custom_nets_match_reference(one_thread):
         else:
             ref = RealNVP(user_net, user_net, masks, context=C, clamp=2.0).double()
         fast = FastRealNVP.from_reference(ref).double()
+        fast.policy = P.Policy(gemm_stack=False)
         x, c = _inputs()
         plan = fast.explain(x, "f", c)
         assert plan.stack == "layers"
@@ -126,12 +174,10 @@ def test_layer_paths_and_custom_nets_match_reference(one_thread):
 
 
 def test_generic_invertible_stack_with_context(one_thread):
-    masks = torch.tensor(
-        [[1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1], [1, 0, 1, 0, 1, 1]], dtype=torch.float32
-    )
-    ref = _with_masks(RealNVP.standard(D, 3, 16, context=C, embedding=_embedding()), masks)
+    ref = _with_masks(RealNVP.standard(D, 3, 16, context=C, embedding=_embedding()), UNEQUAL_MASKS)
     fast = FastRealNVP.from_reference(ref).double()
     fast.memory = "invertible"
+    fast.policy = P.Policy(gemm_stack=False)  # the generic invertible stack
     x, c = _inputs()
     assert fast.explain(x, "f", c).stack == "invertible"
     _assert_same_gradients(ref, fast, x, c)
@@ -141,9 +187,10 @@ def test_generic_invertible_stack_with_context(one_thread):
 def test_rows_parallel_with_context(two_threads):
     rows = 2 * P.DEFAULT_POLICY.min_rows_per_thread + 3
     masks = alternating_masks(D, 3)
-    masks[1] = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0])  # non-uniform: no GEMM stack
+    masks[1] = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0])
     ref = _with_masks(RealNVP.standard(D, 3, 8, context=C), masks)
     fast = FastRealNVP.from_reference(ref).double()
+    fast.policy = P.Policy(gemm_stack=False)  # the row split runs the layer loop
     x, c = _inputs(rows)
     assert fast.explain(x, "f", c).stack == "rows_parallel"
     _assert_same_gradients(ref, fast, x, c)

@@ -11,6 +11,9 @@ from fastnvp.engine.cpu import conditioner_pair
 from fastnvp.engine.plan import DEFAULT_POLICY, Policy
 from fastnvp.flows.fast_realnvp import FastRealNVP
 
+#: The row split runs flows the GEMM stack does not take: these tests turn the stack off.
+LAYER_LOOP = Policy(gemm_stack=False)
+
 
 def _pair(dim, hidden, slope=0.01):
     return (
@@ -135,6 +138,7 @@ ROWS_PER_THREAD = DEFAULT_POLICY.min_rows_per_thread
 def test_rows_parallel_matches_reference_and_restores_threads(two_threads):
     ref = RealNVP.standard(3, 4, hidden=16).double()
     fast = FastRealNVP.from_reference(ref)
+    fast.policy = LAYER_LOOP
     n = 2 * ROWS_PER_THREAD + 3
     x = torch.randn(n, 3, dtype=torch.float64)
     with torch.no_grad():
@@ -154,16 +158,16 @@ def test_rows_parallel_matches_reference_and_restores_threads(two_threads):
 
 
 def test_rows_parallel_declines_when_it_does_not_apply(two_threads):
-    # D = 3: layers keep 2 and 1 features, so the GEMM stack (uniform splits) does not apply.
     fast = FastRealNVP.standard(3, 2, hidden=8, knot_tables=False)
+    fast.policy = LAYER_LOOP
     big = torch.randn(2 * ROWS_PER_THREAD, 3)
     small = big[: 2 * ROWS_PER_THREAD - 1]
     with torch.no_grad():
         assert fast.explain(big).stack == "rows_parallel"
         assert fast.explain(small).stack == "layers"
-    two = FastRealNVP.standard(2, 2, hidden=8, knot_tables=False)
-    with torch.no_grad():  # the GEMM stack comes first where it applies
-        assert two.explain(big[:, :2]).stack == "cpu_gemm_stack"
+    two = FastRealNVP.standard(3, 2, hidden=8, knot_tables=False)
+    with torch.no_grad():  # the GEMM stack comes first where it applies (odd D padded)
+        assert two.explain(big).stack == "cpu_gemm_stack"
     # g under autograd keeps the layer loop.
     assert fast.explain(big, "g").stack == "layers"
     torch.set_num_threads(1)
@@ -173,12 +177,13 @@ def test_rows_parallel_declines_when_it_does_not_apply(two_threads):
 
 def test_rows_parallel_reraises_worker_errors(two_threads, monkeypatch):
     fast = FastRealNVP.standard(3, 2, hidden=8, knot_tables=False)
+    fast.policy = LAYER_LOOP
     x = torch.randn(2 * ROWS_PER_THREAD, 3)
 
     def broken(i, h, path, inverse, e=None):
         raise RuntimeError("layer failed")
 
-    monkeypatch.setattr(fast, "_layer", broken)  # D = 3: the workers run the layer loop
+    monkeypatch.setattr(fast, "_layer", broken)  # the workers run the layer loop
     with torch.no_grad(), pytest.raises(RuntimeError, match="layer failed"):
         fast.f(x)
     assert torch.get_num_threads() == 2
@@ -187,6 +192,7 @@ def test_rows_parallel_reraises_worker_errors(two_threads, monkeypatch):
 def test_rows_parallel_training_gradients_match_reference(two_threads):
     ref = RealNVP.standard(3, 4, hidden=16).double()
     fast = FastRealNVP.from_reference(ref)
+    fast.policy = LAYER_LOOP
     n = 2 * ROWS_PER_THREAD + 5
     x_ref = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
     x_fast = x_ref.detach().clone().requires_grad_(True)
@@ -205,10 +211,11 @@ def test_rows_parallel_training_gradients_match_reference(two_threads):
 
 def test_rows_parallel_training_can_be_switched_off(two_threads):
     fast = FastRealNVP.standard(3, 2, hidden=8).double()
+    fast.policy = LAYER_LOOP
     x = torch.randn(2 * ROWS_PER_THREAD, 3, dtype=torch.float64, requires_grad=True)
     assert fast.explain(x).stack == "rows_parallel"
     assert fast.explain(x, "g").stack == "layers"  # a differentiable g runs layer by layer
-    fast.policy = Policy(parallel_training=False)
+    fast.policy = Policy(parallel_training=False, gemm_stack=False)
     assert fast.explain(x).stack == "layers"
     # Off: one graph over the whole batch, same gradients.
     fast.log_prob(x).sum().backward()

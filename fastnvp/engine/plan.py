@@ -228,6 +228,13 @@ class Policy:
             threads: 7.8 vs 6.7 ms and 13.4 vs 11.6 ms in two runs; the grid had the piece form
             at 0.87x the reference there), from it on the pieces won or tied (H = 32, B = 1024:
             equal; H = 64, B = 256: 8.1 vs 10.2 ms; H = 256, B = 1024: 18.8 vs 101.3 ms).
+        mixed_pieces_min_work: without autograd, a stack whose layers keep different numbers
+            of features (padded in the GEMM stack) and partly take the knot pieces runs the
+            layer loop (pieces where they apply) from ``rows * H^2`` this large, the padded
+            GEMM stack below it (D = 3, L = 8, 2 threads, log_prob time of the loop over the
+            stack's: H = 128: 1.49 at B = 64, 1.12 at B = 1024, 0.78 at B = 4096; H = 256:
+            1.18 at B = 64, 0.98 at B = 256, 0.70 at B = 1024; H = 512: 1.00 at B = 64, 0.74
+            at B = 256).
         gemm_stack: allow ``cpu_gemm_stack``.
     """
 
@@ -236,6 +243,7 @@ class Policy:
     knot_min_hidden: int = 128
     knot_min_work_grad: int = 64 * 1024 * 1024
     pieces_min_work: int = 512 * 1024
+    mixed_pieces_min_work: int = 24 * 1024 * 1024
     gemm_stack: bool = True
 
 
@@ -336,7 +344,12 @@ def choose(facts: FlowFacts, ctx: CallContext, policy: Policy = DEFAULT_POLICY) 
     gemm_ok, why_not = _gemm_stack_fits(facts, ctx, policy, standard_cpu, paths)
     if gemm_ok:
         mode = f", memory={ctx.memory}" if ctx.grad else ""
-        return plan("cpu_gemm_stack", "standard CPU layers, uniform split" + mode)
+        split = (
+            "uniform split"
+            if facts.uniform_split
+            else "unequal halves padded with a zero column to one width"
+        )
+        return plan("cpu_gemm_stack", f"standard CPU layers, {split}{mode}")
     if ctx.batch_stats and standard_cpu and ctx.threads > 1 and not ctx.in_worker:
         why_not += "; no row split: BatchNorm normalizes with the whole batch's statistics"
     elif standard_cpu and not ctx.in_worker and ctx.threads > 1:
@@ -358,8 +371,10 @@ def _gemm_stack_fits(facts, ctx, policy, standard_cpu, paths) -> tuple[bool, str
         return False, "the policy turns the GEMM stack off"
     if not standard_cpu:
         return False, "not every layer is a standard conditioner on a CPU fp32/fp64 state"
-    if not facts.uniform_split:
-        return False, "layers keep different numbers of features"
+    if not facts.uniform_split and facts.pre_kinds:
+        return False, (
+            "layers keep different numbers of features, with interleaved layers between them"
+        )
     if not facts.own_parameters:
         return False, "parameters are shared between layers"
     slope = facts.one_slope
@@ -369,4 +384,8 @@ def _gemm_stack_fits(facts, ctx, policy, standard_cpu, paths) -> tuple[bool, str
         return False, "a differentiable inverse runs layer by layer"
     if not ctx.grad and all(p == "cpu_knots" for p in paths):
         return False, "the cached knot pieces are faster without autograd"
+    if not ctx.grad and "cpu_knots" in paths:
+        hidden = max(layer.hidden for layer, p in zip(facts.layers, paths) if p == "cpu_knots")
+        if ctx.rows * hidden * hidden >= policy.mixed_pieces_min_work:
+            return False, "the cached knot pieces of the one-feature layers are faster here"
     return True, ""

@@ -45,7 +45,7 @@ _CALL_CACHES = (
     "_gemm_pack",
     "_gemm_layouts",
     "_fused_stack_cache",
-    "_uniform_split_cache",
+    "_stack_split_cache",
     "_interleave_cache",
 )
 
@@ -548,7 +548,7 @@ class FastRealNVP(FlowBase):
                 ),
             )
         elif stack == "cpu_gemm_stack":
-            kept, transformed = self._uniform_split()
+            kept, transformed = self._stack_split()
             slope = self._facts.one_slope
             if inverse:
                 return gemm_stack.run_inverse(self, h, kept, transformed, slope, e)
@@ -597,14 +597,33 @@ class FastRealNVP(FlowBase):
             return None
         return interleaved.prepare(self, ctx.direction, ctx.batch_stats)
 
-    def _uniform_split(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L, K1) kept and (L, K2) transformed indices of a flow whose layers keep K1 each."""
+    def _stack_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, K1) kept and (L, K2) transformed indices of every layer for the GEMM stack, each
+        row increasing. Where layers keep different numbers of features (odd D), K1 and K2 are
+        the largest counts and shorter rows end in the padding index D
+        (``fastnvp.engine.cpu.columns``)."""
         order = self.split_order
-        cache = getattr(self, "_uniform_split_cache", None)
+        cache = getattr(self, "_stack_split_cache", None)
         if cache is None or cache[0] != (order.data_ptr(), order._version):
-            k1 = self._num_kept[0]
-            halves = order[:, :k1].contiguous(), order[:, k1:].contiguous()
-            cache = self._uniform_split_cache = ((order.data_ptr(), order._version), halves)
+            counts = self._num_kept
+            if len(set(counts)) == 1:
+                halves = order[:, : counts[0]].contiguous(), order[:, counts[0] :].contiguous()
+            else:
+                k1, k2 = max(counts), self.dim - min(counts)
+
+                def padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+                    return torch.stack(
+                        [
+                            torch.nn.functional.pad(r, (0, width - r.numel()), value=self.dim)
+                            for r in rows
+                        ]
+                    )
+
+                halves = (
+                    padded([row[:k] for row, k in zip(order, counts, strict=True)], k1),
+                    padded([row[k:] for row, k in zip(order, counts, strict=True)], k2),
+                )
+            cache = self._stack_split_cache = ((order.data_ptr(), order._version), halves)
         return cache[1]
 
     def _layers_forward(self, plan: plan_mod.Plan, x: torch.Tensor, e=None, forms=None):

@@ -55,9 +55,15 @@ b1 rides in the GEMM as W1's last column: ``h1 = [x_in, 1] @ [W1, b1]^T``. That 
 broadcast copy of b1 into the (2, N, H) output that ``baddbmm`` makes before its GEMM, and
 ``gW1`` comes with ``gb1`` as its last column (no row sum of ``ga1``).
 
-Limit: every layer must keep the same number of features K1 (uniform split), have its own
-parameters, a slope >= 0 and the model's dtype; the plan (``fastnvp.engine.plan``) checks this
-once and sends other flows down the per-layer path.
+Unequal halves (odd D): the split is padded to K1 = max kept and K2 = max transformed
+features per layer with a zero column of the walk state (``fastnvp.engine.cpu.columns``): the
+padding entries' gathered weights are zeroed in :func:`pack`, so they give s = t = 0 and add
+nothing, and their weight gradients are dropped in :meth:`_Grads.unpacked`.
+
+Limit: every layer must have its own parameters, a slope >= 0 and the model's dtype, and a
+padded split runs without interleaved layers (their per-feature tensors have no padding
+column); the plan (``fastnvp.engine.plan``) checks this once and sends other flows down the
+per-layer path.
 """
 
 from __future__ import annotations
@@ -150,7 +156,8 @@ class Packed:
     a bank a layer stacks its pair into one (P, H, H) temporary where it runs
     (:func:`_stacked_w2`), unless the pack keeps them stacked (``stack_w2``: the cached pack
     of calls without a gradient, :data:`CACHED_W2_MAX_BYTES`). ``kept`` (L, K1) and ``trans``
-    (L, K2) int64 indices; ``slope`` the LeakyReLU slope.
+    (L, K2) int64 indices (with the padding column D where the halves are unequal:
+    ``layouts.padding``); ``slope`` the LeakyReLU slope; ``features`` D.
     """
 
     w1: Tensor
@@ -166,6 +173,7 @@ class Packed:
     inputs: Tensor  # (L, K1 + E): W1's packed columns, the kept ones then the context ones
     in_features: int  # D + E, the full width of W1
     bias_column: bool  # b1 rides in the first GEMM as a column of ones (K1 + E > 1)
+    features: int  # D (the walk state of a padded split has D + 1 columns)
 
     @property
     def num_layers(self) -> int:
@@ -221,10 +229,13 @@ def pack(
     dim = w1_full.shape[-1]
     in_features = dim
     dim = w3_full.shape[1]  # D; a conditional flow's W1 also has E = in_features - D columns
-    inputs = kept
+    # A padded split gathers column / row 0 for its padding entries, zeroed below.
+    padding = layouts.padding
+    gather_kept, gather_trans = (kept, trans) if padding is None else padding[:2]
+    inputs = gather_kept
     if in_features > dim:
         columns = torch.arange(dim, in_features, device=kept.device)
-        inputs = torch.cat([kept, columns.expand(num_layers, in_features - dim)], dim=1)
+        inputs = torch.cat([gather_kept, columns.expand(num_layers, in_features - dim)], dim=1)
     k_in = inputs.shape[1]
     # The bias column (module doc; at B = 4096, H = 256 it saves 0.9 ms a layer). A single
     # input column keeps the broadcast multiply-add (an outer product, no GEMM).
@@ -233,8 +244,13 @@ def pack(
     w3_full = w3_full.view(num_layers, 2, dim, hidden)
     b3_full = b3_full.view(num_layers, 2, dim)
     w1 = torch.gather(w1_full, 3, inputs[:, None, None, :].expand(num_layers, 2, hidden, k_in))
-    w3 = torch.gather(w3_full, 2, trans[:, None, :, None].expand(num_layers, 2, k2, hidden))
-    b3 = torch.gather(b3_full, 2, trans[:, None, :].expand(num_layers, 2, k2))
+    w3_rows = gather_trans[:, None, :, None].expand(num_layers, 2, k2, hidden)
+    w3 = torch.gather(w3_full, 2, w3_rows)
+    b3 = torch.gather(b3_full, 2, gather_trans[:, None, :].expand(num_layers, 2, k2))
+    if padding is not None:  # the padding column: no input weight, s = t = 0 (module doc)
+        w1[..., :k1].masked_fill_(padding.kept_mask[:, None, None, :], 0.0)
+        w3.masked_fill_(padding.trans_mask[:, None, :, None], 0.0)
+        b3.masked_fill_(padding.trans_mask[:, None, :], 0.0)
     b1 = b1.view(num_layers, 2, 1, hidden)
     w1_in = torch.cat([w1, b1.transpose(2, 3)], dim=3) if bias_column else w1
     b2 = b2.view(num_layers, 2, 1, hidden)
@@ -273,6 +289,7 @@ def pack(
         inputs=inputs,
         in_features=in_features,
         bias_column=bias_column,
+        features=dim,
     )
 
 
@@ -331,7 +348,8 @@ def _nets(packed: Packed, i: int, x1: Tensor, h1: Tensor | None = None, h2: Tens
 class _LogDet:
     """The log-det of a walk, summed over layers as (N, K2) and over features once at the end:
     one call per layer (``add_``) instead of two (a row sum, then its ``add_``). Every layer of
-    a GEMM stack transforms K2 features (uniform split), so the layers' ``s`` add up."""
+    a GEMM stack transforms K2 features (a padding entry's s is exactly 0), so the layers'
+    ``s`` add up."""
 
     def __init__(self):
         self.total: Tensor | None = None
@@ -445,17 +463,28 @@ class _Grads:
             )
         )
 
-    def unpacked(self, packed: Packed, dim: int) -> list[Tensor]:
+    def unpacked(self, packed: Packed) -> list[Tensor]:
         """The gradients in :func:`layer_parameters` order and the parameters' full shapes."""
         num_layers, _, hidden, k_in = packed.w1.shape
-        k2 = packed.w3.shape[2]
+        k1, k2 = packed.kept.shape[1], packed.w3.shape[2]
+        dim = packed.features
+        trans = packed.trans
+        scatter = Tensor.scatter_
+        padding = packed.layouts.padding
+        if padding is not None:
+            # The padding entries' gradients are dropped: zeroed here, then added (not
+            # written) at the gather index 0 they share with a real entry.
+            self.w1[..., :k1].masked_fill_(padding.kept_mask[:, None, None, :], 0.0)
+            self.w3.masked_fill_(padding.trans_mask[:, None, :, None], 0.0)
+            self.b3.masked_fill_(padding.trans_mask[:, None, None, :], 0.0)
+            trans, scatter = padding.trans, Tensor.scatter_add_
         w1 = self.w1.new_zeros((num_layers, 2, hidden, packed.in_features))
         index = packed.inputs[:, None, None, :].expand(num_layers, 2, hidden, k_in)
-        w1.scatter_(3, index, self.w1[..., :k_in])
+        scatter(w1, 3, index, self.w1[..., :k_in])
         w3 = self.w3.new_zeros((num_layers, 2, dim, hidden))
-        w3.scatter_(2, packed.trans[:, None, :, None].expand(num_layers, 2, k2, hidden), self.w3)
+        scatter(w3, 2, trans[:, None, :, None].expand(num_layers, 2, k2, hidden), self.w3)
         b3 = self.b3.new_zeros((num_layers, 2, dim))
-        b3.scatter_(2, packed.trans[:, None, :].expand(num_layers, 2, k2), self.b3[:, :, 0])
+        scatter(b3, 2, trans[:, None, :].expand(num_layers, 2, k2), self.b3[:, :, 0])
         # (L, 2, ...) -> 2 L views each, in (layer, net) order, then interleaved by kind.
         b1 = self.b1[:, :, 0].contiguous()  # a strided column of W1's with the bias column
         kinds = (w1, b1, self.w2, self.b2[:, :, 0], w3, b3)
@@ -634,7 +663,7 @@ class _GemmStack(torch.autograd.Function):
         if inter is not None and ctx.memory != "invertible":
             pre_saved = interleaved.unflatten_saved(inter, pre_flat)
         batch_stats = [tuple(stats_flat[k : k + 2]) for k in range(0, len(stats_flat), 2)]
-        n, dim = z.shape
+        n = z.shape[0]
         layout: StackLayout = ctx.layout
         G = torch.zeros_like(z) if grad_z is None else layout.enter(grad_z).contiguous()
         gl = z.new_zeros(n) if grad_log_det is None else grad_log_det
@@ -667,7 +696,7 @@ class _GemmStack(torch.autograd.Function):
         grad_x = layout.leave(G) if ctx.needs_input_grad[2] else None
         grad_e = GE if ctx.needs_input_grad[3] else None
         needs = ctx.needs_input_grad[4:]
-        flat = [None] * num_params if grads is None else grads.unpacked(packed, dim)
+        flat = [None] * num_params if grads is None else grads.unpacked(packed)
         flat = [g if need else None for g, need in zip(flat, needs)]
         if layout.restore is not None:  # written in the walk's column order
             inter_grads = [g.index_select(1, layout.restore) for g in inter_grads]
@@ -752,7 +781,8 @@ def run_forward(
 
     Args:
         model: a flow of standard layers (the plan has checked the executor's limits).
-        kept, trans: (L, K1), (L, K2) int64 split indices of every layer.
+        kept, trans: (L, K1), (L, K2) int64 split indices of every layer, padded with D
+            where the layers' halves differ in size (``FastRealNVP._stack_split``).
         slope: the shared LeakyReLU slope (>= 0).
         e: (N, E) embedded context of a conditional flow (its gradient is returned), or None.
         grad: build the autograd node (else the no-grad forward).
@@ -785,11 +815,12 @@ def run_inverse(
 def cached_layouts(model, kept: Tensor, trans: Tensor) -> SplitLayouts:
     """The :class:`SplitLayouts` of the split ``kept``/``trans``, kept on the model: they
     depend only on the masks, so a training step does not rebuild them. Rebuilt when the
-    split tensors are other objects or were changed in place."""
+    split tensors are other objects or were changed in place. Entries equal to D
+    (``model.dim``) are the padding column of unequal halves (``FastRealNVP._stack_split``)."""
     key = (kept._version, trans._version)
     cache = getattr(model, "_gemm_layouts", None)
     if cache is None or cache[0] is not kept or cache[1] is not trans or cache[2] != key:
-        cache = (kept, trans, key, split_layouts(kept, trans))
+        cache = (kept, trans, key, split_layouts(kept, trans, model.dim))
         model._gemm_layouts = cache
     return cache[3]
 
