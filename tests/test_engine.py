@@ -66,7 +66,7 @@ TABLE = [
     ({}, {"rows": 4096}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),  # before the row split
     ({}, {"rows": 4096, "memory": "invertible"}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
     ({"own": False}, {"rows": 4096}, P.Policy(), "rows_parallel", "cpu_pair"),
-    # Unequal halves (odd D) run in the GEMM stack, padded; not with interleaved layers.
+    # Unequal halves (odd D) run in the GEMM stack, padded, norm layers too; not with mixing.
     ({"kept": [3, 2, 3, 2]}, {"rows": 4096}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
     ({"dim": 5, "kept": [3, 2, 3, 2]}, {"grad": False}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
     # D = 3 without a gradient: the one-feature layers' knot pieces win from rows * H^2 = 24M.
@@ -86,6 +86,13 @@ TABLE = [
     ),
     (
         {"kept": [3, 2, 3, 2], "pre": ("actnorm",)},
+        {"rows": 4096},
+        P.Policy(),
+        "cpu_gemm_stack",
+        "cpu_pair",
+    ),
+    (
+        {"kept": [3, 2, 3, 2], "pre": ("permutation",)},
         {"rows": 4096},
         P.Policy(),
         "rows_parallel",
@@ -121,7 +128,7 @@ TABLE = [
     ({}, {"checking": True}, P.Policy(), "layers", "cpu_pair"),
     ({}, {"autocast": True}, P.Policy(), "layers", "split_mlp"),
     ({}, {"dtype": torch.bfloat16}, P.Policy(), "layers", "split_mlp"),
-    ({"kept": [3, 2, 3, 2], "pre": ("actnorm",)}, {}, P.Policy(), "layers", "cpu_pair"),
+    ({"kept": [3, 2, 3, 2], "pre": ("batchnorm", "lu")}, {}, P.Policy(), "layers", "cpu_pair"),
     ({"own": False}, {}, P.Policy(), "layers", "cpu_pair"),
     ({"slope": -0.1}, {}, P.Policy(), "layers", "cpu_pair"),
     ({"standard": False}, {}, P.Policy(), "layers", "modules"),

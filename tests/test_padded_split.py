@@ -135,11 +135,57 @@ def test_padded_stack_reads_no_uninitialized_memory(one_thread, monkeypatch):
         torch.testing.assert_close(x_back, x, rtol=1e-10, atol=1e-10)
 
 
-def test_interleaved_layers_keep_the_layer_loop_for_unequal_halves():
-    fast = FastRealNVP.standard(5, 2, 8, norm="actnorm")
-    x = torch.randn(4, 5)
+@pytest.mark.parametrize("norm", ["actnorm", "batchnorm"])
+@pytest.mark.parametrize("memory", ["standard", "invertible"])
+def test_odd_dim_with_norm_layers_matches_reference(norm, memory, one_thread):
+    """Norm layers run in the padded stack: the padding column passes them as an identity, and
+    BatchNorm's log-det and running averages leave it out."""
+    ref = RealNVP.standard(5, 3, 12, norm=norm).double()
+    x = torch.randn(17, 5, dtype=torch.float64) * 2 + 0.5
     with torch.no_grad():
-        fast.log_prob(x)  # ActNorm's initialization
+        ref.log_prob(x)  # ActNorm's data-dependent initialization
+    fast = FastRealNVP.from_reference(ref)
+    fast.memory, fast.anchor_every = memory, 2
+    plan = fast.explain(x.requires_grad_())
+    assert plan.stack == "cpu_gemm_stack" and "unequal halves" in plan.reason
+    x = x.detach()
+    lp_r, gx_r, gp_r = _gradients(ref, x)
+    lp_f, gx_f, gp_f = _gradients(fast, x)
+    torch.testing.assert_close(lp_f, lp_r, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx_f, gx_r, rtol=1e-10, atol=1e-12)
+    for (name, _), got, want in zip(ref.named_parameters(), gp_f, gp_r, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+    buffers = [{n: b for n, b in m.named_buffers() if n.startswith("norms.")} for m in (ref, fast)]
+    assert buffers[0].keys() == buffers[1].keys()
+    for name, want in buffers[0].items():  # BatchNorm's running averages, in feature order
+        torch.testing.assert_close(buffers[1][name], want, rtol=1e-12, atol=1e-12, msg=name)
+    for train in (True, False):
+        ref.train(train)
+        fast.train(train)
+        with torch.no_grad():
+            assert fast.explain(x).stack == "cpu_gemm_stack"
+            z, log_det = ref.f(x)
+            z_fast, log_det_fast = fast.f(x)
+            torch.testing.assert_close(z_fast, z, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(log_det_fast, log_det, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # eval mode: g inverts f
+        torch.testing.assert_close(fast.g(z), ref.g(z), rtol=1e-10, atol=1e-10)
+
+
+def test_mixing_layers_keep_the_layer_loop_for_unequal_halves():
+    masks = torch.tensor([[1.0, 0, 1, 0, 1], [0, 1, 0, 1, 0]])
+    ref = RealNVP(
+        lambda: torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5)),
+        lambda: torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5)),
+        masks,
+        permutation="reverse",
+    )
+    standard = RealNVP.standard(5, 2, 8)
+    for i in range(2):  # the standard pair on these masks and a mixing layer
+        ref.s[i], ref.t[i] = standard.s[i], standard.t[i]
+    fast = FastRealNVP.from_reference(ref)
+    x = torch.randn(4, 5)
     plan = fast.explain(x.requires_grad_())
     assert plan.stack != "cpu_gemm_stack"
-    assert "interleaved layers" in plan.reason
+    assert "mixing layers" in plan.reason
+    torch.testing.assert_close(fast.log_prob(x), ref.log_prob(x))

@@ -76,7 +76,7 @@ class Interleave:
     factors: tuple[Tensor, Tensor, Tensor] | None = None  # LU: L, U (L, D, D), row order (L, D)
     _inverse: Tensor | None = None
     _own_views: list[dict[str, Tensor]] | None = None
-    _walk_views: tuple[Tensor, list[dict[str, Tensor]]] | None = None  # (order, its views)
+    _walk_views: tuple[Tensor | None, bool, list[dict[str, Tensor]]] | None = None  # order, padded
 
     def views(self, tensors: list[Tensor]) -> list[dict[str, Tensor]]:
         """Per layer, the node's copies of :attr:`tensors` as ``{name: (D,) or (D, D)}``."""
@@ -307,18 +307,19 @@ def finish_batch_stats(inter, stats, rows: int, log_det: Tensor, restore=None) -
     """After a walk with ``batchnorm`` steps: subtract ½ Σ_layers Σ_j log(σ²_j + ε) from every
     row of ``log_det`` (in place) and fold each layer's (mean, var) into its running averages.
 
-    ``restore``: (D,) int64 when the walk ran on reordered columns (:func:`walk_views`): the
-    statistics are put back in feature order before the running averages take them.
+    ``restore``: (D,) int64 when the walk ran on reordered or padded columns
+    (:func:`walk_views`): the statistics are put back in feature order (the padding column
+    left out) before the log-det and the running averages take them.
     """
     if inter is None or inter.norm != "batchnorm" or not stats:
         return
     means = [m for m, _ in stats]
     variances = [v for _, v in stats]
-    eps = torch.tensor(inter.eps, dtype=variances[0].dtype, device=variances[0].device)
-    log_det.sub_(0.5 * torch.log(torch.stack(variances) + eps[:, None]).sum())
     if restore is not None:
         means = list(torch.stack(means).index_select(1, restore).unbind(0))
         variances = list(torch.stack(variances).index_select(1, restore).unbind(0))
+    eps = torch.tensor(inter.eps, dtype=variances[0].dtype, device=variances[0].device)
+    log_det.sub_(0.5 * torch.log(torch.stack(variances) + eps[:, None]).sum())
     unbiased = torch._foreach_mul(variances, rows / (rows - 1))
     momenta = {m.momentum for m in inter.modules}
     if len(momenta) == 1:  # the usual case: two multi-tensor updates for every layer
@@ -331,22 +332,35 @@ def finish_batch_stats(inter, stats, rows: int, log_det: Tensor, restore=None) -
         module.update_running(mean, var, None)
 
 
-def walk_views(inter, order, tensors=None) -> list[dict[str, Tensor]]:
+def walk_views(inter, order, tensors=None, padded=False) -> list[dict[str, Tensor]]:
     """Per-layer views of ``tensors`` (default :attr:`Interleave.tensors`) for a walk whose
     state is ``x[:, order]`` (None: feature order). Only norm forms reorder: their tensors
-    are per feature, (L, D) each, and are gathered into the walk's order (one op per kind)."""
-    if order is None:
+    are per feature, (L, D) each, and are gathered into the walk's order (one op per kind).
+
+    ``padded``: the walk's state has the zero padding column D of a split with unequal
+    halves (``fastnvp.engine.cpu.columns``); the per-feature tensors get that column too, as
+    an identity that keeps it zero (scale / γ 1, shift / β 0; BatchNorm's statistics of it
+    are left out of the log-det and the running averages by :func:`finish_batch_stats`)."""
+    if padded and inter.mix is not None:
+        raise ValueError("mixing layers do not run on a padded walk")
+    if order is None and not padded:
         return inter.layer_views() if tensors is None else inter.views(tensors)
     if inter.mix is not None:
         raise ValueError("a walk with mixing layers runs in feature order (order=None)")
+
+    def walk_order(kinds: list[Tensor]) -> list[Tensor]:
+        if padded:  # (scale, shift) or (γ, β): the padding column is 1, then 0
+            kinds = [torch.nn.functional.pad(t, (0, 1), value=v) for t, v in zip(kinds, (1, 0))]
+        return kinds if order is None else [t.index_select(1, order) for t in kinds]
+
     if tensors is not None:
-        return inter.views([t.index_select(1, order) for t in tensors])
+        return inter.views(walk_order(tensors))
     # The Interleave's own tensors: gathered once per order, so a cached form (calls without
     # a gradient) does not gather again on every call.
-    if inter._walk_views is None or inter._walk_views[0] is not order:
-        views = inter.views([t.index_select(1, order) for t in inter.tensors])
-        inter._walk_views = (order, views)
-    return inter._walk_views[1]
+    cached = inter._walk_views
+    if cached is None or cached[0] is not order or cached[1] != padded:
+        inter._walk_views = cached = (order, padded, inter.views(walk_order(inter.tensors)))
+    return cached[2]
 
 
 def inverse_step(inter, i, h, view, stats=None, saved=None, spare=None) -> Tensor:
@@ -447,8 +461,14 @@ def unflatten_saved(inter, flat) -> list[list]:
     return out
 
 
-def grad_buffers(inter, tensors: list[Tensor]) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+def grad_buffers(
+    inter, tensors: list[Tensor], width: int | None = None
+) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     """Gradient buffers like ``tensors`` and their per-layer views; every layer's
-    :func:`backward_step` writes all of its rows, so they start uninitialized."""
-    buffers = [torch.empty_like(t) for t in tensors]
+    :func:`backward_step` writes all of its rows, so they start uninitialized. ``width``: the
+    columns of a padded walk's per-feature tensors (D + 1), else those of ``tensors``."""
+    if width is None:
+        buffers = [torch.empty_like(t) for t in tensors]
+    else:
+        buffers = [t.new_empty((t.shape[0], width)) for t in tensors]
     return buffers, inter.views(buffers)

@@ -371,10 +371,8 @@ def _gemm_stack_fits(facts, ctx, policy, standard_cpu, paths) -> tuple[bool, str
         return False, "the policy turns the GEMM stack off"
     if not standard_cpu:
         return False, "not every layer is a standard conditioner on a CPU fp32/fp64 state"
-    if not facts.uniform_split and facts.pre_kinds:
-        return False, (
-            "layers keep different numbers of features, with interleaved layers between them"
-        )
+    if not facts.uniform_split and facts.pre_kinds - {"actnorm", "batchnorm"}:
+        return False, "layers keep different numbers of features, with mixing layers between them"
     if not facts.own_parameters:
         return False, "parameters are shared between layers"
     slope = facts.one_slope

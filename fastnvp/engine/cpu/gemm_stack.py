@@ -60,8 +60,12 @@ features per layer with a zero column of the walk state (``fastnvp.engine.cpu.co
 padding entries' gathered weights are zeroed in :func:`pack`, so they give s = t = 0 and add
 nothing, and their weight gradients are dropped in :meth:`_Grads.unpacked`.
 
+Norm layers take the padding column as an identity that keeps it zero
+(``interleaved.walk_views``), and BatchNorm leaves its statistics out of the log-det and the
+running averages.
+
 Limit: every layer must have its own parameters, a slope >= 0 and the model's dtype, and a
-padded split runs without interleaved layers (their per-feature tensors have no padding
+padded split runs without mixing layers (a permutation or an LU product would move the padding
 column); the plan (``fastnvp.engine.plan``) checks this once and sends other flows down the
 per-layer path.
 """
@@ -388,7 +392,11 @@ def forward_no_grad(
     ws1, ws2 = _workspaces(x, packed)
     tail = _input_tail(packed, x, e)
     kept, trans = layout.kept, layout.trans
-    views = interleaved.walk_views(inter, layout.order) if inter is not None else None
+    views = (
+        interleaved.walk_views(inter, layout.order, padded=layout.padded)
+        if inter is not None
+        else None
+    )
     # The walk owns z (entered as a copy) and one spare (N, D) buffer: the interleaved steps
     # write into the two in turn (interleaved.forward_step) instead of new tensors.
     spare = torch.empty_like(z) if inter is not None else None
@@ -422,7 +430,11 @@ def inverse_no_grad(
     ws1, ws2 = _workspaces(z, packed)
     tail = _input_tail(packed, z, e)
     kept, trans = layout.kept, layout.trans
-    views = interleaved.walk_views(inter, layout.order) if inter is not None else None
+    views = (
+        interleaved.walk_views(inter, layout.order, padded=layout.padded)
+        if inter is not None
+        else None
+    )
     spare = torch.empty_like(x) if inter is not None else None  # see forward_no_grad
     on = _profiling()
     for i in reversed(range(packed.num_layers)):
@@ -581,7 +593,11 @@ class _GemmStack(torch.autograd.Function):
         layouts = cached_layouts(model, kept, trans)
         packed = pack(params, kept, trans, slope, layouts, bank=bank_of(model, params))
         layout = packed.walk_layout(inter)
-        views = interleaved.walk_views(inter, layout.order, extra) if inter is not None else None
+        views = (
+            interleaved.walk_views(inter, layout.order, extra, layout.padded)
+            if inter is not None
+            else None
+        )
         pre_saved: list[list] = []
         batch_stats: list[tuple[Tensor, Tensor]] = []
         kept_i, trans_i = layout.kept, layout.trans
@@ -672,7 +688,10 @@ class _GemmStack(torch.autograd.Function):
         grads = _Grads(packed, z) if any(ctx.needs_input_grad[4 : 4 + num_params]) else None
         inter_grads, inter_grad_views = [], None
         if inter is not None and wants_params:
-            inter_grads, inter_grad_views = interleaved.grad_buffers(inter, ctx.inter_tensors)
+            width = z.shape[1] if layout.padded else None  # the padding column's too
+            inter_grads, inter_grad_views = interleaved.grad_buffers(
+                inter, ctx.inter_tensors, width
+            )
         gh1, gh2 = _workspaces(z, packed)
         num_layers = packed.num_layers
         e = ctx.embedded
