@@ -266,10 +266,10 @@ TINY_AXES = {"dim": (2, 3), "hidden": (8,), "batch": (16,), "layers": (1,)}
 def test_grid_preset_axes_and_size():
     plan = harness.preset("grid")
     shapes = {(c.dim, c.hidden, c.batch, c.layers) for c, _ in plan.entries}
-    assert len(plan.entries) == len(shapes) == 72 == plan.grid["size"] == plan.grid["planned"]
-    assert {c.dim for c, _ in plan.entries} == {2, 6, 16, 64}
+    assert len(plan.entries) == len(shapes) == 96 == plan.grid["size"] == plan.grid["planned"]
+    assert {c.dim for c, _ in plan.entries} == {2, 5, 16, 64}
     assert {c.hidden for c, _ in plan.entries} == {32, 64, 256}
-    assert {c.batch for c, _ in plan.entries} == {256, 1024, 4096}
+    assert {c.batch for c, _ in plan.entries} == {16, 256, 1024, 4096}
     assert {c.layers for c, _ in plan.entries} == {8, 50}
     for _, settings in plan.entries:
         assert tuple(settings.providers) == ("fastnvp", "reference", "zuko", "FrEIA")
@@ -277,13 +277,13 @@ def test_grid_preset_axes_and_size():
         assert not settings.fastnvp_variants
     assert plan.grid["sample"] is None and plan.grid["seed"] == 0 and plan.grid["rule"]
     assert plan.grid["shapes"] == [[c.dim, c.hidden, c.batch, c.layers] for c, _ in plan.entries]
-    assert plan.grid["every_value_after"] == 4  # the longest axis (D) has 4 values
+    assert plan.grid["every_value_after"] == 4  # the longest axes (D, B) have 4 values
 
 
 def test_grid_sample_is_deterministic_and_covers_every_value():
     order = harness.grid_order(harness.GRID_AXES, seed=0)
     assert order == harness.grid_order(harness.GRID_AXES, seed=0)
-    assert sorted(order) == harness.grid_shapes() and len(set(order)) == 72
+    assert sorted(order) == harness.grid_shapes() and len(set(order)) == 96
     assert order != harness.grid_order(harness.GRID_AXES, seed=1)  # the seed breaks ties
     for seed in (0, 1, 7):
         first = harness.grid_order(harness.GRID_AXES, seed)
@@ -297,7 +297,7 @@ def test_grid_sample_is_deterministic_and_covers_every_value():
     assert shapes == harness.grid_order(harness.GRID_AXES, 3)[:6]
     n_pairs = plan.grid["every_pair_after"]
     assert harness.grid_coverage(harness.GRID_AXES, order[:n_pairs])["every_pair"]
-    for bad in (3, 73, 0):
+    for bad in (3, 97, 0):
         with pytest.raises(ValueError, match="grid_sample"):
             harness.preset("grid", grid_sample=bad)
     with pytest.raises(ValueError, match="grid_sample"):

@@ -156,11 +156,12 @@ def preset(
     - ``full``: ``main`` plus one-factor sweeps around it: depth L ∈ {1, 8, 50, 100, 200}
       (B = 1024; log_prob and train), D ∈ {16, 64} and H = 64 (L = 8; log_prob and train) and
       B ∈ {256, 16384} (L = 8; log_prob).
-    - ``grid``: the product :data:`GRID_AXES` (D ∈ {2, 6, 16, 64}, H ∈ {32, 64, 256},
-      B ∈ {256, 1024, 4096}, L ∈ {8, 50}: 72 shapes) with :data:`GRID_PROVIDERS` and
-      :data:`GRID_WORKLOADS`, in the cover-first order of :func:`grid_order` (seed
-      ``grid_seed``); ``grid_sample``: keep only the first that many shapes (see
-      :func:`grid_plan`).
+    - ``grid``: the product :data:`GRID_AXES` (D ∈ {2, 5, 16, 64}, H ∈ {32, 64, 256},
+      B ∈ {16, 256, 1024, 4096}, L ∈ {8, 50}: 96 shapes; an odd D, whose layers keep
+      different numbers of features, and a small batch, where per-call work dominates)
+      with :data:`GRID_PROVIDERS` and :data:`GRID_WORKLOADS`, in the cover-first order of
+      :func:`grid_order` (seed ``grid_seed``); ``grid_sample``: keep only the first that many
+      shapes (see :func:`grid_plan`).
     - ``conditional`` (about 6-8 min on 2 idle cores): conditional flows, the product
       :data:`CONDITIONAL_AXES` (D ∈ {2, 8, 16}, C ∈ {1, 8}, B ∈ {256, 4096}, L = 8, H = 256)
       and the deep point :data:`CONDITIONAL_DEEP` (L = 50, D = 2, C = 8, H = 256, B = 1024),
@@ -217,9 +218,9 @@ PRESETS = ("quick", "main", "full", "grid", "conditional", "conditional-quick")
 # ----------------------------------------------------------------------------- the grid
 #: The grid preset's axes, in the order of a shape tuple (D, H, B, L).
 GRID_AXES = {
-    "dim": (2, 6, 16, 64),
+    "dim": (2, 5, 16, 64),
     "hidden": (32, 64, 256),
-    "batch": (256, 1024, 4096),
+    "batch": (16, 256, 1024, 4096),
     "layers": (8, 50),
 }
 GRID_PROVIDERS = ("fastnvp", "reference", "zuko", "FrEIA")

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("quick", "main", "full", "grid", "conditional", "conditional-quick"),
         default=None,
         help="main: L=50 D=2 H=256 B=4096; full: main + sweeps of L, D, H, B; grid: "
-        "D=2,6,16,64 x H=32,64,256 x B=256,1024,4096 x L=8,50 (72 shapes; train, log_prob, "
+        "D=2,5,16,64 x H=32,64,256 x B=16,256,1024,4096 x L=8,50 (96 shapes; train, log_prob, "
         "sample; fastnvp, reference, zuko, FrEIA), written as a table and ratio heatmaps; "
         "conditional: conditional flows p(x | c), D=2,8,16 x C=1,8 x B=256,4096 x H=64,256 at "
         "L=8 plus L=50 D=2 C=8 B=1024 H=256 (25 shapes; train, log_prob, sample with one "
