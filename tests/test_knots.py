@@ -164,7 +164,11 @@ def _always_knots(monkeypatch):
     """Models built after this take the knot form at every width and batch, also under autograd
     (where the plan otherwise prefers the GEMM stack)."""
     policy = plan.Policy(
-        knot_min_hidden=1, knot_min_work_grad=1, pieces_min_work=1, gemm_stack=False
+        knot_min_hidden=1,
+        knot_min_work_grad=1,
+        pieces_min_work=1,
+        pieces_build_work=0,
+        gemm_stack=False,
     )
     monkeypatch.setattr(plan, "DEFAULT_POLICY", policy)
 
@@ -272,7 +276,11 @@ def _count_builds(monkeypatch):
 
 def test_knot_tables_off_and_small_training_batches_use_the_gemm_path(monkeypatch):
     policy = plan.Policy(
-        knot_min_hidden=1, knot_min_work_grad=ROWS * 8 * 8, pieces_min_work=1, gemm_stack=False
+        knot_min_hidden=1,
+        knot_min_work_grad=ROWS * 8 * 8,
+        pieces_min_work=1,
+        pieces_build_work=0,
+        gemm_stack=False,
     )
     monkeypatch.setattr(plan, "DEFAULT_POLICY", policy)
     calls = _count_builds(monkeypatch)
@@ -290,6 +298,39 @@ def test_knot_tables_off_and_small_training_batches_use_the_gemm_path(monkeypatc
     with torch.no_grad():
         fast.log_prob(x[:1])
     assert calls[6:] == ["pieces"] * 3
+
+
+def test_pieces_are_built_once_the_work_at_these_parameters_pays(monkeypatch):
+    """Rent, then buy (FastRealNVP._pieces_ready): calls without a gradient at new parameters
+    run the GEMM stack until rows * H^2 summed over them reaches Policy.pieces_build_work,
+    then the pieces are built once and served; an optimizer step starts the count again, so a
+    loop that evaluates after every step never builds; explain() counts nothing."""
+    calls = _count_builds(monkeypatch)
+    ref, fast = _flows(2, 3, 8)
+    fast.policy = plan.Policy(pieces_min_work=1, pieces_build_work=3 * ROWS * 8 * 8)
+    x = torch.randn(ROWS, 2, dtype=torch.float64)
+    expected = ref.log_prob(x).detach()
+    optimizer = torch.optim.SGD(fast.parameters(), lr=1e-3)
+    with torch.no_grad():
+        for _ in range(4):
+            assert fast.explain(x).stack == "cpu_gemm_stack"  # counts nothing
+        for _ in range(2):  # 2 of the 3 calls' work: still the GEMM stack
+            torch.testing.assert_close(fast.log_prob(x), expected, rtol=1e-12, atol=1e-12)
+        assert not calls and fast._knot_cache.nbytes == 0
+        torch.testing.assert_close(fast.log_prob(x), expected, rtol=1e-12, atol=1e-12)
+        assert calls == ["pieces"] * 3  # the third call pays: built, one per layer
+        assert fast.explain(x).layers == ("cpu_knots",) * 3
+        fast.sample(ROWS)
+        assert len(calls) == 3  # served from the cache
+    for _ in range(3):  # step, evaluate: the count restarts after every step
+        (-fast.log_prob(x).mean()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            assert fast.explain(x).stack == "cpu_gemm_stack"
+            ref.load_state_dict(fast.state_dict())
+            torch.testing.assert_close(fast.log_prob(x), ref.log_prob(x), rtol=1e-12, atol=1e-12)
+    assert "pieces" not in calls[3:]  # never rebuilt in the step-evaluate loop
 
 
 def test_cache_serves_no_grad_calls_and_sees_weight_updates(monkeypatch):

@@ -26,6 +26,7 @@ from fastnvp.core.conditioner import is_standard_pair, match_standard_mlp
 from fastnvp.core.reference import FlowBase, RealNVP
 from fastnvp.engine import interleaved, param_bank
 from fastnvp.engine import plan as plan_mod
+from fastnvp.engine.cache_keys import tensors_key
 from fastnvp.engine.cpu import conditioner_pair, gemm_stack, knots
 from fastnvp.engine.cpu.threads import in_worker
 from fastnvp.engine.gpu import fused as gpu_fused
@@ -47,6 +48,7 @@ _CALL_CACHES = (
     "_fused_stack_cache",
     "_stack_split_cache",
     "_interleave_cache",
+    "_pieces_rent",
 )
 
 
@@ -360,11 +362,15 @@ class FastRealNVP(FlowBase):
         return out, log_det
 
     # ----------------------------------------------------------------------------- the plan
-    def _context(self, h: torch.Tensor, direction: str, e=None) -> plan_mod.CallContext:
+    def _context(
+        self, h: torch.Tensor, direction: str, e=None, record: bool = True
+    ) -> plan_mod.CallContext:
         """The :class:`~fastnvp.engine.plan.CallContext` of a call on state ``h`` (N, D).
 
         ``e`` is the call's embedded context (N, E) or None; a gradient is needed when the
-        state, the context or a parameter requires one.
+        state, the context or a parameter requires one. ``record``: the call runs (its work
+        counts towards building the knot pieces, :meth:`_pieces_ready`); False for
+        :meth:`explain`.
         """
         device = h.device.type
         grad = torch.is_grad_enabled() and (
@@ -397,7 +403,39 @@ class FastRealNVP(FlowBase):
             batch_stats=self._uses_batch_statistics(direction),
             pending_init=self._actnorm_pending(direction),
             mixed_norm_modes=self._norm_modes_mixed(),
+            pieces_ready=grad or compiling or self._pieces_ready(h, record),
         )
+
+    def _pieces_ready(self, h: torch.Tensor, record: bool = True) -> bool:
+        """Whether a call without autograd on ``h`` may use the knot pieces (docs/design.md
+        §3.1): they are cached for the current parameters, or worth building now.
+
+        Rent, then buy: building the pieces costs as much as many calls of the GEMM stack, so
+        calls at a new set of parameters run on the stack until the work they did there,
+        ``rows * H^2`` summed, reaches ``policy.pieces_build_work``; from then on the pieces
+        are built and served from the cache. A loop that evaluates after every optimizer step
+        therefore never pays a build per step, and inference after training builds once.
+        """
+        facts = self._facts
+        knot_layers = [layer for layer in facts.layers if layer.kept == 1 and layer.standard]
+        if not knot_layers or not self.knot_tables or h.device.type != "cpu":
+            return True
+        # "The same parameters": no optimizer step since, and the first and last nets'
+        # first tensors unchanged (two probes, not all 12 L: this runs on every call). A
+        # change they miss only means that the pieces' own cache rebuilds where it is used.
+        probes = (next(self.s[0].parameters()), next(self.t[-1].parameters()))
+        key = tensors_key(probes)
+        hidden = max(layer.hidden for layer in knot_layers)
+        previous = getattr(self, "_pieces_rent", None)
+        work = h.shape[0] * hidden * hidden
+        if previous is not None and previous[0] == key:
+            if previous[2]:
+                return True
+            work += previous[1]
+        ready = work >= self.policy.pieces_build_work
+        if record:
+            self._pieces_rent = (key, work, ready)
+        return ready
 
     def _uses_batch_statistics(self, direction: str) -> bool:
         """BatchNorm layers normalize with the batch's statistics: ``f`` with them in train
@@ -423,10 +461,10 @@ class FastRealNVP(FlowBase):
             and not all(layer.is_initialized for layer in self.norms)
         )
 
-    def _plan(self, h: torch.Tensor, direction: str, e=None) -> plan_mod.Plan:
+    def _plan(self, h: torch.Tensor, direction: str, e=None, record: bool = True) -> plan_mod.Plan:
         """The plan of a call on ``h`` (and embedded context ``e``), cached per call context
-        (docs/design.md §3)."""
-        ctx = self._context(h, direction, e)
+        (docs/design.md §3); ``record``: see :meth:`_context`."""
+        ctx = self._context(h, direction, e, record)
         if ctx.compiling:  # traced once per graph: no cache lookups inside the trace
             return plan_mod.choose(self._facts, ctx, self.policy)
         plan = self._plans.get(ctx)
@@ -452,7 +490,7 @@ class FastRealNVP(FlowBase):
         if direction not in plan_mod.DIRECTIONS:
             raise ValueError(f"direction must be one of {plan_mod.DIRECTIONS}, got {direction!r}")
         self._check_input(x, "x" if direction == "f" else "z")
-        return self._plan(x, direction, self._embed(context, x.shape[0]))
+        return self._plan(x, direction, self._embed(context, x.shape[0]), record=False)
 
     @property
     def policy(self) -> plan_mod.Policy:
