@@ -235,6 +235,7 @@ def cond_doc():
         workloads=harness.GRID_WORKLOADS,
         repeats=1,
         min_sample_s=0.0,
+        min_warmup_s=0.0,
         threads=1,
         compile_max_layers=0,
         fastnvp_variants=False,

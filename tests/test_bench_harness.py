@@ -119,6 +119,8 @@ def test_config_and_settings_validation_names_the_argument():
         harness.Settings(workloads=("fit",))
     with pytest.raises(ValueError, match="repeats"):
         harness.Settings(repeats=0)
+    with pytest.raises(ValueError, match="min_warmup_s"):
+        harness.Settings(min_warmup_s=-1.0)
     with pytest.raises(ValueError, match="preset"):
         harness.preset("huge")
     assert [c.layers for c, _ in harness.preset("quick").entries] == [1, 8]
@@ -128,7 +130,7 @@ def test_config_and_settings_validation_names_the_argument():
 @pytest.fixture(scope="module")
 def tiny_doc():
     settings = harness.Settings(
-        providers=("fastnvp", "reference"), repeats=2, min_sample_s=0.0, threads=1
+        providers=("fastnvp", "reference"), repeats=2, min_sample_s=0.0, min_warmup_s=0.0, threads=1
     )
     plan = harness.Plan(
         "tiny",
@@ -368,6 +370,7 @@ def test_grid_end_to_end_on_tiny_shapes(tmp_path, capsys):
         workloads=harness.GRID_WORKLOADS,
         repeats=1,
         min_sample_s=0.0,
+        min_warmup_s=0.0,
         threads=1,
         fastnvp_variants=False,
     )

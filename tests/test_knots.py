@@ -167,7 +167,7 @@ def _always_knots(monkeypatch):
         knot_min_hidden=1,
         knot_min_work_grad=1,
         pieces_min_work=1,
-        pieces_build_work=0,
+        pieces_build_rows=0,
         gemm_stack=False,
     )
     monkeypatch.setattr(plan, "DEFAULT_POLICY", policy)
@@ -279,7 +279,7 @@ def test_knot_tables_off_and_small_training_batches_use_the_gemm_path(monkeypatc
         knot_min_hidden=1,
         knot_min_work_grad=ROWS * 8 * 8,
         pieces_min_work=1,
-        pieces_build_work=0,
+        pieces_build_rows=0,
         gemm_stack=False,
     )
     monkeypatch.setattr(plan, "DEFAULT_POLICY", policy)
@@ -302,12 +302,12 @@ def test_knot_tables_off_and_small_training_batches_use_the_gemm_path(monkeypatc
 
 def test_pieces_are_built_once_the_work_at_these_parameters_pays(monkeypatch):
     """Rent, then buy (FastRealNVP._pieces_ready): calls without a gradient at new parameters
-    run the GEMM stack until rows * H^2 summed over them reaches Policy.pieces_build_work,
+    run the GEMM stack until the rows they ran reach Policy.pieces_build_rows,
     then the pieces are built once and served; an optimizer step starts the count again, so a
     loop that evaluates after every step never builds; explain() counts nothing."""
     calls = _count_builds(monkeypatch)
     ref, fast = _flows(2, 3, 8)
-    fast.policy = plan.Policy(pieces_min_work=1, pieces_build_work=3 * ROWS * 8 * 8)
+    fast.policy = plan.Policy(pieces_min_work=1, pieces_build_rows=3 * ROWS)
     x = torch.randn(ROWS, 2, dtype=torch.float64)
     expected = ref.log_prob(x).detach()
     optimizer = torch.optim.SGD(fast.parameters(), lr=1e-3)

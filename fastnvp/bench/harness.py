@@ -98,6 +98,7 @@ class Settings:
     workloads: Sequence[str] = WORKLOADS
     repeats: int = 5
     warmup: int = 1
+    min_warmup_s: float = 0.2
     min_sample_s: float = 0.02
     threads: int = 2
     seed: int = 0
@@ -119,8 +120,9 @@ class Settings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-        if not self.min_sample_s >= 0:
-            raise ValueError(f"min_sample_s must be >= 0, got {self.min_sample_s!r}")
+        for name in ("min_sample_s", "min_warmup_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -724,8 +726,12 @@ def run_config(cfg: BenchConfig, settings: Settings, log: Callable[[str], None] 
             warm = first_s[n] = time_call(calls[n], cfg.device)
             if workload == "log_prob" and "first_log_prob_s" in checks[n]:
                 first_s[n] = checks[n]["first_log_prob_s"]  # the check made the cold call
-            for _ in range(settings.warmup - 1):
+            # At least `warmup` calls and `min_warmup_s` seconds: the timed rounds measure the
+            # steady state, past what a library does on its first calls at new parameters.
+            spent, done = warm, 1
+            while done < settings.warmup or spent < settings.min_warmup_s:
                 warm = time_call(calls[n], cfg.device)
+                spent, done = spent + warm, done + 1
             numbers[n] = max(1, math.ceil(settings.min_sample_s / max(warm, 1e-9)))
         times: dict[str, list[float]] = {n: [] for n in names}
         for r in range(settings.repeats):

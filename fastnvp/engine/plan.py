@@ -181,7 +181,7 @@ class CallContext:
         mixed_norm_modes: some BatchNorm layers are in train mode and others in eval mode.
         pieces_ready: without autograd, the knot pieces of the current parameters are built or
             worth building now (``FastRealNVP._pieces_ready``: the GEMM stack is "rented" until
-            the work done at these parameters reaches ``Policy.pieces_build_work``).
+            the calls at these parameters have run ``Policy.pieces_build_rows`` rows).
     """
 
     direction: str
@@ -239,12 +239,13 @@ class Policy:
             stack's: H = 128: 1.49 at B = 64, 1.12 at B = 1024, 0.78 at B = 4096; H = 256:
             1.18 at B = 64, 0.98 at B = 256, 0.70 at B = 1024; H = 512: 1.00 at B = 64, 0.74
             at B = 256).
-        pieces_build_work: without autograd, the knot pieces of a set of parameters are
-            built once the calls at those parameters have done ``rows * H^2`` this much work
-            (rent-then-buy: until then the GEMM stack runs). Building them costs about 7 ms a
-            layer at H = 256, as much as the GEMM stack's excess over the pieces on some 8k
-            rows; a first ``log_prob`` after each optimizer step that built them took 10-56 ms
-            against the reference's 1-13 ms (D = 2, L = 8, H = 64 / 256, B = 16-1024), while
+        pieces_build_rows: without autograd, the knot pieces of a set of parameters are built
+            once the calls at those parameters have run this many rows (rent, then buy: until
+            then the GEMM stack runs). A build costs about as much as the stack's excess over
+            the cached pieces on that many rows (D = 2, L = 8, 2 threads: a build takes 9, 13
+            and 55 ms at H = 64, 128 and 256; the excess pays for it after 15k, 4k-50k and
+            6k-9k rows). Built on every call, a first ``log_prob`` after each optimizer step
+            took 10-56 ms against the reference's 1-13 ms (H = 64 / 256, B = 16-1024), while
             cached pieces are 1.4-4.5x faster than the reference.
         gemm_stack: allow ``cpu_gemm_stack``.
     """
@@ -255,7 +256,7 @@ class Policy:
     knot_min_work_grad: int = 64 * 1024 * 1024
     pieces_min_work: int = 512 * 1024
     mixed_pieces_min_work: int = 24 * 1024 * 1024
-    pieces_build_work: int = 512 * 1024 * 1024
+    pieces_build_rows: int = 8192
     gemm_stack: bool = True
 
 

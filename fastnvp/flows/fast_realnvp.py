@@ -411,13 +411,13 @@ class FastRealNVP(FlowBase):
         §3.1): they are cached for the current parameters, or worth building now.
 
         Rent, then buy: building the pieces costs as much as many calls of the GEMM stack, so
-        calls at a new set of parameters run on the stack until the work they did there,
-        ``rows * H^2`` summed, reaches ``policy.pieces_build_work``; from then on the pieces
-        are built and served from the cache. A loop that evaluates after every optimizer step
+        calls at a new set of parameters run on the stack until the rows they ran there reach
+        ``policy.pieces_build_rows``; from then on the pieces are built and served from the
+        cache. A loop that evaluates after every optimizer step
         therefore never pays a build per step, and inference after training builds once.
         """
         facts = self._facts
-        knot_layers = [layer for layer in facts.layers if layer.kept == 1 and layer.standard]
+        knot_layers = any(layer.kept == 1 and layer.standard for layer in facts.layers)
         if not knot_layers or not self.knot_tables or h.device.type != "cpu":
             return True
         # "The same parameters": no optimizer step since, and the first and last nets'
@@ -425,16 +425,15 @@ class FastRealNVP(FlowBase):
         # change they miss only means that the pieces' own cache rebuilds where it is used.
         probes = (next(self.s[0].parameters()), next(self.t[-1].parameters()))
         key = tensors_key(probes)
-        hidden = max(layer.hidden for layer in knot_layers)
         previous = getattr(self, "_pieces_rent", None)
-        work = h.shape[0] * hidden * hidden
+        rows = h.shape[0]
         if previous is not None and previous[0] == key:
             if previous[2]:
                 return True
-            work += previous[1]
-        ready = work >= self.policy.pieces_build_work
+            rows += previous[1]
+        ready = rows >= self.policy.pieces_build_rows
         if record:
-            self._pieces_rent = (key, work, ready)
+            self._pieces_rent = (key, rows, ready)
         return ready
 
     def _uses_batch_statistics(self, direction: str) -> bool:
