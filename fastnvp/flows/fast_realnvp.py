@@ -423,8 +423,8 @@ class FastRealNVP(FlowBase):
         # "The same parameters": no optimizer step since, and the first and last nets'
         # first tensors unchanged (two probes, not all 12 L: this runs on every call). A
         # change they miss only means that the pieces' own cache rebuilds where it is used.
-        probes = (next(self.s[0].parameters()), next(self.t[-1].parameters()))
-        key = tensors_key(probes)
+        probes = [next(net.parameters(), None) for net in (self.s[0], self.t[-1])]
+        key = tensors_key(p for p in probes if p is not None)
         previous = getattr(self, "_pieces_rent", None)
         rows = h.shape[0]
         if previous is not None and previous[0] == key:
@@ -432,7 +432,7 @@ class FastRealNVP(FlowBase):
                 return True
             rows += previous[1]
         ready = rows >= self.policy.pieces_build_rows
-        if record:
+        if record and not in_worker():  # a row worker's chunk was counted by its caller
             self._pieces_rent = (key, rows, ready)
         return ready
 
