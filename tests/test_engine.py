@@ -84,6 +84,37 @@ TABLE = [
         "layers",
         ("cpu_pair", "cpu_knots"),
     ),
+    # A row worker of a call that declined the stack for the pieces declines it too.
+    (
+        {"dim": 3, "hidden": 256, "kept": [2, 1, 2, 1]},
+        {"grad": False, "rows": 64, "in_worker": True},
+        P.Policy(),
+        "layers",
+        ("cpu_pair", "cpu_knots"),
+    ),
+    # Pieces not built yet at these parameters (rent, then buy): the stack where it runs the
+    # flow, the pieces at once where it cannot.
+    (
+        {"dim": 2, "hidden": 64},
+        {"grad": False, "pieces_ready": False},
+        P.Policy(),
+        "cpu_gemm_stack",
+        "cpu_knots",
+    ),
+    (
+        {"dim": 3, "hidden": 256, "kept": [2, 1, 2, 1]},
+        {"grad": False, "rows": 1024, "pieces_ready": False},
+        P.Policy(),
+        "cpu_gemm_stack",
+        ("cpu_pair", "cpu_knots"),
+    ),
+    (
+        {"dim": 2, "hidden": 64, "own": False},
+        {"grad": False, "pieces_ready": False},
+        P.Policy(),
+        "layers",
+        "cpu_knots",
+    ),
     (
         {"kept": [3, 2, 3, 2], "pre": ("actnorm",)},
         {"rows": 4096},

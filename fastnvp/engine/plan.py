@@ -180,8 +180,9 @@ class CallContext:
         pending_init: an ActNorm layer initializes from this call's batch (``f`` before any).
         mixed_norm_modes: some BatchNorm layers are in train mode and others in eval mode.
         pieces_ready: without autograd, the knot pieces of the current parameters are built or
-            worth building now (``FastRealNVP._pieces_ready``: the GEMM stack is "rented" until
-            the calls at these parameters have run ``Policy.pieces_build_rows`` rows).
+            worth building now (``FastRealNVP._pieces_ready``: where the GEMM stack can run the
+            flow it is "rented" until the calls at these parameters have run
+            ``Policy.pieces_build_rows`` rows; a flow it cannot run takes the pieces at once).
     """
 
     direction: str
@@ -295,7 +296,7 @@ def _knot_form(layer: LayerFacts, ctx: CallContext, policy: Policy) -> bool:
         return False
     h = layer.hidden
     if not ctx.grad:
-        return ctx.pieces_ready and ctx.rows * h * h >= policy.pieces_min_work
+        return ctx.rows * h * h >= policy.pieces_min_work
     return h >= policy.knot_min_hidden and ctx.rows * h * h >= policy.knot_min_work_grad
 
 
@@ -362,7 +363,9 @@ def choose(facts: FlowFacts, ctx: CallContext, policy: Policy = DEFAULT_POLICY) 
             if facts.uniform_split
             else "unequal halves padded with a zero column to one width"
         )
-        return plan("cpu_gemm_stack", f"standard CPU layers, {split}{mode}")
+        renting = not ctx.grad and not ctx.pieces_ready and "cpu_knots" in paths
+        rent = "; knot pieces not built yet at these parameters" if renting else ""
+        return plan("cpu_gemm_stack", f"standard CPU layers, {split}{mode}{rent}")
     if ctx.batch_stats and standard_cpu and ctx.threads > 1 and not ctx.in_worker:
         why_not += "; no row split: BatchNorm normalizes with the whole batch's statistics"
     elif standard_cpu and not ctx.in_worker and ctx.threads > 1:
@@ -393,10 +396,13 @@ def _gemm_stack_fits(facts, ctx, policy, standard_cpu, paths) -> tuple[bool, str
         return False, "the layers need one LeakyReLU slope >= 0"
     if ctx.grad and ctx.direction == "g":
         return False, "a differentiable inverse runs layer by layer"
-    if not ctx.grad and all(p == "cpu_knots" for p in paths):
-        return False, "the cached knot pieces are faster without autograd"
-    if not ctx.grad and "cpu_knots" in paths:
+    # Without autograd the knot pieces win once built; until the calls at these parameters
+    # have paid for a build (ctx.pieces_ready: rent, then buy), the stack runs instead.
+    if not ctx.grad and "cpu_knots" in paths and ctx.pieces_ready:
+        if all(p == "cpu_knots" for p in paths):
+            return False, "the cached knot pieces are faster without autograd"
         hidden = max(layer.hidden for layer, p in zip(facts.layers, paths) if p == "cpu_knots")
-        if ctx.rows * hidden * hidden >= policy.mixed_pieces_min_work:
+        # A row worker runs a chunk of a call whose caller declined the stack for this.
+        if ctx.in_worker or ctx.rows * hidden * hidden >= policy.mixed_pieces_min_work:
             return False, "the cached knot pieces of the one-feature layers are faster here"
     return True, ""

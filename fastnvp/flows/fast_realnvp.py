@@ -426,13 +426,14 @@ class FastRealNVP(FlowBase):
         probes = [next(net.parameters(), None) for net in (self.s[0], self.t[-1])]
         key = tensors_key(p for p in probes if p is not None)
         previous = getattr(self, "_pieces_rent", None)
-        rows = h.shape[0]
-        if previous is not None and previous[0] == key:
-            if previous[2]:
-                return True
-            rows += previous[1]
+        same = previous is not None and previous[0] == key
+        if in_worker():  # a row worker's chunk: its caller counted the call and decided
+            return same and previous[2]
+        if same and previous[2]:
+            return True
+        rows = h.shape[0] + (previous[1] if same else 0)
         ready = rows >= self.policy.pieces_build_rows
-        if record and not in_worker():  # a row worker's chunk was counted by its caller
+        if record:
             self._pieces_rent = (key, rows, ready)
         return ready
 
