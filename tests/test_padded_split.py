@@ -31,6 +31,16 @@ def _gradients(model, x):
     return lp.detach(), xi.grad, [p.grad.clone() for p in model.parameters()]
 
 
+def _assert_same_gradients(ref, fast, x):
+    """log_prob and the gradients of x and of every parameter equal the reference's."""
+    lp_r, gx_r, gp_r = _gradients(ref, x)
+    lp_f, gx_f, gp_f = _gradients(fast, x)
+    torch.testing.assert_close(lp_f, lp_r, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx_f, gx_r, rtol=1e-10, atol=1e-12)
+    for (name, _), got, want in zip(ref.named_parameters(), gp_f, gp_r, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_padded_layout_keeps_the_alternating_halves_as_ranges():
     # D = 5, checkerboard: A = (0, 2, 4) and B = (1, 3); B is padded with the index D = 5.
     kept = torch.tensor([[0, 2, 4], [1, 3, 5], [0, 2, 4]])
@@ -69,12 +79,7 @@ def test_odd_dim_matches_reference(dim, memory, one_thread):
     plan = fast.explain(x.requires_grad_())
     assert plan.stack == "cpu_gemm_stack" and "unequal halves" in plan.reason
     x = x.detach()
-    lp_r, gx_r, gp_r = _gradients(ref, x)
-    lp_f, gx_f, gp_f = _gradients(fast, x)
-    torch.testing.assert_close(lp_f, lp_r, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(gx_f, gx_r, rtol=1e-10, atol=1e-12)
-    for (name, _), got, want in zip(ref.named_parameters(), gp_f, gp_r, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+    _assert_same_gradients(ref, fast, x)
     with torch.no_grad():
         assert fast.explain(x).stack == "cpu_gemm_stack"
         z, log_det = ref.f(x)
@@ -149,12 +154,7 @@ def test_odd_dim_with_norm_layers_matches_reference(norm, memory, one_thread):
     plan = fast.explain(x.requires_grad_())
     assert plan.stack == "cpu_gemm_stack" and "unequal halves" in plan.reason
     x = x.detach()
-    lp_r, gx_r, gp_r = _gradients(ref, x)
-    lp_f, gx_f, gp_f = _gradients(fast, x)
-    torch.testing.assert_close(lp_f, lp_r, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(gx_f, gx_r, rtol=1e-10, atol=1e-12)
-    for (name, _), got, want in zip(ref.named_parameters(), gp_f, gp_r, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+    _assert_same_gradients(ref, fast, x)
     buffers = [{n: b for n, b in m.named_buffers() if n.startswith("norms.")} for m in (ref, fast)]
     assert buffers[0].keys() == buffers[1].keys()
     for name, want in buffers[0].items():  # BatchNorm's running averages, in feature order

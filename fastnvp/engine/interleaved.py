@@ -341,12 +341,10 @@ def walk_views(inter, order, tensors=None, padded=False) -> list[dict[str, Tenso
     halves (``fastnvp.engine.cpu.columns``); the per-feature tensors get that column too, as
     an identity that keeps it zero (scale / γ 1, shift / β 0; BatchNorm's statistics of it
     are left out of the log-det and the running averages by :func:`finish_batch_stats`)."""
-    if padded and inter.mix is not None:
-        raise ValueError("mixing layers do not run on a padded walk")
     if order is None and not padded:
         return inter.layer_views() if tensors is None else inter.views(tensors)
     if inter.mix is not None:
-        raise ValueError("a walk with mixing layers runs in feature order (order=None)")
+        raise ValueError("a walk with mixing layers runs in feature order, unpadded")
 
     def walk_order(kinds: list[Tensor]) -> list[Tensor]:
         if padded:  # (scale, shift) or (γ, β): the padding column is 1, then 0

@@ -48,6 +48,7 @@ statistics (``f`` in train mode) never splits the rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -110,6 +111,12 @@ class FlowFacts:
     @property
     def all_standard(self) -> bool:
         return all(layer.standard for layer in self.layers)
+
+    @cached_property
+    def has_knot_layers(self) -> bool:
+        """Some standard layer keeps one feature (the knot forms apply to it); read on every
+        call without a gradient (``FastRealNVP._pieces_ready``), so computed once."""
+        return any(layer.kept == 1 and layer.standard for layer in self.layers)
 
     @property
     def pre_kinds(self) -> frozenset[str]:

@@ -416,9 +416,7 @@ class FastRealNVP(FlowBase):
         cache. A loop that evaluates after every optimizer step
         therefore never pays a build per step, and inference after training builds once.
         """
-        facts = self._facts
-        knot_layers = any(layer.kept == 1 and layer.standard for layer in facts.layers)
-        if not knot_layers or not self.knot_tables or h.device.type != "cpu":
+        if not self._facts.has_knot_layers or not self.knot_tables or h.device.type != "cpu":
             return True
         # "The same parameters": no optimizer step since, and the first and last nets'
         # first tensors unchanged (two probes, not all 12 L: this runs on every call). A
@@ -644,23 +642,13 @@ class FastRealNVP(FlowBase):
         cache = getattr(self, "_stack_split_cache", None)
         if cache is None or cache[0] != (order.data_ptr(), order._version):
             counts = self._num_kept
-            if len(set(counts)) == 1:
-                halves = order[:, : counts[0]].contiguous(), order[:, counts[0] :].contiguous()
-            else:
-                k1, k2 = max(counts), self.dim - min(counts)
+            k1, k2 = max(counts), self.dim - min(counts)  # a uniform split pads nothing
 
-                def padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
-                    return torch.stack(
-                        [
-                            torch.nn.functional.pad(r, (0, width - r.numel()), value=self.dim)
-                            for r in rows
-                        ]
-                    )
+            def padded(rows, width: int) -> torch.Tensor:
+                return torch.stack([F.pad(r, (0, width - r.numel()), value=self.dim) for r in rows])
 
-                halves = (
-                    padded([row[:k] for row, k in zip(order, counts, strict=True)], k1),
-                    padded([row[k:] for row, k in zip(order, counts, strict=True)], k2),
-                )
+            rows = list(zip(order, counts, strict=True))
+            halves = padded([o[:k] for o, k in rows], k1), padded([o[k:] for o, k in rows], k2)
             cache = self._stack_split_cache = ((order.data_ptr(), order._version), halves)
         return cache[1]
 

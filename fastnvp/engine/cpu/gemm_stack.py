@@ -160,8 +160,9 @@ class Packed:
     a bank a layer stacks its pair into one (P, H, H) temporary where it runs
     (:func:`_stacked_w2`), unless the pack keeps them stacked (``stack_w2``: the cached pack
     of calls without a gradient, :data:`CACHED_W2_MAX_BYTES`). ``kept`` (L, K1) and ``trans``
-    (L, K2) int64 indices (with the padding column D where the halves are unequal:
-    ``layouts.padding``); ``slope`` the LeakyReLU slope; ``features`` D.
+    (L, K2) int64, the columns of W1 and rows of W3 gathered for each layer (a padding entry of
+    unequal halves reads index 0 and is zeroed: ``layouts.padding``); ``slope`` the LeakyReLU
+    slope; ``features`` D.
     """
 
     w1: Tensor
@@ -285,8 +286,8 @@ def pack(
         b2=b2,
         w3=w3,
         b3=b3,
-        kept=kept,
-        trans=trans,
+        kept=gather_kept,
+        trans=gather_trans,
         slope=slope,
         layers=layers,
         layouts=layouts,
@@ -484,8 +485,7 @@ class _Grads:
         """The gradients in :func:`layer_parameters` order and the parameters' full shapes."""
         num_layers, _, hidden, k_in = packed.w1.shape
         k1, k2 = packed.kept.shape[1], packed.w3.shape[2]
-        dim = packed.features
-        trans = packed.trans
+        dim, trans = packed.features, packed.trans
         scatter = Tensor.scatter_
         padding = packed.layouts.padding
         if padding is not None:
@@ -494,7 +494,7 @@ class _Grads:
             self.w1[..., :k1].masked_fill_(padding.kept_mask[:, None, None, :], 0.0)
             self.w3.masked_fill_(padding.trans_mask[:, None, :, None], 0.0)
             self.b3.masked_fill_(padding.trans_mask[:, None, None, :], 0.0)
-            trans, scatter = padding.trans, Tensor.scatter_add_
+            scatter = Tensor.scatter_add_
         w1 = self.w1.new_zeros((num_layers, 2, hidden, packed.in_features))
         index = packed.inputs[:, None, None, :].expand(num_layers, 2, hidden, k_in)
         scatter(w1, 3, index, self.w1[..., :k_in])
