@@ -8,6 +8,8 @@ Public API::
     fastnvp.ActNorm, fastnvp.BatchNorm, fastnvp.Permutation, fastnvp.LULinear
                            layers to interleave with couplings (``standard(norm=...,
                            permutation=...)`` or by hand)
+    fastnvp.data           data sets: the 2-D toys and the 8 x 8 digits with dequantization,
+                           the logit transform and nats / bits-per-dim units
     fastnvp.load_run       a trained run (``fastnvp train``) in one line: model, config, payload
     fastnvp.ops            the custom ops (``torch.ops.fastnvp.*``)
     fastnvp.checks         opt-in non-finite checks: ``with fastnvp.checks.enabled(): ...``
@@ -43,6 +45,7 @@ _LAZY_CLASSES = {
 # Submodules reachable as attributes of the package without an explicit import.
 _LAZY_SUBMODULES = {
     "checks": "fastnvp.core.checks",
+    "data": "fastnvp.data",
     "checkpoint": "fastnvp.training.checkpoint",
     "distributed": "fastnvp.training.distributed",
     "ops": "fastnvp.ops",

@@ -91,3 +91,47 @@ def test_experiment_rejects_bad_depths(capsys):
     with pytest.raises(SystemExit):
         main(["experiment", "depth", "--depths", "0,2"])
     assert "ints >= 1" in capsys.readouterr().err
+
+
+def _experiment_args(argv):
+    from fastnvp.cli.main import build_parser
+
+    return build_parser().parse_args(["experiment", *argv])
+
+
+def test_study_options_change_the_committed_configuration():
+    from fastnvp.analysis.digits_study import DigitsStudyConfig
+    from fastnvp.analysis.norm_depth import NormDepthConfig
+    from fastnvp.cli.commands.experiment import study_config
+
+    argv = ["--hidden", "24", "--steps", "7", "--batch", "16", "--lr", "0.01", "--seed", "3"]
+    digits = study_config("digits", DigitsStudyConfig, _experiment_args(["digits", *argv]))
+    assert digits.hidden == 24 and digits.layers == DigitsStudyConfig().layers
+    s = digits.settings
+    assert (s.steps, s.batch, s.lr, s.seed) == (7, 16, 0.01, 3)
+    assert s.patience == DigitsStudyConfig().settings.patience  # the rest is the committed run
+    deep = study_config("norm-depth", NormDepthConfig, _experiment_args(["norm-depth", *argv]))
+    assert deep.hidden == 24 and deep.deep_steps == NormDepthConfig().deep_steps
+    for s in (deep.moons, deep.digits):
+        assert (s.steps, s.batch, s.lr, s.seed) == (7, 16, 0.01, 3)
+    # Nothing given: the committed configuration (or its quick form) unchanged.
+    assert study_config("digits", DigitsStudyConfig, _experiment_args(["digits"])) == (
+        DigitsStudyConfig()
+    )
+    quick = study_config("digits", DigitsStudyConfig, _experiment_args(["digits", "--quick"]))
+    assert quick == DigitsStudyConfig.quick()
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["digits", "--norm", "actnorm", "--dataset", "moons"], "--dataset, --norm"),
+        (["norm-depth", "--depths", "1,2"], "--depths"),
+        (["digits", "--out", "runs/x"], "--out"),
+        (["depth", "--quick"], "--quick"),
+    ],
+)
+def test_experiment_refuses_options_a_study_would_ignore(argv, named, capsys):
+    assert main(["experiment", *argv]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "error" in err

@@ -297,3 +297,28 @@ def test_image_grid(split):
         image_grid(x, 2, 2)
     with pytest.raises(ValueError, match="rows"):
         image_grid(x, 0, 3)
+
+
+def test_public_data_module(split):
+    """``fastnvp.data`` is the public home of the data sets (issue: digits through
+    ``fastnvp.data``): the same objects, reachable from ``import fastnvp``, and its example
+    gives finite nats per image with the shapes it states."""
+    import fastnvp
+    import fastnvp.training.data as toys
+    import fastnvp.training.digits as digits
+
+    data = fastnvp.data
+    for name in data.__all__:
+        assert getattr(data, name) is getattr(digits, name, None) or getattr(data, name) is getattr(
+            toys, name
+        )
+    transform = data.LogitTransform()
+    u = transform.dequantize(split.test, generator=torch.Generator().manual_seed(0))
+    y, log_det = transform.forward(u)
+    assert y.shape == (297, 64) and log_det.shape == (297,)
+    flow = fastnvp.FastRealNVP.standard(64, 2, 8)
+    with torch.no_grad():
+        nats = data.nats_per_image(flow.log_prob(y), log_det)
+    assert nats.shape == (297,) and torch.isfinite(nats).all()
+    x, labels = data.make_dataset("moons", 10)
+    assert x.shape == (10, 2) and labels.shape == (10,)

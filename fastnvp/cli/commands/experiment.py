@@ -34,6 +34,11 @@ STUDY_MODULES = {
 
 # Sized for two CPU cores (see docs/experiment.md); the seed's full size is --hidden 256.
 DEFAULTS = {"hidden": 64, "steps": 2000, "batch": 512, "lr": 2e-3, "threads": 1}
+#: Options every study takes (where its report goes, threads, progress bars).
+COMMON_OPTIONS = frozenset({"help", "study", "report_dir", "threads", "no_progress"})
+#: The options 'digits' and 'norm-depth' take onto their configuration
+#: (:func:`study_config`); any other option of the depth study is refused for them.
+STUDY_OPTIONS = ("hidden", "steps", "batch", "lr", "seed", "quick")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +67,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_data_options(parser)
     add_optim_options(parser, defaults=DEFAULTS)
+    # Which options were given, not only their values: every study-specific option defaults
+    # to None here (its depth-study default is kept aside and restored by run), so a study
+    # that does not use an option can refuse it instead of ignoring it.
+    specific = [a for a in parser._actions if a.dest not in COMMON_OPTIONS and a.dest != "quick"]
+    parser.set_defaults(
+        _depth_defaults={a.dest: a.default for a in specific},
+        **{a.dest: None for a in specific},
+    )
+    parser.epilog = (
+        "'digits' and 'norm-depth' run their committed configuration "
+        "(fastnvp.analysis.digits_study.DigitsStudyConfig, norm_depth.NormDepthConfig); "
+        "--hidden, --steps, --batch, --lr and --seed change it (norm-depth: its 50-layer "
+        "runs), --quick shrinks it, and the depth study's other options are refused there."
+    )
 
 
 def report(summary: dict) -> None:
@@ -91,8 +110,7 @@ def _run_study(args: argparse.Namespace) -> int:
 
     module_name, config_name, run_name = STUDY_MODULES[args.study]
     study = importlib.import_module(module_name)
-    config_class = getattr(study, config_name)
-    config = config_class.quick() if args.quick else config_class()
+    config = study_config(args.study, getattr(study, config_name), args)
     report_dir = args.report_dir or _default_report_dir(args.study, args.quick)
     summary = getattr(study, run_name)(report_dir, config, progress=not args.no_progress)
     if args.report_dir is None and not args.quick:
@@ -103,10 +121,58 @@ def _run_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def given_options(args: argparse.Namespace) -> dict:
+    """The study-specific options given on the command line (``add_arguments``: those not
+    given are None, and ``--quick`` False), by destination."""
+    given = {dest: getattr(args, dest) for dest in args._depth_defaults}
+    given["quick"] = args.quick
+    return {dest: value for dest, value in given.items() if value not in (None, False)}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def study_config(study: str, config_class, args: argparse.Namespace):
+    """The configuration of ``digits`` / ``norm-depth``: the committed one (or its ``quick``
+    form) with ``--hidden``, ``--steps``, ``--batch``, ``--lr`` and ``--seed`` applied; any
+    other study-specific option raises ``ValueError`` naming it (the study would ignore it).
+
+    ``digits``: ``--hidden`` is the width of the norm x permutation variants, the training
+    options set every candidate's :class:`~fastnvp.analysis.density_training.TrainSettings`.
+    ``norm-depth``: ``--hidden`` and the training options set the 50-layer runs on moons and
+    digits (the 200-layer run keeps its own ``deep_steps`` and ``deep_lr``).
+    """
+    import dataclasses
+
+    from fastnvp.analysis.density_training import TrainSettings
+
+    given = given_options(args)
+    refused = [_flag(dest) for dest in given if dest not in STUDY_OPTIONS]
+    if refused:
+        raise ValueError(
+            f"'experiment {study}' does not take {', '.join(refused)} (options of the depth "
+            f"study); it takes {', '.join(_flag(d) for d in STUDY_OPTIONS)}"
+        )
+    config = config_class.quick() if args.quick else config_class()
+    training = {k: given[k] for k in ("steps", "batch", "lr", "seed") if k in given}
+    changes = {"hidden": given["hidden"]} if "hidden" in given else {}
+    if training:
+        for field in ("settings", "moons", "digits"):  # the TrainSettings of each study
+            if isinstance(getattr(config, field, None), TrainSettings):
+                changes[field] = dataclasses.replace(getattr(config, field), **training)
+    return dataclasses.replace(config, **changes)
+
+
 def run(args: argparse.Namespace) -> int:
     set_threads(args)
     if args.study in STUDY_MODULES:
         return _run_study(args)
+    if args.quick:
+        raise ValueError("--quick applies to 'digits' and 'norm-depth', not to 'depth'")
+    for dest, default in args._depth_defaults.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
     from fastnvp.analysis.experiment import run_depth_study
 
     base = config_from_args(args, layers=1)
