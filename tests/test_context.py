@@ -309,6 +309,8 @@ def test_plan_facts_carry_the_context_width():
     assert "cpu_knots" not in plan.layers
 
 
+#: What sample(n, context) and distribution(context) expect, as their errors say it (C = 3).
+SAMPLE_SHAPES = r"shape \(3,\) for one context or \(M, 3\) for M contexts"
 BAD_CALLS = [
     (lambda m, x, c: m.f(x), ValueError, r"context is required.*\(23, 3\)"),
     (lambda m, x, c: m.log_prob(x, c[:, :2]), ValueError, r"context must have shape \(23, 3\)"),
@@ -318,10 +320,15 @@ BAD_CALLS = [
     (lambda m, x, c: m.log_prob(x, c.numpy()), TypeError, "context must be a torch.Tensor"),
     (lambda m, x, c: m.log_prob(x, c.to("meta")), ValueError, "context is on meta"),
     (lambda m, x, c: m.g(x, c[0]), ValueError, r"context must have shape \(23, 3\)"),
-    (lambda m, x, c: m.sample(4), ValueError, "context is required"),
-    (lambda m, x, c: m.sample(4, c[None]), ValueError, r"context must have shape \(3,\) or"),
-    (lambda m, x, c: m.sample(4, c[0, :2]), ValueError, r"context must have shape \(1, 3\)"),
-    (lambda m, x, c: m.distribution(), ValueError, "context is required"),
+    (lambda m, x, c: m.sample(4), ValueError, rf"context is required.*{SAMPLE_SHAPES}"),
+    (lambda m, x, c: m.sample(4, c[None]), ValueError, rf"{SAMPLE_SHAPES}, got \(1, 23, 3\)"),
+    (lambda m, x, c: m.sample(4, c[0, :2]), ValueError, rf"{SAMPLE_SHAPES}, got \(2,\)"),
+    (lambda m, x, c: m.sample(4, c[:, :2]), ValueError, rf"{SAMPLE_SHAPES}, got \(23, 2\)"),
+    (lambda m, x, c: m.sample(4, c[0, 0]), ValueError, rf"{SAMPLE_SHAPES}, got \(\)"),
+    (lambda m, x, c: m.sample(4, c[0].tolist()), TypeError, f"torch.Tensor of {SAMPLE_SHAPES}"),
+    (lambda m, x, c: m.sample(4, c[0].float()), TypeError, "context has dtype torch.float32"),
+    (lambda m, x, c: m.distribution(), ValueError, rf"context is required.*{SAMPLE_SHAPES}"),
+    (lambda m, x, c: m.distribution(c[0, :2]), ValueError, rf"{SAMPLE_SHAPES}, got \(2,\)"),
 ]
 
 

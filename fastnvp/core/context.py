@@ -130,15 +130,20 @@ def sample_context(context, features: int | None, like: torch.Tensor):
     if features is None:
         check_context(context, None, 1, like)
         return None, ()
-    if isinstance(context, torch.Tensor) and context.ndim == 1:
-        check_context(context[None], features, 1, like)
-        return context[None], ()
-    if isinstance(context, torch.Tensor) and context.ndim == 2:
-        check_context(context, features, context.shape[0], like)
-        return context, (context.shape[0],)
-    if context is None or not isinstance(context, torch.Tensor):
-        check_context(context, features, 1, like)  # raises: missing or not a tensor
-    raise ValueError(
-        f"context must have shape ({features},) or (M, {features}) to sample, "
-        f"got {tuple(context.shape)}"
-    )
+    expected = f"({features},) for one context or (M, {features}) for M contexts"
+    if context is None:
+        raise ValueError(
+            f"context is required: this flow is conditional on C = {features} "
+            f"features; pass context of shape {expected}"
+        )
+    if not isinstance(context, torch.Tensor):
+        raise TypeError(
+            f"context must be a torch.Tensor of shape {expected}, got {type(context).__name__}"
+        )
+    if context.ndim not in (1, 2) or context.shape[-1] != features:
+        raise ValueError(
+            f"context must have shape {expected}, got {tuple(context.shape)}"
+        )
+    rows = context[None] if context.ndim == 1 else context
+    check_context(rows, features, rows.shape[0], like)  # dtype and device
+    return rows, (() if context.ndim == 1 else (context.shape[0],))
