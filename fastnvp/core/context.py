@@ -141,9 +141,7 @@ def sample_context(context, features: int | None, like: torch.Tensor):
             f"context must be a torch.Tensor of shape {expected}, got {type(context).__name__}"
         )
     if context.ndim not in (1, 2) or context.shape[-1] != features:
-        raise ValueError(
-            f"context must have shape {expected}, got {tuple(context.shape)}"
-        )
+        raise ValueError(f"context must have shape {expected}, got {tuple(context.shape)}")
     rows = context[None] if context.ndim == 1 else context
     check_context(rows, features, rows.shape[0], like)  # dtype and device
     return rows, (() if context.ndim == 1 else (context.shape[0],))
