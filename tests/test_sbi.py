@@ -112,6 +112,10 @@ def test_options_embedding_and_multi_dim_condition():
         realnvp_nn(num_layers=0)
     with pytest.raises(TypeError, match="context"):
         realnvp_nn(context=3)
+    with pytest.raises(TypeError, match=r"unknown flow options \['clmap'\].*'clamp'"):
+        realnvp_nn(clmap=2.0)  # at the call, before sbi has a batch to build from
+    est = realnvp_nn(num_layers=2, hidden=8, clamp=2.0, negative_slope=0.1)(theta, x)
+    assert est.net.clamp == 2.0
 
 
 def test_import_is_lazy_and_missing_sbi_says_how_to_install(tmp_path):

@@ -305,7 +305,11 @@ class FlowBase(nn.Module, ABC):
         return self._forward(x, self._embed(context, x.shape[0]))
 
     def g(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Latent -> data, the exact inverse of :meth:`f`.  z: (N, D), context: (N, C) -> (N, D)."""
+        """Latent -> data, the exact inverse of :meth:`f`.  z: (N, D), context: (N, C) -> (N, D).
+
+        With BatchNorm layers the inverse of :meth:`f` in eval mode: in train mode ``f``
+        normalizes with the batch's statistics and ``g`` with the running ones (docs/design.md
+        §1.8)."""
         self._check_input(z, "z")
         return self._inverse(z, self._embed(context, z.shape[0]))[0]
 

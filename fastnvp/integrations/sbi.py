@@ -224,6 +224,24 @@ def _check_positive_int(value, name: str) -> int:
     return value
 
 
+def _flow_option_names() -> set[str]:
+    """The keyword options :func:`realnvp_nn` passes on: those of ``FastRealNVP.standard`` and
+    ``FastRealNVP.__init__``, less what the builder sets itself (sizes, context, embedding,
+    prior) and the nets and masks ``standard`` makes."""
+    import inspect
+
+    from fastnvp.flows.fast_realnvp import FastRealNVP
+
+    names = {
+        p.name
+        for fn in (FastRealNVP.standard, FastRealNVP.__init__)
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    own = {"self", "dim", "num_layers", "hidden", "context", "embedding", "prior"}
+    return names - own - {"nets", "nett", "masks"}
+
+
 class RealNVPBuilder:
     """sbi's density-estimator builder ``(batch_theta, batch_x) -> RealNVPDensityEstimator``.
 
@@ -254,6 +272,12 @@ class RealNVPBuilder:
         for key in ("context", "embedding", "prior", "dim"):
             if key in flow_options:
                 raise TypeError(f"realnvp_nn sets {key!r} itself; do not pass it")
+        unknown = sorted(set(flow_options) - _flow_option_names())
+        if unknown:  # here, not when sbi first builds the estimator from a batch
+            raise TypeError(
+                f"realnvp_nn got unknown flow options {unknown}; it takes "
+                f"{sorted(_flow_option_names())} (of fastnvp.FastRealNVP and its standard())"
+            )
         self.flow_options = dict(flow_options)
 
     def __repr__(self) -> str:
@@ -372,7 +396,8 @@ def realnvp_nn(
             log-determinant in ``log_prob``.
         z_score_x: the same options for x, through sbi's ``standardizing_net``.
         **flow_options: further keyword arguments of :class:`fastnvp.FastRealNVP` (e.g.
-            ``negative_slope``, ``clamp``, ``memory``, ``precision``).
+            ``negative_slope``, ``clamp``, ``memory``, ``precision``); an unknown name raises
+            ``TypeError`` here, not when sbi first builds the estimator.
 
     Returns:
         A callable ``(batch_theta (N, D), batch_x (N, *condition_shape)) ->``
