@@ -376,7 +376,14 @@ def test_plans_say_why():
     x = torch.randn(4096, 4)
     assert "ActNorm layers initialize" in model.explain(x).reason
     model(x)
-    assert model.explain(x).stack == "cpu_gemm_stack"
+    plan = model.explain(x)
+    assert plan.stack == "cpu_gemm_stack"
+    assert "with actnorm + permutation layers inside the stack" in plan.reason
+    assert "inside the stack" not in FastRealNVP.standard(4, 3, 16).explain(x).reason
+    lu = FastRealNVP.standard(4, 3, 16, norm="batchnorm", permutation="lu")
+    assert "batchnorm (batch statistics) + lu layers inside" in lu.explain(x).reason
+    with torch.no_grad():
+        assert "batchnorm (running statistics)" in lu.eval().explain(x).reason
     bn = FastRealNVP.standard(4, 3, 16, norm="batchnorm", knot_tables=True)
     bn.policy = type(bn.policy)(gemm_stack=False)
     plan = bn.explain(x)

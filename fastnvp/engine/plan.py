@@ -372,7 +372,9 @@ def choose(facts: FlowFacts, ctx: CallContext, policy: Policy = DEFAULT_POLICY) 
         )
         renting = not ctx.grad and not ctx.pieces_ready and "cpu_knots" in paths
         rent = "; knot pieces not built yet at these parameters" if renting else ""
-        return plan("cpu_gemm_stack", f"standard CPU layers, {split}{mode}{rent}")
+        return plan(
+            "cpu_gemm_stack", f"standard CPU layers{_inside(facts, ctx)}, {split}{mode}{rent}"
+        )
     if ctx.batch_stats and standard_cpu and ctx.threads > 1 and not ctx.in_worker:
         why_not += "; no row split: BatchNorm normalizes with the whole batch's statistics"
     elif standard_cpu and not ctx.in_worker and ctx.threads > 1:
@@ -387,6 +389,18 @@ def choose(facts: FlowFacts, ctx: CallContext, policy: Policy = DEFAULT_POLICY) 
     if ctx.grad and ctx.memory == "invertible" and ctx.direction == "f":
         return plan("invertible", f"recompute by inversion; no GEMM stack: {why_not}")
     return plan("layers", why_not)
+
+
+def _inside(facts: FlowFacts, ctx) -> str:
+    """The interleaved layers the GEMM stack runs inside its walk, as the plan's reason says
+    them ("" without any); BatchNorm says which statistics it normalizes with."""
+    if not facts.pre_kinds:
+        return ""
+    kinds = sorted(facts.pre_kinds)
+    if "batchnorm" in kinds:
+        stats = "batch statistics" if ctx.batch_stats else "running statistics"
+        kinds[kinds.index("batchnorm")] = f"batchnorm ({stats})"
+    return f" with {' + '.join(kinds)} layers inside the stack"
 
 
 def _gemm_stack_fits(facts, ctx, policy, standard_cpu, paths) -> tuple[bool, str]:
