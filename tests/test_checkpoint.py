@@ -88,6 +88,14 @@ def test_truncated_file(run_dir, tmp_path, keep):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("text", ["this is not a checkpoint\n" * 20, "hello world"])
+def test_a_text_file_is_refused_with_a_checkpoint_error(run_dir, tmp_path, text):
+    # torch's weights_only unpickler raised a bare IndexError or KeyError on such bytes.
+    (tmp_path / "checkpoint.pt").write_text(text)
+    with pytest.raises(ckpt.CheckpointError, match="not a PyTorch checkpoint|not a plain tensor"):
+        load_run(tmp_path)
+
+
 class Payload:
     """Stands in for an arbitrary object a hostile pickle would rebuild and run."""
 

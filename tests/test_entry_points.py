@@ -68,8 +68,47 @@ def test_constructor_arguments(cls):
         cls.standard(2, 2, hidden=0)
     with pytest.raises(ValueError, match="num_layers must be an int >= 1"):
         cls.standard(2, 0)
+    for bad in ({"num_layers": True}, {"hidden": True}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be an int >= 1, got True"):
+            cls.standard(**{"dim": 2, "num_layers": 2, "hidden": 4, **bad})
+    for slope in ("a", float("nan"), True):
+        with pytest.raises(ValueError, match="negative_slope must be a finite float"):
+            cls.standard(2, 2, 4, negative_slope=slope)
     prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
     assert cls(lin, lin, [[1, 0]], prior=prior).log_prob(torch.zeros(3, 2)).shape == (3,)
+
+
+@pytest.mark.parametrize("cls", MODELS)
+@pytest.mark.parametrize("width", [1, 3])
+def test_nets_of_another_output_width_are_named(cls, width):
+    """A net (N, D) -> (N, width != D) broadcast against the masks (width 1) or had columns
+    picked from it (the fast engine), a wrong density without an error."""
+    masks = [[1.0, 0.0], [0.0, 1.0]]
+    flow = cls(lambda: torch.nn.Linear(2, width), lambda: torch.nn.Linear(2, width), masks)
+    for call in (flow.log_prob, flow.g):
+        with pytest.raises(ValueError, match=r"nets\[\d\] and nett\[\d\] must map .* \(5, 2\)"):
+            call(torch.zeros(5, 2))
+
+
+@pytest.mark.parametrize("cls", MODELS)
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        ([[0.5, 0.5], [0.0, 1.0]], "only 0 and 1"),
+        ([[1.0, 1.0], [0.0, 1.0]], r"masks\[0\] transforms no feature"),
+        ([[0.0, 0.0], [0.0, 1.0]], r"masks\[0\] keeps no feature"),
+    ],
+)
+def test_load_state_dict_checks_the_masks(cls, mask, message):
+    """A loaded mask meets the constructor's rules: a 0.5 mask or a row keeping or
+    transforming nothing loaded silently and left a flow that was not invertible."""
+    flow = cls.standard(2, 2, 4)
+    state = flow.state_dict()
+    state["mask"] = torch.tensor(mask)
+    before = flow.mask.clone()
+    with pytest.raises(ValueError, match=rf"state_dict\['mask'\]: .*{message}"):
+        flow.load_state_dict(state)
+    assert torch.equal(flow.mask, before)
 
 
 @pytest.mark.parametrize(

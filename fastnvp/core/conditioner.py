@@ -11,6 +11,7 @@ own ``nn.Sequential`` of the same form gets the fused kernels too.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +26,14 @@ def standard_net(
     ``context`` is E, the width of the (embedded) context the net sees after the masked input
     (docs/design.md §1.7); 0 for an unconditional flow.
     """
-    if not isinstance(hidden, int) or hidden < 1:
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise ValueError(f"hidden must be an int >= 1, got {hidden!r}")
+    if (
+        isinstance(negative_slope, bool)
+        or not isinstance(negative_slope, (int, float))
+        or not math.isfinite(negative_slope)
+    ):
+        raise ValueError(f"negative_slope must be a finite float, got {negative_slope!r}")
     layers: list[nn.Module] = [
         nn.Linear(dim + context, hidden),
         nn.LeakyReLU(negative_slope),

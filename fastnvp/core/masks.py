@@ -12,9 +12,9 @@ from fastnvp.core.validation import ensure_tensor
 
 
 def _check_shape(dim, num_layers) -> None:
-    if not isinstance(dim, int) or dim < 2:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
         raise ValueError(f"dim must be an int >= 2 (a coupling layer needs two parts), got {dim!r}")
-    if not isinstance(num_layers, int) or num_layers < 1:
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
 
 

@@ -125,6 +125,17 @@ class FlowBase(nn.Module, ABC):
         else:
             self.embedding = None
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A loaded mask passes the constructor's checks too: a non-0/1 mask, or a row that
+        # keeps or transforms nothing, would load into a flow that is no longer invertible.
+        loaded = state_dict.get(prefix + "mask")
+        if isinstance(loaded, torch.Tensor) and not loaded.is_meta:
+            try:
+                check_masks(loaded)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"state_dict[{prefix + 'mask'!r}]: {error}") from error
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def dim(self) -> int:
         """Number of features D."""
@@ -214,6 +225,24 @@ class FlowBase(nn.Module, ABC):
             return contextlib.nullcontext()
         nets = {f"s[{i}]": self.s[i], f"t[{i}]": self.t[i]}
         return checks.module_outputs_checked(nets, i, direction)
+
+    def _scale_shift(self, i: int, inputs: torch.Tensor):
+        """Layer ``i``'s user nets on ``inputs`` (N, D + E) -> (s, t), each checked to be
+        (N, D): a net of another output width would broadcast against the masks (width 1) or
+        have the wrong columns picked, a wrong density without an error."""
+        s = self.s[i](inputs)
+        t = self.t[i](inputs)
+        expected = (inputs.shape[0], self.dim)
+        tensors = isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor)
+        if not tensors or s.shape != expected or t.shape != expected:
+            got = [
+                tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for v in (s, t)
+            ]
+            raise ValueError(
+                f"nets[{i}] and nett[{i}] must map (N, D + E) -> (N, D) = {expected} "
+                f"(D = {self.dim} features), got s {got[0]} and t {got[1]}"
+            )
+        return s, t
 
     def _check_layer(self, i: int, direction: str, **tensors: torch.Tensor) -> None:
         """Raise ``NonFiniteError`` naming layer ``i`` if any given tensor is not finite."""
@@ -425,8 +454,7 @@ class RealNVP(FlowBase):
             z_kept = z * m
             inputs = self._with_context(z_kept, e)
             with self._nets_checked(i, "f"):
-                s = self.s[i](inputs)
-                t = self.t[i](inputs)
+                s, t = self._scale_shift(i, inputs)
             if checking:
                 self._check_layer(i, "f", s=s, t=t)
             if self._clamps(i):
@@ -449,8 +477,7 @@ class RealNVP(FlowBase):
             x_kept = x * m
             inputs = self._with_context(x_kept, e)
             with self._nets_checked(i, "g"):
-                s = self.s[i](inputs)
-                t = self.t[i](inputs)
+                s, t = self._scale_shift(i, inputs)
             if checking:
                 self._check_layer(i, "g", s=s, t=t)
             if self._clamps(i):

@@ -305,9 +305,8 @@ class FastRealNVP(FlowBase):
         """
         if path == "modules":
             masked = self._with_context(h * self.mask[i].to(h.dtype), e)
-            s = self.s[i](masked).index_select(1, transformed)
-            t = self.t[i](masked).index_select(1, transformed)
-            return s, t
+            s, t = self._scale_shift(i, masked)
+            return s.index_select(1, transformed), t.index_select(1, transformed)
         s_mlp, t_mlp = self._mlps(i)
         if path == "cpu_knots":  # the plan takes it only for one input column (K1 = 1, E = 0)
             grad = torch.is_grad_enabled() and (

@@ -23,7 +23,6 @@ import os
 import pickle
 import struct
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -134,7 +133,9 @@ def load(path, *, expected_format: str | None = None, kind: str = "fastnvp") -> 
             f"refusing to load {str(path)!r}: it is not a plain tensor checkpoint (it is "
             f"corrupted, or holds objects that weights_only loading does not run): {reason}"
         ) from exc
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - re-raised as CheckpointError, the cause chained
+        # Besides RuntimeError, EOFError, OSError, BadZipFile and ValueError, the weights_only
+        # unpickler raises KeyError or IndexError on bytes that are not a pickle (a text file).
         raise CheckpointError(
             f"cannot read {str(path)!r}: the file is truncated or not a PyTorch checkpoint "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'empty file'})"
