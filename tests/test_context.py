@@ -329,6 +329,8 @@ BAD_CALLS = [
     (lambda m, x, c: m.sample(4, c[0].float()), TypeError, "context has dtype torch.float32"),
     (lambda m, x, c: m.distribution(), ValueError, rf"context is required.*{SAMPLE_SHAPES}"),
     (lambda m, x, c: m.distribution(c[0, :2]), ValueError, rf"{SAMPLE_SHAPES}, got \(2,\)"),
+    (lambda m, x, c: m.sample(2, c[:0]), ValueError, r"at least one row \(M >= 1\), got \(0, 3\)"),
+    (lambda m, x, c: m.distribution(c[0]).sample("x"), TypeError, "sample_shape must be a shape"),
 ]
 
 
@@ -394,3 +396,11 @@ def test_fused_layer_paths_with_context(backend, one_thread, memory):
         xs, lp = fast.sample_and_log_prob(5, c[:2])
         direct = ref.log_prob(xs.reshape(-1, 4), c[:2].repeat(5, 1)).reshape(5, 2)
         torch.testing.assert_close(lp, direct, rtol=1e-4, atol=1e-4)
+
+
+def test_distribution_takes_an_int_sample_shape():
+    model = RealNVP.standard(D, 2, 8, context=C).double()
+    dist = model.distribution(torch.randn(4, C, dtype=torch.float64))
+    assert dist.sample(3).shape == (3, 4, D) and dist.rsample(2).shape == (2, 4, D)
+    x, log_p = dist.rsample_and_log_prob(5)
+    assert x.shape == (5, 4, D) and log_p.shape == (5, 4)

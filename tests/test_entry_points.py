@@ -42,6 +42,16 @@ def test_flow_methods_name_the_argument(flow, method, bad, exc, message):
         getattr(flow, method)(bad)
 
 
+def test_autocast_accepts_its_dtype_and_refuses_others(flow):
+    """Under CPU autocast (bf16) x may be float32 or bf16; a float64 x met a float32 weight in
+    a matmul ("mat1 and mat2 must have the same dtype") instead of naming x."""
+    x = torch.randn(5, 2)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert flow.log_prob(x).shape == (5,) and flow.log_prob(x.bfloat16()).shape == (5,)
+        with pytest.raises(TypeError, match="x has dtype torch.float64 but the model's"):
+            flow.log_prob(x.double())
+
+
 def test_sample_validates_generator(flow):
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         flow.sample(2, generator=3)

@@ -134,6 +134,12 @@ def test_lu_layer_starts_orthogonal_and_stays_invertible():
     [
         (lambda: Permutation(torch.tensor([0, 0, 1])), "permutation of 0..2"),
         (lambda: Permutation(torch.tensor([0.0, 1.0])), "integer"),
+        (lambda: Permutation("ab"), "index must be a 1-D integer tensor.*got str"),
+        (lambda: Permutation(None), "index must be a 1-D integer tensor.*got NoneType"),
+        (lambda: Permutation([]), "D >= 1, got an empty one"),
+        (lambda: Permutation.random(-1), "dim must be an int >= 1, got -1"),
+        (lambda: Permutation.random(True), "dim must be an int >= 1, got True"),
+        (lambda: Permutation.reverse(0), "dim must be an int >= 1, got 0"),
         (lambda: ActNorm(0), "dim"),
         (lambda: BatchNorm(3, momentum=0.0), "momentum"),
         (lambda: BatchNorm(3, eps=-1.0), "eps"),
@@ -150,6 +156,16 @@ def test_bad_options_raise_naming_the_argument(make, match):
 def test_bad_inputs_raise_naming_the_argument():
     with pytest.raises(ValueError, match="x must have shape"):
         ActNorm(3)(torch.randn(4, 2))
+    # The layers' own dtype, as a flow's (a float16 x gave a float16 log-det next to a
+    # float32 y; float64 passed through as float64).
+    for layer in (ActNorm(3), BatchNorm(3), LULinear(3)):
+        for dtype in (torch.float64, torch.float16):
+            name = type(layer).__name__
+            with pytest.raises(TypeError, match=f"x has dtype {dtype} but the {name} layer's"):
+                layer(torch.randn(4, 3, dtype=dtype))
+            with pytest.raises(TypeError, match=f"y has dtype {dtype} but the {name} layer's"):
+                layer.inverse(torch.randn(4, 3, dtype=dtype))
+    assert Permutation.reverse(3)(torch.randn(4, 3, dtype=torch.float64))[0].dtype == F64
     with pytest.raises(ValueError, match="at least 2 rows for BatchNorm in train mode"):
         BatchNorm(3)(torch.randn(1, 3))
     with pytest.raises(ValueError, match="at least 2 rows for BatchNorm in train mode"):

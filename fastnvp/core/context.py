@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastnvp.core.validation import FLOAT_DTYPES
+from fastnvp.core.validation import FLOAT_DTYPES, check_input_dtype
 
 
 def check_context_features(context) -> int | None:
@@ -113,10 +113,7 @@ def check_context(context, features: int | None, rows: int, like: torch.Tensor) 
         )
     if context.device != like.device:
         raise ValueError(f"context is on {context.device} but the model is on {like.device}")
-    if context.dtype != like.dtype and not torch.is_autocast_enabled(context.device.type):
-        raise TypeError(
-            f"context has dtype {context.dtype} but the model's parameters are {like.dtype}"
-        )
+    check_input_dtype(context, "context", like.dtype)
 
 
 def sample_context(context, features: int | None, like: torch.Tensor):
@@ -142,6 +139,8 @@ def sample_context(context, features: int | None, like: torch.Tensor):
         )
     if context.ndim not in (1, 2) or context.shape[-1] != features:
         raise ValueError(f"context must have shape {expected}, got {tuple(context.shape)}")
+    if context.ndim == 2 and context.shape[0] == 0:
+        raise ValueError(f"context must have at least one row (M >= 1), got {tuple(context.shape)}")
     rows = context[None] if context.ndim == 1 else context
     check_context(rows, features, rows.shape[0], like)  # dtype and device
     return rows, (() if context.ndim == 1 else (context.shape[0],))

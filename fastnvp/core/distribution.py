@@ -39,7 +39,15 @@ class FlowDistribution(Distribution):
         )
 
     def _count(self, sample_shape) -> tuple[torch.Size, int]:
-        shape = torch.Size(sample_shape)
+        """``sample_shape`` (a shape, or an int n for (n,)) -> (the shape, its sample count)."""
+        if isinstance(sample_shape, int) and not isinstance(sample_shape, bool):
+            sample_shape = (sample_shape,)
+        try:
+            shape = torch.Size(sample_shape)
+        except TypeError as error:
+            raise TypeError(
+                f"sample_shape must be a shape (a tuple of ints) or an int, got {sample_shape!r}"
+            ) from error
         count = math.prod(shape)
         if count < 1:
             raise ValueError(f"sample_shape must have at least one sample, got {tuple(shape)}")

@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from fastnvp.core.validation import ensure_batch
+from fastnvp.core.validation import check_input_dtype, ensure_batch
 
 #: The forms the engine knows: a per-feature affine map (ActNorm; BatchNorm with fixed
 #: statistics), batch normalization with batch statistics, a fixed permutation of the features
@@ -50,7 +50,8 @@ class FlowLayer(nn.Module, ABC):
         self.dim = dim
 
     def _check(self, x, name: str) -> torch.Tensor:
-        """``x`` must be an (N, D) floating tensor on the layer's device."""
+        """``x`` must be an (N, D) floating tensor on the layer's device, with the dtype of its
+        parameters (as a flow's inputs: ``fastnvp.core.validation.check_input_dtype``)."""
         ensure_batch(x, name, self.dim)
         for tensor in (*self.parameters(), *self.buffers()):
             if tensor.device != x.device:
@@ -58,6 +59,9 @@ class FlowLayer(nn.Module, ABC):
                     f"{name} is on {x.device} but the {type(self).__name__} layer is on "
                     f"{tensor.device}"
                 )
+            break
+        for tensor in self.parameters():  # a permutation has none: any dtype passes through
+            check_input_dtype(x, name, tensor.dtype, f"the {type(self).__name__} layer's")
             break
         return x
 

@@ -42,6 +42,11 @@ def permute_columns(
     return x.flip(1) if is_reversal else torch.index_select(x, 1, index, out=out)
 
 
+def _check_dim(dim) -> None:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+
+
 def _check_permutation(index: torch.Tensor, name: str) -> None:
     dim = index.shape[0]
     if not torch.equal(torch.sort(index).values, torch.arange(dim, device=index.device)):
@@ -60,9 +65,20 @@ class Permutation(FlowLayer):
     kind = "permutation"
 
     def __init__(self, index):
-        index = torch.as_tensor(index)
+        try:
+            index = torch.as_tensor(index)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(
+                f"index must be a 1-D integer tensor, a permutation of 0..D-1, got "
+                f"{type(index).__name__}"
+            ) from error
+        if index.numel() == 0:
+            raise ValueError("index must be a permutation of 0..D-1 with D >= 1, got an empty one")
         if index.ndim != 1 or index.dtype.is_floating_point or index.dtype == torch.bool:
-            raise TypeError(f"index must be a 1-D integer tensor, got {index.dtype} {index.shape}")
+            raise TypeError(
+                f"index must be a 1-D integer tensor, a permutation of 0..D-1, got "
+                f"{index.dtype} of shape {tuple(index.shape)}"
+            )
         dim = index.shape[0]
         super().__init__(dim)
         index = index.to(torch.long)
@@ -75,12 +91,14 @@ class Permutation(FlowLayer):
     @classmethod
     def reverse(cls, dim: int) -> Permutation:
         """The reversal D-1, ..., 0."""
+        _check_dim(dim)
         return cls(torch.arange(dim - 1, -1, -1))
 
     @classmethod
     def random(cls, dim: int, generator: torch.Generator | None = None) -> Permutation:
         """A uniform random permutation (``torch.randperm``; the global RNG without a
         generator, so ``torch.manual_seed`` fixes it like a weight initialization)."""
+        _check_dim(dim)
         return cls(torch.randperm(dim, generator=generator))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

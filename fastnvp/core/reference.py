@@ -34,7 +34,12 @@ from fastnvp.core.context import (
 from fastnvp.core.interleave import build_norms, build_permutations, step_layers
 from fastnvp.core.masks import alternating_masks, check_masks, half_masks
 from fastnvp.core.prior import prior_log_prob, prior_sample
-from fastnvp.core.validation import check_generator, ensure_batch, ensure_num_samples
+from fastnvp.core.validation import (
+    check_generator,
+    check_input_dtype,
+    ensure_batch,
+    ensure_num_samples,
+)
 
 
 def build_nets(factory: Callable[[], nn.Module], count: int, name: str) -> nn.ModuleList:
@@ -157,10 +162,7 @@ class FlowBase(nn.Module, ABC):
         anchor = self._anchor()
         if x.device != anchor.device:
             raise ValueError(f"{name} is on {x.device} but the model is on {anchor.device}")
-        if x.dtype != anchor.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(
-                f"{name} has dtype {x.dtype} but the model's parameters are {anchor.dtype}"
-            )
+        check_input_dtype(x, name, anchor.dtype)
         if self._checking():
             checks.check_finite(x, name, None, "f" if name == "x" else "g")
         return x

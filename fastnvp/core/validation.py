@@ -38,6 +38,18 @@ def ensure_batch(x, name: str, dim: int | None = None) -> torch.Tensor:
     return x
 
 
+def check_input_dtype(x: torch.Tensor, name: str, dtype: torch.dtype, owner: str = "the model's"):
+    """``x`` must have the parameters' ``dtype``; inside an autocast region on its device also
+    the autocast dtype (the region computes in it). Any other dtype raises ``TypeError``: a
+    float64 x under bf16 autocast met a float32 weight in a matmul."""
+    if x.dtype == dtype:
+        return
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype == torch.get_autocast_dtype(device):
+        return
+    raise TypeError(f"{name} has dtype {x.dtype} but {owner} parameters are {dtype}")
+
+
 def ensure_same(ref: torch.Tensor, ref_name: str, other: torch.Tensor, other_name: str) -> None:
     """Check ``other`` matches ``ref`` in shape, dtype and device."""
     if other.shape != ref.shape:
