@@ -129,9 +129,22 @@ def test_study_options_change_the_committed_configuration():
         (["norm-depth", "--depths", "1,2"], "--depths"),
         (["digits", "--out", "runs/x"], "--out"),
         (["depth", "--quick"], "--quick"),
+        (["digits", "--quick", "--clip", "0", "--noise", "0"], "--noise, --clip"),  # 0 is given
     ],
 )
 def test_experiment_refuses_options_a_study_would_ignore(argv, named, capsys):
     assert main(["experiment", *argv]) == 2
     err = capsys.readouterr().err
     assert named in err and "error" in err
+
+
+def test_a_changed_study_never_writes_over_the_committed_results():
+    from fastnvp.cli.commands.experiment import _default_report_dir, given_options
+
+    def folder(argv):
+        return _default_report_dir(argv[0], given_options(_experiment_args(argv)))
+
+    assert folder(["digits"]) == folder(["digits", "--threads", "2"]) == "docs/digits"
+    assert folder(["digits", "--steps", "3"]) == "runs/digits-custom"
+    assert folder(["norm-depth", "--seed", "0"]) == "runs/norm-depth-custom"  # 0 is given
+    assert folder(["digits", "--quick", "--hidden", "8"]) == "runs/digits-quick"

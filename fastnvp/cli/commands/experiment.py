@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="where figures and tables go (default: --out for 'depth'; docs/digits otherwise, "
         "whose page docs/digits.md and the README get their generated sections refreshed; "
-        "runs/<study>-quick with --quick)",
+        "runs/<study>-quick with --quick, runs/<study>-custom when options change the "
+        "committed configuration)",
     )
     parser.add_argument(
         "--quick",
@@ -98,22 +99,27 @@ def report(summary: dict) -> None:
         print(f"figure:  {folder / name}")
 
 
-def _default_report_dir(study: str, quick: bool) -> str:
-    """The committed run's folder, or a scratch one for ``--quick`` (never over the docs)."""
-    return f"runs/{study}-quick" if quick else REPORT_DIRS[study]
+def _default_report_dir(study: str, given: dict) -> str:
+    """The committed run's folder for the committed configuration; a scratch folder for
+    ``--quick`` or a changed configuration, which must never replace the committed results."""
+    if "quick" in given:
+        return f"runs/{study}-quick"
+    return f"runs/{study}-custom" if given else REPORT_DIRS[study]
 
 
 def _run_study(args: argparse.Namespace) -> int:
     """``digits`` / ``norm-depth``: run, write the report, refresh the pages' generated sections
-    for the committed run (default folder, not ``--quick``), print the table."""
+    for the committed run only (the committed configuration in its default folder), print the
+    table."""
     import importlib
 
     module_name, config_name, run_name = STUDY_MODULES[args.study]
     study = importlib.import_module(module_name)
     config = study_config(args.study, getattr(study, config_name), args)
-    report_dir = args.report_dir or _default_report_dir(args.study, args.quick)
+    given = given_options(args)
+    report_dir = args.report_dir or _default_report_dir(args.study, given)
     summary = getattr(study, run_name)(report_dir, config, progress=not args.no_progress)
-    if args.report_dir is None and not args.quick:
+    if args.report_dir is None and not given:
         study.write_docs(summary)
     print()
     print(study.markdown(summary), end="")
@@ -125,8 +131,10 @@ def given_options(args: argparse.Namespace) -> dict:
     """The study-specific options given on the command line (``add_arguments``: those not
     given are None, and ``--quick`` False), by destination."""
     given = {dest: getattr(args, dest) for dest in args._depth_defaults}
-    given["quick"] = args.quick
-    return {dest: value for dest, value in given.items() if value not in (None, False)}
+    given = {dest: value for dest, value in given.items() if value is not None}
+    if args.quick:
+        given["quick"] = True
+    return given
 
 
 def _flag(dest: str) -> str:
