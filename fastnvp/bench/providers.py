@@ -253,11 +253,7 @@ def _require(name: str):
 # ------------------------------------------------------------------------------ providers
 def _fastnvp(ref: RealNVP, options: dict) -> Flow:
     conditional = getattr(ref, "context_features", None) is not None
-    if options or conditional:
-        params = inspect.signature(FastRealNVP.__init__).parameters
-        unknown = sorted(set(options) - set(params))
-        if unknown:
-            raise ProviderUnavailable(f"FastRealNVP has no option(s) {unknown}")
+    if options or conditional:  # options checked by parse_provider
         extra = {}
         if conditional:
             extra = {"context": ref.context_features, "embedding": copy.deepcopy(ref.embedding)}
@@ -605,7 +601,20 @@ def parse_provider(spec: str) -> tuple[str, dict]:
         raise ValueError(f"unknown provider {name!r}; choose from {list(_BUILDERS)}")
     if options and name != "fastnvp":
         raise ValueError(f"provider {name!r} takes no options")
+    unknown = sorted(set(options) - _fastnvp_options())
+    if unknown:
+        raise ValueError(
+            f"provider {spec!r}: FastRealNVP has no option(s) {unknown}; it takes "
+            f"{sorted(_fastnvp_options())}"
+        )
     return name, options
+
+
+def _fastnvp_options() -> set[str]:
+    """The keyword options a ``fastnvp[k=v,...]`` provider can set (FastRealNVP's, less the
+    nets, masks and context the benchmark builds from its reference)."""
+    params = inspect.signature(FastRealNVP.__init__).parameters
+    return set(params) - {"self", "nets", "nett", "masks", "context", "embedding"}
 
 
 def _parse_value(value: str):

@@ -145,6 +145,20 @@ def update_readme(readme_path: str, section: str) -> bool:
     return update_section(readme_path, section, "bench")
 
 
+def check_section(path, name: str) -> None:
+    """Raise ``ValueError`` unless the file ``path`` has one ``<!-- {name}:start -->`` /
+    ``<!-- {name}:end -->`` pair in that order (what :func:`update_section` rewrites): a
+    ``--readme`` that cannot take the section is named before a run, not ignored after it."""
+    begin, finish = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    try:
+        with open(path) as fh:
+            text = fh.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as error:
+        raise ValueError(f"{path!r} is not a readable file ({type(error).__name__})") from error
+    if text.count(begin) != 1 or text.count(finish) != 1 or text.index(finish) < text.index(begin):
+        raise ValueError(f"{path!r} needs one {begin} ... {finish} pair for the generated section")
+
+
 def update_section(path, section: str, name: str) -> bool:
     """Replace the text between ``<!-- {name}:start -->`` and ``<!-- {name}:end -->`` in the
     file ``path`` with ``section`` (generated results in a hand-written page).

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 
 from fastnvp.cli.commands._training_options import int_list as _int_list
-from fastnvp.cli.commands._training_options import nonnegative_int, positive_int
+from fastnvp.cli.commands._training_options import (
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 
 HELP = "benchmark fastnvp vs the reference, torch.compile and peers; write JSON, table, plots"
 
@@ -85,19 +89,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workloads", type=_str_list(_WORKLOADS), default=None, help="comma-separated subset"
     )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per workload")
+    # device, dtype and threads default to None so --from-json can tell them given.
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="(default cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float64", "bfloat16"),
+        default=None,
+        help="(default float32)",
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch.set_num_threads (default 2)"
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=None, help="timed rounds per workload"
+    )
     parser.add_argument(
         "--compile-max-layers",
-        type=int,
+        type=nonnegative_int,
         default=None,
         help="skip torch.compile above this depth (its cold compile grows with L)",
     )
     parser.add_argument(
         "--max-minutes",
-        type=float,
+        type=positive_float,
         default=None,
         help="start no further configuration after this many minutes (the rest is listed)",
     )
@@ -126,8 +140,24 @@ def _plan(args):
 
     sweep = (args.layers, args.dim, args.hidden, args.batch, args.context)
     custom = any(v is not None for v in sweep)
+    if custom and (args.preset is not None or args.quick):
+        given = [
+            flag
+            for flag, value in zip(("--layers", "--dim", "--hidden", "--batch", "--context"), sweep)
+            if value is not None
+        ]
+        preset = "--quick" if args.quick else f"--preset {args.preset}"
+        raise ValueError(
+            f"{preset} runs its own shapes; {', '.join(given)} make a custom sweep: give one or "
+            "the other"
+        )
     if custom and (args.grid_sample is not None or args.grid_seed is not None):
         raise ValueError("--grid-sample/--grid-seed need --preset grid, not a custom sweep")
+    if args.quick and args.preset not in (None, "quick", "conditional", "conditional-quick"):
+        raise ValueError(
+            f"--quick is the quick preset (or, with --preset conditional, conditional-quick); "
+            f"it does not combine with --preset {args.preset}"
+        )
     if args.quick and args.preset in ("conditional", "conditional-quick"):
         name = "conditional-quick"
     else:
@@ -178,17 +208,40 @@ def run(args: argparse.Namespace) -> int:
 
     from fastnvp.bench import harness, report
 
-    if args.threads < 1:
-        raise SystemExit("--threads must be >= 1")
     if args.from_json is not None:
+        measuring = {
+            "--preset": args.preset, "--quick": args.quick or None,
+            "--grid-sample": args.grid_sample, "--grid-seed": args.grid_seed,
+            "--layers": args.layers, "--dim": args.dim, "--hidden": args.hidden,
+            "--batch": args.batch, "--context": args.context, "--providers": args.providers,
+            "--workloads": args.workloads, "--device": args.device, "--dtype": args.dtype,
+            "--threads": args.threads, "--repeats": args.repeats,
+            "--compile-max-layers": args.compile_max_layers, "--max-minutes": args.max_minutes,
+        }  # fmt: skip
+        given = [flag for flag, value in measuring.items() if value is not None]
+        if given:
+            raise ValueError(
+                f"--from-json regenerates the reports of a finished run; {', '.join(given)} "
+                "would change a measurement it does not make"
+            )
+    args.device = args.device or "cpu"
+    args.dtype = args.dtype or "float32"
+    args.threads = args.threads or 2
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: torch.cuda.is_available() is False on this machine")
+    if args.readme is not None:
+        report.check_section(args.readme, "bench")  # before a run, not after it
+    if args.from_json is not None:
+        if not os.path.isfile(args.from_json):
+            raise ValueError(f"--from-json {args.from_json!r} is not a file")
         doc = report.load(args.from_json)
         out = args.out or os.path.dirname(os.path.abspath(args.from_json))
         name = args.name or os.path.splitext(os.path.basename(args.from_json))[0]
     else:
-        try:
-            plan = _plan(args)
-        except (TypeError, ValueError) as exc:
-            raise SystemExit(f"fastnvp bench: {exc}") from exc
+        plan = _plan(args)
         out = args.out or os.path.join(
             "benchmarks", "results", harness.machine_name(args.device, args.threads)
         )
@@ -199,12 +252,9 @@ def run(args: argparse.Namespace) -> int:
             with open(os.path.join(out, name + ".partial.json"), "w") as fh:
                 json.dump(partial, fh, indent=1)
 
-        try:
-            doc = harness.run(
-                plan, harness.command_line(), max_minutes=args.max_minutes, checkpoint=checkpoint
-            )
-        except ValueError as exc:
-            raise SystemExit(f"fastnvp bench: {exc}") from exc
+        doc = harness.run(
+            plan, harness.command_line(), max_minutes=args.max_minutes, checkpoint=checkpoint
+        )
         partial = os.path.join(out, name + ".partial.json")
         if os.path.exists(partial):
             os.remove(partial)
