@@ -1,7 +1,7 @@
 """Conditional benchmark providers and the conditional presets at tiny sizes.
 
 Every conditional provider must compute the conditional reference's log p(x | c) (the
-definition of correct, docs/design.md §1.3-1.4), let gradients reach the context, condition
+definition of correct, docs/design.md §1.3-1.4, §1.7), let gradients reach the context, condition
 each row on its own context row, and hold the reference's effective parameter count.
 """
 

@@ -1,4 +1,4 @@
-"""Conditional flows (docs/design.md §1.4): the API, bad input and every CPU executor.
+"""Conditional flows (docs/design.md §1.7): the API, bad input and every CPU executor.
 
 Each executor is checked against the float64 reference on fresh inputs: outputs, log-det and
 the gradients of the parameters, the embedding and the context itself; the GEMM stack also

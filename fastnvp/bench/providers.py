@@ -22,7 +22,7 @@ full-width nets of the reference also hold the weights that only ever see zeros 
 transformed input columns) or get multiplied by zero (the kept output rows). Both counts are
 reported: ``params_total`` and ``params_effective`` (the latter must agree across providers).
 
-Conditional flows (a reference built with ``context=C``, no embedding; docs/design.md §1.3):
+Conditional flows (a reference built with ``context=C``, no embedding; docs/design.md §1.3, §1.7):
 every net sees ``cat([x * m, c])``, width D + C, so the split-half nets of the peers take
 ``cat([x_kept, c])`` (K1 + C) with the first-Linear columns ``cat(kept, D + arange(C))`` of the
 reference. Each peer gets the context the way its library passes it to a coupling net:
