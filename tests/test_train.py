@@ -218,3 +218,22 @@ def test_actnorm_initializes_from_the_first_training_rows(tmp_path):
     # the first step moved the parameters by at most lr; the initialization is that of u
     got = result.model.flow.norms[0].log_scale
     assert (got - expected.log_scale).abs().max() < 5 * config.lr
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="resume .* overwrite .* not both"):
+        train(tiny(), tmp_path / "run", progress=False, resume=True, overwrite=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_data_set_too_small_to_split_writes_nothing(tmp_path):
+    from fastnvp.training.data import min_rows_for_split, split_sizes
+
+    path = tmp_path / "d.npy"
+    np.save(path, np.random.default_rng(0).normal(size=(3, 2)))
+    with pytest.raises(ValueError, match=r"has 3 rows.*2 training and 1 test.*at least 8 rows"):
+        train(tiny(data=str(path)), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    for fraction in (0.2, 0.5, 0.01, 0.99, 0.3):
+        need = min_rows_for_split(fraction)
+        assert min(split_sizes(need, fraction)) >= 2 > min(split_sizes(need - 1, fraction))

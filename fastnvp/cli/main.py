@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args._run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, TypeError, OSError) as exc:
         # Bad input from the command line is the user's to fix: one clear line, no traceback.
+        # The commands name the option at fault where they can; an OSError (a file or folder
+        # that cannot be read or written, e.g. a path through a file) is a last resort here.
         # Set FASTNVP_TRACEBACK=1 to see where it was raised.
         if os.environ.get("FASTNVP_TRACEBACK"):
             raise

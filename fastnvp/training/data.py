@@ -340,6 +340,25 @@ def split_columns(table: np.ndarray, columns: list[int]) -> tuple[np.ndarray, np
     return table[:, rest], table[:, columns]
 
 
+def split_sizes(rows: int, test_fraction: float) -> tuple[int, int]:
+    """(train rows, test rows) that :func:`train_test_split` gives ``rows`` rows: the test set
+    gets ``round(test_fraction * rows)``, at least one, and the training set at least one."""
+    n_test = min(max(1, round(test_fraction * rows)), rows - 1)
+    return rows - n_test, n_test
+
+
+def min_rows_for_split(test_fraction: float, minimum: int = 2) -> int:
+    """The fewest rows whose split at ``test_fraction`` (in (0, 1)) leaves at least ``minimum``
+    rows on each side (:func:`split_sizes`)."""
+    # round(f * n) >= m needs f * n >= m - 0.5 and n - round(f * n) >= m needs
+    # (1 - f) * n >= m - 0.5, up to rounding: start just below and step up.
+    start = (minimum - 0.5) / min(test_fraction, 1 - test_fraction)
+    rows = max(2 * minimum, int(start) - 2)
+    while min(split_sizes(rows, test_fraction)) < minimum:
+        rows += 1
+    return rows
+
+
 def train_test_split(x: np.ndarray, labels: np.ndarray | None, test_fraction: float, seed: int):
     """Seeded random split.  -> (x_train, x_test, labels_train, labels_test); labels may be None.
 
@@ -354,7 +373,7 @@ def train_test_split(x: np.ndarray, labels: np.ndarray | None, test_fraction: fl
         raise ValueError(f"x needs at least 2 rows to split, got {x.shape[0]}")
     if labels is not None and labels.shape[0] != x.shape[0]:
         raise ValueError(f"labels must have {x.shape[0]} entries like x, got {labels.shape[0]}")
-    n_test = min(max(1, round(test_fraction * x.shape[0])), x.shape[0] - 1)
+    _, n_test = split_sizes(x.shape[0], test_fraction)
     order = np.random.default_rng(_check_seed(seed)).permutation(x.shape[0])
     test, train = order[:n_test], order[n_test:]
     if labels is None:

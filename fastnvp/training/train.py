@@ -55,10 +55,12 @@ from fastnvp.training.data import (
     csv_header,
     load_array,
     make_dataset,
+    min_rows_for_split,
     one_hot,
     parse_columns,
     resolve_columns,
     split_columns,
+    split_sizes,
     train_test_split,
 )
 
@@ -281,6 +283,7 @@ def prepare_data(config: TrainConfig) -> DataSplit:
                 "names": None if header is None else [header[j] for j in columns],
                 "labels": None,
             }
+        _check_split(x.shape[0], float(config.test_fraction), config.data)
         x_tr, x_te, c_tr, c_te = train_test_split(x, c, float(config.test_fraction), config.seed)
         y_tr = y_te = None
     else:
@@ -310,6 +313,26 @@ def prepare_data(config: TrainConfig) -> DataSplit:
         split.c_train, split.c_test = _tensor(c_tr), _tensor(c_te)
         split.context_standardizer, split.context_info = cst, info
     return split
+
+
+# Rows each side of a split needs: the standardization's std (training set) and the latent
+# covariance of the test set (fastnvp.analysis.stats.latent_gaussianity).
+MIN_SPLIT_ROWS = 2
+
+
+def _check_split(rows: int, test_fraction: float, source) -> None:
+    """Raise ValueError when a user data set of ``rows`` rows, split at ``test_fraction``,
+    leaves fewer than :data:`MIN_SPLIT_ROWS` rows for training or testing (before training)."""
+    n_train, n_test = split_sizes(rows, test_fraction)
+    if min(n_train, n_test) >= MIN_SPLIT_ROWS:
+        return
+    need = min_rows_for_split(test_fraction, MIN_SPLIT_ROWS)
+    raise ValueError(
+        f"data (--data) {str(source)!r} has {rows} rows, which test_fraction (--test-fraction) "
+        f"{test_fraction:g} splits into {n_train} training and {n_test} test rows; each side "
+        f"needs at least {MIN_SPLIT_ROWS}, so --data needs at least {need} rows at this "
+        "--test-fraction"
+    )
 
 
 def build_flow(
@@ -689,7 +712,8 @@ def train(
             to the new length, so the result differs from a fresh run of that length).
         out_dir: run directory; created if missing.
         overwrite: start afresh even if ``out_dir`` holds a checkpoint. Without it (and without
-            ``resume``) an existing run is never replaced: ``FileExistsError``.
+            ``resume``) an existing run is never replaced: ``FileExistsError``. ``resume`` and
+            ``overwrite`` together are a ``ValueError``.
         progress: show a tqdm bar with the running loss.
         stop_after: stop (and checkpoint) once this global step is reached; for interrupting a
             run deliberately, e.g. to test resume.
@@ -714,6 +738,11 @@ def train(
             "norm='batchnorm' normalizes each process's shard with its own batch statistics, so "
             "data-parallel replicas would diverge: with torchrun use norm='actnorm' or None"
         )
+    if resume and overwrite:
+        raise ValueError(
+            "resume (--resume) continues the run in out_dir and overwrite (--overwrite) "
+            "replaces it: give one, not both"
+        )
     out = Path(out_dir)
     payload = None
     if not resume and not overwrite and (out / CHECKPOINT).exists():
@@ -729,8 +758,9 @@ def train(
         if steps < payload["step"]:
             raise ValueError(f"steps ({steps}) is below the checkpoint's step {payload['step']}")
         config.steps = max(config.steps, steps)
-    out.mkdir(parents=True, exist_ok=True)
+    # The data first: a data set that cannot be trained on leaves no run directory behind.
     split = prepare_data(config)
+    out.mkdir(parents=True, exist_ok=True)
     model = build_model(config, split).to(world.device)
     optimizer = optim.adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = _make_scheduler(optimizer, config)

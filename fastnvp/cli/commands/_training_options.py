@@ -55,30 +55,99 @@ def int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+#: The toy-data and --data options' defaults. add_data_options leaves every one of them None
+#: in the namespace, so config_from_args can tell an option given (even at its default value)
+#: from one left out and refuse options that do not apply to the chosen source; it resolves
+#: these defaults (TrainConfig's) in one place. The help texts show them.
+DATA_DEFAULTS = {"dataset": "moons", "n_train": 20_000, "n_test": 5_000, "test_fraction": 0.2}
+#: Options of the toy data sets only (refused with --data), by destination.
+TOY_OPTIONS = ("dataset", "noise", "n_train", "n_test")
+#: Options of a --data file only (refused without it).
+FILE_OPTIONS = ("test_fraction",)
+
+
 def add_data_options(parser: argparse.ArgumentParser) -> None:
-    """--dataset/--data/--noise/--n-train/--n-test/--test-fraction."""
+    """--dataset/--data/--noise/--n-train/--n-test/--test-fraction (all default None: see
+    :data:`DATA_DEFAULTS` and :func:`config_from_args`)."""
     # The names mirror fastnvp.training.data.DATASETS; listed here so --help stays import-free.
     parser.add_argument(
         "--dataset",
-        default="moons",
+        default=None,
         choices=("moons", "circles", "8gaussians", "checkerboard", "pinwheel", "2spirals"),
-        help="toy data set (default moons)",
+        help=f"toy data set (default {DATA_DEFAULTS['dataset']}; not with --data)",
     )
-    parser.add_argument("--data", default=None, help="your own N×D data: a .npy or .csv file")
+    parser.add_argument(
+        "--data", default=None, help="your own N×D data: a .npy or .csv file (instead of --dataset)"
+    )
     parser.add_argument(
         "--noise",
         type=nonnegative_float,
         default=None,
-        help="toy data noise (default: the data set's own, 0.05 for moons)",
+        help="toy data noise (default: the data set's own, 0.05 for moons; not with --data)",
     )
-    parser.add_argument("--n-train", type=positive_int, default=20_000, help="toy training points")
-    parser.add_argument("--n-test", type=positive_int, default=5_000, help="toy test points")
+    parser.add_argument(
+        "--n-train",
+        type=positive_int,
+        default=None,
+        help=f"toy training points (default {DATA_DEFAULTS['n_train']}; not with --data)",
+    )
+    parser.add_argument(
+        "--n-test",
+        type=positive_int,
+        default=None,
+        help=f"toy test points (default {DATA_DEFAULTS['n_test']}; not with --data)",
+    )
     parser.add_argument(
         "--test-fraction",
         type=positive_float,
-        default=0.2,
-        help="with --data: fraction held out as test set (default 0.2)",
+        default=None,
+        help="with --data only: fraction of its rows held out as test set "
+        f"(default {DATA_DEFAULTS['test_fraction']})",
     )
+
+
+def _flags(dests) -> str:
+    return ", ".join("--" + d.replace("_", "-") for d in dests)
+
+
+def check_data_source(args) -> None:
+    """Refuse data options that the chosen source would ignore: the toy-data options with
+    ``--data FILE``, ``--test-fraction`` with a toy data set. ValueError naming them."""
+    if getattr(args, "data", None) is not None:
+        toy = [d for d in TOY_OPTIONS if getattr(args, d, None) is not None]
+        if toy:
+            one = len(toy) == 1
+            raise ValueError(
+                f"{_flags(toy)} appl{'ies' if one else 'y'} to the toy data sets (--dataset), "
+                f"not to --data {args.data!r}; leave {'it' if one else 'them'} out (a --data "
+                "file is split by --test-fraction)"
+            )
+    else:
+        given = [d for d in FILE_OPTIONS if getattr(args, d, None) is not None]
+        if given:
+            raise ValueError(
+                f"{_flags(given)} applies to --data FILE only; a toy data set's test set is "
+                "--n-test points"
+            )
+
+
+def check_out_dir(path: str, option: str = "--out") -> None:
+    """Raise ValueError naming ``option`` when ``path`` cannot be (or become) a writable
+    directory: it is a file, a parent of it is a file, or the nearest existing one is not
+    writable. Creates nothing."""
+    import os
+    from pathlib import Path
+
+    target = Path(path)
+    probe = target
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "is a file" if probe == target else f"cannot be created: {str(probe)!r} is a file"
+        raise ValueError(f"{option} {path!r} {where}; expected a directory")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        where = "" if probe == target else f" ({str(probe)!r} is not writable)"
+        raise ValueError(f"{option} {path!r} is not a writable directory{where}")
 
 
 def add_context_options(parser: argparse.ArgumentParser) -> None:
@@ -174,16 +243,27 @@ def add_optim_options(parser: argparse.ArgumentParser, *, defaults: dict) -> Non
 
 
 def config_from_args(args, layers: int):
-    """A validated TrainConfig from parsed options (heavy import deferred to here)."""
+    """A validated TrainConfig from parsed options (heavy import deferred to here).
+
+    The data options left out (None) get :data:`DATA_DEFAULTS`; those that do not apply to the
+    chosen source are refused (:func:`check_data_source`). A relative ``--data`` is stored as
+    an absolute path, so a resumed run or ``fastnvp figures`` finds it from any directory.
+    """
+    from pathlib import Path
+
     from fastnvp.training.train import DEFAULT_IMPL, TrainConfig
 
+    check_data_source(args)
+    data = {name: getattr(args, name, None) for name in DATA_DEFAULTS}
+    data = {name: DATA_DEFAULTS[name] if v is None else v for name, v in data.items()}
+    path = None if args.data is None else str(Path(args.data).expanduser().resolve())
     return TrainConfig(
-        dataset=args.dataset,
-        data=args.data,
+        dataset=data["dataset"],
+        data=path,
         noise=args.noise,
-        n_train=args.n_train,
-        n_test=args.n_test,
-        test_fraction=args.test_fraction,
+        n_train=data["n_train"],
+        n_test=data["n_test"],
+        test_fraction=data["test_fraction"],
         layers=layers,
         hidden=args.hidden,
         norm=getattr(args, "norm", None),

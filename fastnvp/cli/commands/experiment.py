@@ -14,6 +14,7 @@ import argparse
 from fastnvp.cli.commands._training_options import (
     add_data_options,
     add_optim_options,
+    check_out_dir,
     config_from_args,
     int_list,
     set_threads,
@@ -118,6 +119,7 @@ def _run_study(args: argparse.Namespace) -> int:
     config = study_config(args.study, getattr(study, config_name), args)
     given = given_options(args)
     report_dir = args.report_dir or _default_report_dir(args.study, given)
+    check_out_dir(report_dir, "--report-dir")
     summary = getattr(study, run_name)(report_dir, config, progress=not args.no_progress)
     if args.report_dir is None and not given:
         study.write_docs(summary)
@@ -184,6 +186,9 @@ def run(args: argparse.Namespace) -> int:
     from fastnvp.analysis.experiment import run_depth_study
 
     base = config_from_args(args, layers=1)
+    check_out_dir(args.out)
+    if args.report_dir is not None:
+        check_out_dir(args.report_dir, "--report-dir")
     summary = run_depth_study(
         args.out, base, args.depths, report_dir=args.report_dir, progress=not args.no_progress
     )

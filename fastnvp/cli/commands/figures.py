@@ -14,7 +14,7 @@ HELP = "draw the figures of a trained run (density, latent, Figure 1, losses; pe
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``fastnvp figures``."""
-    parser.add_argument("run", metavar="RUN", help="run directory")
+    parser.add_argument("run", metavar="RUN", help="run directory (or its checkpoint.pt)")
     parser.add_argument("--out", default=None, help="figure directory (default RUN/figures)")
 
 
@@ -31,10 +31,14 @@ def run(args: argparse.Namespace) -> int:
         plot_losses,
         plot_samples,
     )
+    from fastnvp.cli.commands._training_options import check_out_dir
     from fastnvp.training.train import load_run, prepare_data
 
+    # RUN may name the checkpoint file itself: the figures then go next to it.
+    run_dir = Path(args.run).parent if Path(args.run).is_file() else Path(args.run)
+    out = Path(args.out) if args.out else run_dir / "figures"
+    check_out_dir(str(out), "--out" if args.out else "RUN's figures directory")
     model, config, payload = load_run(args.run)
-    out = Path(args.out) if args.out else Path(args.run) / "figures"
     split = prepare_data(config)
     label = f"L={config.layers}"
     written = [plot_losses({label: payload["history"]}, out / "losses.png")]

@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
         type=_choice_list(("standard", "invertible")),
-        default=("standard", "invertible"),
-        help="training-memory modes, comma-separated (default standard,invertible)",
+        default=None,
+        help="training-memory modes, comma-separated (default standard,invertible; "
+        "invertible needs --impl fast)",
     )
     parser.add_argument(
         "--impl",
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fused",
         choices=("auto", "layer", "op", "none"),
         default=None,
-        help="FastRealNVP's fused level (default: the model's, auto)",
+        help="FastRealNVP's fused level (default: the model's, auto); needs --impl fast",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and batch")
     parser.add_argument(
@@ -81,6 +82,19 @@ def run(args: argparse.Namespace) -> int:
 
     from fastnvp.analysis.profiling import ProfileConfig, run_profile
 
+    if "fast" not in args.impl:
+        # Options of FastRealNVP only: with the reference alone they would be reported but unused.
+        unused = [] if args.fused is None else [f"--fused {args.fused}"]
+        if args.mode is not None and "invertible" in args.mode:
+            unused.append("--mode invertible")
+        if unused:
+            raise ValueError(
+                f"{' and '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} to --impl fast "
+                "(FastRealNVP) only, and --impl reference profiles the reference alone; "
+                "add fast to --impl (e.g. --impl fast,reference) or leave "
+                f"{'it' if len(unused) == 1 else 'them'} out"
+            )
+    modes = ("standard", "invertible") if args.mode is None else args.mode
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device == "cuda"
     config = ProfileConfig(
@@ -89,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         dim=args.dim,
         hidden=args.hidden if args.hidden is not None else (256 if on_gpu else 128),
         device=device,
-        modes=args.mode,
+        modes=modes,
         impls=args.impl,
         repeats=args.repeats,
         warmup=args.warmup,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from fastnvp.cli.commands._training_options import nonnegative_int, positive_int
+from fastnvp.cli.commands._training_options import check_out_dir, nonnegative_int, positive_int
+
+#: The --out file formats, by extension (case-insensitive).
+FORMATS = (".npy", ".csv")
 
 HELP = "draw N samples from a trained run and save them as .npy or .csv"
 
@@ -35,8 +38,16 @@ def run(args: argparse.Namespace) -> int:
     from fastnvp.training.train import context_from_values, load_run
 
     out = Path(args.out)
-    if out.suffix.lower() not in (".npy", ".csv"):
-        raise SystemExit(f"fastnvp sample: --out must end in .npy or .csv, got {args.out!r}")
+    if out.is_dir():
+        raise ValueError(
+            f"--out {args.out!r} is a directory; expected a file ending in {' or '.join(FORMATS)}"
+        )
+    if out.suffix.lower() not in FORMATS:
+        raise ValueError(
+            f"--out must end in {' or '.join(FORMATS)} (the formats sample writes), "
+            f"got {args.out!r}"
+        )
+    check_out_dir(str(out.parent), f"--out {args.out!r}: its folder")
     model, _, payload = load_run(args.run)
     context = None
     if model.context_features is None:

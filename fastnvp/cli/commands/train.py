@@ -16,6 +16,7 @@ from fastnvp.cli.commands._training_options import (
     add_context_options,
     add_data_options,
     add_optim_options,
+    check_out_dir,
     config_from_args,
     positive_int,
     set_threads,
@@ -33,16 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_options(parser)
     add_context_options(parser)
     add_optim_options(parser, defaults={"hidden": 256, "steps": 5000, "batch": 256, "lr": 1e-3})
-    parser.add_argument(
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in --out from its checkpoint (its stored settings apply; "
-        "--steps larger than stored extends it)",
+        "--steps larger than stored extends it); not with --overwrite",
     )
-    parser.add_argument(
+    existing.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the run already in --out (without it, an existing run is an error)",
+        help="replace the run already in --out (without it, an existing run is an error); "
+        "not with --resume",
     )
     parser.add_argument(
         "--device",
@@ -54,12 +57,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args, args.layers)
+    check_out_dir(args.out)
     set_threads(args)
+    import torch
+
     from fastnvp.training import distributed
     from fastnvp.training.train import train
 
-    config = config_from_args(args, args.layers)
-    world = distributed.init(args.device)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "--device cuda: CUDA is not available on this machine "
+            "(torch.cuda.is_available() is False); use --device cpu"
+        )
+    try:
+        world = distributed.init(args.device)
+    except RuntimeError as exc:
+        if args.device != "cuda":
+            raise
+        raise ValueError(f"--device cuda: {exc}") from exc
     try:
         result = train(
             config,
