@@ -13,6 +13,11 @@ from fastnvp.cli.commands._training_options import (
 
 HELP = "benchmark fastnvp vs the reference, torch.compile and peers; write JSON, table, plots"
 
+#: Measurement settings whose options default to None (so --from-json can tell them given),
+#: with the values a run uses when they are not given.
+_MEASUREMENT_DEFAULTS = {"device": "cpu", "dtype": "float32", "threads": 2}
+
+
 _PROVIDERS = ("fastnvp", "reference", "torch.compile", "nflows", "normflows", "zuko", "FrEIA")
 _WORKLOADS = ("log_prob", "sample", "train", "inverse")
 
@@ -90,15 +95,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workloads", type=_str_list(_WORKLOADS), default=None, help="comma-separated subset"
     )
     # device, dtype and threads default to None so --from-json can tell them given.
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="(default cpu)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help=f"(default {_MEASUREMENT_DEFAULTS['device']})",
+    )
     parser.add_argument(
         "--dtype",
         choices=("float32", "float64", "bfloat16"),
         default=None,
-        help="(default float32)",
+        help=f"(default {_MEASUREMENT_DEFAULTS['dtype']})",
     )
     parser.add_argument(
-        "--threads", type=positive_int, default=None, help="torch.set_num_threads (default 2)"
+        "--threads",
+        type=positive_int,
+        default=None,
+        help=f"torch.set_num_threads (default {_MEASUREMENT_DEFAULTS['threads']})",
     )
     parser.add_argument(
         "--repeats", type=positive_int, default=None, help="timed rounds per workload"
@@ -132,12 +145,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _resolve_defaults(args) -> None:
+    """Fill the measurement settings not given with :data:`_MEASUREMENT_DEFAULTS`."""
+    for name, value in _MEASUREMENT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def _plan(args):
     import dataclasses
     import itertools
 
     from fastnvp.bench import harness
 
+    _resolve_defaults(args)
     sweep = (args.layers, args.dim, args.hidden, args.batch, args.context)
     custom = any(v is not None for v in sweep)
     if custom and (args.preset is not None or args.quick):
@@ -224,9 +245,7 @@ def run(args: argparse.Namespace) -> int:
                 f"--from-json regenerates the reports of a finished run; {', '.join(given)} "
                 "would change a measurement it does not make"
             )
-    args.device = args.device or "cpu"
-    args.dtype = args.dtype or "float32"
-    args.threads = args.threads or 2
+    _resolve_defaults(args)
     if args.device == "cuda":
         import torch
 
