@@ -116,8 +116,14 @@ def test_load_array_errors(tmp_path):
     with pytest.raises(ValueError, match="1 rows with NaN"):
         load_array(tmp_path / "nan.npy")
     (tmp_path / "words.csv").write_text("a,b\n1,x\n2,3\n")
-    with pytest.raises(ValueError, match="must be a number"):
+    with pytest.raises(ValueError, match="a number in every cell.*'x'"):
         load_array(tmp_path / "words.csv")
+    (tmp_path / "ragged.csv").write_text("1,2\n3\n4,5\n")  # no header: numpy's row count
+    with pytest.raises(ValueError, match="same number of columns.*changed from 2 to 1"):
+        load_array(tmp_path / "ragged.csv")
+    (tmp_path / "text.npy").write_text("not an array")  # numpy would advise unpickling it
+    with pytest.raises(ValueError, match=r"not a NumPy \.npy array.*no \.npy header"):
+        load_array(tmp_path / "text.npy")
     with pytest.raises(TypeError, match="path"):
         load_array(3)
 

@@ -221,16 +221,33 @@ def load_array(path) -> np.ndarray:
         raise ValueError(f"path {str(path)!r} is not a file")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        x = np.load(path, allow_pickle=False)
+        try:
+            x = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            # numpy reads a file without the .npy header as a pickle and refuses it with advice
+            # to unpickle; a data file is never unpickled here, so say what the file is not.
+            reason = (
+                "it has no .npy header (or holds pickled objects, which are not loaded)"
+                if "pickle" in str(exc)
+                else str(exc)
+            )
+            raise ValueError(
+                f"path {str(path)!r} is not a NumPy .npy array (np.save): {reason}"
+            ) from exc
     elif suffix == ".csv":
         try:
             x = np.loadtxt(path, delimiter=",", ndmin=2)
-        except ValueError:
-            # One non-numeric header line is allowed; anything else is a real error.
+        except ValueError as first:
+            # One non-numeric header line is allowed; anything else is a real error, reported
+            # as numpy found it in the reading that matches the file's first line.
             try:
                 x = np.loadtxt(path, delimiter=",", ndmin=2, skiprows=1)
-            except ValueError as exc:
-                raise ValueError(f"path {str(path)!r}: every CSV cell must be a number") from exc
+            except ValueError as second:
+                exc = second if csv_header(path) is not None else first
+                raise ValueError(
+                    f"path {str(path)!r}: a CSV needs a number in every cell and the same "
+                    f"number of columns in every row (one header line allowed); {exc}"
+                ) from exc
     else:
         raise ValueError(f"path must end in .npy or .csv, got {str(path)!r}")
     if x.dtype.kind not in "fiu":
