@@ -134,3 +134,19 @@ def test_layer_cost_measures_every_kind():
     }
     text = layer_cost.markdown(doc)
     assert "| 4 | 8 | 32 | 2 | train |" in text and "cells within target" in text
+
+
+def test_layer_cost_cli_refuses_bad_options_before_measuring(tmp_path, capsys):
+    from fastnvp.bench import layer_cost
+
+    page = tmp_path / "page.md"
+    page.write_text("no generated section here\n")
+    for argv, message in (
+        (["--rounds", "0"], "expected an int >= 1"),
+        (["--threads", "x"], "expected an int"),
+        (["--docs", str(page)], "needs one <!-- layer-cost:start -->"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            layer_cost.main([*argv, "--out", str(tmp_path / "out")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing measured, nothing written
