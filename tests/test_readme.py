@@ -19,3 +19,33 @@ def test_readme_example_runs(tmp_path, capsys):
     # fit should be near it and certainly finite.
     assert 2.0 < nll < 4.0, out
     assert "samples (1000, 2)" in out
+
+
+def _python_blocks(path: Path) -> list[str]:
+    """The page's ```python blocks; a ``>>>`` session becomes its statements."""
+    blocks = re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+    return [
+        "\n".join(line[4:] for line in b.splitlines() if line.startswith((">>> ", "... ")))
+        if b.lstrip().startswith(">>>")
+        else b
+        for b in blocks
+    ]
+
+
+def test_every_readme_snippet_runs_in_order(capsys):
+    """Each Python block of the README runs after the ones above it (they share imports),
+    and the ``explain()`` session prints the plan line it shows."""
+    namespace: dict = {}
+    for i, block in enumerate(_python_blocks(README)):
+        exec(compile(block, f"README.md python block {i}", "exec"), namespace)
+    session = re.search(r"```python\n>>>.*?\n([^>\n][^\n]*)\n```", README.read_text(), re.S)
+    assert session is not None and session.group(1) in capsys.readouterr().out
+
+
+def test_profiling_page_snippet_runs():
+    (block,) = _python_blocks(README.parent / "docs" / "profiling.md")
+    namespace: dict = {}
+    exec(
+        compile(block.replace("num_layers=200", "num_layers=4"), "profiling.md", "exec"), namespace
+    )
+    assert namespace["flow"].last_reconstruction.ok
