@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -94,7 +96,10 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seconds", type=float, default=0.25, help="per setting and round")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    # The command as given, so the table says how it was made (the options change the numbers).
+    command = shlex.join(["python", "benchmarks/param_bank_ab.py", *argv])
     if args.rounds < 4:
         raise SystemExit("--rounds must be at least 4 (quartiles over rounds)")
     torch.set_num_threads(args.threads)
@@ -122,7 +127,7 @@ def main(argv=None) -> None:
             )
     out.mkdir(parents=True, exist_ok=True)
     record = {
-        "command": "python benchmarks/param_bank_ab.py",
+        "command": command,
         "rounds": args.rounds,
         "load_average_start": load_start,
         **env,
@@ -131,7 +136,7 @@ def main(argv=None) -> None:
     }
     (out / "param_bank_ab.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = [
-        f"Measured by `python benchmarks/param_bank_ab.py` at commit {str(env['commit'])[:10]} "
+        f"Measured by `{command}` at commit {str(env['commit'])[:10]} "
         f"on {env['machine']['cpu_model']}, {args.threads} threads, torch "
         f"{torch.__version__}, {args.rounds} rounds. Speed-up = time without the parameter "
         "bank / time with it, paired per round: median [quartiles].",

@@ -298,6 +298,7 @@ def test_bank_ab_benchmark_writes_its_table(tmp_path, monkeypatch, one_thread):
     positive times and ratios."""
     import importlib.util
     import json
+    import shlex
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "param_bank_ab.py"
@@ -305,10 +306,16 @@ def test_bank_ab_benchmark_writes_its_table(tmp_path, monkeypatch, one_thread):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "SHAPES", ((4, 2, 8, 16, 2),))
-    module.main(["--rounds", "4", "--threads", "1", "--seconds", "0.002", "--out", str(tmp_path)])
+    argv = ["--rounds", "4", "--threads", "1", "--seconds", "0.002", "--out", str(tmp_path)]
+    module.main(argv)
     rows = json.loads((tmp_path / "param_bank_ab.json").read_text())["rows"]
     assert [row["workload"] for row in rows] == list(module.WORKLOADS)
     for row in rows:
         for key in ("with_bank_ms", "without_bank_ms", "speedup", "q1", "q3"):
             assert 0 < row[key] < float("inf"), (key, row)
-    assert "| 4 | 2 | 8 | 16 | 2 | train |" in (tmp_path / "param_bank_ab.md").read_text()
+    table = (tmp_path / "param_bank_ab.md").read_text()
+    assert "| 4 | 2 | 8 | 16 | 2 | train |" in table
+    # The recorded command is the one that made these numbers, options included.
+    command = shlex.join(["python", "benchmarks/param_bank_ab.py", *argv])
+    assert table.startswith(f"Measured by `{command}` at commit ")
+    assert json.loads((tmp_path / "param_bank_ab.json").read_text())["command"] == command

@@ -1,8 +1,9 @@
 """``fastnvp train``: fit a Real NVP to a toy or user data set, with checkpoints and resume.
 
-Data-parallel across processes: ``torchrun --nproc_per_node=N -m fastnvp train ...`` (or the
-``fastnvp`` script in place of ``-m fastnvp``); ``--batch`` is the global batch, split evenly
-across the N ranks; rank 0 alone prints and writes the run directory.
+Data-parallel across processes: ``torchrun --nproc_per_node=N -m fastnvp train ...`` (or
+``--no-python fastnvp`` in place of ``-m fastnvp`` to start the ``fastnvp`` script: without
+``--no-python`` torchrun hands ``fastnvp`` to Python as a file path); ``--batch`` is the global
+batch, split evenly across the N ranks; rank 0 alone prints and writes the run directory.
 
 Conditional flows p(x | c): ``--context label`` conditions a toy data set on its label (one-hot),
 ``--data FILE --context-columns 2,3`` takes those columns of the file as c and the rest as x.
