@@ -150,3 +150,19 @@ def test_layer_cost_cli_refuses_bad_options_before_measuring(tmp_path, capsys):
             layer_cost.main([*argv, "--out", str(tmp_path / "out")])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing measured, nothing written
+
+
+def test_layer_cost_records_the_command_as_given(tmp_path, monkeypatch):
+    from fastnvp.bench import layer_cost
+
+    seen = {}
+
+    def fake_run(**kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop before measuring")
+
+    monkeypatch.setattr(layer_cost, "run", fake_run)
+    with pytest.raises(RuntimeError, match="stop before measuring"):
+        layer_cost.main(["--rounds", "3", "--out", str(tmp_path)])
+    assert seen["rounds"] == 3
+    assert seen["command"] == f"python -m fastnvp.bench.layer_cost --rounds 3 --out {tmp_path}"

@@ -37,7 +37,7 @@ Use :func:`probe` for one configuration, :func:`probe_depths` for a sweep (one f
 each), or the command line::
 
     python -m fastnvp.analysis.memory_probe --dim 8 --hidden 256 --batch 4096 --layers 8,50 \\
-        --memory standard,invertible --threads 2 --out docs/profiling/memory-probe
+        --memory standard,invertible --threads 2 --out runs/memory-probe
 """
 
 from __future__ import annotations

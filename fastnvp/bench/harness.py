@@ -165,7 +165,7 @@ def preset(
       :func:`grid_order` (seed ``grid_seed``); ``grid_sample``: keep only the first that many
       shapes (see :func:`grid_plan`).
     - ``conditional`` (about 6-8 min on 2 idle cores): conditional flows, the product
-      :data:`CONDITIONAL_AXES` (D ∈ {2, 8, 16}, C ∈ {1, 8}, B ∈ {256, 4096}, L = 8, H = 256)
+      :data:`CONDITIONAL_AXES` (D ∈ {2, 8, 16}, C ∈ {1, 8}, B ∈ {256, 4096}, L = 8, H ∈ {64, 256})
       and the deep point :data:`CONDITIONAL_DEEP` (L = 50, D = 2, C = 8, H = 256, B = 1024),
       with :data:`prov.CONDITIONAL_PROVIDERS` on :data:`GRID_WORKLOADS` (see
       :func:`conditional_plan`).

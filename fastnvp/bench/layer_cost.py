@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -126,8 +128,11 @@ def measure_shape(shape, rounds: int, workloads=WORKLOADS, min_seconds: float = 
     return out
 
 
-def run(shapes=SHAPES, rounds: int = ROUNDS, threads: int = 2, log=print) -> dict:
-    """Every shape; returns the results document."""
+def run(
+    shapes=SHAPES, rounds: int = ROUNDS, threads: int = 2, log=print, command: str | None = None
+) -> dict:
+    """Every shape; returns the results document. ``command``: how it was started, as recorded
+    in the document (default: the module with ``--rounds`` and ``--threads``)."""
     from fastnvp.bench.harness import environment, load_average
 
     torch.set_num_threads(threads)
@@ -135,7 +140,8 @@ def run(shapes=SHAPES, rounds: int = ROUNDS, threads: int = 2, log=print) -> dic
     doc = {
         "what": "relative cost of one interleaved layer against one coupling layer "
         "(t_kind / t_couplings - 1, paired per round; median and quartiles over rounds)",
-        "command": f"python -m fastnvp.bench.layer_cost --rounds {rounds} --threads {threads}",
+        "command": command
+        or f"python -m fastnvp.bench.layer_cost --rounds {rounds} --threads {threads}",
         "rounds": rounds,
         "target": TARGET,
         "load_average_start": load_average(),
@@ -252,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
             check_section(args.docs, "layer-cost")  # before the run, not after it
         except ValueError as exc:
             parser.error(str(exc))
-    doc = run(rounds=args.rounds, threads=args.threads)
+    # The command as given (options included), so the table says how to make it again.
+    given = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["python", "-m", "fastnvp.bench.layer_cost", *given])
+    doc = run(rounds=args.rounds, threads=args.threads, command=command)
     root = Path(__file__).resolve().parents[2]
     out = (
         Path(args.out)

@@ -1,4 +1,4 @@
-"""Data-parallel training across processes: ``torchrun --nproc_per_node=N fastnvp train ...``.
+"""Data-parallel training across processes: ``torchrun --nproc_per_node=N -m fastnvp train ...``.
 
 Each process (rank) holds a full replica of the flow wrapped in ``DistributedDataParallel``
 (gloo on CPU, nccl on CUDA). Every step all ranks draw the *same* global batch of row indices
