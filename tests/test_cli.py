@@ -178,6 +178,19 @@ def test_resume_and_overwrite_exclude_each_other(tiny_run, capsys):
     assert (tiny_run / "checkpoint.pt").read_bytes() == before
 
 
+def test_resume_without_steps_keeps_the_runs_length(tmp_path, capsys):
+    """--resume without --steps finishes at the run's own step count (the default 5000 used to
+    extend a finished 2-step run to 5000 steps); --steps larger than stored extends it."""
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *TINY, *TOY]) == 0
+    no_steps = [a for i, a in enumerate(TINY) if "--steps" not in TINY[max(i - 1, 0) : i + 1]]
+    assert main(["train", "--out", str(run), *no_steps, "--resume"]) == 0
+    assert "step 2/2" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["steps"] == 2
+    assert main(["train", "--out", str(run), *no_steps, "--resume", "--steps", "3"]) == 0
+    assert "step 3/3" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("rows", "fraction", "need"), [(3, None, "8 rows"), (3, "0.5", "4 rows"), (20, "0.05", "30")]
 )

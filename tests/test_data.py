@@ -116,14 +116,21 @@ def test_load_array_errors(tmp_path):
     with pytest.raises(ValueError, match="1 rows with NaN"):
         load_array(tmp_path / "nan.npy")
     (tmp_path / "words.csv").write_text("a,b\n1,x\n2,3\n")
-    with pytest.raises(ValueError, match="a number in every cell.*'x'"):
+    with pytest.raises(ValueError, match="line 2, column 2: 'x' is not a number"):
         load_array(tmp_path / "words.csv")
-    (tmp_path / "ragged.csv").write_text("1,2\n3\n4,5\n")  # no header: numpy's row count
-    with pytest.raises(ValueError, match="same number of columns.*changed from 2 to 1"):
+    (tmp_path / "ragged.csv").write_text("1,2\n3\n4,5\n")
+    with pytest.raises(ValueError, match="line 2 has 1 column, line 1 has 2"):
         load_array(tmp_path / "ragged.csv")
+    # A numeric first row is data, never taken for a header: its extra column is an error.
+    (tmp_path / "ragged_first.csv").write_text("1,2,3\n4,5\n6,7\n8,9\n")
+    with pytest.raises(ValueError, match="line 2 has 2 columns, line 1 has 3"):
+        load_array(tmp_path / "ragged_first.csv")
     (tmp_path / "text.npy").write_text("not an array")  # numpy would advise unpickling it
     with pytest.raises(ValueError, match=r"not a NumPy \.npy array.*no \.npy header"):
         load_array(tmp_path / "text.npy")
+    np.save(tmp_path / "objects.npy", np.array([1, "a"], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="object array"):
+        load_array(tmp_path / "objects.npy")
     with pytest.raises(TypeError, match="path"):
         load_array(3)
 

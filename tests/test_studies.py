@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -166,3 +167,15 @@ def test_layer_cost_records_the_command_as_given(tmp_path, monkeypatch):
         layer_cost.main(["--rounds", "3", "--out", str(tmp_path)])
     assert seen["rounds"] == 3
     assert seen["command"] == f"python -m fastnvp.bench.layer_cost --rounds 3 --out {tmp_path}"
+
+
+def test_a_study_reuses_a_run_that_holds_a_relative_data_path(tmp_path, monkeypatch):
+    from fastnvp.analysis.experiment import _same_settings
+    from fastnvp.training.train import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "d.npy", np.zeros((8, 2)))
+    given = TrainConfig(data="d.npy", layers=1, hidden=4, steps=2)
+    resolved = TrainConfig(data=str(tmp_path / "d.npy"), layers=1, hidden=4, steps=2)
+    assert _same_settings(given.to_dict(), resolved)
+    assert not _same_settings(given.to_dict(), TrainConfig(data=str(tmp_path / "e.npy")))

@@ -237,3 +237,15 @@ def test_a_data_set_too_small_to_split_writes_nothing(tmp_path):
     for fraction in (0.2, 0.5, 0.01, 0.99, 0.3):
         need = min_rows_for_split(fraction)
         assert min(split_sizes(need, fraction)) >= 2 > min(split_sizes(need - 1, fraction))
+
+
+@pytest.mark.parametrize("minimum", [1, 2, 3, 5])
+def test_min_rows_for_split_is_the_fewest(minimum):
+    from fastnvp.training.data import min_rows_for_split, split_sizes
+
+    for fraction in (0.01, 0.2, 0.37, 0.5, 0.9, 0.99):
+        need = min_rows_for_split(fraction, minimum)
+        fewest = next(n for n in range(2, 10_000) if min(split_sizes(n, fraction)) >= minimum)
+        assert need == fewest, (fraction, minimum)
+    with pytest.raises(ValueError, match="minimum"):
+        min_rows_for_split(0.2, 0)

@@ -69,10 +69,20 @@ def reference_entropy(config: TrainConfig) -> dict | None:
     }
 
 
+def _same_settings(stored: dict, config: TrainConfig) -> bool:
+    """Whether a run's stored config is ``config``. A relative ``data`` path (a run holds the
+    path its caller gave; the CLI gives it resolved) counts as resolved from the current
+    directory, where a study reusing its runs is started."""
+    stored = dict(stored)
+    if stored.get("data") is not None:
+        stored["data"] = str(Path(stored["data"]).expanduser().resolve())
+    return stored == config.to_dict()
+
+
 def _train_or_reuse(config: TrainConfig, run_dir: Path, progress: bool, log) -> None:
     if (run_dir / CHECKPOINT).is_file():
         payload = load_checkpoint(run_dir)
-        if payload["config"] == config.to_dict():
+        if _same_settings(payload["config"], config):
             if payload["step"] >= config.steps:
                 log(f"L={config.layers}: reusing finished run {run_dir}")
                 return

@@ -223,31 +223,33 @@ def load_array(path) -> np.ndarray:
     if suffix == ".npy":
         try:
             x = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
+        except (ValueError, EOFError) as exc:
             # numpy reads a file without the .npy header as a pickle and refuses it with advice
-            # to unpickle; a data file is never unpickled here, so say what the file is not.
-            reason = (
-                "it has no .npy header (or holds pickled objects, which are not loaded)"
-                if "pickle" in str(exc)
-                else str(exc)
-            )
+            # to unpickle; a data file is never unpickled here, so say what the file is instead.
+            with open(path, "rb") as fh:
+                has_header = fh.read(6) == b"\x93NUMPY"
+            if not has_header:
+                reason = "it has no .npy header"
+            elif "pickle" in str(exc).lower():
+                reason = "it holds an object array (pickled), which is not loaded"
+            else:
+                reason = str(exc)
             raise ValueError(
                 f"path {str(path)!r} is not a NumPy .npy array (np.save): {reason}"
             ) from exc
     elif suffix == ".csv":
+        # One header line is allowed, recognized as a first line that is not all numbers
+        # (csv_header): a numeric first line is data, so a malformed one is reported, not
+        # skipped.
+        skip = 0 if csv_header(path) is None else 1
         try:
-            x = np.loadtxt(path, delimiter=",", ndmin=2)
-        except ValueError as first:
-            # One non-numeric header line is allowed; anything else is a real error, reported
-            # as numpy found it in the reading that matches the file's first line.
-            try:
-                x = np.loadtxt(path, delimiter=",", ndmin=2, skiprows=1)
-            except ValueError as second:
-                exc = second if csv_header(path) is not None else first
-                raise ValueError(
-                    f"path {str(path)!r}: a CSV needs a number in every cell and the same "
-                    f"number of columns in every row (one header line allowed); {exc}"
-                ) from exc
+            x = np.loadtxt(path, delimiter=",", ndmin=2, skiprows=skip)
+        except ValueError as exc:
+            raise ValueError(
+                f"path {str(path)!r}: {_csv_problem(path, skip, exc)} (a CSV needs a number in "
+                "every cell and the same number of columns in every row; one header line "
+                "allowed)"
+            ) from exc
     else:
         raise ValueError(f"path must end in .npy or .csv, got {str(path)!r}")
     if x.dtype.kind not in "fiu":
@@ -262,6 +264,30 @@ def load_array(path) -> np.ndarray:
         bad = int(np.sum(~np.all(np.isfinite(x), axis=1)))
         raise ValueError(f"path {str(path)!r} has {bad} rows with NaN or infinity")
     return x.astype(np.float32)
+
+
+def _csv_problem(path: Path, skip: int, error: ValueError) -> str:
+    """Where a CSV that ``np.loadtxt`` refused goes wrong, by file line (1-based): the first
+    row whose column count differs from the first data row's, or the first cell that is not
+    a number. Comments (``#``) and blank lines are skipped, as ``loadtxt`` does."""
+    columns = first = None
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, start=1):
+            text = line.split("#", 1)[0].strip()
+            if number <= skip or not text:
+                continue
+            cells = text.split(",")
+            if columns is None:
+                columns, first = len(cells), number
+            elif len(cells) != columns:
+                plural = "" if len(cells) == 1 else "s"
+                return f"line {number} has {len(cells)} column{plural}, line {first} has {columns}"
+            for column, cell in enumerate(cells, start=1):
+                try:
+                    float(cell)
+                except ValueError:
+                    return f"line {number}, column {column}: {cell.strip()!r} is not a number"
+    return str(error).split("; use `usecols`", 1)[0]  # numpy's own words, without its advice
 
 
 def csv_header(path) -> list[str] | None:
@@ -367,6 +393,10 @@ def split_sizes(rows: int, test_fraction: float) -> tuple[int, int]:
 def min_rows_for_split(test_fraction: float, minimum: int = 2) -> int:
     """The fewest rows whose split at ``test_fraction`` (in (0, 1)) leaves at least ``minimum``
     rows on each side (:func:`split_sizes`)."""
+    if not isinstance(minimum, int) or minimum < 1:
+        raise ValueError(f"minimum must be an int >= 1, got {minimum!r}")
+    if minimum == 1:  # split_sizes keeps one row on each side of any split of 2 or more
+        return 2
     # round(f * n) >= m needs f * n >= m - 0.5 and n - round(f * n) >= m needs
     # (1 - f) * n >= m - 0.5, up to rounding: start just below and step up.
     start = (minimum - 0.5) / min(test_fraction, 1 - test_fraction)

@@ -24,6 +24,9 @@ from fastnvp.cli.commands._training_options import (
 )
 
 HELP = "train a Real NVP on a toy data set or your own .npy/.csv (checkpoints, exact resume)"
+#: The optimizer options' defaults; --steps alone defaults to None in the namespace, so that
+#: --resume without it keeps the run's own length (:func:`_resolve_steps`).
+DEFAULTS = {"hidden": 256, "steps": 5000, "batch": 256, "lr": 1e-3}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,13 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_data_options(parser)
     add_context_options(parser)
-    add_optim_options(parser, defaults={"hidden": 256, "steps": 5000, "batch": 256, "lr": 1e-3})
+    add_optim_options(parser, defaults=DEFAULTS)
+    parser.set_defaults(steps=None)  # resolved in run(): DEFAULTS, or the resumed run's own
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its checkpoint (its stored settings apply; "
-        "--steps larger than stored extends it); not with --overwrite",
+        help="continue the run in --out from its checkpoint (its stored settings apply, its "
+        "step count too unless --steps extends it); not with --overwrite",
     )
     existing.add_argument(
         "--overwrite",
@@ -57,7 +61,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _resolve_steps(args: argparse.Namespace) -> None:
+    """--steps not given: the default for a new run; with --resume the run's own length (the
+    default would silently extend a finished run to 5000 steps)."""
+    if args.steps is not None:
+        return
+    args.steps = DEFAULTS["steps"]
+    if args.resume:
+        from fastnvp.training.checkpoint import CheckpointError
+        from fastnvp.training.train import load_checkpoint
+
+        try:
+            args.steps = int(load_checkpoint(args.out)["config"]["steps"])
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            pass  # train() reports the missing or unreadable checkpoint
+
+
 def run(args: argparse.Namespace) -> int:
+    _resolve_steps(args)
     config = config_from_args(args, args.layers)
     check_out_dir(args.out)
     set_threads(args)
