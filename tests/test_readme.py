@@ -44,6 +44,7 @@ def test_every_readme_snippet_runs_in_order(capsys):
 
 def test_profiling_page_snippet_runs():
     (block,) = _python_blocks(README.parent / "docs" / "profiling.md")
+    assert "num_layers=200" in block  # run at 4 layers below, the page's 200 being slow
     namespace: dict = {}
     exec(
         compile(block.replace("num_layers=200", "num_layers=4"), "profiling.md", "exec"), namespace
