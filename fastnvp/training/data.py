@@ -395,12 +395,7 @@ def min_rows_for_split(test_fraction: float, minimum: int = 2) -> int:
     rows on each side (:func:`split_sizes`)."""
     if not isinstance(minimum, int) or minimum < 1:
         raise ValueError(f"minimum must be an int >= 1, got {minimum!r}")
-    if minimum == 1:  # split_sizes keeps one row on each side of any split of 2 or more
-        return 2
-    # round(f * n) >= m needs f * n >= m - 0.5 and n - round(f * n) >= m needs
-    # (1 - f) * n >= m - 0.5, up to rounding: start just below and step up.
-    start = (minimum - 0.5) / min(test_fraction, 1 - test_fraction)
-    rows = max(2 * minimum, int(start) - 2)
+    rows = 2  # counts up: about minimum / min(f, 1 - f) steps, once per training run
     while min(split_sizes(rows, test_fraction)) < minimum:
         rows += 1
     return rows

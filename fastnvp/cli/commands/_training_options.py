@@ -106,8 +106,13 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def flag(dest: str) -> str:
+    """The command-line flag of an argparse destination: ``n_train`` -> ``--n-train``."""
+    return "--" + dest.replace("_", "-")
+
+
 def _flags(dests) -> str:
-    return ", ".join("--" + d.replace("_", "-") for d in dests)
+    return ", ".join(flag(d) for d in dests)
 
 
 def check_data_source(args) -> None:
@@ -254,8 +259,10 @@ def config_from_args(args, layers: int):
     from fastnvp.training.train import DEFAULT_IMPL, TrainConfig
 
     check_data_source(args)
-    data = {name: getattr(args, name, None) for name in DATA_DEFAULTS}
-    data = {name: DATA_DEFAULTS[name] if v is None else v for name, v in data.items()}
+    data = {
+        name: default if getattr(args, name, None) is None else getattr(args, name)
+        for name, default in DATA_DEFAULTS.items()
+    }
     path = None if args.data is None else str(Path(args.data).expanduser().resolve())
     return TrainConfig(
         dataset=data["dataset"],

@@ -16,6 +16,7 @@ from fastnvp.cli.commands._training_options import (
     add_optim_options,
     check_out_dir,
     config_from_args,
+    flag,
     int_list,
     set_threads,
 )
@@ -139,10 +140,6 @@ def given_options(args: argparse.Namespace) -> dict:
     return given
 
 
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
 def study_config(study: str, config_class, args: argparse.Namespace):
     """The configuration of ``digits`` / ``norm-depth``: the committed one (or its ``quick``
     form) with ``--hidden``, ``--steps``, ``--batch``, ``--lr`` and ``--seed`` applied; any
@@ -158,11 +155,11 @@ def study_config(study: str, config_class, args: argparse.Namespace):
     from fastnvp.analysis.density_training import TrainSettings
 
     given = given_options(args)
-    refused = [_flag(dest) for dest in given if dest not in STUDY_OPTIONS]
+    refused = [flag(dest) for dest in given if dest not in STUDY_OPTIONS]
     if refused:
         raise ValueError(
             f"'experiment {study}' does not take {', '.join(refused)} (options of the depth "
-            f"study); it takes {', '.join(_flag(d) for d in STUDY_OPTIONS)}"
+            f"study); it takes {', '.join(flag(d) for d in STUDY_OPTIONS)}"
         )
     config = config_class.quick() if args.quick else config_class()
     training = {k: given[k] for k in ("steps", "batch", "lr", "seed") if k in given}
