@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -88,7 +87,7 @@ def _measure(flow, run, rounds: int, seconds: float) -> dict:
 
 
 def main(argv=None) -> None:
-    from fastnvp.bench.harness import environment, load_average
+    from fastnvp.bench.harness import environment, load_average, recorded_command
     from fastnvp.flows.fast_realnvp import FastRealNVP
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -98,8 +97,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seconds", type=float, default=0.25, help="per setting and round")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    # The command as given, so the table says how it was made (the options change the numbers).
-    command = shlex.join(["python", "benchmarks/param_bank_ab.py", *argv])
+    command = recorded_command("python benchmarks/param_bank_ab.py", argv)
     if args.rounds < 4:
         raise SystemExit("--rounds must be at least 4 (quartiles over rounds)")
     torch.set_num_threads(args.threads)

@@ -20,14 +20,13 @@ import argparse
 import json
 import math
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from fastnvp.bench.harness import environment
+from fastnvp.bench.harness import environment, recorded_command
 from fastnvp.flows.fast_realnvp import FastRealNVP
 from fastnvp.training.data import Standardizer, two_moons
 
@@ -182,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = args.machine or env["machine"]["name"]
     doc = {
         "benchmark": "roundtrip_error",
-        # The command as given, so the table says how to make it again.
-        "command": shlex.join([*COMMAND.split(), *argv]),
+        "command": recorded_command(COMMAND, argv),
         "machine": machine,
         "device": args.device,
         "platform": platform.platform(),

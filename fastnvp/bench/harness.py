@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -1052,6 +1053,14 @@ def validate(doc: dict) -> dict:
             if row["workload"] not in WORKLOADS:
                 raise ValueError(f"results: configs[{i}].results[{j}] has unknown workload")
     return doc
+
+
+def recorded_command(program: str, argv: list[str] | None = None) -> str:
+    """``program`` (e.g. ``"python benchmarks/x.py"``) with its options as given (default
+    ``sys.argv[1:]``), shell-quoted: what a results document records so that the table says
+    how to make it again (the options change the numbers)."""
+    given = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join([*program.split(), *given])
 
 
 def command_line() -> str:

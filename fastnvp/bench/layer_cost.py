@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -250,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "--docs", default=None, help="a page with layer-cost markers to update (docs/digits.md)"
     )
     args = parser.parse_args(argv)
-    from fastnvp.bench.harness import machine_name
+    from fastnvp.bench.harness import machine_name, recorded_command
     from fastnvp.bench.report import check_section
 
     if args.docs:
@@ -258,9 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             check_section(args.docs, "layer-cost")  # before the run, not after it
         except ValueError as exc:
             parser.error(str(exc))
-    # The command as given (options included), so the table says how to make it again.
-    given = sys.argv[1:] if argv is None else list(argv)
-    command = shlex.join(["python", "-m", "fastnvp.bench.layer_cost", *given])
+    command = recorded_command("python -m fastnvp.bench.layer_cost", argv)
     doc = run(rounds=args.rounds, threads=args.threads, command=command)
     root = Path(__file__).resolve().parents[2]
     out = (
