@@ -220,35 +220,85 @@ def test_split_layouts_are_built_once_per_split():
 
 
 @pytest.mark.parametrize("context", [None, 3])
-def test_cached_pack_stacked_pairs_from_bank_copy_or_per_layer(context, monkeypatch, one_thread):
-    """The no-gradient pack takes every layer's H x H pair from the parameter bank (views, no
-    copy); without a bank it keeps a stacked copy while they fit CACHED_W2_MAX_BYTES, and above
-    it each layer stacks its pair where it runs. Same values all three ways."""
+def test_cached_pack_inference_operands_or_pairs_from_bank_or_per_layer(
+    context, monkeypatch, one_thread
+):
+    """The no-gradient pack keeps its inference operands (a contiguous copy of the H x H
+    weights with b2 as a last row) while they fit CACHED_W2_MAX_BYTES; above it each layer
+    reads its pair from the parameter bank (views, no copy) or, without a bank, stacks it
+    where it runs. Same values all three ways, and as the float64 reference."""
     from fastnvp.engine.cpu import gemm_stack
 
-    _, fast = _twins(context, alternating_masks(6, 4))
+    ref, fast = _twins(context, alternating_masks(6, 4))
     bank = fast._param_bank
     assert bank is not None
     x = torch.randn(7, fast.dim, dtype=torch.float64)
     given = {} if context is None else {"context": torch.randn(7, context, dtype=torch.float64)}
     with torch.no_grad():
-        results = []
-        for source, limit in (("bank", None), ("copy", None), ("per layer", 0)):
-            fast._param_bank = bank if source == "bank" else None
+        expected = (ref.log_prob(x, **given), *ref.inverse(x, **given))
+        for source, limit in (("copy", None), ("bank", 0), ("per layer", 0)):
+            fast._param_bank = None if source == "per layer" else bank
             if limit is not None:
                 monkeypatch.setattr(gemm_stack, "CACHED_W2_MAX_BYTES", limit)
             fast.clear_caches()
-            results.append((fast.log_prob(x, **given), fast.inverse(x, **given)))
+            got = (fast.log_prob(x, **given), *fast.inverse(x, **given))
             packed = fast._gemm_pack[1]  # the pack those calls used
-            stacked = [v.w2_stacked for v in packed.layers]
-            if source == "per layer":
-                assert stacked == [None] * len(packed.layers)
-                continue
-            for i, (v, pair) in enumerate(zip(packed.layers, stacked, strict=True)):
-                assert torch.equal(pair, torch.stack(v.w2))
-                shares = pair.data_ptr() == bank.kinds[2][i].data_ptr()
-                assert shares == (source == "bank")
-    first = results[0]
-    for other in results[1:]:
-        for a, b in zip((first[0], *first[1]), (other[0], *other[1]), strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+            assert packed.inference == (source == "copy")
+            for i, v in enumerate(packed.layers):
+                if source == "copy":
+                    hidden = packed.hidden
+                    w2t_bias = v.inference.w2t_bias
+                    assert w2t_bias.is_contiguous() and w2t_bias.shape == (2, hidden + 1, hidden)
+                    assert torch.equal(w2t_bias[:, :hidden], torch.stack(v.w2).transpose(1, 2))
+                    assert torch.equal(w2t_bias[:, hidden:], v.b2)
+                    assert w2t_bias.data_ptr() != bank.kinds[2][i].data_ptr()
+                elif source == "bank":
+                    assert v.inference is None
+                    assert v.w2_stacked.data_ptr() == bank.kinds[2][i].data_ptr()
+                else:
+                    assert v.inference is None and v.w2_stacked is None
+            for a, b in zip(got, expected, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "dim, context",
+    [(2, None), (2, 3), (5, None), (6, 2)],
+    ids=["one-input", "context", "odd", "even"],
+)
+def test_inference_operands_match_the_plain_ones(dim, context, one_thread):
+    """forward_no_grad / inverse_no_grad on a pack with inference operands (h1 with a column
+    of ones, b2 inside the second GEMM; the single-input broadcast form too, D = 2) equal the
+    plain pack's, outputs poisoned beforehand, float64."""
+    from fastnvp.engine.cpu import gemm_stack
+
+    _, fast = _twins(context, alternating_masks(dim, 4))
+    kept, trans = fast._stack_split()
+    layouts = gemm_stack.cached_layouts(fast, kept, trans)
+    params = gemm_stack.layer_parameters(fast)
+    slope = 0.01
+    x = torch.randn(11, dim, dtype=torch.float64)
+    e = None if context is None else torch.randn(11, context, dtype=torch.float64)
+    with torch.no_grad():
+        plain, inference = (
+            gemm_stack.pack(params, kept, trans, slope, layouts, inference=flag)
+            for flag in (False, True)
+        )
+        assert inference.inference and not plain.inference
+        assert inference.bias_column == (dim > 2 or context is not None)
+        for run in (gemm_stack.forward_no_grad, gemm_stack.inverse_no_grad):
+            want = run(plain, x, e)
+            got = run(inference, x, e)
+            for a, b in zip(got, want, strict=True):
+                assert torch.isfinite(a).all()
+                torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+        # h1's last column is exactly 1 for every row, whatever the input
+        tail = gemm_stack._input_tail(inference, x, e)
+        x_in = gemm_stack._first_input(x[:, inference.kept[0]], tail)
+        ws1, ws2 = gemm_stack._workspaces(x, inference, True)
+        ws1.fill_(float("nan"))
+        ws2.fill_(float("nan"))
+        h1, h2, _, _ = gemm_stack._nets(inference, 0, x_in, ws1, ws2, True)
+        assert h1.shape == (2, 11, inference.hidden + 1)
+        assert torch.equal(h1[..., -1], torch.ones(2, 11, dtype=torch.float64))
+        assert torch.isfinite(h2).all()
