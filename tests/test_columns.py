@@ -223,8 +223,8 @@ def test_split_layouts_are_built_once_per_split():
 def test_cached_pack_inference_operands_or_pairs_from_bank_or_per_layer(
     context, monkeypatch, one_thread
 ):
-    """The no-gradient pack keeps its inference operands (a contiguous copy of the H x H
-    weights with b2 as a last row) while they fit CACHED_W2_MAX_BYTES; above it each layer
+    """The no-gradient pack adds its inference operands (a copy of the H x H weights with b2
+    as a last column) on its second call, while they fit CACHED_W2_MAX_BYTES; above it each layer
     reads its pair from the parameter bank (views, no copy) or, without a bank, stacks it
     where it runs. Same values all three ways, and as the float64 reference."""
     from fastnvp.engine.cpu import gemm_stack
@@ -241,14 +241,19 @@ def test_cached_pack_inference_operands_or_pairs_from_bank_or_per_layer(
             if limit is not None:
                 monkeypatch.setattr(gemm_stack, "CACHED_W2_MAX_BYTES", limit)
             fast.clear_caches()
+            first = fast.log_prob(x, **given)
+            assert not fast._gemm_pack[1].inference  # a pack's first call: plain operands
             got = (fast.log_prob(x, **given), *fast.inverse(x, **given))
-            packed = fast._gemm_pack[1]  # the pack those calls used
+            torch.testing.assert_close(first, expected[0], rtol=1e-12, atol=1e-12)
+            packed = fast._gemm_pack[1]  # the pack of the second and third calls
             assert packed.inference == (source == "copy")
             for i, v in enumerate(packed.layers):
                 if source == "copy":
                     hidden = packed.hidden
                     w2t_bias = v.inference.w2t_bias
-                    assert w2t_bias.is_contiguous() and w2t_bias.shape == (2, hidden + 1, hidden)
+                    assert w2t_bias.shape == (2, hidden + 1, hidden)
+                    assert w2t_bias.transpose(1, 2).is_contiguous()  # a view of [W2 | b2]
+                    assert v.inference.w1t.is_contiguous() and v.inference.w3t.is_contiguous()
                     assert torch.equal(w2t_bias[:, :hidden], torch.stack(v.w2).transpose(1, 2))
                     assert torch.equal(w2t_bias[:, hidden:], v.b2)
                     assert w2t_bias.data_ptr() != bank.kinds[2][i].data_ptr()
@@ -302,3 +307,36 @@ def test_inference_operands_match_the_plain_ones(dim, context, one_thread):
         assert h1.shape == (2, 11, inference.hidden + 1)
         assert torch.equal(h1[..., -1], torch.ones(2, 11, dtype=torch.float64))
         assert torch.isfinite(h2).all()
+
+
+def test_inference_operands_ab_benchmark_writes_its_table(tmp_path, monkeypatch, one_thread):
+    """benchmarks/inference_operands_ab.py on one tiny shape: both files, every workload,
+    finite positive times and ratios, the recorded command, and the cap restored."""
+    import importlib.util
+    import json
+    import shlex
+    from pathlib import Path
+
+    from fastnvp.engine.cpu import gemm_stack
+
+    cap = gemm_stack.CACHED_W2_MAX_BYTES
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "inference_operands_ab.py"
+    spec = importlib.util.spec_from_file_location("inference_operands_ab", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "SHAPES", ((4, 2, 8, 16, 2),))
+    argv = ["--rounds", "4", "--threads", "1", "--seconds", "0.002", "--out", str(tmp_path)]
+    module.main(argv)
+    assert gemm_stack.CACHED_W2_MAX_BYTES == cap
+    record = json.loads((tmp_path / "inference_operands_ab.json").read_text())
+    rows = record["rows"]
+    assert [row["workload"] for row in rows] == list(module.WORKLOADS)
+    for row in rows:
+        for key in ("plain_ms", "inference_ms", "speedup", "q1", "q3"):
+            assert 0 < row[key] < float("inf"), (key, row)
+    assert torch.isfinite(torch.tensor(rows[0]["rebuild_ms"]))
+    table = (tmp_path / "inference_operands_ab.md").read_text()
+    assert "| 4 | 2 | 8 | 16 | 2 | log_prob |" in table and "| sample |" in table
+    command = shlex.join(["python", "benchmarks/inference_operands_ab.py", *argv])
+    assert table.startswith(f"Measured by `{command}` at commit ")
+    assert record["command"] == command
