@@ -261,6 +261,8 @@ def test_fast_equals_reference_in_train_and_eval(norm, perm, options):
             for got, want in zip(fast.inverse(z), ref.inverse(z), strict=True):
                 torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
             assert torch.equal(x, x_before) and torch.equal(z, z_before)
+            if not options:  # from a pack's second call the GEMM stack's inference operands
+                assert fast._gemm_pack[1].inference
 
 
 @pytest.mark.parametrize("norm, perm", OPTIONS)
