@@ -97,7 +97,7 @@ PARAMS_PER_LAYER = 12
 
 #: The most bytes of H x H weights of which the cached pack of the calls without a gradient
 #: keeps a copy, as the inference operands of :func:`pack` (b2 inside the second GEMM, W1 and
-#: W3 contiguous: 1.03-1.16x faster calls; built on the pack's second call). Above it (deep,
+#: W3 contiguous: 1.006-1.126x faster calls; built on the pack's second call). Above it (deep,
 #: wide flows) the copy would cost more memory than it saves time: the pack then reads the
 #: pairs from the parameter bank (views, no copy) or, without a bank, stacks each where it
 #: runs (46 us a layer at H = 256, 10 % of a call at B = 256).
@@ -235,15 +235,15 @@ def pack(
         bank: the :class:`~fastnvp.engine.param_bank.ParameterBank` that holds ``params``
             (:func:`bank_of`), or None: its tensors are read as they are, with no ``stack``.
         inference: a pack for the calls without a gradient (:func:`cached_pack`), with
-            its own operands (``layers[i].inference``, :class:`InferenceOperands`): every
-            GEMM operand a contiguous copy, and b2 inside the second GEMM. The first GEMM's
+            its own operands (``layers[i].inference``, :class:`InferenceOperands`): copies
+            of the weights, with b2 inside the second GEMM. The first GEMM's
             weights gain an output column that is 1 for every row (its weight is 1 on the
             bias column of ones, or its bias is 1 where there is a single input), so h1 is
             (2, N, H + 1) with a last column of ones (LeakyReLU keeps 1), against
             [W2^T; b2] (P, H + 1, H): no bias pass over (2, N, H), and W1 and W3 contiguous.
-            In one process, paired, a no-gradient ``log_prob`` (D = 8, C = 8, L = 8) ran
-            1.03-1.16x faster at H = 64, 128, 256 and N = 32 to 8192 rows (1.14x at
-            H = 64, N = 256; 1.02x at H = 256, N = 4096). Costs a copy of the H x H
+            ``benchmarks/inference_operands_ab.py`` (paired, D = 8, C = 8, L = 8,
+            H = 64 and 256, N = 16 to 4096): ``log_prob`` and ``sample`` 1.006-1.126x
+            faster, median 1.029x (1.13x at H = 64, N = 256). Costs a copy of the H x H
             weights, kept with the pack (its caller bounds it).
     """
     num_layers, k1 = kept.shape
@@ -935,10 +935,11 @@ def cached_pack(model, kept: Tensor, trans: Tensor, slope: float) -> Packed:
     Packing costs about 20 small ops per layer, a third of a no-grad call at B = 256, H = 32.
     A pack's first call runs on the plain operands (the H x H pairs from the parameter bank or
     stacked where they run); its second call adds the inference operands of :func:`pack`, a
-    copy of the H x H weights, while they take at most :data:`CACHED_W2_MAX_BYTES`. The copy
-    costs about 0.3 ms at L = 8, H = 256, so a single call after each optimizer step (a
-    training metric) does not pay it, and repeated calls on the same weights (sampling,
-    evaluation) run 1.03-1.16x faster from the second one on.
+    copy of the H x H weights, while they take at most :data:`CACHED_W2_MAX_BYTES`. That
+    second call takes 0.3 ms (H = 64) to 0.6 ms (H = 256) longer at L = 8, which the faster
+    calls repay after 3 to 9 of them (``benchmarks/inference_operands_ab.py``); a single call
+    after each optimizer step (a training metric) does not pay it, and sampling or an
+    evaluation loop on fixed weights runs 1.006-1.126x faster.
     """
     params = layer_parameters(model)
     key = (
