@@ -4,7 +4,9 @@ TRITON_INTERPRET is read when a kernel is defined, so it is set here, before any
 ``fastnvp.kernels``. Tests choose the backend per test with the ``backend`` fixture.
 """
 
+import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -44,6 +46,21 @@ def one_thread():
 def two_threads():
     """Run a test on two torch threads (the row-splitting paths), restoring the setting after."""
     yield from _threads(2)
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("name")``: ``benchmarks/name.py`` as a module (benchmarks/ is not a
+    package)."""
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 def _threads(count: int):

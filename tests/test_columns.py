@@ -309,21 +309,18 @@ def test_inference_operands_match_the_plain_ones(dim, context, one_thread):
         assert torch.isfinite(h2).all()
 
 
-def test_inference_operands_ab_benchmark_writes_its_table(tmp_path, monkeypatch, one_thread):
+def test_inference_operands_ab_benchmark_writes_its_table(
+    tmp_path, monkeypatch, one_thread, load_benchmark
+):
     """benchmarks/inference_operands_ab.py on one tiny shape: both files, every workload,
     finite positive times and ratios, the recorded command, and the cap restored."""
-    import importlib.util
     import json
     import shlex
-    from pathlib import Path
 
     from fastnvp.engine.cpu import gemm_stack
 
     cap = gemm_stack.CACHED_W2_MAX_BYTES
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "inference_operands_ab.py"
-    spec = importlib.util.spec_from_file_location("inference_operands_ab", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("inference_operands_ab")
     monkeypatch.setattr(module, "SHAPES", ((4, 2, 8, 16, 2),))
     argv = ["--rounds", "4", "--threads", "1", "--seconds", "0.002", "--out", str(tmp_path)]
     module.main(argv)

@@ -24,12 +24,9 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
 
 @pytest.fixture(scope="module")
-def gc():
-    """benchmarks/gpu_check.py as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def gc(load_benchmark):
+    """benchmarks/gpu_check.py as a module."""
+    return load_benchmark("gpu_check")
 
 
 def _read(path: Path) -> dict:

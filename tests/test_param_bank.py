@@ -293,18 +293,13 @@ def test_no_bank_off_the_cpu():
     assert all(p.device.type == "meta" for p in params)
 
 
-def test_bank_ab_benchmark_writes_its_table(tmp_path, monkeypatch, one_thread):
+def test_bank_ab_benchmark_writes_its_table(tmp_path, monkeypatch, one_thread, load_benchmark):
     """benchmarks/param_bank_ab.py on one tiny shape: both files, every workload, finite
     positive times and ratios."""
-    import importlib.util
     import json
     import shlex
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "param_bank_ab.py"
-    spec = importlib.util.spec_from_file_location("param_bank_ab", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("param_bank_ab")
     monkeypatch.setattr(module, "SHAPES", ((4, 2, 8, 16, 2),))
     argv = ["--rounds", "4", "--threads", "1", "--seconds", "0.002", "--out", str(tmp_path)]
     module.main(argv)

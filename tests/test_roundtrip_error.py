@@ -1,19 +1,13 @@
 """benchmarks/roundtrip_error.py: the files it writes say how they were made."""
 
-import importlib.util
 import json
 import shlex
-from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "roundtrip_error.py"
 
-
-def test_roundtrip_error_records_its_command(tmp_path):
-    spec = importlib.util.spec_from_file_location("roundtrip_error", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_roundtrip_error_records_its_command(tmp_path, load_benchmark):
+    module = load_benchmark("roundtrip_error")
     threads = torch.get_num_threads()
     argv = ["--depths", "1,2", "--hidden", "4", "--points", "16", "--batch", "8"]
     argv += ["--threads", "1", "--out", str(tmp_path), "--machine", "m"]

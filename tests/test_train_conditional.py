@@ -4,9 +4,7 @@ Also the accuracy target of issue #13: on a conditional Gaussian with a known de
 trained flow's test NLL comes within 0.02 nats of the exact one (benchmarks/conditional_nll.py).
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,18 +25,8 @@ from fastnvp.training.train import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--layers", "2", "--hidden", "8", "--steps", "6", "--batch", "32", "--no-progress"]
 TOY = ["--n-train", "200", "--n-test", "60"]
-
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "conditional_nll", ROOT / "benchmarks" / "conditional_nll.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _table(tmp_path, name="t.csv", header=True):
@@ -319,9 +307,9 @@ def test_bad_context_values_and_api_errors(tmp_path, capsys):
         context_from_values({"kind": "columns", "features": 2, "columns": [2, 3]}, "1")
 
 
-def test_conditional_gaussian_nll_is_near_the_exact_one():
+def test_conditional_gaussian_nll_is_near_the_exact_one(load_benchmark):
     """The short variant of the benchmark: D = 2, a few seconds, gap under 0.05 nats."""
-    bench = _benchmark()
+    bench = load_benchmark("conditional_nll")
     settings = dict(
         dim=2,
         context=2,
@@ -342,9 +330,9 @@ def test_conditional_gaussian_nll_is_near_the_exact_one():
 
 
 @pytest.mark.slow
-def test_conditional_gaussian_nll_is_within_0_02_nats_of_the_exact_one():
+def test_conditional_gaussian_nll_is_within_0_02_nats_of_the_exact_one(load_benchmark):
     """Issue #13's target on D = 4, C = 2 (about a minute on one thread)."""
-    bench = _benchmark()
+    bench = load_benchmark("conditional_nll")
     settings = dict(
         dim=4,
         context=2,
@@ -363,8 +351,8 @@ def test_conditional_gaussian_nll_is_within_0_02_nats_of_the_exact_one():
     assert r["gap"] > -3 * r["gap_standard_error"] - 1e-3
 
 
-def test_exact_density_of_the_benchmark_integrates_to_one():
-    bench = _benchmark()
+def test_exact_density_of_the_benchmark_integrates_to_one(load_benchmark):
+    bench = load_benchmark("conditional_nll")
     params = bench.density(2, 2)
     c = np.array([[0.3, -1.2]])
     g = np.linspace(-8, 8, 801)
