@@ -20,12 +20,9 @@ Writes ``inference_operands_ab.json`` and ``inference_operands_ab.md`` under ``-
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -52,6 +49,7 @@ def _workload(flow, name: str, x: torch.Tensor, c: torch.Tensor):
 
 def _measure(flow, run, rounds: int, seconds: float) -> dict:
     from fastnvp.bench.harness import time_call
+    from fastnvp.bench.paired import paired_rounds
     from fastnvp.engine.cpu import gemm_stack
 
     cap = gemm_stack.CACHED_W2_MAX_BYTES
@@ -66,25 +64,10 @@ def _measure(flow, run, rounds: int, seconds: float) -> dict:
         return time_call(run, "cpu", calls) * 1e3
 
     try:
-        calls = max(3, int(seconds / (timed(True, 2) / 1e3)))
-        plain_ms, inference_ms, ratios = [], [], []
-        for r in range(rounds):
-            order = (True, False) if r % 2 == 0 else (False, True)
-            times = {setting: timed(setting, calls) for setting in order}
-            inference_ms.append(times[True])
-            plain_ms.append(times[False])
-            ratios.append(times[False] / times[True])
+        result = paired_rounds(timed, rounds, seconds)
     finally:
         gemm_stack.CACHED_W2_MAX_BYTES = cap
-    q1, _, q3 = statistics.quantiles(ratios, n=4)
-    return {
-        "plain_ms": statistics.median(plain_ms),
-        "inference_ms": statistics.median(inference_ms),
-        "speedup": statistics.median(ratios),
-        "q1": q1,
-        "q3": q3,
-        "calls_per_round": calls,
-    }
+    return {"plain_ms": result.pop("off_ms"), "inference_ms": result.pop("on_ms"), **result}
 
 
 def _rebuild_ms(flow, run, rounds: int) -> float:
@@ -103,25 +86,15 @@ def _rebuild_ms(flow, run, rounds: int) -> float:
 
 
 def main(argv=None) -> None:
-    from fastnvp.bench.harness import environment, load_average, recorded_command
+    from fastnvp.bench.paired import Record, parse_arguments
     from fastnvp.flows.fast_realnvp import FastRealNVP
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--seconds", type=float, default=0.25, help="per setting and round")
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    command = recorded_command("python benchmarks/inference_operands_ab.py", argv)
-    if args.rounds < 4:
-        raise SystemExit("--rounds must be at least 4 (quartiles over rounds)")
-    if args.threads < 1 or args.seconds <= 0:
-        raise SystemExit("--threads must be at least 1 and --seconds positive")
+    args, command = parse_arguments(
+        "benchmarks/inference_operands_ab.py", __doc__.split("\n\n")[0], argv
+    )
     torch.set_num_threads(args.threads)
-    env = environment("cpu", args.threads)
-    out = args.out or Path("benchmarks/results") / env["machine"]["name"]
-    load_start = load_average()
+    record = Record(command, args.rounds, args.threads, args.out)
     rows = []
     for dim, context, hidden, batch, layers in SHAPES:
         torch.manual_seed(0)
@@ -140,22 +113,11 @@ def main(argv=None) -> None:
                 f"{result['speedup']:.3f}x [{result['q1']:.3f}, {result['q3']:.3f}]",
                 flush=True,
             )
-    out.mkdir(parents=True, exist_ok=True)
-    record = {
-        "command": command,
-        "rounds": args.rounds,
-        "load_average_start": load_start,
-        **env,
-        "load_average_end": load_average(),
-        "rows": rows,
-    }
-    (out / "inference_operands_ab.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = [
-        f"Measured by `{command}` at commit {str(env['commit'])[:10]} "
-        f"on {env['machine']['cpu_model']}, {args.threads} threads, torch "
-        f"{torch.__version__}, {args.rounds} rounds. Speed-up = time on the plain operands / "
-        "time on the inference operands, paired per round: median [quartiles]. Rebuild: what "
-        "the call that builds the operands (a pack's second) takes beyond a steady call.",
+        record.header(args.threads, torch.__version__) + " Speed-up = time on the plain "
+        "operands / time on the inference operands, paired per round: median [quartiles]. "
+        "Rebuild: what the call that builds the operands (a pack's second) takes beyond a "
+        "steady call.",
         "",
         "| D | C | H | B | L | workload | plain (ms) | inference (ms) | speed-up | rebuild (ms) |",
         "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
@@ -174,8 +136,7 @@ def main(argv=None) -> None:
         f"Speed-up over the {len(rows)} cells: {min(speedups):.3f}× to {max(speedups):.3f}×, "
         f"median {statistics.median(speedups):.3f}×.",
     ]
-    (out / "inference_operands_ab.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / 'inference_operands_ab.json'} and {out / 'inference_operands_ab.md'}")
+    record.write("inference_operands_ab", rows, lines)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,7 @@ Writes ``param_bank_ab.json`` and ``param_bank_ab.md`` under ``--out`` (default
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
-from pathlib import Path
 
 import torch
 
@@ -57,6 +53,7 @@ def _workload(flow, name: str, x: torch.Tensor, given: dict):
 
 def _measure(flow, run, rounds: int, seconds: float) -> dict:
     from fastnvp.bench.harness import time_call
+    from fastnvp.bench.paired import paired_rounds
 
     bank = flow._param_bank
 
@@ -66,44 +63,21 @@ def _measure(flow, run, rounds: int, seconds: float) -> dict:
         run()
         return time_call(run, "cpu", calls) * 1e3
 
-    calls = max(3, int(seconds / (timed(True, 2) / 1e3)))
-    with_ms, without_ms, ratios = [], [], []
-    for r in range(rounds):
-        order = (True, False) if r % 2 == 0 else (False, True)
-        times = {setting: timed(setting, calls) for setting in order}
-        with_ms.append(times[True])
-        without_ms.append(times[False])
-        ratios.append(times[False] / times[True])
-    flow._param_bank = bank
-    q1, _, q3 = statistics.quantiles(ratios, n=4)
-    return {
-        "with_bank_ms": statistics.median(with_ms),
-        "without_bank_ms": statistics.median(without_ms),
-        "speedup": statistics.median(ratios),
-        "q1": q1,
-        "q3": q3,
-        "calls_per_round": calls,
-    }
+    try:
+        result = paired_rounds(timed, rounds, seconds)
+    finally:
+        flow._param_bank = bank
+    return {"with_bank_ms": result.pop("on_ms"), "without_bank_ms": result.pop("off_ms"), **result}
 
 
 def main(argv=None) -> None:
-    from fastnvp.bench.harness import environment, load_average, recorded_command
+    from fastnvp.bench.paired import Record, parse_arguments
     from fastnvp.flows.fast_realnvp import FastRealNVP
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--seconds", type=float, default=0.25, help="per setting and round")
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    command = recorded_command("python benchmarks/param_bank_ab.py", argv)
-    if args.rounds < 4:
-        raise SystemExit("--rounds must be at least 4 (quartiles over rounds)")
+    args, command = parse_arguments("benchmarks/param_bank_ab.py", __doc__.split("\n\n")[0], argv)
     torch.set_num_threads(args.threads)
-    env = environment("cpu", args.threads)
-    out = args.out or Path("benchmarks/results") / env["machine"]["name"]
-    load_start = load_average()
+    record = Record(command, args.rounds, args.threads, args.out)
     rows = []
     for dim, context, hidden, batch, layers in SHAPES:
         torch.manual_seed(0)
@@ -123,21 +97,9 @@ def main(argv=None) -> None:
                 f"{result['speedup']:.3f}x [{result['q1']:.3f}, {result['q3']:.3f}]",
                 flush=True,
             )
-    out.mkdir(parents=True, exist_ok=True)
-    record = {
-        "command": command,
-        "rounds": args.rounds,
-        "load_average_start": load_start,
-        **env,
-        "load_average_end": load_average(),
-        "rows": rows,
-    }
-    (out / "param_bank_ab.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = [
-        f"Measured by `{command}` at commit {str(env['commit'])[:10]} "
-        f"on {env['machine']['cpu_model']}, {args.threads} threads, torch "
-        f"{torch.__version__}, {args.rounds} rounds. Speed-up = time without the parameter "
-        "bank / time with it, paired per round: median [quartiles].",
+        record.header(args.threads, torch.__version__) + " Speed-up = time without the "
+        "parameter bank / time with it, paired per round: median [quartiles].",
         "",
         "| D | C | H | B | L | workload | without bank (ms) | with bank (ms) | speed-up |",
         "|---:|---:|---:|---:|---:|---|---:|---:|---:|",
@@ -149,8 +111,7 @@ def main(argv=None) -> None:
             f"{row['with_bank_ms']:.2f} | {row['speedup']:.3f}× "
             f"[{row['q1']:.3f}, {row['q3']:.3f}] |"
         )
-    (out / "param_bank_ab.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / 'param_bank_ab.json'} and {out / 'param_bank_ab.md'}")
+    record.write("param_bank_ab", rows, lines)
 
 
 if __name__ == "__main__":

@@ -314,3 +314,23 @@ def test_bank_ab_benchmark_writes_its_table(tmp_path, monkeypatch, one_thread, l
     command = shlex.join(["python", "benchmarks/param_bank_ab.py", *argv])
     assert table.startswith(f"Measured by `{command}` at commit ")
     assert json.loads((tmp_path / "param_bank_ab.json").read_text())["command"] == command
+
+
+def test_paired_rounds_alternate_and_report_off_over_on():
+    """fastnvp.bench.paired: the first setting of each round alternates, calls are sized from
+    a probe of the on setting, and the speed-up is off / on per round."""
+    from fastnvp.bench.paired import paired_rounds
+
+    seen = []
+
+    def timed(on: bool, calls: int) -> float:
+        seen.append((on, calls))
+        return 2.0 if on else 3.0
+
+    result = paired_rounds(timed, rounds=4, seconds=0.1)
+    assert seen[0] == (True, 2)  # the probe
+    assert [on for on, _ in seen[1:]] == [True, False, False, True, True, False, False, True]
+    assert {calls for _, calls in seen[1:]} == {50}  # 0.1 s / 2 ms
+    assert result["on_ms"] == 2.0 and result["off_ms"] == 3.0
+    assert result["speedup"] == result["q1"] == result["q3"] == 1.5
+    assert result["calls_per_round"] == 50
