@@ -73,7 +73,7 @@ per-layer path.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -96,7 +96,7 @@ from fastnvp.engine.param_bank import ParameterBank
 PARAMS_PER_LAYER = 12
 
 #: The most bytes of H x H weights of which the cached pack of the calls without a gradient
-#: keeps a copy, as the inference operands of :func:`pack` (b2 inside the second GEMM, W1 and
+#: keeps a copy, as the :func:`with_inference_operands` (b2 inside the second GEMM, W1 and
 #: W3 contiguous: 1.006-1.126x faster calls; built on the pack's second call). Above it (deep,
 #: wide flows) the copy would cost more memory than it saves time: the pack then reads the
 #: pairs from the parameter bank (views, no copy) or, without a bank, stacks each where it
@@ -145,11 +145,11 @@ class LayerViews(NamedTuple):
     w3t: Tensor  # (P, H, K2)
     w3: Tensor  # (P, K2, H)
     b3: Tensor  # (P, 1, K2)
-    inference: InferenceOperands | None = None  # an inference pack's (:func:`pack`)
+    inference: InferenceOperands | None = None  # :func:`with_inference_operands`
 
 
 class InferenceOperands(NamedTuple):
-    """An inference pack's operands of one layer (:func:`pack`), copies: w1t (P, K, H + 1)
+    """One layer's operands of :func:`with_inference_operands`, copies: w1t (P, K, H + 1)
     and b1 (P, 1, H + 1), contiguous, whose last output column is 1 for every row; w2t_bias
     (P, H + 1, H), W2^T with b2 as its last row (the transposed view of a contiguous
     [W2 | b2]); w3t (P, H, K2), contiguous."""
@@ -160,7 +160,7 @@ class InferenceOperands(NamedTuple):
     w3t: Tensor
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Packed:
     """The weights of all L layers for both nets, restricted to the split halves.
 
@@ -172,8 +172,8 @@ class Packed:
     (most of a flow's parameters; a packed copy would make the memory of the invertible mode
     grow with depth) and ``layers[i].w2_stacked`` the bank's (P, H, H) view of the pair. Without
     a bank a layer stacks its pair into one (P, H, H) temporary where it runs
-    (:func:`_stacked_w2`). Only an inference pack, cached for the calls without a gradient,
-    keeps a copy of them, in its ``layers[i].inference`` (:data:`CACHED_W2_MAX_BYTES`;
+    (:func:`_stacked_w2`). Only the pack cached for the calls without a gradient keeps a copy
+    of them, in its ``layers[i].inference`` (:func:`with_inference_operands`;
     ``inference`` tells whether it has them). ``kept`` (L, K1) and ``trans``
     (L, K2) int64, the columns of W1 and rows of W3 gathered for each layer (a padding entry of
     unequal halves reads index 0 and is zeroed: ``layouts.padding``); ``slope`` the LeakyReLU
@@ -194,7 +194,7 @@ class Packed:
     in_features: int  # D + E, the full width of W1
     bias_column: bool  # b1 rides in the first GEMM as a column of ones (K1 + E > 1)
     features: int  # D (the walk state of a padded split has D + 1 columns)
-    inference: bool = False  # layers[i].inference are there (:func:`pack`)
+    inference: bool = False  # layers[i].inference are there (:func:`with_inference_operands`)
 
     @property
     def num_layers(self) -> int:
@@ -219,7 +219,6 @@ def pack(
     slope: float,
     layouts: SplitLayouts,
     bank: ParameterBank | None = None,
-    inference: bool = False,
 ) -> Packed:
     """Pack the parameters of :func:`layer_parameters` for the batched GEMMs.
 
@@ -234,17 +233,6 @@ def pack(
         layouts: the split's :class:`SplitLayouts` (:func:`cached_layouts`).
         bank: the :class:`~fastnvp.engine.param_bank.ParameterBank` that holds ``params``
             (:func:`bank_of`), or None: its tensors are read as they are, with no ``stack``.
-        inference: a pack for the calls without a gradient (:func:`cached_pack`), with
-            its own operands (``layers[i].inference``, :class:`InferenceOperands`): copies
-            of the weights, with b2 inside the second GEMM. The first GEMM's
-            weights gain an output column that is 1 for every row (its weight is 1 on the
-            bias column of ones, or its bias is 1 where there is a single input), so h1 is
-            (2, N, H + 1) with a last column of ones (LeakyReLU keeps 1), against
-            [W2^T; b2] (P, H + 1, H): no bias pass over (2, N, H), and W1 and W3 contiguous.
-            ``benchmarks/inference_operands_ab.py`` (paired, D = 8, C = 8, L = 8,
-            H = 64 and 256, N = 16 to 4096): ``log_prob`` and ``sample`` 1.006-1.126x
-            faster, median 1.029x (1.13x at H = 64, N = 256). Costs a copy of the H x H
-            weights, kept with the pack (its caller bounds it).
     """
     num_layers, k1 = kept.shape
     k2 = trans.shape[1]
@@ -290,25 +278,19 @@ def pack(
         w2_stacked = list(bank.kinds[2].unbind(0))
     else:
         w2_stacked = [None] * num_layers
-    w1t_all, w3t_all = w1_in.transpose(2, 3), w3.transpose(2, 3)
-    operands: list[InferenceOperands | None] = [None] * num_layers
-    if inference:
-        w2_all = None if bank is None else bank.kinds[2]
-        operands = _inference_operands(w1t_all, b1, b2, w2_pairs, w2_all, w3t_all)
     # Per-layer views, made once per call: a layer's loop body then indexes Python lists.
     layers = [
-        LayerViews(w1t, b1_i, tuple(w1_i.unbind(0)), w2_pair, w2s, b2_i, w3t, w3_i, b3_i, op)
-        for w1t, b1_i, w1_i, w2_pair, w2s, b2_i, w3t, w3_i, b3_i, op in zip(
-            w1t_all.unbind(0),
+        LayerViews(w1t, b1_i, tuple(w1_i.unbind(0)), w2_pair, w2s, b2_i, w3t, w3_i, b3_i)
+        for w1t, b1_i, w1_i, w2_pair, w2s, b2_i, w3t, w3_i, b3_i in zip(
+            w1_in.transpose(2, 3).unbind(0),
             b1.unbind(0),
             w1.unbind(0),
             w2_pairs,
             w2_stacked,
             b2.unbind(0),
-            w3t_all.unbind(0),
+            w3.transpose(2, 3).unbind(0),
             w3.unbind(0),
             b3.unbind(0),
-            operands,
         )
     ]
     return Packed(
@@ -326,14 +308,37 @@ def pack(
         in_features=in_features,
         bias_column=bias_column,
         features=dim,
-        inference=inference,
     )
 
 
+def with_inference_operands(packed: Packed, bank: ParameterBank | None = None) -> Packed:
+    """``packed`` with :class:`InferenceOperands` in every layer (``layers[i].inference``),
+    for the calls without a gradient (:func:`cached_pack`): copies of the weights, with b2
+    inside the second GEMM. The first GEMM's weights gain an output column that is 1 for every
+    row (its weight is 1 on the bias column of ones, or its bias is 1 where there is a single
+    input), so h1 is (2, N, H + 1) with a last column of ones (LeakyReLU keeps 1), against
+    [W2^T; b2] (P, H + 1, H): no bias pass over (2, N, H), and W1 and W3 contiguous.
+    ``benchmarks/inference_operands_ab.py`` (paired, D = 8, C = 8, L = 8, H = 64 and 256,
+    N = 16 to 4096): ``log_prob`` and ``sample`` 1.006-1.126x faster, median 1.029x (1.13x
+    at H = 64, N = 256). Costs a copy of the H x H weights, kept with the pack (its caller
+    bounds it). ``bank``: the parameter bank ``packed`` read its H x H pairs from, or None.
+    """
+    w1_in = packed.w1
+    if packed.bias_column:  # b1 as the last input column, as in ``layers[i].w1t``
+        w1_in = torch.cat([packed.w1, packed.b1.transpose(2, 3)], dim=3)
+    w2_all = None if bank is None else bank.kinds[2]
+    w2_pairs = [v.w2 for v in packed.layers]
+    operands = _inference_operands(
+        w1_in.transpose(2, 3), packed.b1, packed.b2, w2_pairs, w2_all, packed.w3.transpose(2, 3)
+    )
+    layers = [v._replace(inference=op) for v, op in zip(packed.layers, operands, strict=True)]
+    return dataclasses.replace(packed, layers=layers, inference=True)
+
+
 def _inference_operands(w1t: Tensor, b1: Tensor, b2: Tensor, w2_pairs, w2_all, w3t):
-    """Per layer, the :class:`InferenceOperands` of an inference pack (:func:`pack`) from
-    w1t (L, P, K, H), b1 and b2 (L, P, 1, H), the H x H pairs and w3t (L, P, H, K2);
-    ``w2_all``: the bank's (L, P, H, H) of the pairs, or None."""
+    """Per layer, the :class:`InferenceOperands` from w1t (L, P, K, H), b1 and b2
+    (L, P, 1, H), the H x H pairs and w3t (L, P, H, K2); ``w2_all``: the bank's (L, P, H, H)
+    of the pairs, or None."""
     num_layers, nets, k, hidden = w1t.shape
     w1t_ones = w1t.new_zeros((num_layers, nets, k, hidden + 1))
     w1t_ones[..., :hidden] = w1t
@@ -934,7 +939,7 @@ def cached_pack(model, kept: Tensor, trans: Tensor, slope: float) -> Packed:
     training always sees the new weights.
     Packing costs about 20 small ops per layer, a third of a no-grad call at B = 256, H = 32.
     A pack's first call runs on the plain operands (the H x H pairs from the parameter bank or
-    stacked where they run); its second call adds the inference operands of :func:`pack`, a
+    stacked where they run); its second call adds :func:`with_inference_operands`, a
     copy of the H x H weights, while they take at most :data:`CACHED_W2_MAX_BYTES`. That
     second call takes 0.3 ms (H = 64) to 0.6 ms (H = 256) longer at L = 8, which the faster
     calls repay after 3 to 9 of them (``benchmarks/inference_operands_ab.py``); a single call
@@ -952,10 +957,11 @@ def cached_pack(model, kept: Tensor, trans: Tensor, slope: float) -> Packed:
     if cache is not None and cache[0] == key:
         packed, calls = cache[1], cache[2] + 1
         if calls == 2 and _copy_fits(params):
-            packed = _pack_for(model, params, kept, trans, slope, inference=True)
+            packed = with_inference_operands(packed, bank_of(model, params))
         model._gemm_pack = (key, packed, calls)
         return packed
-    packed = _pack_for(model, params, kept, trans, slope, inference=False)
+    layouts = cached_layouts(model, kept, trans)
+    packed = pack(params, kept, trans, slope, layouts, bank=bank_of(model, params))
     model._gemm_pack = (key, packed, 1)
     return packed
 
@@ -963,9 +969,3 @@ def cached_pack(model, kept: Tensor, trans: Tensor, slope: float) -> Packed:
 def _copy_fits(params: list[Tensor]) -> bool:
     """Whether the H x H weights fit the inference operands' copy (CACHED_W2_MAX_BYTES)."""
     return sum(w.nelement() * w.element_size() for w in params[2::6]) <= CACHED_W2_MAX_BYTES
-
-
-def _pack_for(model, params, kept, trans, slope, inference: bool) -> Packed:
-    layouts = cached_layouts(model, kept, trans)
-    bank = bank_of(model, params)
-    return pack(params, kept, trans, slope, layouts, bank=bank, inference=inference)
