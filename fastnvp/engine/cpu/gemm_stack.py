@@ -97,7 +97,7 @@ PARAMS_PER_LAYER = 12
 
 #: The most bytes of H x H weights of which the cached pack of the calls without a gradient
 #: keeps a copy, as the :func:`with_inference_operands` (b2 inside the second GEMM, W1 and
-#: W3 contiguous: 1.006-1.126x faster calls; built on the pack's second call). Above it (deep,
+#: W3 contiguous: 1.005-1.129x faster calls; built on the pack's second call). Above it (deep,
 #: wide flows) the copy would cost more memory than it saves time: the pack then reads the
 #: pairs from the parameter bank (views, no copy) or, without a bank, stacks each where it
 #: runs (46 us a layer at H = 256, 10 % of a call at B = 256).
@@ -319,7 +319,7 @@ def with_inference_operands(packed: Packed, bank: ParameterBank | None = None) -
     input), so h1 is (2, N, H + 1) with a last column of ones (LeakyReLU keeps 1), against
     [W2^T; b2] (P, H + 1, H): no bias pass over (2, N, H), and W1 and W3 contiguous.
     ``benchmarks/inference_operands_ab.py`` (paired, D = 8, C = 8, L = 8, H = 64 and 256,
-    N = 16 to 4096): ``log_prob`` and ``sample`` 1.006-1.126x faster, median 1.029x (1.13x
+    N = 16 to 4096): ``log_prob`` and ``sample`` 1.005-1.129x faster, median 1.033x (1.12x
     at H = 64, N = 256). Costs a copy of the H x H weights, kept with the pack (its caller
     bounds it). ``bank``: the parameter bank ``packed`` read its H x H pairs from, or None.
     """
@@ -941,10 +941,11 @@ def cached_pack(model, kept: Tensor, trans: Tensor, slope: float) -> Packed:
     A pack's first call runs on the plain operands (the H x H pairs from the parameter bank or
     stacked where they run); its second call adds :func:`with_inference_operands`, a
     copy of the H x H weights, while they take at most :data:`CACHED_W2_MAX_BYTES`. That
-    second call takes 0.3 ms (H = 64) to 0.6 ms (H = 256) longer at L = 8, which the faster
-    calls repay after 3 to 9 of them (``benchmarks/inference_operands_ab.py``); a single call
+    second call takes 0.2 ms (H = 64) to 0.5 ms (H = 256; 1.2 ms at B = 4096) longer at
+    L = 8, which the faster calls repay after 2 to 8 of them
+    (``benchmarks/inference_operands_ab.py``); a single call
     after each optimizer step (a training metric) does not pay it, and sampling or an
-    evaluation loop on fixed weights runs 1.006-1.126x faster.
+    evaluation loop on fixed weights runs 1.005-1.129x faster.
     """
     params = layer_parameters(model)
     key = (
