@@ -27,7 +27,7 @@ from fastnvp.core.reference import FlowBase, RealNVP
 from fastnvp.engine import interleaved, param_bank
 from fastnvp.engine import plan as plan_mod
 from fastnvp.engine.cache_keys import tensors_key
-from fastnvp.engine.cpu import conditioner_pair, gemm_stack, knots
+from fastnvp.engine.cpu import conditioner_pair, gemm_stack, knots, workspace
 from fastnvp.engine.cpu.threads import in_worker
 from fastnvp.engine.gpu import fused as gpu_fused
 from fastnvp.engine.invertible import (
@@ -49,6 +49,7 @@ _CALL_CACHES = (
     "_stack_split_cache",
     "_interleave_cache",
     "_pieces_rent",
+    workspace.ATTRIBUTE,
 )
 
 

@@ -117,15 +117,18 @@ class StackLayout(NamedTuple):
     trans: tuple[Columns, ...]
     padded: bool = False
 
-    def enter(self, x: Tensor, copy: bool = True) -> Tensor:
+    def enter(self, x: Tensor, copy: bool = True, out: Tensor | None = None) -> Tensor:
         """x (N, D) in feature order -> the walk's state (N, W): a copy, or with ``copy=False``
         x itself when neither reordering nor padding applies (for a walk that never writes its
-        state in place)."""
+        state in place). ``out``: an (N, W) buffer to write the state into instead of a new
+        tensor (not for a padded state in feature order, which is always new)."""
         if self.padded:
             x = torch.nn.functional.pad(x, (0, 1))  # a new tensor, the padding column zero
-            return x if self.order is None else x.index_select(1, self.order)
+            return x if self.order is None else torch.index_select(x, 1, self.order, out=out)
         if self.order is not None:
-            return x.index_select(1, self.order)
+            return torch.index_select(x, 1, self.order, out=out)
+        if out is not None:
+            return out.copy_(x)
         return x.clone() if copy else x
 
     def leave(self, h: Tensor) -> Tensor:

@@ -81,7 +81,9 @@ from torch import Tensor
 
 from fastnvp.engine import interleaved
 from fastnvp.engine.cache_keys import tensors_key
+from fastnvp.engine.cpu import workspace
 from fastnvp.engine.cpu.columns import SplitLayouts, StackLayout, split_layouts
+from fastnvp.engine.cpu.workspace import Workspace
 from fastnvp.engine.first_order import first_order
 from fastnvp.engine.invertible import (
     ReconstructionError,
@@ -405,13 +407,15 @@ def _nets(
     h1: Tensor | None = None,
     h2: Tensor | None = None,
     inference: bool = False,
+    o: Tensor | None = None,
 ):
     """Layer ``i``'s conditioner pair on its first input ``x1`` (:func:`_first_input`:
     (N, K1 + E + 1) with the bias column, else (N, 1)) -> (h1, h2, s, t); h1, h2 (2, N, H).
 
     ``h1``/``h2`` are optional workspaces written in place (:func:`_workspaces`); else fresh
     tensors. ``inference``: run on the pack's :class:`InferenceOperands` (h1 is then
-    (2, N, H + 1), its last column 1).
+    (2, N, H + 1), its last column 1). ``o``: an optional (2, N, K2) buffer for the output
+    (s and t are views of it).
     """
     v = packed.layers[i]
     w = v.inference if inference else v
@@ -426,7 +430,7 @@ def _nets(
         # ~1 k rows (baddbmm first broadcasts the bias into its output, then adds onto it)
         h2 = torch.bmm(h1, _stacked_w2(v).transpose(1, 2), out=h2).add_(v.b2)
     torch.nn.functional.leaky_relu_(h2, packed.slope)
-    o = torch.baddbmm(v.b3, h2, w.w3t)
+    o = torch.baddbmm(v.b3, h2, w.w3t, out=o)
     s = o[0].tanh_()
     return h1, h2, s, o[1]
 
@@ -437,12 +441,16 @@ class _LogDet:
     a GEMM stack transforms K2 features (a padding entry's s is exactly 0), so the layers'
     ``s`` add up."""
 
-    def __init__(self):
+    def __init__(self, buffer: Tensor | None = None):
         self.total: Tensor | None = None
+        self._buffer = buffer  # (N, K2) to sum into (a walk's workspace), else a new tensor
 
     def add_(self, s: Tensor) -> None:
         """Add a layer's s (N, K2); s itself is neither kept nor changed."""
-        self.total = s.clone() if self.total is None else self.total.add_(s)
+        if self.total is None:
+            self.total = s.clone() if self._buffer is None else self._buffer.copy_(s)
+        else:
+            self.total.add_(s)
 
     def rows(self) -> Tensor:
         """Σ over layers and features, (N,)."""
@@ -461,28 +469,76 @@ def _workspaces(x: Tensor, packed: Packed, inference: bool = False) -> tuple[Ten
     return x.new_empty((2, rows, hidden + inference)), x.new_empty((2, rows, hidden))
 
 
+class _NoGradWalk:
+    """The buffers of a walk without a gradient, taken from a :class:`Workspace` (reused from
+    call to call: :mod:`fastnvp.engine.cpu.workspace`), and the walk's state.
+
+    ``state`` (N, W): the input in the walk's layout, a workspace buffer where the walk returns
+    a copy anyway (reordered or padded columns) or interleaved steps alternate it with
+    ``spare``; ``h1``, ``h2``: :func:`_workspaces`; ``o`` (2, N, K2): each layer's net
+    output (s, t), s turned into exp(±s) in place; ``log_det`` (N, K2): the sum of s;
+    ``first`` (N, K1 + E + 1): the first GEMM's input with the bias column, its tail
+    (context, ones) written once per call and each layer's kept half copied in front (None
+    for single-input layers, whose kept column is read in place).
+    """
+
+    def __init__(self, packed: Packed, layout: StackLayout, x: Tensor, e, inter, ws: Workspace):
+        rows, width = x.shape[0], layout.trans[0].index.shape[0]
+        self.ws = ws
+        shape = (rows, x.shape[1] + layout.padded)
+        keep_state = layout.restore is not None or inter is not None
+        self.state = layout.enter(x, out=ws.buffer("state", shape, x) if keep_state else None)
+        self.spare = ws.buffer("spare", shape, x) if inter is not None else None
+        self.h1 = ws.buffer("h1", (2, rows, packed.hidden + packed.inference), x)
+        self.h2 = ws.buffer("h2", (2, rows, packed.hidden), x)
+        self.o = ws.buffer("o", (2, rows, width), x)
+        self.log_det = _LogDet(ws.buffer("log_det", (rows, width), x))
+        self.first = None
+        if packed.bias_column:
+            kept = layout.kept[0].index.shape[0]
+            tail = 1 if e is None else e.shape[1] + 1
+            self.first = ws.buffer("first", (rows, kept + tail), x)
+            if e is not None:
+                self.first[:, kept:-1].copy_(e)
+            self.first[:, -1].fill_(1.0)
+
+    def first_input(self, x1: Tensor) -> Tensor:
+        """The first GEMM's input for kept half x1 (N, K1) (:func:`_first_input`)."""
+        if self.first is None:
+            return x1
+        self.first[:, : x1.shape[1]].copy_(x1)
+        return self.first
+
+    def output(self, layout: StackLayout, h: Tensor) -> Tensor:
+        """The walk's result in feature order, never a workspace buffer."""
+        out = layout.leave(h)
+        return out.clone() if self.ws.holds(out) else out
+
+
 def forward_no_grad(
-    packed: Packed, x: Tensor, e: Tensor | None = None, inter=None
+    packed: Packed,
+    x: Tensor,
+    e: Tensor | None = None,
+    inter=None,
+    ws: Workspace | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``f`` without autograd.  x (N, D), e (N, E) or None -> (z (N, D), log_det (N,)).
 
     ``inter``: the call's :class:`~fastnvp.engine.interleaved.Interleave` or None; its
-    parameter-only log-det is the caller's to add.
+    parameter-only log-det is the caller's to add. ``ws``: the workspace to take the walk's
+    buffers from (:func:`workspace.borrowed`), else buffers for this call only.
     """
     layout = packed.walk_layout(inter)
-    z = layout.enter(x)
-    log_det = _LogDet()
-    ws1, ws2 = _workspaces(x, packed, packed.inference)
-    tail = _input_tail(packed, x, e)
+    walk = _NoGradWalk(packed, layout, x, e, inter, Workspace() if ws is None else ws)
+    z, spare = walk.state, walk.spare
     kept, trans = layout.kept, layout.trans
     views = (
         interleaved.walk_views(inter, layout.order, padded=layout.padded)
         if inter is not None
         else None
     )
-    # The walk owns z (entered as a copy) and one spare (N, D) buffer: the interleaved steps
-    # write into the two in turn (interleaved.forward_step) instead of new tensors.
-    spare = torch.empty_like(z) if inter is not None else None
+    # The walk owns z and one spare (N, D) buffer: the interleaved steps write into the two
+    # in turn (interleaved.forward_step) instead of new tensors.
     stats: list = []
     on = _profiling()
     for i in range(packed.num_layers):
@@ -491,45 +547,47 @@ def forward_no_grad(
                 new = interleaved.forward_step(inter, i, z, views[i], None, stats, spare)
                 z, spare = _advance(z, new, spare)
             with _mark(on, i, "conditioner"):
-                x_in = _first_input(kept[i].take(z), tail)
-                _, _, s, t = _nets(packed, i, x_in, ws1, ws2, packed.inference)
-            trans[i].scale_shift_(z, s.exp(), t)
-            log_det.add_(s)
-    log_det = log_det.rows()
+                x_in = walk.first_input(kept[i].take(z))
+                _, _, s, t = _nets(packed, i, x_in, walk.h1, walk.h2, packed.inference, walk.o)
+            walk.log_det.add_(s)
+            trans[i].scale_shift_(z, s.exp_(), t)  # s is the walk's buffer, summed already
+    log_det = walk.log_det.rows()
     interleaved.finish_batch_stats(inter, stats, x.shape[0], log_det, layout.restore)
-    return layout.leave(z), log_det
+    return walk.output(layout, z), log_det
 
 
 def inverse_no_grad(
-    packed: Packed, z: Tensor, e: Tensor | None = None, inter=None
+    packed: Packed,
+    z: Tensor,
+    e: Tensor | None = None,
+    inter=None,
+    ws: Workspace | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``g`` without autograd.  z (N, D), e (N, E) or None -> (x (N, D), log|det dx/dz| (N,)).
 
-    ``inter``: as for :func:`forward_no_grad` (prepared for ``g``: no batch statistics).
+    ``inter``: as for :func:`forward_no_grad` (prepared for ``g``: no batch statistics);
+    ``ws``: as there.
     """
     layout = packed.walk_layout(inter)
-    x = layout.enter(z)
-    log_det = _LogDet()
-    ws1, ws2 = _workspaces(z, packed, packed.inference)
-    tail = _input_tail(packed, z, e)
+    walk = _NoGradWalk(packed, layout, z, e, inter, Workspace() if ws is None else ws)
+    x, spare = walk.state, walk.spare
     kept, trans = layout.kept, layout.trans
     views = (
         interleaved.walk_views(inter, layout.order, padded=layout.padded)
         if inter is not None
         else None
     )
-    spare = torch.empty_like(x) if inter is not None else None  # see forward_no_grad
     on = _profiling()
     for i in reversed(range(packed.num_layers)):
         with _mark(on, i, "inverse"):
-            x_in = _first_input(kept[i].take(x), tail)
-            _, _, s, t = _nets(packed, i, x_in, ws1, ws2, packed.inference)
-            log_det.add_(s.neg_())
+            x_in = walk.first_input(kept[i].take(x))
+            _, _, s, t = _nets(packed, i, x_in, walk.h1, walk.h2, packed.inference, walk.o)
+            walk.log_det.add_(s.neg_())
             trans[i].shift_scale_(x, t, s.exp_())
             if inter is not None:
                 new = interleaved.inverse_step(inter, i, x, views[i], spare=spare)
                 x, spare = _advance(x, new, spare)
-    return layout.leave(x), log_det.rows()
+    return walk.output(layout, x), walk.log_det.rows()
 
 
 class _Grads:
@@ -898,8 +956,9 @@ def run_forward(
     """
     inter = interleaved.prepare(model, "f", batch_stats=batch_stats)
     if not grad:
-        with torch.no_grad():
-            z, log_det = forward_no_grad(cached_pack(model, kept, trans, slope), x, e, inter)
+        with torch.no_grad(), workspace.borrowed(model) as ws:
+            packed = cached_pack(model, kept, trans, slope)
+            z, log_det = forward_no_grad(packed, x, e, inter, ws)
     else:
         params = layer_parameters(model)
         extra = inter.tensors if inter is not None else []
@@ -912,9 +971,9 @@ def run_inverse(
     model, z: Tensor, kept: Tensor, trans: Tensor, slope: float, e: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """``model.g(z)`` without autograd.  z (N, D) -> (x (N, D), log|det dx/dz| (N,))."""
-    with torch.no_grad():
+    with torch.no_grad(), workspace.borrowed(model) as ws:
         inter = interleaved.prepare(model, "g", batch_stats=False)
-        x, log_det = inverse_no_grad(cached_pack(model, kept, trans, slope), z, e, inter)
+        x, log_det = inverse_no_grad(cached_pack(model, kept, trans, slope), z, e, inter, ws)
         return x, log_det if inter is None else inter.add_log_det(log_det)
 
 
