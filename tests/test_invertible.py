@@ -7,6 +7,7 @@ from torch.profiler import ProfilerActivity, profile
 from fastnvp.analysis.profiling import profiler_peak_bytes, tensor_bytes, training_step
 from fastnvp.core.conditioner import standard_net
 from fastnvp.core.masks import alternating_masks
+from fastnvp.engine.cpu import buffer_pool
 from fastnvp.engine.invertible import ReconstructionError, ReconstructionReport
 from fastnvp.engine.plan import Policy
 from fastnvp.flows.fast_realnvp import FastRealNVP
@@ -109,13 +110,21 @@ def test_no_grad_runs_the_plain_stack():
     assert inv.last_reconstruction is None
 
 
-def _step_activation_bytes(model, x):
-    """Peak bytes allocated during a step (profiler allocator records) minus the gradients."""
-    training_step(model, x)  # warm-up: later steps allocate the same way
+def _step_activation_bytes(model, x, monkeypatch):
+    """Peak bytes allocated during a step (profiler allocator records) minus the gradients,
+    without the flow's buffer pool (a warm pool serves a step from buffers allocated before
+    it), and the bytes the pool keeps after a step with it."""
+    training_step(model, x)
+    kept = buffer_pool.pool_of(model).nbytes
     model.zero_grad(set_to_none=True)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        training_step(model, x)
-    return profiler_peak_bytes(prof, "cpu") - tensor_bytes(model.parameters())
+    model.clear_caches()
+    with monkeypatch.context() as patch:
+        patch.setattr(buffer_pool, "POOL_MAX_BYTES", 0)
+        training_step(model, x)  # warm-up: later steps allocate the same way
+        model.zero_grad(set_to_none=True)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            training_step(model, x)
+    return profiler_peak_bytes(prof, "cpu") - tensor_bytes(model.parameters()), kept
 
 
 def _forward_saved_bytes(model, x):
@@ -132,7 +141,7 @@ def _forward_saved_bytes(model, x):
     return sum(saved)
 
 
-def test_activation_memory_flat_in_depth(one_thread):
+def test_activation_memory_flat_in_depth(one_thread, monkeypatch):
     x = torch.randn(256, 2)
     measured = {}
     for mode in ("standard", "invertible"):
@@ -142,15 +151,20 @@ def test_activation_memory_flat_in_depth(one_thread):
             # anyway.
             model = FastRealNVP.standard(2, num_layers, 32, memory=mode, knot_tables=False)
             measured[mode, num_layers] = (
-                _step_activation_bytes(model, x),
+                _step_activation_bytes(model, x, monkeypatch),
                 _forward_saved_bytes(model, x),
             )
-    (inv4, saved_inv4), (inv64, saved_inv64) = measured["invertible", 4], measured["invertible", 64]
-    (std4, saved_std4), (std64, saved_std64) = measured["standard", 4], measured["standard", 64]
-    # Standard grows ~linearly (16x the layers); invertible stays within 25 % of L = 4.
+    ((inv4, pool_inv4), saved_inv4) = measured["invertible", 4]
+    ((inv64, pool_inv64), saved_inv64) = measured["invertible", 64]
+    ((std4, pool_std4), saved_std4) = measured["standard", 4]
+    ((std64, pool_std64), saved_std64) = measured["standard", 64]
+    # Standard grows ~linearly (16x the layers); invertible stays within 25 % of L = 4, and
+    # so do the buffers the pool keeps between steps.
     assert std64 > 10 * std4
     assert 0 < inv64 <= 1.25 * inv4
     assert inv64 < std64 / 20
+    assert pool_std64 > 10 * pool_std4
+    assert 0 < pool_inv64 <= 1.25 * pool_inv4
     # Autograd-saved bytes after forward: the stack's input and output (and what the prior and
     # the loss keep, a few (N, D) tensors), plus one (N, D) anchor per 8 layers (7 at L = 64).
     row_bytes = x.numel() * x.element_size()

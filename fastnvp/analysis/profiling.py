@@ -25,11 +25,12 @@ What is measured, and how:
   the step (ops called inside other ops are counted separately as ``ops_all``); on CUDA also the
   kernel launches (``cudaLaunchKernel`` / ``cuLaunchKernel`` runtime calls).
 - **peak memory**: bytes allocated above what was allocated before the step (parameters and the
-  input; gradients were set to None). CUDA: ``torch.cuda.max_memory_allocated`` around an
-  unprofiled step. CPU: the profiler's allocator records (``profile_memory=True``) of the
-  profiled step, replayed in time order; the peak of the running sum. The *activation* peak
-  subtracts the gradients (all of them, as they exist at the end of the step); parameter bytes
-  are reported separately.
+  input; gradients were set to None; a FastRealNVP's buffer pool released, so the step
+  allocates its own buffers where the profiler sees them). CUDA:
+  ``torch.cuda.max_memory_allocated`` around an unprofiled step. CPU: the profiler's allocator
+  records (``profile_memory=True``) of the profiled step, replayed in time order; the peak of
+  the running sum. The *activation* peak subtracts the gradients (all of them, as they exist at
+  the end of the step); parameter bytes are reported separately.
 - **peak memory from outside** (``memory_probe=True``, :mod:`fastnvp.analysis.memory_probe`): the
   profiler's figure counts only the allocations it records; this one is one extra step per
   (impl, mode, depth) in a fresh Python process, measured by the operating system (peak RSS,
@@ -310,6 +311,8 @@ def profile_step(model: nn.Module, x: torch.Tensor, device: str) -> profile:
     if device == "cuda":
         activities.append(ProfilerActivity.CUDA)
     model.zero_grad(set_to_none=True)
+    if hasattr(model, "release_buffers"):  # else the pool serves the step unrecorded
+        model.release_buffers()
     _sync(device)
     with instrument(model), profile(activities=activities, profile_memory=True) as prof:
         with record_function("step.forward"):

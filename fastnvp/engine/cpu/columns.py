@@ -72,13 +72,15 @@ class Columns(NamedTuple):
         self.take(h).sub_(shift).mul_(scale)
         return h
 
-    def replaced(self, h: Tensor, values: Tensor, other: Columns) -> Tensor:
-        """A new (N, D) tensor: h with these columns replaced by values (N, K); ``other`` is the
-        complementary half, whose columns are copied from h."""
+    def replaced(self, h: Tensor, values: Tensor, other: Columns, out: Tensor | None = None):
+        """A new (N, D) tensor (``out`` when given): h with these columns replaced by values
+        (N, K); ``other`` is the complementary half, whose columns are copied from h."""
         if self.start is None or other.start is None:
-            return h.index_copy(1, self.index, values)
+            if out is None:
+                return h.index_copy(1, self.index, values)
+            return out.copy_(h).index_copy_(1, self.index, values)
         kept = other.take(h)
-        return torch.cat([values, kept] if self.start == 0 else [kept, values], dim=1)
+        return torch.cat([values, kept] if self.start == 0 else [kept, values], dim=1, out=out)
 
 
 def split_columns(index: Tensor) -> tuple[Columns, ...]:

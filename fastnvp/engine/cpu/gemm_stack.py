@@ -44,6 +44,11 @@ Memory modes:
 The same GEMMs run without autograd (:func:`forward_no_grad`, :func:`inverse_no_grad`) with the
 (2, N, H) activations in two reused workspaces and the state updated in place.
 
+Every walk takes its buffers (states, activations, net outputs, backward's temporaries) from
+the flow's :class:`~fastnvp.engine.cpu.buffer_pool.BufferPool`, which reuses a buffer once
+nothing holds it, so the steps of a loop touch memory that is already mapped instead of pages
+the C library handed back to the kernel; outputs are always new tensors.
+
 Conditional flows (docs/design.md §1.7): the first Linear's input is ``x_in = cat(x1, e)``
 (N, K1 + E) with e the embedded context, against W1 packed over the kept columns and the E
 context columns (L, P, H, K1 + E). The context's contribution is part of that one batched GEMM
@@ -81,9 +86,9 @@ from torch import Tensor
 
 from fastnvp.engine import interleaved
 from fastnvp.engine.cache_keys import tensors_key
-from fastnvp.engine.cpu import workspace
+from fastnvp.engine.cpu import buffer_pool
+from fastnvp.engine.cpu.buffer_pool import BufferPool
 from fastnvp.engine.cpu.columns import SplitLayouts, StackLayout, split_layouts
-from fastnvp.engine.cpu.workspace import Workspace
 from fastnvp.engine.first_order import first_order
 from fastnvp.engine.invertible import (
     ReconstructionError,
@@ -384,9 +389,13 @@ def _input_tail(packed: Packed, x: Tensor, e: Tensor | None) -> Tensor | None:
     return ones if e is None else torch.cat([e, ones], dim=1)
 
 
-def _first_input(x1: Tensor, tail: Tensor | None) -> Tensor:
-    """The first Linear's input: the kept half (N, K1), then :func:`_input_tail` if any."""
-    return x1 if tail is None else torch.cat([x1, tail], dim=1)
+def _first_input(x1: Tensor, tail: Tensor | None, pool: BufferPool | None = None) -> Tensor:
+    """The first Linear's input: the kept half (N, K1), then :func:`_input_tail` if any (a
+    new tensor, from ``pool`` when given)."""
+    if tail is None:
+        return x1
+    out = None if pool is None else pool.take((x1.shape[0], x1.shape[1] + tail.shape[1]), x1)
+    return torch.cat([x1, tail], dim=1, out=out)
 
 
 def _stacked_w2(v: LayerViews) -> Tensor:
@@ -463,41 +472,43 @@ def _advance(state: Tensor, new: Tensor, spare: Tensor) -> tuple[Tensor, Tensor]
     return new, (state if new is spare else spare)
 
 
-def _workspaces(x: Tensor, packed: Packed, inference: bool = False) -> tuple[Tensor, Tensor]:
-    """(2, N, H) buffers for h1 and h2 (h1 (2, N, H + 1) for ``inference``: :func:`_nets`)."""
+def _workspaces(
+    x: Tensor, packed: Packed, inference: bool = False, pool: BufferPool | None = None
+) -> tuple[Tensor, Tensor]:
+    """(2, N, H) buffers for h1 and h2 (h1 (2, N, H + 1) for ``inference``: :func:`_nets`),
+    from ``pool`` when given."""
     rows, hidden = x.shape[0], packed.hidden
+    if pool is not None:
+        return pool.take((2, rows, hidden + inference), x), pool.take((2, rows, hidden), x)
     return x.new_empty((2, rows, hidden + inference)), x.new_empty((2, rows, hidden))
 
 
 class _NoGradWalk:
-    """The buffers of a walk without a gradient, taken from a :class:`Workspace` (reused from
-    call to call: :mod:`fastnvp.engine.cpu.workspace`), and the walk's state.
+    """The buffers of a walk without a gradient, taken from the flow's :class:`BufferPool`
+    (reused from call to call: :mod:`fastnvp.engine.cpu.buffer_pool`), and the walk's state.
 
-    ``state`` (N, W): the input in the walk's layout, a workspace buffer where the walk returns
-    a copy anyway (reordered or padded columns) or interleaved steps alternate it with
-    ``spare``; ``h1``, ``h2``: :func:`_workspaces`; ``o`` (2, N, K2): each layer's net
-    output (s, t), s turned into exp(±s) in place; ``log_det`` (N, K2): the sum of s;
-    ``first`` (N, K1 + E + 1): the first GEMM's input with the bias column, its tail
-    (context, ones) written once per call and each layer's kept half copied in front (None
-    for single-input layers, whose kept column is read in place).
+    ``state`` (N, W): the input in the walk's layout (a new tensor only for a padded state
+    in feature order); ``spare``: an (N, W) buffer the interleaved steps alternate with it;
+    ``h1``, ``h2``: :func:`_workspaces`; ``o`` (2, N, K2): each layer's net output (s, t),
+    s turned into exp(±s) in place; ``log_det`` (N, K2): the sum of s; ``first``
+    (N, K1 + E + 1): the first GEMM's input with the bias column, its tail (context, ones)
+    written once per call and each layer's kept half copied in front (None for single-input
+    layers, whose kept column is read in place).
     """
 
-    def __init__(self, packed: Packed, layout: StackLayout, x: Tensor, e, inter, ws: Workspace):
+    def __init__(self, packed: Packed, layout: StackLayout, x: Tensor, e, inter, pool):
         rows, width = x.shape[0], layout.trans[0].index.shape[0]
-        self.ws = ws
         shape = (rows, x.shape[1] + layout.padded)
-        keep_state = layout.restore is not None or inter is not None
-        self.state = layout.enter(x, out=ws.buffer("state", shape, x) if keep_state else None)
-        self.spare = ws.buffer("spare", shape, x) if inter is not None else None
-        self.h1 = ws.buffer("h1", (2, rows, packed.hidden + packed.inference), x)
-        self.h2 = ws.buffer("h2", (2, rows, packed.hidden), x)
-        self.o = ws.buffer("o", (2, rows, width), x)
-        self.log_det = _LogDet(ws.buffer("log_det", (rows, width), x))
+        self.state = layout.enter(x, out=pool.take(shape, x))
+        self.spare = pool.take(shape, x) if inter is not None else None
+        self.h1, self.h2 = _workspaces(x, packed, packed.inference, pool)
+        self.o = pool.take((2, rows, width), x)
+        self.log_det = _LogDet(pool.take((rows, width), x))
         self.first = None
         if packed.bias_column:
             kept = layout.kept[0].index.shape[0]
             tail = 1 if e is None else e.shape[1] + 1
-            self.first = ws.buffer("first", (rows, kept + tail), x)
+            self.first = pool.take((rows, kept + tail), x)
             if e is not None:
                 self.first[:, kept:-1].copy_(e)
             self.first[:, -1].fill_(1.0)
@@ -509,10 +520,11 @@ class _NoGradWalk:
         self.first[:, : x1.shape[1]].copy_(x1)
         return self.first
 
-    def output(self, layout: StackLayout, h: Tensor) -> Tensor:
-        """The walk's result in feature order, never a workspace buffer."""
+    @staticmethod
+    def output(layout: StackLayout, h: Tensor) -> Tensor:
+        """The walk's result in feature order, a new tensor (never a pooled buffer)."""
         out = layout.leave(h)
-        return out.clone() if self.ws.holds(out) else out
+        return out.clone() if out is h else out
 
 
 def forward_no_grad(
@@ -520,16 +532,16 @@ def forward_no_grad(
     x: Tensor,
     e: Tensor | None = None,
     inter=None,
-    ws: Workspace | None = None,
+    pool: BufferPool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``f`` without autograd.  x (N, D), e (N, E) or None -> (z (N, D), log_det (N,)).
 
     ``inter``: the call's :class:`~fastnvp.engine.interleaved.Interleave` or None; its
-    parameter-only log-det is the caller's to add. ``ws``: the workspace to take the walk's
-    buffers from (:func:`workspace.borrowed`), else buffers for this call only.
+    parameter-only log-det is the caller's to add. ``pool``: the flow's buffer pool
+    (:func:`buffer_pool.pool_of`), else buffers for this call only.
     """
     layout = packed.walk_layout(inter)
-    walk = _NoGradWalk(packed, layout, x, e, inter, Workspace() if ws is None else ws)
+    walk = _NoGradWalk(packed, layout, x, e, inter, pool or BufferPool(max_bytes=0))
     z, spare = walk.state, walk.spare
     kept, trans = layout.kept, layout.trans
     views = (
@@ -561,15 +573,15 @@ def inverse_no_grad(
     z: Tensor,
     e: Tensor | None = None,
     inter=None,
-    ws: Workspace | None = None,
+    pool: BufferPool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``g`` without autograd.  z (N, D), e (N, E) or None -> (x (N, D), log|det dx/dz| (N,)).
 
     ``inter``: as for :func:`forward_no_grad` (prepared for ``g``: no batch statistics);
-    ``ws``: as there.
+    ``pool``: as there.
     """
     layout = packed.walk_layout(inter)
-    walk = _NoGradWalk(packed, layout, z, e, inter, Workspace() if ws is None else ws)
+    walk = _NoGradWalk(packed, layout, z, e, inter, pool or BufferPool(max_bytes=0))
     x, spare = walk.state, walk.spare
     kept, trans = layout.kept, layout.trans
     views = (
@@ -649,7 +661,9 @@ class _Grads:
         return [g for net in zip(*per_kind) for g in net]
 
 
-def _layer_backward(packed, layout, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2, GE=None):
+def _layer_backward(
+    packed, layout, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2, GE=None, pool=None
+):
     """Backprop layer ``i``: ``G`` (N, D) becomes the gradient of the layer input, in place.
 
     ``layout``: the walk's :class:`StackLayout` (G's columns are in its order).
@@ -658,13 +672,15 @@ def _layer_backward(packed, layout, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2
     column of ones, (N, K1 + E + 1), or the kept half alone, (N, 1)); x2 (N, K2): the
     transformed half; h1, h2 (2, N, H) and s (N, K2) its activations; ``grads`` a
     :class:`_Grads` or None; gh1, gh2 (2, N, H) workspaces; ``GE`` (N, E): the context gradient
-    accumulated over layers, added to in place (None when unconditional).
+    accumulated over layers, added to in place (None when unconditional); ``pool``: the
+    :class:`BufferPool` of the layer's temporaries, or None (new tensors).
     """
     kept, trans = layout.kept[i], layout.trans[i]
     slope = packed.slope
-    e = s.exp()
+    rows, width = G.shape[0], trans.index.shape[0]
+    e = torch.exp(s, out=None if pool is None else pool.take((rows, width), G))
     # go = (gs * (1 - s^2), g2) (2, N, K2); g2, the upstream gradient of z2, is read into go[1].
-    go = G.new_empty((2, G.shape[0], trans.index.shape[0]))
+    go = G.new_empty((2, rows, width)) if pool is None else pool.take((2, rows, width), G)
     g2 = go[1]
     if trans.start is None:
         torch.index_select(G, 1, trans.index, out=g2)
@@ -748,7 +764,9 @@ class _GemmStack(torch.autograd.Function):
         kept_i, trans_i = layout.kept, layout.trans
         num_layers = packed.num_layers
         z = layout.enter(x, copy=False)  # the autograd walk builds new states, never writes z
-        log_det = _LogDet()
+        pool = buffer_pool.pool_of(model)
+        rows, width = x.shape[0], layout.trans[0].index.shape[0]
+        log_det = _LogDet(pool.take((rows, width), x))
         tail = _input_tail(packed, x, e)
         saved: list[tuple[Tensor, ...]] = []
         anchors: list[Tensor] = []
@@ -757,7 +775,7 @@ class _GemmStack(torch.autograd.Function):
             anchor_layers = (
                 (0,) if anchor_every is None else tuple(range(0, num_layers, anchor_every))
             )
-            ws1, ws2 = _workspaces(x, packed)
+            ws1, ws2 = _workspaces(x, packed, pool=pool)
         on = _profiling()
         for i in range(num_layers):
             if i in anchor_layers:
@@ -771,16 +789,22 @@ class _GemmStack(torch.autograd.Function):
                     if kept_for_backward is not None:
                         pre_saved.append(kept_for_backward)
                 # Views of z for range halves: z is never written in place here.
-                x1 = _first_input(kept_i[i].take(z), tail)
+                x1 = _first_input(kept_i[i].take(z), tail, pool)
                 x2 = trans_i[i].take(z)
+                o = pool.take((2, rows, width), x)
                 with _mark(on, i, "conditioner"):
                     if memory == "invertible":
-                        _, _, s, t = _nets(packed, i, x1, ws1, ws2)
+                        _, _, s, t = _nets(packed, i, x1, ws1, ws2, o=o)
                     else:
-                        h1, h2, s, t = _nets(packed, i, x1)
+                        h1, h2 = _workspaces(x, packed, pool=pool)
+                        h1, h2, s, t = _nets(packed, i, x1, h1, h2, o=o)
                 if memory != "invertible":
                     saved.append((x1, x2, h1, h2, s))
-                z = trans_i[i].replaced(z, torch.addcmul(t, x2, s.exp()), kept_i[i])
+                new = torch.exp(s, out=pool.take((rows, width), x))
+                new = torch.addcmul(t, x2, new, out=new)
+                # The last state is returned when it is in feature order: a new tensor then.
+                last = i == num_layers - 1 and layout.restore is None
+                z = trans_i[i].replaced(z, new, kept_i[i], None if last else pool.take(z.shape, z))
                 log_det.add_(s)
         log_det = log_det.rows()
         interleaved.finish_batch_stats(inter, batch_stats, x.shape[0], log_det, layout.restore)
@@ -826,7 +850,10 @@ class _GemmStack(torch.autograd.Function):
         batch_stats = [tuple(stats_flat[k : k + 2]) for k in range(0, len(stats_flat), 2)]
         n = z.shape[0]
         layout: StackLayout = ctx.layout
-        G = torch.zeros_like(z) if grad_z is None else layout.enter(grad_z).contiguous()
+        pool = buffer_pool.pool_of(ctx.model)
+        # G becomes grad_x: a pooled buffer only where leaving the walk's layout copies it.
+        G = pool.take(z.shape, z) if layout.restore is not None else torch.empty_like(z)
+        G = G.zero_() if grad_z is None else layout.enter(grad_z.contiguous(), out=G)
         gl = z.new_zeros(n) if grad_log_det is None else grad_log_det
         num_params = len(ctx.params)
         wants_params = any(ctx.needs_input_grad[4:])
@@ -837,7 +864,7 @@ class _GemmStack(torch.autograd.Function):
             inter_grads, inter_grad_views = interleaved.grad_buffers(
                 inter, ctx.inter_tensors, width
             )
-        gh1, gh2 = _workspaces(z, packed)
+        gh1, gh2 = _workspaces(z, packed, pool=pool)
         num_layers = packed.num_layers
         e = ctx.embedded
         GE = None if e is None else e.new_zeros(e.shape)  # summed over layers
@@ -851,7 +878,7 @@ class _GemmStack(torch.autograd.Function):
             for i in reversed(range(num_layers)):
                 layer = activations[5 * i : 5 * i + 5]
                 with _mark(on, i, "backward"):
-                    _layer_backward(packed, layout, i, G, gl, *layer, grads, gh1, gh2, GE)
+                    _layer_backward(packed, layout, i, G, gl, *layer, grads, gh1, gh2, GE, pool)
                     if inter is not None:
                         G = interleaved.backward_step(
                             inter, i, G, gl, ctx.inter_views[i], pre_saved[i],
@@ -879,7 +906,8 @@ def _invertible_walk(
     kept, trans = ctx.layout.kept, ctx.layout.trans
     inter, views = ctx.inter, ctx.inter_views
     stored = dict(zip(ctx.anchor_layers, anchors))
-    ws1, ws2 = _workspaces(z, packed)
+    pool = buffer_pool.pool_of(ctx.model)
+    ws1, ws2 = _workspaces(z, packed, pool=pool)
     tail = _input_tail(packed, z, e)
     h = z.clone()
     errors: list[Tensor] = []
@@ -911,7 +939,9 @@ def _invertible_walk(
                 else:
                     x2 = h.index_select(1, trans[i].index)
         with _mark(on, i, "backward"):
-            _layer_backward(packed, ctx.layout, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2, GE)
+            _layer_backward(
+                packed, ctx.layout, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2, GE, pool
+            )
             if inter is not None:
                 G = interleaved.backward_step(inter, i, G, gl, views[i], pre_saved, igrads)
     errors.reverse()
@@ -956,9 +986,9 @@ def run_forward(
     """
     inter = interleaved.prepare(model, "f", batch_stats=batch_stats)
     if not grad:
-        with torch.no_grad(), workspace.borrowed(model) as ws:
+        with torch.no_grad():
             packed = cached_pack(model, kept, trans, slope)
-            z, log_det = forward_no_grad(packed, x, e, inter, ws)
+            z, log_det = forward_no_grad(packed, x, e, inter, buffer_pool.pool_of(model))
     else:
         params = layer_parameters(model)
         extra = inter.tensors if inter is not None else []
@@ -971,9 +1001,10 @@ def run_inverse(
     model, z: Tensor, kept: Tensor, trans: Tensor, slope: float, e: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """``model.g(z)`` without autograd.  z (N, D) -> (x (N, D), log|det dx/dz| (N,))."""
-    with torch.no_grad(), workspace.borrowed(model) as ws:
+    with torch.no_grad():
         inter = interleaved.prepare(model, "g", batch_stats=False)
-        x, log_det = inverse_no_grad(cached_pack(model, kept, trans, slope), z, e, inter, ws)
+        packed = cached_pack(model, kept, trans, slope)
+        x, log_det = inverse_no_grad(packed, z, e, inter, buffer_pool.pool_of(model))
         return x, log_det if inter is None else inter.add_log_det(log_det)
 
 

@@ -1,17 +1,18 @@
-"""What the kept workspace saves: calls without a gradient timed with it and without, paired.
+"""What the buffer pool saves: the GEMM stack's calls timed with it and without, paired.
 
-docs/design.md §3.2, ``fastnvp.engine.cpu.workspace``. For each shape (D, H, B, L) one
-``FastRealNVP.standard(D, L, H)`` runs each workload in rounds, alternating between the kept
-workspace (the walk's buffers reused from call to call) and buffers allocated for every call
-and freed after it (``WORKSPACE_MAX_BYTES = 0``, as before the workspace existed). The first of
-the two alternates every round. The speed-up is ``t_fresh / t_kept`` within a round, reported
-as the median and quartiles over rounds, next to the minor page faults per call of each
-setting (``getrusage``, the whole process). Workloads: ``log_prob(x)`` and ``sample(B)``
-without a gradient, in the steady state (pack built, past its second call).
+docs/design.md §3.2, ``fastnvp.engine.cpu.buffer_pool``. For each shape (D, H, B, L) one
+``FastRealNVP.standard(D, L, H)`` runs each workload in rounds, alternating between the flow's
+pool (the walks' buffers reused from call to call) and buffers allocated for every call and
+freed after it (``POOL_MAX_BYTES = 0``, as before the pool existed). The first of the two
+alternates every round. The speed-up is ``t_fresh / t_pooled`` within a round, reported as the
+median and quartiles over rounds, next to the minor page faults per call of each setting
+(``getrusage``, the whole process). Workloads: ``train`` (the step's forward and backward:
+``log_prob``, ``backward``, no optimizer), ``log_prob(x)`` and ``sample(B)`` without a
+gradient, in the steady state.
 
-    python benchmarks/workspace_ab.py [--rounds 15] [--threads 2] [--seconds 0.25] [--out DIR]
+    python benchmarks/buffer_pool_ab.py [--rounds 15] [--threads 2] [--seconds 0.25] [--out DIR]
 
-Writes ``workspace_ab.json`` and ``workspace_ab.md`` under ``--out`` (default
+Writes ``buffer_pool_ab.json`` and ``buffer_pool_ab.md`` under ``--out`` (default
 ``benchmarks/results/<machine>/``).
 """
 
@@ -31,7 +32,7 @@ SHAPES = tuple(
     for hidden in (64, 256)
     for batch in (256, 4096, 16384)
 )
-WORKLOADS = ("log_prob", "sample")
+WORKLOADS = ("train", "log_prob", "sample")
 
 
 def _faults() -> int:
@@ -39,6 +40,13 @@ def _faults() -> int:
 
 
 def _workload(flow, name: str, x: torch.Tensor):
+    if name == "train":
+
+        def step():
+            flow.zero_grad(set_to_none=True)
+            (-flow.log_prob(x).mean()).backward()
+
+        return step
     if name == "log_prob":
 
         def run():
@@ -57,17 +65,18 @@ def _workload(flow, name: str, x: torch.Tensor):
 def _measure(flow, run, rounds: int, seconds: float) -> dict:
     from fastnvp.bench.harness import time_call
     from fastnvp.bench.paired import paired_rounds
-    from fastnvp.engine.cpu import workspace
+    from fastnvp.engine.cpu import buffer_pool
 
-    cap = workspace.WORKSPACE_MAX_BYTES
+    cap = buffer_pool.POOL_MAX_BYTES
     faults = {True: [], False: []}
 
-    def timed(kept: bool, calls: int) -> float:
-        workspace.WORKSPACE_MAX_BYTES = cap if kept else 0
-        run()  # the first call under this setting fills (or drops) the workspace
+    def timed(pooled: bool, calls: int) -> float:
+        buffer_pool.POOL_MAX_BYTES = cap if pooled else 0
+        buffer_pool.pool_of(flow).clear()
+        run()  # the first call under this setting fills the pool
         before = _faults()
         ms = time_call(run, "cpu", calls) * 1e3
-        faults[kept].append((_faults() - before) / calls)
+        faults[pooled].append((_faults() - before) / calls)
         return ms
 
     try:
@@ -75,12 +84,12 @@ def _measure(flow, run, rounds: int, seconds: float) -> dict:
             run()
         result = paired_rounds(timed, rounds, seconds)
     finally:
-        workspace.WORKSPACE_MAX_BYTES = cap
+        buffer_pool.POOL_MAX_BYTES = cap
     return {
         "fresh_ms": result.pop("off_ms"),
-        "kept_ms": result.pop("on_ms"),
+        "pooled_ms": result.pop("on_ms"),
         "fresh_faults": statistics.median(faults[False]),
-        "kept_faults": statistics.median(faults[True]),
+        "pooled_faults": statistics.median(faults[True]),
         **result,
     }
 
@@ -90,13 +99,13 @@ def main(argv=None) -> None:
     from fastnvp.flows.fast_realnvp import FastRealNVP
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    args, command = parse_arguments("benchmarks/workspace_ab.py", __doc__.split("\n\n")[0], argv)
+    args, command = parse_arguments("benchmarks/buffer_pool_ab.py", __doc__.split("\n\n")[0], argv)
     torch.set_num_threads(args.threads)
     record = Record(command, args.rounds, args.threads, args.out)
     rows = []
     for dim, hidden, batch, layers in SHAPES:
         torch.manual_seed(0)
-        flow = FastRealNVP.standard(dim, layers, hidden).eval()
+        flow = FastRealNVP.standard(dim, layers, hidden)
         x = torch.randn(batch, dim)
         shape = {"dim": dim, "hidden": hidden, "batch": batch, "layers": layers}
         for workload in WORKLOADS:
@@ -104,25 +113,25 @@ def main(argv=None) -> None:
             rows.append({**shape, "workload": workload, **result})
             print(
                 f"D={dim} H={hidden} B={batch} L={layers} {workload}: "
-                f"{result['fresh_ms']:.3f} -> {result['kept_ms']:.3f} ms, "
+                f"{result['fresh_ms']:.3f} -> {result['pooled_ms']:.3f} ms, "
                 f"{result['speedup']:.3f}x [{result['q1']:.3f}, {result['q3']:.3f}]; faults "
-                f"{result['fresh_faults']:.0f} -> {result['kept_faults']:.0f} per call",
+                f"{result['fresh_faults']:.0f} -> {result['pooled_faults']:.0f} per call",
                 flush=True,
             )
     lines = [
         record.header(args.threads, torch.__version__) + " Speed-up = time with buffers "
-        "allocated per call / time with the kept workspace, paired per round: median "
+        "allocated per call / time with the flow's buffer pool, paired per round: median "
         "[quartiles]. Faults: minor page faults per call (median over rounds).",
         "",
-        "| D | H | B | L | workload | fresh (ms) | kept (ms) | speed-up | faults fresh → kept |",
+        "| D | H | B | L | workload | fresh ms | pooled ms | speed-up | faults fresh → pooled |",
         "|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
             f"| {row['dim']} | {row['hidden']} | {row['batch']} | {row['layers']} | "
-            f"{row['workload']} | {row['fresh_ms']:.3f} | {row['kept_ms']:.3f} | "
+            f"{row['workload']} | {row['fresh_ms']:.3f} | {row['pooled_ms']:.3f} | "
             f"{row['speedup']:.3f}× [{row['q1']:.3f}, {row['q3']:.3f}] | "
-            f"{row['fresh_faults']:.0f} → {row['kept_faults']:.0f} |"
+            f"{row['fresh_faults']:.0f} → {row['pooled_faults']:.0f} |"
         )
     speedups = [row["speedup"] for row in rows]
     lines += [
@@ -130,7 +139,7 @@ def main(argv=None) -> None:
         f"Speed-up over the {len(rows)} cells: {min(speedups):.3f}× to {max(speedups):.3f}×, "
         f"median {statistics.median(speedups):.3f}×.",
     ]
-    record.write("workspace_ab", rows, lines)
+    record.write("buffer_pool_ab", rows, lines)
 
 
 if __name__ == "__main__":

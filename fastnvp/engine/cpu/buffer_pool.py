@@ -1,0 +1,131 @@
+"""A flow's pool of CPU buffers, reused once nothing holds them (docs/design.md §3.2).
+
+The CPU GEMM stack's autograd walk allocates the same tensors on every training step: each
+layer's first input, activations and net output (saved for backward), the new states, and
+backward's temporaries. Freed at the end of backward and allocated again by the next step,
+they are memory that glibc may have handed back to the kernel in between (it trims the top of
+its heap once more than twice its mmap threshold is free, and maps anything from 32 MB afresh),
+and the next step takes one page fault per 4 KB it touches again. The pool keeps the buffers
+instead, as the CUDA caching allocator does on the GPU.
+
+A buffer is reused only when nothing else refers to its memory: the pool hands out tensors
+that share the buffer's storage (``detach()``: not autograd views, so an autograd node may
+return one and the caller may write it in place), and a buffer is free when its storage is
+referenced by the pool alone (the storage use count, which counts every tensor over that
+memory: those a walk holds, tensors autograd saved for backward, a ``.grad``, a NumPy array
+made from one). So a graph kept for a second backward,
+or an output the caller keeps, holds its buffers, and the pool allocates others.
+
+Per (shape, dtype, device) the buffers form a queue: ``take`` checks the one taken longest
+ago and moves it to the back, handing it out if it is free, and allocates a new one after
+``CHECKS`` held ones. In a loop of steps the first check finds the oldest buffer free, so a take
+costs one check, not a scan. The walks return new tensors, never pooled ones, so outputs a
+caller keeps do not fill the pool. The pool keeps at
+most ``max_bytes``; past that it drops free buffers of other shapes, then allocates without
+keeping.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+import torch
+from torch import Tensor
+
+#: The most bytes a flow's pool keeps. One training step at L = 8, H = 256, B = 4096 takes
+#: about 140 MB of activations; deeper or wider steps keep what fits, the rest allocated per
+#: step as before.
+POOL_MAX_BYTES = 256 * 2**20
+
+#: Buffers ``take`` checks before it allocates: the oldest are checked first, and a held one
+#: goes to the back, so a graph kept for a second backward does not starve the others.
+CHECKS = 4
+
+#: The attribute under which a flow keeps its pool (one of its per-call caches).
+ATTRIBUTE = "_cpu_buffer_pool"
+
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _bytes(buffer: Tensor) -> int:
+    return buffer.nelement() * buffer.element_size()
+
+
+class BufferPool:
+    """Buffers by (shape, dtype, device), each handed out while nothing else holds its memory
+    (module doc)."""
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self._max_bytes = max_bytes  # None: POOL_MAX_BYTES as it is at each take
+        self._queues: dict[tuple, collections.deque] = {}
+        self.nbytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def max_bytes(self) -> int:
+        return POOL_MAX_BYTES if self._max_bytes is None else self._max_bytes
+
+    def free_buffers(self) -> list[Tensor]:
+        """The pooled buffers nothing else holds now (for tests and inspection)."""
+        with self._lock:
+            return [
+                buffer
+                for queue in self._queues.values()
+                for buffer, storage in queue
+                if _use_count(storage._cdata) == 2
+            ]
+
+    def take(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialized (shape) tensor with ``like``'s dtype and device over a free pooled
+        buffer (its old values remain), else over a new one."""
+        if _use_count is None:  # a torch without the storage use count: nothing to reuse
+            return like.new_empty(shape)
+        key = (tuple(shape), like.dtype, like.device)
+        with self._lock:
+            queue = self._queues.get(key)
+            for _ in range(min(len(queue or ()), CHECKS)):
+                buffer, storage = queue[0]
+                queue.rotate(-1)  # taken or held: to the back either way
+                # Free: referenced by the pool's own tensor and its storage handle only.
+                if _use_count(storage._cdata) == 2:
+                    return buffer.detach()
+            buffer = like.new_empty(shape)
+            size = _bytes(buffer)
+            if self.nbytes + size > self.max_bytes:
+                self._drop_free(keep=key)
+            if self.nbytes + size > self.max_bytes:
+                return buffer  # not kept: the pool is full of buffers in use
+            if queue is None:
+                queue = self._queues[key] = collections.deque()
+            queue.append((buffer, buffer.untyped_storage()))
+            self.nbytes += size
+            return buffer.detach()
+
+    def _drop_free(self, keep: tuple) -> None:
+        """Drop the free buffers of every shape but ``keep``."""
+        for key, queue in list(self._queues.items()):
+            if key == keep:
+                continue
+            held = collections.deque(entry for entry in queue if _use_count(entry[1]._cdata) != 2)
+            self.nbytes -= sum(_bytes(entry[0]) for entry in queue) - sum(
+                _bytes(entry[0]) for entry in held
+            )
+            if held:
+                self._queues[key] = held
+            else:
+                del self._queues[key]
+
+    def clear(self) -> None:
+        """Forget every buffer (those in use stay valid: their holders keep them alive)."""
+        with self._lock:
+            self._queues.clear()
+            self.nbytes = 0
+
+
+def pool_of(owner) -> BufferPool:
+    """The pool ``owner`` (a flow) keeps, created on first use."""
+    pool = owner.__dict__.get(ATTRIBUTE)
+    if pool is None:
+        pool = owner.__dict__[ATTRIBUTE] = BufferPool()
+    return pool

@@ -1,0 +1,223 @@
+"""The buffer pool of the CPU GEMM stack's walks (fastnvp.engine.cpu.buffer_pool,
+docs/design.md §3.2): reuse only what nothing holds, never hand out an output."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+
+import pytest
+import torch
+
+from fastnvp import FastRealNVP, RealNVP
+from fastnvp.engine.cpu import buffer_pool
+from fastnvp.engine.cpu.buffer_pool import BufferPool
+
+F64 = torch.float64
+LIKE = torch.zeros(1)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def test_a_buffer_is_reused_once_nothing_holds_it():
+    pool = BufferPool()
+    first = pool.take((3, 4), LIKE)
+    assert not first._is_view()  # an autograd node may return it, a caller write it in place
+    address = first.data_ptr()
+    held = pool.take((3, 4), LIKE)  # first is still held
+    assert held.data_ptr() != address
+    del first
+    assert pool.take((3, 4), LIKE).data_ptr() == address
+    assert pool.take((3, 5), LIKE).data_ptr() not in (address, held.data_ptr())
+    assert pool.take((3, 4), LIKE.double()).dtype == F64
+
+
+@pytest.mark.parametrize("holder", ["view", "numpy", "saved", "grad"])
+def test_whatever_shares_the_memory_holds_the_buffer(holder):
+    pool = BufferPool()
+    buffer = pool.take((4, 5), LIKE)
+    if holder == "view":
+        keep = buffer[1:]
+    elif holder == "numpy":
+        keep = buffer.numpy()
+    elif holder == "saved":
+        x = torch.randn(4, 5, requires_grad=True)
+        keep = x * buffer.fill_(2.0)  # autograd saves buffer for the product's backward
+    else:
+        keep = torch.zeros(4, 5, requires_grad=True)
+        keep.grad = buffer
+    address = buffer.data_ptr()
+    del buffer
+    for _ in range(buffer_pool.CHECKS + 1):
+        assert pool.take((4, 5), LIKE).data_ptr() != address
+    del keep
+    assert any(pool.take((4, 5), LIKE).data_ptr() == address for _ in range(buffer_pool.CHECKS))
+
+
+def test_a_held_buffer_does_not_starve_the_free_ones():
+    pool = BufferPool()
+    held = pool.take((2,), LIKE)
+    free = pool.take((2,), LIKE)
+    address = free.data_ptr()
+    del free
+    # held is first in the queue: one check moves it back, the next finds the free one
+    assert pool.take((2,), LIKE).data_ptr() == address
+    assert held.data_ptr() != address
+
+
+def test_the_cap_drops_free_buffers_of_other_shapes_then_stops_keeping():
+    pool = BufferPool(max_bytes=64)
+    a = pool.take((8,), LIKE)  # 32 bytes, kept
+    b = pool.take((4,), LIKE)  # 16, kept
+    assert pool.nbytes == 48
+    del b
+    c = pool.take((6,), LIKE)  # 24: over 64, so the free (4,) buffer goes
+    assert pool.nbytes == 56
+    d = pool.take((6,), LIKE)  # 24 more with a and c held: allocated, not kept
+    assert pool.nbytes == 56 and not any(_same_memory(d, f) for f in pool.free_buffers())
+    assert a.shape == (8,) and c.shape == (6,)
+    pool.clear()
+    assert pool.nbytes == 0
+
+
+CASES = {
+    "checkerboard": dict(dim=6),
+    "odd-dim": dict(dim=5),
+    "context": dict(dim=4, context=3),
+    "actnorm-random": dict(dim=6, norm="actnorm", permutation="random"),
+    "batchnorm-lu": dict(dim=6, norm="batchnorm", permutation="lu"),
+    "reverse": dict(dim=6, permutation="reverse"),
+    "single-input": dict(dim=2),
+}
+
+
+def _pair(dim, context=None, **options):
+    torch.manual_seed(0)
+    ref = RealNVP.standard(dim, 4, 10, context=context, **options).double()
+    fast = FastRealNVP.standard(dim, 4, 10, context=context, **options).double()
+    x = torch.randn(33, dim, dtype=F64) * 2
+    c = None if context is None else torch.randn(33, context, dtype=F64)
+    ref.log_prob(x, c)  # ActNorm's data-dependent initialization
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast, x, c
+
+
+def _poison(flow) -> None:
+    """What a reuse of the pool's free buffers might leave in them."""
+    for buffer in buffer_pool.pool_of(flow).free_buffers():
+        buffer.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_calls_without_a_gradient_match_the_reference_and_keep_their_outputs(case):
+    """Every call reads only what it wrote (free buffers are poisoned between calls), and the
+    outputs of earlier calls stay as they were."""
+    ref, fast, x, c = _pair(**CASES[case])
+    ref.eval()
+    fast.eval()
+    z = torch.randn(33, x.shape[1], dtype=F64)
+    with torch.no_grad():
+        want_f, want_g = ref.f(x, c), ref.g(z, c)
+        want_inverse = ref.inverse(z, c)
+        kept = []
+        for _ in range(4):  # the pack's second call switches to its inference operands
+            got = (fast.f(x, c), fast.g(z, c), fast.inverse(z, c), fast.log_prob(x, c))
+            kept.append(got)
+            _poison(fast)
+        for got_f, got_g, got_inverse, got_lp in kept:
+            for a, b in zip(got_f, want_f, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+            torch.testing.assert_close(got_g, want_g, atol=1e-10, rtol=1e-10)
+            for a, b in zip(got_inverse, want_inverse, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+            torch.testing.assert_close(got_lp, ref.log_prob(x, c), atol=1e-10, rtol=1e-10)
+    assert fast.explain(x, context=c).stack == "cpu_gemm_stack"
+    assert buffer_pool.pool_of(fast).nbytes > 0
+
+
+def _gradients(flow, x, c):
+    loss = -flow.log_prob(x, c).mean()
+    return torch.autograd.grad(loss, list(flow.parameters()))
+
+
+@pytest.mark.parametrize("memory", ["standard", "invertible"])
+@pytest.mark.parametrize("case", ["checkerboard", "odd-dim", "context", "batchnorm-lu"])
+def test_training_steps_match_the_reference_from_a_poisoned_pool(case, memory):
+    ref, fast, x, c = _pair(**CASES[case])
+    fast.memory = memory
+    want = _gradients(ref, x, c)
+    for _ in range(3):
+        for a, b in zip(_gradients(fast, x, c), want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+        _poison(fast)
+
+
+def test_graphs_alive_together_keep_their_buffers():
+    """Two forwards before their backward, and a graph kept for a second backward while
+    other steps run: each graph's saved buffers stay its own."""
+    ref, fast, x, _ = _pair(dim=6)
+    y = torch.randn(20, 6, dtype=F64)
+    params = list(fast.parameters())
+    want_x = torch.autograd.grad(ref.log_prob(x).sum(), list(ref.parameters()))
+    want_y = torch.autograd.grad(ref.log_prob(y).sum(), list(ref.parameters()))
+    both = fast.log_prob(x).sum() + fast.log_prob(y).sum()
+    for got, a, b in zip(torch.autograd.grad(both, params), want_x, want_y, strict=True):
+        torch.testing.assert_close(got, a + b, atol=1e-9, rtol=1e-9)
+    kept = fast.log_prob(x).sum()
+    first = torch.autograd.grad(kept, params, retain_graph=True)
+    _poison(fast)
+    for _ in range(2):  # other steps in between, on rows of the same shape
+        torch.autograd.grad(fast.log_prob(x * 0.5).sum(), params)
+        _poison(fast)
+    second = torch.autograd.grad(kept, params)
+    for a, b, w in zip(first, second, want_x, strict=True):
+        torch.testing.assert_close(a, w, atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(b, w, atol=1e-9, rtol=1e-9)
+
+
+def test_outputs_of_the_autograd_walk_are_plain_tensors():
+    _, fast, x, _ = _pair(dim=6, permutation="reverse")  # a walk in feature order
+    z, log_det = fast.f(x)
+    assert z.requires_grad and log_det.requires_grad
+    z.mul_(2.0)  # allowed (no backward through z after it): not a view made inside the node
+    pooled = [b for queue in buffer_pool.pool_of(fast)._queues.values() for b, _ in queue]
+    assert not any(_same_memory(t, b) for t in (z, log_det) for b in pooled)
+
+
+def test_clear_caches_copies_and_pickles_drop_the_pool():
+    _, fast, x, _ = _pair(dim=6)
+    with torch.no_grad():
+        fast.log_prob(x)
+    assert buffer_pool.ATTRIBUTE in fast.__dict__
+    for other in (copy.deepcopy(fast), copy.copy(fast), pickle.loads(pickle.dumps(fast))):
+        assert buffer_pool.ATTRIBUTE not in other.__dict__
+        with torch.no_grad():
+            torch.testing.assert_close(other.log_prob(x), fast.log_prob(x))
+    fast.clear_caches()
+    assert buffer_pool.ATTRIBUTE not in fast.__dict__
+
+
+def test_concurrent_calls_on_one_flow_agree(one_thread):
+    _, fast, x, _ = _pair(dim=6)
+    with torch.no_grad():
+        want = fast.log_prob(x)
+    errors: list[BaseException] = []
+
+    def work():
+        try:
+            for _ in range(20):
+                with torch.no_grad():
+                    torch.testing.assert_close(fast.log_prob(x), want, atol=0, rtol=0)
+                torch.autograd.grad(fast.log_prob(x).sum(), list(fast.parameters()))
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
