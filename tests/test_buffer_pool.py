@@ -57,6 +57,14 @@ def test_whatever_shares_the_memory_holds_the_buffer(holder):
     assert any(pool.take((4, 5), LIKE).data_ptr() == address for _ in range(buffer_pool.CHECKS))
 
 
+def test_without_the_storage_use_count_nothing_is_reused(monkeypatch):
+    monkeypatch.setattr(buffer_pool, "_use_count", None)
+    pool = BufferPool()
+    taken = [pool.take((3,), LIKE) for _ in range(3)]
+    assert all(t.shape == (3,) for t in taken)
+    assert pool.nbytes == 0 and not pool._queues
+
+
 def test_a_held_buffer_does_not_starve_the_free_ones():
     pool = BufferPool()
     held = pool.take((2,), LIKE)
@@ -183,7 +191,7 @@ def test_outputs_of_the_autograd_walk_are_plain_tensors():
     z, log_det = fast.f(x)
     assert z.requires_grad and log_det.requires_grad
     z.mul_(2.0)  # allowed (no backward through z after it): not a view made inside the node
-    pooled = [b for queue in buffer_pool.pool_of(fast)._queues.values() for b, _ in queue]
+    pooled = [e[0] for queue in buffer_pool.pool_of(fast)._queues.values() for e in queue]
     assert not any(_same_memory(t, b) for t in (z, log_det) for b in pooled)
 
 

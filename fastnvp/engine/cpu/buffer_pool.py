@@ -1,28 +1,30 @@
 """A flow's pool of CPU buffers, reused once nothing holds them (docs/design.md §3.2).
 
-The CPU GEMM stack's autograd walk allocates the same tensors on every training step: each
+The CPU GEMM stack's walks allocate the same tensors on every call: with a gradient each
 layer's first input, activations and net output (saved for backward), the new states, and
-backward's temporaries. Freed at the end of backward and allocated again by the next step,
-they are memory that glibc may have handed back to the kernel in between (it trims the top of
-its heap once more than twice its mmap threshold is free, and maps anything from 32 MB afresh),
-and the next step takes one page fault per 4 KB it touches again. The pool keeps the buffers
-instead, as the CUDA caching allocator does on the GPU.
+backward's temporaries; without one the state, the activations and the layers' outputs.
+Freed at the end of a call and allocated again by the next, they are memory that glibc may
+have handed back to the kernel in between (it trims the top of its heap once more than twice
+its mmap threshold is free, and maps anything from 32 MB afresh), and the next call takes one
+page fault per 4 KB it touches again. The pool keeps the buffers instead, as the CUDA caching
+allocator does on the GPU.
 
 A buffer is reused only when nothing else refers to its memory: the pool hands out tensors
 that share the buffer's storage (``detach()``: not autograd views, so an autograd node may
 return one and the caller may write it in place), and a buffer is free when its storage is
 referenced by the pool alone (the storage use count, which counts every tensor over that
 memory: those a walk holds, tensors autograd saved for backward, a ``.grad``, a NumPy array
-made from one). So a graph kept for a second backward,
-or an output the caller keeps, holds its buffers, and the pool allocates others.
+made from one; compared with the count measured when the buffer was made, not a constant).
+So a graph kept for a second backward holds its buffers, and the pool allocates others. Where
+torch does not expose the count (``torch._C._storage_Use_Count``: CPU builds of some older
+releases), nothing is reused and every take allocates, as before the pool.
 
 Per (shape, dtype, device) the buffers form a queue: ``take`` checks the one taken longest
 ago and moves it to the back, handing it out if it is free, and allocates a new one after
 ``CHECKS`` held ones. In a loop of steps the first check finds the oldest buffer free, so a take
 costs one check, not a scan. The walks return new tensors, never pooled ones, so outputs a
-caller keeps do not fill the pool. The pool keeps at
-most ``max_bytes``; past that it drops free buffers of other shapes, then allocates without
-keeping.
+caller keeps do not fill the pool. The pool keeps at most ``max_bytes``; past that it drops
+free buffers of other shapes, then allocates without keeping.
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ class BufferPool:
             return [
                 buffer
                 for queue in self._queues.values()
-                for buffer, storage in queue
-                if _use_count(storage._cdata) == 2
+                for buffer, storage, alone in queue
+                if _use_count(storage._cdata) == alone
             ]
 
     def take(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -85,10 +87,9 @@ class BufferPool:
         with self._lock:
             queue = self._queues.get(key)
             for _ in range(min(len(queue or ()), CHECKS)):
-                buffer, storage = queue[0]
+                buffer, storage, alone = queue[0]
                 queue.rotate(-1)  # taken or held: to the back either way
-                # Free: referenced by the pool's own tensor and its storage handle only.
-                if _use_count(storage._cdata) == 2:
+                if _use_count(storage._cdata) == alone:  # only the pool refers to it
                     return buffer.detach()
             buffer = like.new_empty(shape)
             size = _bytes(buffer)
@@ -98,7 +99,10 @@ class BufferPool:
                 return buffer  # not kept: the pool is full of buffers in use
             if queue is None:
                 queue = self._queues[key] = collections.deque()
-            queue.append((buffer, buffer.untyped_storage()))
+            storage = buffer.untyped_storage()
+            # The count with nothing but the pool's tensor and storage handle, measured rather
+            # than assumed: the baseline that means "free".
+            queue.append((buffer, storage, _use_count(storage._cdata)))
             self.nbytes += size
             return buffer.detach()
 
@@ -107,7 +111,9 @@ class BufferPool:
         for key, queue in list(self._queues.items()):
             if key == keep:
                 continue
-            held = collections.deque(entry for entry in queue if _use_count(entry[1]._cdata) != 2)
+            held = collections.deque(
+                entry for entry in queue if _use_count(entry[1]._cdata) != entry[2]
+            )
             self.nbytes -= sum(_bytes(entry[0]) for entry in queue) - sum(
                 _bytes(entry[0]) for entry in held
             )
