@@ -152,7 +152,9 @@ def _gradients(flow, x, c):
 
 
 @pytest.mark.parametrize("memory", ["standard", "invertible"])
-@pytest.mark.parametrize("case", ["checkerboard", "odd-dim", "context", "batchnorm-lu"])
+@pytest.mark.parametrize(
+    "case", ["checkerboard", "odd-dim", "context", "batchnorm-lu", "actnorm-random"]
+)
 def test_training_steps_match_the_reference_from_a_poisoned_pool(case, memory):
     ref, fast, x, c = _pair(**CASES[case])
     fast.memory = memory

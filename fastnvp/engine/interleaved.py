@@ -260,7 +260,7 @@ class _LUWeights(torch.autograd.Function):
         )
 
 
-def forward_step(inter, i, z, view, saved, stats=None, spare=None) -> Tensor:
+def forward_step(inter, i, z, view, saved, stats=None, spare=None, pool=None) -> Tensor:
     """Step ``i``'s interleaved layers on z (N, D), no autograd: the coupling's input.
 
     ``saved``: a list that receives what backward needs (None: keep nothing); ``stats``: for a
@@ -269,37 +269,43 @@ def forward_step(inter, i, z, view, saved, stats=None, spare=None) -> Tensor:
     instead of the batch's (replaying an anchored step). ``spare``: an (N, D) buffer of a walk
     that owns both it and z (a walk without a gradient); the step then writes into z or spare
     instead of new tensors (a fresh (N, D) tensor costs up to 0.25 ms at 1 MB on the CPU),
-    and the caller keeps the one not returned as its next spare.
+    and the caller keeps the one not returned as its next spare. ``pool``: the flow's
+    :class:`~fastnvp.engine.cpu.buffer_pool.BufferPool`, for the new tensors of a walk that
+    does not own its state (a walk with a gradient), or None.
     """
     owned = spare is not None and saved is None  # z and spare are the walk's own buffers
+
+    def new(like: Tensor) -> Tensor | None:  # the out= of a new (N, D) result
+        return None if pool is None else pool.take(like.shape, like)
+
     if inter.norm == "affine":
         if saved is not None:
             saved.append(z)
-        z = torch.addcmul(view["shift"], z, view["scale"], out=z if owned else None)
+        z = torch.addcmul(view["shift"], z, view["scale"], out=z if owned else new(z))
     elif inter.norm == "batchnorm":
         if isinstance(stats, tuple):
             mean, var = stats
-            centred = z - mean
+            centred = torch.sub(z, mean, out=new(z))
         else:
             if z.shape[0] < 2:  # the message of BatchNorm.batch_statistics, before any kernel
                 inter.modules[i].batch_statistics(z)
             # Two passes, not torch.var_mean: its column reduction over a row-major (N, D)
             # was 4-5x slower on the CPU (256 x 64: 113 vs 20 us).
             mean = z.mean(0)
-            centred = z - mean
+            centred = torch.sub(z, mean, out=new(z))
             var = centred.square().mean(0)
             stats.append((mean, var))
         inv_std = (var + inter.eps[i]).rsqrt_()
         xhat = centred.mul_(inv_std)
         if saved is not None:
             saved.append((xhat, inv_std))
-        z = torch.addcmul(view["beta"], xhat, view["gamma"])
+        z = torch.addcmul(view["beta"], xhat, view["gamma"], out=new(xhat))
     if inter.mix == "permutation":
-        z = permute_columns(z, inter.index[i], inter.reversal[i], out=spare if owned else None)
+        z = permute_columns(z, inter.index[i], inter.reversal[i], out=spare if owned else new(z))
     elif inter.mix == "linear":
         if saved is not None:
             saved.append(z)
-        z = torch.mm(z, view["weight"].t(), out=spare if owned else None)
+        z = torch.mm(z, view["weight"].t(), out=spare if owned else new(z))
     return z
 
 
@@ -393,18 +399,23 @@ def inverse_step(inter, i, h, view, stats=None, saved=None, spare=None) -> Tenso
     return h
 
 
-def backward_step(inter, i, G, gl, view, saved, grads) -> Tensor:
+def backward_step(inter, i, G, gl, view, saved, grads, pool=None) -> Tensor:
     """Backprop step ``i``'s interleaved layers: G (N, D) of the coupling's input -> of the
     step's input. ``saved``: from :func:`forward_step` (forward order); ``grads``: per layer
-    ``{name: (D,) or (D, D)}`` buffers written in place, or None."""
+    ``{name: (D,) or (D, D)}`` buffers written in place, or None; ``pool``: as for
+    :func:`forward_step`, for the new G."""
     k = len(saved)
+
+    def new(like: Tensor) -> Tensor | None:  # the out= of a new (N, D) result
+        return None if pool is None else pool.take(like.shape, like)
+
     if inter.mix == "permutation":
-        G = permute_columns(G, inter.inverse_index[i], inter.reversal[i])
+        G = permute_columns(G, inter.inverse_index[i], inter.reversal[i], out=new(G))
     elif inter.mix == "linear":
         k -= 1
         if grads is not None:
             torch.mm(G.t(), saved[k], out=grads[i]["weight"])
-        G = G @ view["weight"]
+        G = torch.mm(G, view["weight"], out=new(G))
     if inter.norm == "affine":
         k -= 1
         if grads is not None:
@@ -427,7 +438,7 @@ def backward_step(inter, i, G, gl, view, saved, grads) -> Tensor:
         scale = gamma * inv_std
         coef = torch.addcmul(gl.sum(), gamma, g_gamma).mul_(inv_std)  # c n
         shift = torch.mul(g_beta, scale).mul_(-1.0 / n)
-        G = torch.addcmul(shift, G, scale).addcmul_(xhat, coef, value=-1.0 / n)
+        G = torch.addcmul(shift, G, scale, out=new(G)).addcmul_(xhat, coef, value=-1.0 / n)
     return G
 
 

@@ -784,7 +784,7 @@ class _GemmStack(torch.autograd.Function):
                 if inter is not None:
                     kept_for_backward = None if memory == "invertible" else []
                     z = interleaved.forward_step(
-                        inter, i, z, views[i], kept_for_backward, batch_stats
+                        inter, i, z, views[i], kept_for_backward, batch_stats, pool=pool
                     )
                     if kept_for_backward is not None:
                         pre_saved.append(kept_for_backward)
@@ -882,7 +882,7 @@ class _GemmStack(torch.autograd.Function):
                     if inter is not None:
                         G = interleaved.backward_step(
                             inter, i, G, gl, ctx.inter_views[i], pre_saved[i],
-                            inter_grad_views,
+                            inter_grad_views, pool,
                         )  # fmt: skip
         grad_x = layout.leave(G) if ctx.needs_input_grad[2] else None
         grad_e = GE if ctx.needs_input_grad[3] else None
@@ -943,7 +943,7 @@ def _invertible_walk(
                 packed, ctx.layout, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2, GE, pool
             )
             if inter is not None:
-                G = interleaved.backward_step(inter, i, G, gl, views[i], pre_saved, igrads)
+                G = interleaved.backward_step(inter, i, G, gl, views[i], pre_saved, igrads, pool)
     errors.reverse()
     anchor_errors.reverse()
     summary = torch.stack([*errors, *anchor_errors]).cpu()
