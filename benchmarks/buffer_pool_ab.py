@@ -1,7 +1,7 @@
 """What the buffer pool saves: the GEMM stack's calls timed with it and without, paired.
 
 docs/design.md §3.2, ``fastnvp.engine.cpu.buffer_pool``. For each shape (D, H, B, L) one
-``FastRealNVP.standard(D, L, H)`` runs each workload in rounds, alternating between the flow's
+``FastRealNVP.standard(D, L, H)`` runs each workload in rounds, alternating between the buffer
 pool (the walks' buffers reused from call to call) and buffers allocated for every call and
 freed after it (``POOL_MAX_BYTES = 0``, as before the pool existed). The first of the two
 alternates every round. The speed-up is ``t_fresh / t_pooled`` within a round, reported as the
@@ -72,7 +72,7 @@ def _measure(flow, run, rounds: int, seconds: float) -> dict:
 
     def timed(pooled: bool, calls: int) -> float:
         buffer_pool.POOL_MAX_BYTES = cap if pooled else 0
-        buffer_pool.pool_of(flow).clear()
+        buffer_pool.release()
         run()  # the first call under this setting fills the pool
         before = _faults()
         ms = time_call(run, "cpu", calls) * 1e3
@@ -120,7 +120,7 @@ def main(argv=None) -> None:
             )
     lines = [
         record.header(args.threads, torch.__version__) + " Speed-up = time with buffers "
-        "allocated per call / time with the flow's buffer pool, paired per round: median "
+        "allocated per call / time with the buffer pool, paired per round: median "
         "[quartiles]. Faults: minor page faults per call (median over rounds).",
         "",
         "| D | H | B | L | workload | fresh ms | pooled ms | speed-up | faults fresh → pooled |",

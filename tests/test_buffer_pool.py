@@ -1,5 +1,6 @@
 """The buffer pool of the CPU GEMM stack's walks (fastnvp.engine.cpu.buffer_pool,
-docs/design.md §3.2): reuse only what nothing holds, never hand out an output."""
+docs/design.md §3.2): one per process, reuse only what nothing holds, never hand out an
+output."""
 
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ def _pair(dim, context=None, **options):
 
 def _poison(flow) -> None:
     """What a reuse of the pool's free buffers might leave in them."""
-    for buffer in buffer_pool.pool_of(flow).free_buffers():
+    for buffer in buffer_pool.shared().free_buffers():
         buffer.fill_(float("nan"))
 
 
@@ -143,7 +144,7 @@ def test_calls_without_a_gradient_match_the_reference_and_keep_their_outputs(cas
                 torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
             torch.testing.assert_close(got_lp, ref.log_prob(x, c), atol=1e-10, rtol=1e-10)
     assert fast.explain(x, context=c).stack == "cpu_gemm_stack"
-    assert buffer_pool.pool_of(fast).nbytes > 0
+    assert buffer_pool.shared().nbytes > 0
 
 
 def _gradients(flow, x, c):
@@ -193,21 +194,19 @@ def test_outputs_of_the_autograd_walk_are_plain_tensors():
     z, log_det = fast.f(x)
     assert z.requires_grad and log_det.requires_grad
     z.mul_(2.0)  # allowed (no backward through z after it): not a view made inside the node
-    pooled = [e[0] for queue in buffer_pool.pool_of(fast)._queues.values() for e in queue]
+    pooled = [e[0] for queue in buffer_pool.shared()._queues.values() for e in queue]
     assert not any(_same_memory(t, b) for t in (z, log_det) for b in pooled)
 
 
-def test_clear_caches_copies_and_pickles_drop_the_pool():
+def test_copies_share_the_pool_and_release_empties_it():
     _, fast, x, _ = _pair(dim=6)
     with torch.no_grad():
         fast.log_prob(x)
-    assert buffer_pool.ATTRIBUTE in fast.__dict__
-    for other in (copy.deepcopy(fast), copy.copy(fast), pickle.loads(pickle.dumps(fast))):
-        assert buffer_pool.ATTRIBUTE not in other.__dict__
-        with torch.no_grad():
+        for other in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
             torch.testing.assert_close(other.log_prob(x), fast.log_prob(x))
-    fast.clear_caches()
-    assert buffer_pool.ATTRIBUTE not in fast.__dict__
+    assert buffer_pool.shared().nbytes > 0
+    fast.release_buffers()
+    assert buffer_pool.shared().nbytes == 0
 
 
 def test_concurrent_calls_on_one_flow_agree(one_thread):
@@ -231,3 +230,26 @@ def test_concurrent_calls_on_one_flow_agree(one_thread):
     for thread in threads:
         thread.join()
     assert not errors, errors[0]
+
+
+def test_gradients_a_caller_keeps_survive_later_steps():
+    """Parameter gradients come from the pool: a kept ``.grad`` holds its buffer, and
+    gradients accumulated over steps (``zero_grad(set_to_none=False)``) add up."""
+    ref, fast, x, _ = _pair(dim=6)
+    (-fast.log_prob(x).mean()).backward()
+    kept = [p.grad for p in fast.parameters()]
+    want = [g.clone() for g in kept]
+    fast.zero_grad(set_to_none=True)
+    for _ in range(2):
+        (-fast.log_prob(x * 0.5).mean()).backward()
+        fast.zero_grad(set_to_none=True)
+        _poison(fast)
+    for got, expected in zip(kept, want, strict=True):
+        assert torch.equal(got, expected)
+    for _ in range(2):
+        (-fast.log_prob(x).mean()).backward()
+        _poison(fast)
+    (-ref.log_prob(x).mean()).backward()
+    mine = dict(fast.named_parameters())
+    for name, expected in ref.named_parameters():
+        torch.testing.assert_close(mine[name].grad, 2 * expected.grad, atol=1e-9, rtol=1e-9)

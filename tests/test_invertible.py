@@ -112,12 +112,15 @@ def test_no_grad_runs_the_plain_stack():
 
 def _step_activation_bytes(model, x, monkeypatch):
     """Peak bytes allocated during a step (profiler allocator records) minus the gradients,
-    without the flow's buffer pool (a warm pool serves a step from buffers allocated before
-    it), and the bytes the pool keeps after a step with it."""
+    without the buffer pool (a warm pool serves a step from buffers allocated before it), and
+    the bytes of per-row buffers (activations, states) the pool keeps after a step with it
+    (its other buffers hold parameter gradients)."""
+    model.release_buffers()
     training_step(model, x)
-    kept = buffer_pool.pool_of(model).nbytes
+    pooled = (entry[0] for queue in buffer_pool.shared()._queues.values() for entry in queue)
+    kept = sum(tensor_bytes([t]) for t in pooled if x.shape[0] in t.shape)
     model.zero_grad(set_to_none=True)
-    model.clear_caches()
+    model.release_buffers()
     with monkeypatch.context() as patch:
         patch.setattr(buffer_pool, "POOL_MAX_BYTES", 0)
         training_step(model, x)  # warm-up: later steps allocate the same way

@@ -269,7 +269,7 @@ def forward_step(inter, i, z, view, saved, stats=None, spare=None, pool=None) ->
     instead of the batch's (replaying an anchored step). ``spare``: an (N, D) buffer of a walk
     that owns both it and z (a walk without a gradient); the step then writes into z or spare
     instead of new tensors (a fresh (N, D) tensor costs up to 0.25 ms at 1 MB on the CPU),
-    and the caller keeps the one not returned as its next spare. ``pool``: the flow's
+    and the caller keeps the one not returned as its next spare. ``pool``: the shared
     :class:`~fastnvp.engine.cpu.buffer_pool.BufferPool`, for the new tensors of a walk that
     does not own its state (a walk with a gradient), or None.
     """

@@ -49,7 +49,6 @@ _CALL_CACHES = (
     "_stack_split_cache",
     "_interleave_cache",
     "_pieces_rent",
-    buffer_pool.ATTRIBUTE,
 )
 
 
@@ -211,16 +210,18 @@ class FastRealNVP(FlowBase):
         if gemm_stack.bank_of(self, params) is None:
             self._param_bank = param_bank.build(params)
 
-    def release_buffers(self) -> None:
-        """Free the buffers the CPU walks keep between calls (the buffer pool,
-        ``fastnvp.engine.cpu.buffer_pool``: activations, states and temporaries reused from one
-        call to the next, at most ``POOL_MAX_BYTES``); the next call allocates them again.
-        Memory measurements call this first, so that a step's own footprint is counted."""
-        self.__dict__.pop(buffer_pool.ATTRIBUTE, None)
+    @staticmethod
+    def release_buffers() -> None:
+        """Free the buffers the CPU walks keep between calls: the process's buffer pool
+        (``fastnvp.engine.cpu.buffer_pool``, shared by every flow: activations, states and
+        temporaries reused from one call to the next, at most ``POOL_MAX_BYTES``); the next
+        calls allocate them again. Memory measurements call this first, so that a step's own
+        footprint is counted."""
+        buffer_pool.release()
 
     def clear_caches(self) -> None:
-        """Drop the work kept between calls (packed weights, knot tables, stacked interleaved
-        layers, the buffer pool of :meth:`release_buffers`); the next call rebuilds it.
+        """Drop the work kept between calls without a gradient (packed weights, knot tables,
+        stacked interleaved layers); the next call rebuilds it.
 
         Every cache already notices optimizer steps (fused ones included), ``load_state_dict``
         and ``.to()`` (``fastnvp.engine.cache_keys``). Call this after writing parameters

@@ -45,7 +45,7 @@ The same GEMMs run without autograd (:func:`forward_no_grad`, :func:`inverse_no_
 (2, N, H) activations in two reused workspaces and the state updated in place.
 
 Every walk takes its buffers (states, activations, net outputs, backward's temporaries) from
-the flow's :class:`~fastnvp.engine.cpu.buffer_pool.BufferPool`, which reuses a buffer once
+the process's :class:`~fastnvp.engine.cpu.buffer_pool.BufferPool`, which reuses a buffer once
 nothing holds it, so the steps of a loop touch memory that is already mapped instead of pages
 the C library handed back to the kernel; outputs are always new tensors.
 
@@ -537,8 +537,8 @@ def forward_no_grad(
     """``f`` without autograd.  x (N, D), e (N, E) or None -> (z (N, D), log_det (N,)).
 
     ``inter``: the call's :class:`~fastnvp.engine.interleaved.Interleave` or None; its
-    parameter-only log-det is the caller's to add. ``pool``: the flow's buffer pool
-    (:func:`buffer_pool.pool_of`), else buffers for this call only.
+    parameter-only log-det is the caller's to add. ``pool``: the shared buffer pool
+    (:func:`buffer_pool.shared`), else buffers for this call only.
     """
     layout = packed.walk_layout(inter)
     walk = _NoGradWalk(packed, layout, x, e, inter, pool or BufferPool(max_bytes=0))
@@ -603,25 +603,27 @@ def inverse_no_grad(
 
 
 class _Grads:
-    """Per-call gradient buffers of all layers' packed parameters, filled in place."""
+    """Per-call gradient buffers of all layers' packed parameters, filled in place, from the
+    shared buffer pool: the parameters' ``.grad`` hold them until ``zero_grad`` lets go."""
 
-    def __init__(self, packed: Packed, like: Tensor):
+    def __init__(self, packed: Packed, like: Tensor, pool: BufferPool):
         num_layers, hidden = packed.num_layers, packed.hidden
+        self.pool = pool
         w1 = packed.w1
-        self.w1 = like.new_empty((*w1.shape[:-1], w1.shape[-1] + packed.bias_column))
+        self.w1 = pool.take((*w1.shape[:-1], w1.shape[-1] + packed.bias_column), like)
         if packed.bias_column:  # b1's gradient is W1's last column: one GEMM gives both
             self.b1 = self.w1[..., -1:].transpose(2, 3)
         else:
-            self.b1 = torch.empty_like(packed.b1)
+            self.b1 = pool.take(packed.b1.shape, like)
         # One (2, H, H) buffer per layer, not one (L, 2, H, H): glibc maps every allocation
         # above 32 MB afresh (page faults on each call), and the H x H gradients of a deep or
         # wide stack pass that (L = 100, H = 256: 52 MB; L = 8, H = 1024: 64 MB) while a
         # layer's stays below it. A training step at D = 4, H = 1024, L = 8, B = 1 ran at
         # 0.64x the reference with the one buffer, 1.02x with all memory from the heap.
-        self.w2 = [like.new_empty((2, hidden, hidden)) for _ in range(num_layers)]
-        self.b2 = torch.empty_like(packed.b2)
-        self.w3 = torch.empty_like(packed.w3)
-        self.b3 = torch.empty_like(packed.b3)
+        self.w2 = [pool.take((2, hidden, hidden), like) for _ in range(num_layers)]
+        self.b2 = pool.take(packed.b2.shape, like)
+        self.w3 = pool.take(packed.w3.shape, like)
+        self.b3 = pool.take(packed.b3.shape, like)
         self.layers = list(
             zip(
                 self.w1.unbind(0),
@@ -647,12 +649,16 @@ class _Grads:
             self.w3.masked_fill_(padding.trans_mask[:, None, :, None], 0.0)
             self.b3.masked_fill_(padding.trans_mask[:, None, None, :], 0.0)
             scatter = Tensor.scatter_add_
-        w1 = self.w1.new_zeros((num_layers, 2, hidden, packed.in_features))
+
+        def zeros(shape: tuple[int, ...]) -> Tensor:
+            return self.pool.take(shape, self.w1).zero_()
+
+        w1 = zeros((num_layers, 2, hidden, packed.in_features))
         index = packed.inputs[:, None, None, :].expand(num_layers, 2, hidden, k_in)
         scatter(w1, 3, index, self.w1[..., :k_in])
-        w3 = self.w3.new_zeros((num_layers, 2, dim, hidden))
+        w3 = zeros((num_layers, 2, dim, hidden))
         scatter(w3, 2, trans[:, None, :, None].expand(num_layers, 2, k2, hidden), self.w3)
-        b3 = self.b3.new_zeros((num_layers, 2, dim))
+        b3 = zeros((num_layers, 2, dim))
         scatter(b3, 2, trans[:, None, :].expand(num_layers, 2, k2), self.b3[:, :, 0])
         # (L, 2, ...) -> 2 L views each, in (layer, net) order, then interleaved by kind.
         b1 = self.b1[:, :, 0].contiguous()  # a strided column of W1's with the bias column
@@ -764,7 +770,7 @@ class _GemmStack(torch.autograd.Function):
         kept_i, trans_i = layout.kept, layout.trans
         num_layers = packed.num_layers
         z = layout.enter(x, copy=False)  # the autograd walk builds new states, never writes z
-        pool = buffer_pool.pool_of(model)
+        pool = buffer_pool.shared()
         rows, width = x.shape[0], layout.trans[0].index.shape[0]
         log_det = _LogDet(pool.take((rows, width), x))
         tail = _input_tail(packed, x, e)
@@ -850,14 +856,15 @@ class _GemmStack(torch.autograd.Function):
         batch_stats = [tuple(stats_flat[k : k + 2]) for k in range(0, len(stats_flat), 2)]
         n = z.shape[0]
         layout: StackLayout = ctx.layout
-        pool = buffer_pool.pool_of(ctx.model)
+        pool = buffer_pool.shared()
         # G becomes grad_x: a pooled buffer only where leaving the walk's layout copies it.
         G = pool.take(z.shape, z) if layout.restore is not None else torch.empty_like(z)
         G = G.zero_() if grad_z is None else layout.enter(grad_z.contiguous(), out=G)
         gl = z.new_zeros(n) if grad_log_det is None else grad_log_det
         num_params = len(ctx.params)
         wants_params = any(ctx.needs_input_grad[4:])
-        grads = _Grads(packed, z) if any(ctx.needs_input_grad[4 : 4 + num_params]) else None
+        wants_grads = any(ctx.needs_input_grad[4 : 4 + num_params])
+        grads = _Grads(packed, z, pool) if wants_grads else None
         inter_grads, inter_grad_views = [], None
         if inter is not None and wants_params:
             width = z.shape[1] if layout.padded else None  # the padding column's too
@@ -906,7 +913,7 @@ def _invertible_walk(
     kept, trans = ctx.layout.kept, ctx.layout.trans
     inter, views = ctx.inter, ctx.inter_views
     stored = dict(zip(ctx.anchor_layers, anchors))
-    pool = buffer_pool.pool_of(ctx.model)
+    pool = buffer_pool.shared()
     ws1, ws2 = _workspaces(z, packed, pool=pool)
     tail = _input_tail(packed, z, e)
     h = z.clone()
@@ -988,7 +995,7 @@ def run_forward(
     if not grad:
         with torch.no_grad():
             packed = cached_pack(model, kept, trans, slope)
-            z, log_det = forward_no_grad(packed, x, e, inter, buffer_pool.pool_of(model))
+            z, log_det = forward_no_grad(packed, x, e, inter, buffer_pool.shared())
     else:
         params = layer_parameters(model)
         extra = inter.tensors if inter is not None else []
@@ -1004,7 +1011,7 @@ def run_inverse(
     with torch.no_grad():
         inter = interleaved.prepare(model, "g", batch_stats=False)
         packed = cached_pack(model, kept, trans, slope)
-        x, log_det = inverse_no_grad(packed, z, e, inter, buffer_pool.pool_of(model))
+        x, log_det = inverse_no_grad(packed, z, e, inter, buffer_pool.shared())
         return x, log_det if inter is None else inter.add_log_det(log_det)
 
 
