@@ -19,6 +19,22 @@ F64 = torch.float64
 LIKE = torch.zeros(1)
 
 
+@pytest.fixture(autouse=True)
+def _pool_small_buffers(monkeypatch):
+    """These tests run at small shapes: the pool keeps their buffers too."""
+    monkeypatch.setattr(buffer_pool, "MIN_BYTES", 0)
+    buffer_pool.release()
+
+
+def test_small_buffers_are_left_to_the_allocator(monkeypatch):
+    monkeypatch.setattr(buffer_pool, "MIN_BYTES", 64)
+    pool = BufferPool()
+    pool.take((15,), LIKE)  # 60 bytes: not kept
+    assert pool.nbytes == 0
+    pool.take((16,), LIKE)
+    assert pool.nbytes == 64
+
+
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 

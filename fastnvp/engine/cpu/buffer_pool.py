@@ -24,7 +24,8 @@ So a graph kept for a second backward holds its buffers, and the pool allocates 
 torch does not expose the count (``torch._C._storage_Use_Count``: CPU builds of some older
 releases), nothing is reused and every take allocates, as before the pool.
 
-Per (shape, dtype, device) the buffers form a queue: ``take`` checks the one taken longest
+Buffers under ``MIN_BYTES`` are allocated as before. Per (shape, dtype, device) the buffers
+form a queue: ``take`` checks the one taken longest
 ago and moves it to the back, handing it out if it is free, and allocates a new one after
 ``CHECKS`` held ones. In a loop of steps the first check finds the oldest buffer free, so a take
 costs one check, not a scan. The walks return new tensors, never pooled ones, so outputs a
@@ -44,6 +45,10 @@ from torch import Tensor
 #: about 140 MB of activations; deeper or wider steps keep what fits, the rest allocated per
 #: step as before.
 POOL_MAX_BYTES = 256 * 2**20
+
+#: The smallest buffer the pool keeps: glibc's default mmap threshold (128 KB). Below it an
+#: allocation comes from the heap's free lists, which hand back memory that is already mapped.
+MIN_BYTES = 128 * 1024
 
 #: Buffers ``take`` checks before it allocates: the oldest are checked first, and a held one
 #: goes to the back, so a graph kept for a second backward does not starve the others.
@@ -83,7 +88,12 @@ class BufferPool:
     def take(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """An uninitialized (shape) tensor with ``like``'s dtype and device over a free pooled
         buffer (its old values remain), else over a new one."""
-        if _use_count is None:  # a torch without the storage use count: nothing to reuse
+        numel = 1
+        for size in shape:
+            numel *= size
+        # Small buffers come from the C library's free lists, not from fresh pages: the pool
+        # would only add its bookkeeping (~2 us a take, 80 takes a step at B = 256).
+        if _use_count is None or numel * like.element_size() < MIN_BYTES:
             return like.new_empty(shape)
         key = (tuple(shape), like.dtype, like.device)
         with self._lock:
