@@ -86,6 +86,27 @@ def test_bank_changes_no_result_or_gradient(context, one_thread):
         torch.testing.assert_close(fast.g(z, **given), x)
 
 
+@pytest.mark.parametrize("context, dim", [(None, 6), (3, 6), (None, 5)])
+def test_training_pack_is_kept_and_refilled_after_every_step(context, dim, one_thread):
+    """A call with a gradient reuses the previous call's pack of views on the bank and only
+    refills its gathered copies: gradients still follow every update of the weights."""
+    torch.manual_seed(5)
+    ref = RealNVP.standard(dim, 4, 8, context=context).double()
+    fast = FastRealNVP.from_reference(ref)
+    x, given = _inputs(fast)
+    packs = []
+    for _ in range(3):
+        want, got = _grads(ref, x, given), _grads(fast, x, given)
+        for name, g in want.items():
+            torch.testing.assert_close(got[name], g, atol=1e-12, rtol=1e-12, msg=name)
+        packs.append(fast._gemm_grad_pack[-1])
+        with torch.no_grad():
+            for model in (ref, fast):
+                for p in model.parameters():
+                    p.sub_(0.05 * p.grad)
+    assert packs[0] is packs[1] is packs[2]
+
+
 def test_optimizer_steps_update_the_bank_in_place(one_thread):
     """Adam writes each parameter in place, i.e. into the bank: the bank keeps holding them,
     and the next call (cached no-grad pack included) computes with the new values."""

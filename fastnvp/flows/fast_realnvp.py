@@ -44,6 +44,7 @@ from fastnvp.ops.backend import use_triton
 #: Attributes that cache per-call work (weight packs, split views); dropped from copies.
 _CALL_CACHES = (
     "_gemm_pack",
+    "_gemm_grad_pack",
     "_gemm_layouts",
     "_fused_stack_cache",
     "_stack_split_cache",
