@@ -36,6 +36,7 @@ free buffers of other shapes, then allocates without keeping.
 from __future__ import annotations
 
 import collections
+import math
 import threading
 
 import torch
@@ -88,12 +89,9 @@ class BufferPool:
     def take(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """An uninitialized (shape) tensor with ``like``'s dtype and device over a free pooled
         buffer (its old values remain), else over a new one."""
-        numel = 1
-        for size in shape:
-            numel *= size
         # Small buffers come from the C library's free lists, not from fresh pages: the pool
         # would only add its bookkeeping (~2 us a take, 80 takes a step at B = 256).
-        if _use_count is None or numel * like.element_size() < MIN_BYTES:
+        if _use_count is None or math.prod(shape) * like.element_size() < MIN_BYTES:
             return like.new_empty(shape)
         key = (tuple(shape), like.dtype, like.device)
         with self._lock:
