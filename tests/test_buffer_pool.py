@@ -93,17 +93,24 @@ def test_a_held_buffer_does_not_starve_the_free_ones():
     assert held.data_ptr() != address
 
 
-def test_the_cap_drops_free_buffers_of_other_shapes_then_stops_keeping():
+def test_a_buffer_above_a_quarter_of_the_cap_is_not_kept():
     pool = BufferPool(max_bytes=64)
-    a = pool.take((8,), LIKE)  # 32 bytes, kept
-    b = pool.take((4,), LIKE)  # 16, kept
-    assert pool.nbytes == 48
-    del b
-    c = pool.take((6,), LIKE)  # 24: over 64, so the free (4,) buffer goes
-    assert pool.nbytes == 56
-    d = pool.take((6,), LIKE)  # 24 more with a and c held: allocated, not kept
-    assert pool.nbytes == 56 and not any(_same_memory(d, f) for f in pool.free_buffers())
-    assert a.shape == (8,) and c.shape == (6,)
+    pool.take((5,), LIKE)  # 20 bytes > 64 / 4
+    assert pool.nbytes == 0
+    pool.take((4,), LIKE)
+    assert pool.nbytes == 16
+
+
+def test_the_cap_drops_free_buffers_of_other_shapes_then_stops_keeping():
+    pool = BufferPool(max_bytes=200)  # and no single buffer above 50 bytes
+    held = [pool.take((n,), LIKE) for n in (12, 11, 10, 9)]  # 48 + 44 + 40 + 36 bytes
+    assert pool.nbytes == 168
+    del held[1]  # the (11,) buffer is free now
+    c = pool.take((12,), LIKE)  # (12,) is held: 48 more passes 200, so the free (11,) goes
+    assert pool.nbytes == 172
+    d = pool.take((12,), LIKE)  # nothing free to drop: allocated, not kept
+    assert pool.nbytes == 172 and not any(_same_memory(d, f) for f in pool.free_buffers())
+    assert c.shape == (12,) and len(held) == 3
     pool.clear()
     assert pool.nbytes == 0
 

@@ -30,7 +30,10 @@ ago and moves it to the back, handing it out if it is free, and allocates a new 
 ``CHECKS`` held ones. In a loop of steps the first check finds the oldest buffer free, so a take
 costs one check, not a scan. The walks return new tensors, never pooled ones, so outputs a
 caller keeps do not fill the pool. The pool keeps at most ``max_bytes``; past that it drops
-free buffers of other shapes, then allocates without keeping.
+free buffers of other shapes, then allocates without keeping, and it never keeps a single
+buffer of more than a quarter of that (64 MB): a one-off call on a huge batch (``sample`` of
+100k rows at H = 256 needs 205 MB per activation buffer) would otherwise leave its memory held
+after it, where the heap would have handed it back.
 """
 
 from __future__ import annotations
@@ -103,6 +106,8 @@ class BufferPool:
                     return buffer.detach()
             buffer = like.new_empty(shape)
             size = _bytes(buffer)
+            if size > self.max_bytes // 4:  # a one-off huge batch: not worth its memory later
+                return buffer
             if self.nbytes + size > self.max_bytes:
                 self._drop_free(keep=key)
             if self.nbytes + size > self.max_bytes:
