@@ -79,7 +79,7 @@ def test_without_the_storage_use_count_nothing_is_reused(monkeypatch):
     pool = BufferPool()
     taken = [pool.take((3,), LIKE) for _ in range(3)]
     assert all(t.shape == (3,) for t in taken)
-    assert pool.nbytes == 0 and not pool._queues
+    assert pool.nbytes == 0 and not pool.buffers()
 
 
 def test_a_held_buffer_does_not_starve_the_free_ones():
@@ -109,7 +109,7 @@ def test_the_cap_drops_free_buffers_of_other_shapes_then_stops_keeping():
     c = pool.take((12,), LIKE)  # (12,) is held: 48 more passes 200, so the free (11,) goes
     assert pool.nbytes == 172
     d = pool.take((12,), LIKE)  # nothing free to drop: allocated, not kept
-    assert pool.nbytes == 172 and not any(_same_memory(d, f) for f in pool.free_buffers())
+    assert pool.nbytes == 172 and not any(_same_memory(d, f) for f in pool.buffers(free_only=True))
     assert c.shape == (12,) and len(held) == 3
     pool.clear()
     assert pool.nbytes == 0
@@ -139,7 +139,7 @@ def _pair(dim, context=None, **options):
 
 def _poison(flow) -> None:
     """What a reuse of the pool's free buffers might leave in them."""
-    for buffer in buffer_pool.shared().free_buffers():
+    for buffer in buffer_pool.shared().buffers(free_only=True):
         buffer.fill_(float("nan"))
 
 
@@ -217,7 +217,7 @@ def test_outputs_of_the_autograd_walk_are_plain_tensors():
     z, log_det = fast.f(x)
     assert z.requires_grad and log_det.requires_grad
     z.mul_(2.0)  # allowed (no backward through z after it): not a view made inside the node
-    pooled = [e[0] for queue in buffer_pool.shared()._queues.values() for e in queue]
+    pooled = buffer_pool.shared().buffers()
     assert not any(_same_memory(t, b) for t in (z, log_det) for b in pooled)
 
 

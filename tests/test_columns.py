@@ -14,6 +14,7 @@ import torch
 from fastnvp.core.conditioner import standard_net
 from fastnvp.core.masks import alternating_masks
 from fastnvp.core.reference import RealNVP
+from fastnvp.engine.cpu.buffer_pool import BufferPool
 from fastnvp.engine.cpu.columns import Columns, split_columns, stack_layout
 from fastnvp.flows.fast_realnvp import FastRealNVP
 
@@ -290,8 +291,9 @@ def test_inference_operands_match_the_plain_ones(dim, context, one_thread):
         assert inference.inference and not plain.inference
         assert inference.bias_column == (dim > 2 or context is not None)
         for run in (gemm_stack.forward_no_grad, gemm_stack.inverse_no_grad):
-            want = run(plain, x, e)
-            got = run(inference, x, e)
+            unkept = BufferPool(max_bytes=0)  # buffers of this call only
+            want = run(plain, x, e, None, unkept)
+            got = run(inference, x, e, None, unkept)
             for a, b in zip(got, want, strict=True):
                 assert torch.isfinite(a).all()
                 torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)

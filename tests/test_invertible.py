@@ -119,7 +119,7 @@ def _step_activation_bytes(model, x, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(buffer_pool, "MIN_BYTES", 0)  # this test's buffers are small
         training_step(model, x)
-    pooled = (entry[0] for queue in buffer_pool.shared()._queues.values() for entry in queue)
+    pooled = buffer_pool.shared().buffers()
     kept = sum(tensor_bytes([t]) for t in pooled if x.shape[0] in t.shape)
     model.zero_grad(set_to_none=True)
     model.release_buffers()

@@ -260,6 +260,12 @@ class _LUWeights(torch.autograd.Function):
         )
 
 
+def _new(pool, like: Tensor) -> Tensor | None:
+    """The ``out=`` of a new tensor shaped like ``like``: from ``pool`` when given (a
+    :class:`~fastnvp.engine.cpu.buffer_pool.BufferPool`), else None (the op allocates)."""
+    return None if pool is None else pool.take(like.shape, like)
+
+
 def forward_step(inter, i, z, view, saved, stats=None, spare=None, pool=None) -> Tensor:
     """Step ``i``'s interleaved layers on z (N, D), no autograd: the coupling's input.
 
@@ -275,37 +281,35 @@ def forward_step(inter, i, z, view, saved, stats=None, spare=None, pool=None) ->
     """
     owned = spare is not None and saved is None  # z and spare are the walk's own buffers
 
-    def new(like: Tensor) -> Tensor | None:  # the out= of a new (N, D) result
-        return None if pool is None else pool.take(like.shape, like)
-
     if inter.norm == "affine":
         if saved is not None:
             saved.append(z)
-        z = torch.addcmul(view["shift"], z, view["scale"], out=z if owned else new(z))
+        z = torch.addcmul(view["shift"], z, view["scale"], out=z if owned else _new(pool, z))
     elif inter.norm == "batchnorm":
         if isinstance(stats, tuple):
             mean, var = stats
-            centred = torch.sub(z, mean, out=new(z))
+            centred = torch.sub(z, mean, out=_new(pool, z))
         else:
             if z.shape[0] < 2:  # the message of BatchNorm.batch_statistics, before any kernel
                 inter.modules[i].batch_statistics(z)
             # Two passes, not torch.var_mean: its column reduction over a row-major (N, D)
             # was 4-5x slower on the CPU (256 x 64: 113 vs 20 us).
             mean = z.mean(0)
-            centred = torch.sub(z, mean, out=new(z))
+            centred = torch.sub(z, mean, out=_new(pool, z))
             var = centred.square().mean(0)
             stats.append((mean, var))
         inv_std = (var + inter.eps[i]).rsqrt_()
         xhat = centred.mul_(inv_std)
         if saved is not None:
             saved.append((xhat, inv_std))
-        z = torch.addcmul(view["beta"], xhat, view["gamma"], out=new(xhat))
+        z = torch.addcmul(view["beta"], xhat, view["gamma"], out=_new(pool, xhat))
     if inter.mix == "permutation":
-        z = permute_columns(z, inter.index[i], inter.reversal[i], out=spare if owned else new(z))
+        out = spare if owned else _new(pool, z)
+        z = permute_columns(z, inter.index[i], inter.reversal[i], out=out)
     elif inter.mix == "linear":
         if saved is not None:
             saved.append(z)
-        z = torch.mm(z, view["weight"].t(), out=spare if owned else new(z))
+        z = torch.mm(z, view["weight"].t(), out=spare if owned else _new(pool, z))
     return z
 
 
@@ -406,16 +410,13 @@ def backward_step(inter, i, G, gl, view, saved, grads, pool=None) -> Tensor:
     :func:`forward_step`, for the new G."""
     k = len(saved)
 
-    def new(like: Tensor) -> Tensor | None:  # the out= of a new (N, D) result
-        return None if pool is None else pool.take(like.shape, like)
-
     if inter.mix == "permutation":
-        G = permute_columns(G, inter.inverse_index[i], inter.reversal[i], out=new(G))
+        G = permute_columns(G, inter.inverse_index[i], inter.reversal[i], out=_new(pool, G))
     elif inter.mix == "linear":
         k -= 1
         if grads is not None:
             torch.mm(G.t(), saved[k], out=grads[i]["weight"])
-        G = torch.mm(G, view["weight"], out=new(G))
+        G = torch.mm(G, view["weight"], out=_new(pool, G))
     if inter.norm == "affine":
         k -= 1
         if grads is not None:
@@ -438,7 +439,7 @@ def backward_step(inter, i, G, gl, view, saved, grads, pool=None) -> Tensor:
         scale = gamma * inv_std
         coef = torch.addcmul(gl.sum(), gamma, g_gamma).mul_(inv_std)  # c n
         shift = torch.mul(g_beta, scale).mul_(-1.0 / n)
-        G = torch.addcmul(shift, G, scale, out=new(G)).addcmul_(xhat, coef, value=-1.0 / n)
+        G = torch.addcmul(shift, G, scale, out=_new(pool, G)).addcmul_(xhat, coef, value=-1.0 / n)
     return G
 
 

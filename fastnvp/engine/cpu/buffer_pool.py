@@ -79,14 +79,15 @@ class BufferPool:
     def max_bytes(self) -> int:
         return POOL_MAX_BYTES if self._max_bytes is None else self._max_bytes
 
-    def free_buffers(self) -> list[Tensor]:
-        """The pooled buffers nothing else holds now (for tests and inspection)."""
+    def buffers(self, free_only: bool = False) -> list[Tensor]:
+        """The pooled buffers (for tests and inspection), or only those nothing else holds
+        now."""
         with self._lock:
             return [
                 buffer
                 for queue in self._queues.values()
                 for buffer, storage, alone in queue
-                if _use_count(storage._cdata) == alone
+                if not free_only or _use_count(storage._cdata) == alone
             ]
 
     def take(self, shape: tuple[int, ...], like: Tensor) -> Tensor:

@@ -280,23 +280,23 @@ def pack(
     w1_in = like.new_empty((num_layers, 2, hidden, k_in + bias_column))
     w1 = w1_in[..., :k_in]
     w3 = like.new_empty((num_layers, 2, k2, hidden))
-    b3 = like.new_empty((num_layers, 2, k2))
+    b3 = like.new_empty((num_layers, 2, 1, k2))
+    b3_rows_out = b3[:, :, 0]
 
-    def gather(w1=w1, w3=w3, b3=b3, b1=b1, w1_in=w1_in) -> None:  # bound now: names move on
+    def gather() -> None:
         """(Re)fill the gathered copies from the parameters (or the bank) as they are now."""
         torch.gather(w1_full, 3, w1_columns, out=w1)  # W1's columns of w1_in
         torch.gather(w3_full, 2, w3_rows, out=w3)
-        torch.gather(b3_full, 2, b3_rows, out=b3)
+        torch.gather(b3_full, 2, b3_rows, out=b3_rows_out)
         if padding is not None:  # the padding column: no input weight, s = t = 0 (module doc)
             w1[..., :k1].masked_fill_(padding.kept_mask[:, None, None, :], 0.0)
             w3.masked_fill_(padding.trans_mask[:, None, :, None], 0.0)
-            b3.masked_fill_(padding.trans_mask[:, None, :], 0.0)
+            b3_rows_out.masked_fill_(padding.trans_mask[:, None, :], 0.0)
         if bias_column:
             w1_in[..., k_in:].copy_(b1.transpose(2, 3))
 
     gather()
     b2 = b2.view(num_layers, 2, 1, hidden)
-    b3 = b3.view(num_layers, 2, 1, k2)
     w2_pairs = list(zip(w2[0::2], w2[1::2]))
     if bank is not None:
         w2_stacked = list(bank.kinds[2].unbind(0))
@@ -508,7 +508,7 @@ class _LogDet:
 
     def __init__(self, buffer: Tensor | None = None):
         self.total: Tensor | None = None
-        self._buffer = buffer  # (N, K2) to sum into (a walk's workspace), else a new tensor
+        self._buffer = buffer  # (N, K2) to sum into (a pooled buffer), else a new tensor
 
     def add_(self, s: Tensor) -> None:
         """Add a layer's s (N, K2); s itself is neither kept nor changed."""
@@ -540,7 +540,7 @@ def _workspaces(
 
 
 class _NoGradWalk:
-    """The buffers of a walk without a gradient, taken from the flow's :class:`BufferPool`
+    """The buffers of a walk without a gradient, taken from the shared :class:`BufferPool`
     (reused from call to call: :mod:`fastnvp.engine.cpu.buffer_pool`), and the walk's state.
 
     ``state`` (N, W): the input in the walk's layout (a new tensor only for a padded state
@@ -584,20 +584,16 @@ class _NoGradWalk:
 
 
 def forward_no_grad(
-    packed: Packed,
-    x: Tensor,
-    e: Tensor | None = None,
-    inter=None,
-    pool: BufferPool | None = None,
+    packed: Packed, x: Tensor, e: Tensor | None, inter, pool: BufferPool
 ) -> tuple[Tensor, Tensor]:
     """``f`` without autograd.  x (N, D), e (N, E) or None -> (z (N, D), log_det (N,)).
 
     ``inter``: the call's :class:`~fastnvp.engine.interleaved.Interleave` or None; its
     parameter-only log-det is the caller's to add. ``pool``: the shared buffer pool
-    (:func:`buffer_pool.shared`), else buffers for this call only.
+    (:func:`buffer_pool.shared`) the walk's buffers come from.
     """
     layout = packed.walk_layout(inter)
-    walk = _NoGradWalk(packed, layout, x, e, inter, pool or BufferPool(max_bytes=0))
+    walk = _NoGradWalk(packed, layout, x, e, inter, pool)
     z, spare = walk.state, walk.spare
     kept, trans = layout.kept, layout.trans
     views = (
@@ -625,11 +621,7 @@ def forward_no_grad(
 
 
 def inverse_no_grad(
-    packed: Packed,
-    z: Tensor,
-    e: Tensor | None = None,
-    inter=None,
-    pool: BufferPool | None = None,
+    packed: Packed, z: Tensor, e: Tensor | None, inter, pool: BufferPool
 ) -> tuple[Tensor, Tensor]:
     """``g`` without autograd.  z (N, D), e (N, E) or None -> (x (N, D), log|det dx/dz| (N,)).
 
@@ -637,7 +629,7 @@ def inverse_no_grad(
     ``pool``: as there.
     """
     layout = packed.walk_layout(inter)
-    walk = _NoGradWalk(packed, layout, z, e, inter, pool or BufferPool(max_bytes=0))
+    walk = _NoGradWalk(packed, layout, z, e, inter, pool)
     x, spare = walk.state, walk.spare
     kept, trans = layout.kept, layout.trans
     views = (
@@ -723,9 +715,7 @@ class _Grads:
         return [g for net in zip(*per_kind) for g in net]
 
 
-def _layer_backward(
-    packed, layout, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2, GE=None, pool=None
-):
+def _layer_backward(packed, layout, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2, GE, pool):
     """Backprop layer ``i``: ``G`` (N, D) becomes the gradient of the layer input, in place.
 
     ``layout``: the walk's :class:`StackLayout` (G's columns are in its order).
@@ -735,14 +725,14 @@ def _layer_backward(
     transformed half; h1, h2 (2, N, H) and s (N, K2) its activations; ``grads`` a
     :class:`_Grads` or None; gh1, gh2 (2, N, H) workspaces; ``GE`` (N, E): the context gradient
     accumulated over layers, added to in place (None when unconditional); ``pool``: the
-    :class:`BufferPool` of the layer's temporaries, or None (new tensors).
+    :class:`BufferPool` of the layer's temporaries.
     """
     kept, trans = layout.kept[i], layout.trans[i]
     slope = packed.slope
     rows, width = G.shape[0], trans.index.shape[0]
-    e = torch.exp(s, out=None if pool is None else pool.take((rows, width), G))
+    e = torch.exp(s, out=pool.take((rows, width), G))
     # go = (gs * (1 - s^2), g2) (2, N, K2); g2, the upstream gradient of z2, is read into go[1].
-    go = G.new_empty((2, rows, width)) if pool is None else pool.take((2, rows, width), G)
+    go = pool.take((2, rows, width), G)
     g2 = go[1]
     if trans.start is None:
         torch.index_select(G, 1, trans.index, out=g2)
@@ -979,7 +969,7 @@ def _invertible_walk(
     for i in reversed(range(packed.num_layers)):
         with _mark(on, i, "inverse"):
             # Copies, not views: h is rewritten in place below.
-            x1 = _first_input(h.index_select(1, kept[i].index), tail)
+            x1 = _first_input(h.index_select(1, kept[i].index), tail, pool)
             z2 = h.index_select(1, trans[i].index)
             h1, h2, s, t = _nets(packed, i, x1, ws1, ws2)
             x2 = (z2 - t).mul_(torch.exp(-s))
