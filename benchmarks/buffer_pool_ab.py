@@ -95,13 +95,11 @@ def _measure(flow, run, rounds: int, seconds: float) -> dict:
 
 
 def main(argv=None) -> None:
-    from fastnvp.bench.paired import Record, parse_arguments
+    from fastnvp.bench.paired import speedup_summary, start
     from fastnvp.flows.fast_realnvp import FastRealNVP
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    args, command = parse_arguments("benchmarks/buffer_pool_ab.py", __doc__.split("\n\n")[0], argv)
-    torch.set_num_threads(args.threads)
-    record = Record(command, args.rounds, args.threads, args.out)
+    args, record = start("benchmarks/buffer_pool_ab.py", __doc__.split("\n\n")[0], argv)
     rows = []
     for dim, hidden, batch, layers in SHAPES:
         torch.manual_seed(0)
@@ -133,12 +131,7 @@ def main(argv=None) -> None:
             f"{row['speedup']:.3f}× [{row['q1']:.3f}, {row['q3']:.3f}] | "
             f"{row['fresh_faults']:.0f} → {row['pooled_faults']:.0f} |"
         )
-    speedups = [row["speedup"] for row in rows]
-    lines += [
-        "",
-        f"Speed-up over the {len(rows)} cells: {min(speedups):.3f}× to {max(speedups):.3f}×, "
-        f"median {statistics.median(speedups):.3f}×.",
-    ]
+    lines += speedup_summary(rows)
     record.write("buffer_pool_ab", rows, lines)
 
 

@@ -71,13 +71,11 @@ def _measure(flow, run, rounds: int, seconds: float) -> dict:
 
 
 def main(argv=None) -> None:
-    from fastnvp.bench.paired import Record, parse_arguments
+    from fastnvp.bench.paired import start
     from fastnvp.flows.fast_realnvp import FastRealNVP
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    args, command = parse_arguments("benchmarks/param_bank_ab.py", __doc__.split("\n\n")[0], argv)
-    torch.set_num_threads(args.threads)
-    record = Record(command, args.rounds, args.threads, args.out)
+    args, record = start("benchmarks/param_bank_ab.py", __doc__.split("\n\n")[0], argv)
     rows = []
     for dim, context, hidden, batch, layers in SHAPES:
         torch.manual_seed(0)

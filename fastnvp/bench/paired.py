@@ -33,6 +33,26 @@ def parse_arguments(script: str, description: str, argv: list[str]):
     return args, recorded_command(f"python {script}", argv)
 
 
+def start(script: str, description: str, argv: list[str]):
+    """An A/B script's start: ``(args, record)`` from its command line (:func:`parse_arguments`),
+    with torch's intra-op threads set to ``--threads`` and its :class:`Record` opened."""
+    import torch
+
+    args, command = parse_arguments(script, description, argv)
+    torch.set_num_threads(args.threads)
+    return args, Record(command, args.rounds, args.threads, args.out)
+
+
+def speedup_summary(rows: list[dict]) -> list[str]:
+    """The markdown lines that close an A/B table: the range and median of ``speedup``."""
+    speedups = [row["speedup"] for row in rows]
+    return [
+        "",
+        f"Speed-up over the {len(rows)} cells: {min(speedups):.3f}× to {max(speedups):.3f}×, "
+        f"median {statistics.median(speedups):.3f}×.",
+    ]
+
+
 def paired_rounds(timed: Callable[[bool, int], float], rounds: int, seconds: float) -> dict:
     """Time ``timed(on, calls)`` (ms per call with the setting on or off) in ``rounds`` paired
     rounds of ``calls`` calls each, sized to about ``seconds`` per setting and round.
