@@ -16,8 +16,8 @@ CPU (``method="clear_refs"``, used where the kernel supports it):
 1. build the model and the (batch, dim) float32 input; run ``warmup`` steps (they create the
    gradients, page in the code paths and start the thread pool), then
    ``zero_grad(set_to_none=False)``, so the gradient buffers exist before the measured step,
-   and ``release_buffers()`` on a FastRealNVP, so the step's own buffers, which its pool
-   would otherwise keep from the warm-up, count in the step;
+   and the CPU buffer pool emptied (``fastnvp.engine.cpu.buffer_pool.release``), so the
+   step's own buffers, which the pool would otherwise keep from the warm-up, count in it;
 2. ``gc.collect()`` and glibc ``malloc_trim(0)``: memory freed by the warm-up goes back to the
    system, otherwise the measured step would reuse resident pages and hide its own peak;
 3. write ``5`` to ``/proc/self/clear_refs``: the kernel resets ``VmHWM`` (peak RSS) to the
@@ -232,6 +232,7 @@ def measure_in_this_process(
     import torch
 
     from fastnvp.analysis.profiling import build_model, make_batch, tensor_bytes
+    from fastnvp.engine.cpu import buffer_pool
 
     torch.set_num_threads(threads)
     if device == "cpu":
@@ -255,8 +256,7 @@ def measure_in_this_process(
         for _ in range(warmup):
             _step(model, x)
         model.zero_grad(set_to_none=False)  # keep the buffers: they belong to the baseline
-    if hasattr(model, "release_buffers"):  # the pool's buffers are the step's, not the baseline
-        model.release_buffers()
+    buffer_pool.release()  # the pool's buffers are the step's, not the baseline
     if device == "cuda":
         torch.cuda.synchronize()
     gc.collect()

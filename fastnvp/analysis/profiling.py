@@ -25,7 +25,7 @@ What is measured, and how:
   the step (ops called inside other ops are counted separately as ``ops_all``); on CUDA also the
   kernel launches (``cudaLaunchKernel`` / ``cuLaunchKernel`` runtime calls).
 - **peak memory**: bytes allocated above what was allocated before the step (parameters and the
-  input; gradients were set to None; a FastRealNVP's buffer pool released, so the step
+  input; gradients were set to None; the CPU buffer pool released, so the step
   allocates its own buffers where the profiler sees them). CUDA:
   ``torch.cuda.max_memory_allocated`` around an unprofiled step. CPU: the profiler's allocator
   records (``profile_memory=True``) of the profiled step, replayed in time order; the peak of
@@ -57,6 +57,8 @@ import torch
 from torch import nn
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
+
+from fastnvp.engine.cpu import buffer_pool
 
 IMPLS = ("fast", "reference")
 MODES = ("standard", "invertible")
@@ -311,8 +313,7 @@ def profile_step(model: nn.Module, x: torch.Tensor, device: str) -> profile:
     if device == "cuda":
         activities.append(ProfilerActivity.CUDA)
     model.zero_grad(set_to_none=True)
-    if hasattr(model, "release_buffers"):  # else the pool serves the step unrecorded
-        model.release_buffers()
+    buffer_pool.release()  # else the pool serves the step from buffers it does not record
     _sync(device)
     with instrument(model), profile(activities=activities, profile_memory=True) as prof:
         with record_function("step.forward"):

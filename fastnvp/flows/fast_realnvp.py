@@ -221,8 +221,8 @@ class FastRealNVP(FlowBase):
         buffer_pool.release()
 
     def clear_caches(self) -> None:
-        """Drop the work kept between calls without a gradient (packed weights, knot tables,
-        stacked interleaved layers); the next call rebuilds it.
+        """Drop the work kept between calls (the packed weights of calls with and without a
+        gradient, knot tables, stacked interleaved layers); the next call rebuilds it.
 
         Every cache already notices optimizer steps (fused ones included), ``load_state_dict``
         and ``.to()`` (``fastnvp.engine.cache_keys``). Call this after writing parameters
