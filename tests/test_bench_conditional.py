@@ -255,16 +255,29 @@ def test_conditional_end_to_end(cond_doc, tmp_path, capsys):
         assert all(c["sample_call"] for c in entry["checks"].values())
         pairs = {(r["provider"], r["workload"]) for r in entry["results"]}
         assert pairs == {(p, w) for p in ran for w in harness.GRID_WORKLOADS}
+        peers_ran = bool(ran & set(prov.CONDITIONAL_PEERS))
         for r in entry["results"]:
-            assert ("ratio_vs_fastest_peer" in r) == bool(ran & set(prov.CONDITIONAL_PEERS))
+            assert ("ratio_vs_fastest_peer" in r) == peers_ran
+            # A CPU training step clocks its Adam update apart: one time per round, each a
+            # positive part of that round's step.
+            assert ("optimizer_s" in r) == (r["workload"] == "train")
+            if r["workload"] == "train":
+                assert len(r["optimizer_times_s"]) == len(r["times_s"])
+                assert all(
+                    0 < u < t for u, t in zip(r["optimizer_times_s"], r["times_s"], strict=True)
+                )
+                assert ("ratio_vs_fastest_peer_without_optimizer" in r) == peers_ran
     ratios = report.conditional_ratios(doc)
     assert (2, 2, 16, 3, 8) in ratios and all(r["ok"] for r in ratios.values())
     text = report.markdown(doc)
     assert "| D | C | B | L | H | params (total / effective) | train vs reference |" in text
     assert "Median ms per call, sample" in text and "Trainable parameters" in text
     assert "one sample per context row" in text and "sample calls:" in text
+    assert "The Adam update inside each training step" in text
     summary = report.summary_lines(doc)
     assert any("geometric mean over 5 shapes" in line for line in summary)
+    if any(r["peer_without_optimizer"] for r in ratios.values()):
+        assert any(line.startswith("train without the Adam update:") for line in summary)
     headline = report.markdown(doc, headline_only=True)
     assert "Median ms per call" not in headline and "geometric mean" in headline
     paths = report.write_all(doc, str(tmp_path), "conditional")

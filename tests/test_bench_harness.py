@@ -3,6 +3,7 @@
 import copy
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -430,3 +431,30 @@ def test_grid_end_to_end_on_tiny_shapes(tmp_path, capsys):
     assert main(["bench", "--preset", "full", "--grid-sample", "8"]) == 2
     assert main(["bench", "--preset", "grid", "--grid-sample", "2"]) == 2
     assert "grid_sample must be an int in [4, 96]" in capsys.readouterr().err
+
+
+def test_ratio_without_the_update_is_paired_per_round():
+    # Round 0: fastnvp steps 4 ms with a 1 ms update, the peers 6 (1) and 5 (2): the fastest
+    # peer without its update is min(5, 3) = 3 ms against fastnvp's 3 ms. Round 1: 2 vs 4.
+    times = {"fastnvp": [4.0, 3.0], "a": [6.0, 6.0], "b": [5.0, 7.0]}
+    updates = {"fastnvp": [1.0, 1.0], "a": [1.0, 2.0], "b": [2.0, 3.0]}
+    got = harness._without_update(times, updates, ["a", "b"], "fastnvp")
+    assert got == [1.0, 2.0]
+
+
+def test_cpu_train_call_clocks_its_update_apart():
+    torch.manual_seed(0)
+    ref = RealNVP.standard(2, 2, hidden=8)
+    flow = prov.build("fastnvp", ref)
+    x = torch.randn(16, 2)
+    train = harness._make_call(flow, "train", x, x, lr=1e-3)
+    infer = harness._make_call(flow, "log_prob", x, x, lr=1e-3)
+    assert train.clocks_optimizer and not infer.clocks_optimizer
+    t0 = time.perf_counter()
+    train()
+    train()
+    spent = time.perf_counter() - t0
+    update = train.take_optimizer_s()
+    assert 0 < update < spent and train.take_optimizer_s() == 0.0
+    infer()
+    assert infer.take_optimizer_s() == 0.0

@@ -24,6 +24,16 @@ that one sample lasts at least ``min_sample_s``. CPU: ``time.perf_counter`` with
 quartiles of the per-call times, and the median over rounds of the paired ratio (reference time
 / provider time of the same round; > 1 means faster than the reference).
 
+The optimizer's share of a training step: on the CPU the ``train`` call also clocks its
+``opt.step()`` (``time.perf_counter``, the step being synchronous there), so each train row
+carries ``optimizer_s`` (median seconds of the update per call) and, with peers, the paired
+ratio to the fastest peer of the step *without* its update,
+``ratio_vs_fastest_peer_without_optimizer`` (median over rounds of min_p (t_p - u_p) /
+(t - u), u the update's time). Every provider runs torch's default Adam over its own
+parameter tensors, and on the CPU that update is a loop over the tensors (about ten small ops
+each), a cost set by the number of tensors rather than by the flow's engine. On CUDA the update
+is not clocked apart (that would need a synchronize inside the timed call).
+
 FLOPs are counted analytically: per row, per layer, per net ``2 (K1 H + H H + H K2)`` for the
 forward; a training step counts three times the forward (forward, two backward GEMMs). The
 ceiling is the best rate of ``addmm`` ((rows, H) @ (H, H) + bias) over several row tiles and
@@ -595,9 +605,27 @@ def _quantiles(values: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(values), q[2]
 
 
-def _make_call(flow: prov.Flow, workload: str, x, z, lr: float, c=None) -> Callable[[], object]:
+class _Call:
+    """One call of a workload (``__call__``); ``optimizer_s``: seconds its Adam updates took
+    since the last :meth:`take_optimizer_s` (CPU train calls; else it stays 0)."""
+
+    def __init__(self, run: Callable[[], object]):
+        self._run = run
+        self.optimizer_s = 0.0
+        self.clocks_optimizer = False
+
+    def __call__(self):
+        return self._run()
+
+    def take_optimizer_s(self) -> float:
+        spent, self.optimizer_s = self.optimizer_s, 0.0
+        return spent
+
+
+def _make_call(flow: prov.Flow, workload: str, x, z, lr: float, c=None) -> _Call:
     """One call of ``workload`` on ``flow``; with a context c (B, C) the conditional form
-    (``sample``: one sample per context row)."""
+    (``sample``: one sample per context row). A CPU ``train`` call clocks its optimizer update
+    apart (module doc)."""
     batch = x.shape[0]
     given = () if c is None else (c,)
     if workload == "log_prob":
@@ -621,15 +649,31 @@ def _make_call(flow: prov.Flow, workload: str, x, z, lr: float, c=None) -> Calla
 
     else:
         opt = torch.optim.Adam(flow.trainable(), lr=lr)
+        if x.device.type != "cpu":
 
-        def call():
+            def call():
+                opt.zero_grad(set_to_none=True)
+                loss = flow.loss(x, *given)
+                loss.backward()
+                opt.step()
+                return loss
+
+            return _Call(call)
+
+        def clocked():
             opt.zero_grad(set_to_none=True)
             loss = flow.loss(x, *given)
             loss.backward()
+            t0 = time.perf_counter()
             opt.step()
+            timed.optimizer_s += time.perf_counter() - t0
             return loss
 
-    return call
+        timed = _Call(clocked)
+        timed.clocks_optimizer = True
+        return timed
+
+    return _Call(call)
 
 
 def check_tolerance(cfg: BenchConfig, provider: str = "") -> tuple[float, float]:
@@ -735,10 +779,14 @@ def run_config(cfg: BenchConfig, settings: Settings, log: Callable[[str], None] 
                 spent, done = spent + warm, done + 1
             numbers[n] = max(1, math.ceil(settings.min_sample_s / max(warm, 1e-9)))
         times: dict[str, list[float]] = {n: [] for n in names}
+        updates: dict[str, list[float]] = {n: [] for n in names}  # optimizer s per call
         for r in range(settings.repeats):
             for k in range(len(names)):
                 n = names[(r + k) % len(names)]
+                calls[n].take_optimizer_s()  # drop what the warm-up calls clocked
                 times[n].append(time_call(calls[n], cfg.device, numbers[n]))
+                updates[n].append(calls[n].take_optimizer_s() / numbers[n])
+        clocked = all(calls[n].clocks_optimizer for n in names)
         flops = workload_flops(ref, workload, cfg.batch)
         peers = [n for n in names if n in prov.PEERS]
         for n in names:
@@ -762,6 +810,13 @@ def run_config(cfg: BenchConfig, settings: Settings, log: Callable[[str], None] 
             if peers:
                 best = [min(times[p][r] for p in peers) / times[n][r] for r in range(len(times[n]))]
                 row["ratio_vs_fastest_peer"] = statistics.median(best)
+            if clocked:
+                row["optimizer_times_s"] = updates[n]
+                row["optimizer_s"] = statistics.median(updates[n])
+                if peers:
+                    row["ratio_vs_fastest_peer_without_optimizer"] = statistics.median(
+                        _without_update(times, updates, peers, n)
+                    )
             if flows[n].compiled:
                 row["compile_s"] = max(first_s[n] - med, 0.0)
             results.append(row)
@@ -780,6 +835,14 @@ def run_config(cfg: BenchConfig, settings: Settings, log: Callable[[str], None] 
         "skipped": skipped,
         "results": results,
     }
+
+
+def _without_update(times: dict, updates: dict, peers: list[str], name: str) -> list[float]:
+    """Per round: the fastest peer's step without its update over ``name``'s without its."""
+    return [
+        min(times[p][r] - updates[p][r] for p in peers) / (times[name][r] - updates[name][r])
+        for r in range(len(times[name]))
+    ]
 
 
 def _settings_dict(settings: Settings) -> dict:

@@ -382,6 +382,11 @@ def _fastnvp_ratios(doc: dict, key) -> dict[tuple, dict]:
                 for r in rows
                 if "ratio_vs_fastest_peer" in r
             },
+            "peer_without_optimizer": {
+                r["workload"]: r["ratio_vs_fastest_peer_without_optimizer"]
+                for r in rows
+                if "ratio_vs_fastest_peer_without_optimizer" in r
+            },
             "ok": bool(check.get("ok", True)) and bool(entry.get("params_match", True)),
         }
     return out
@@ -423,15 +428,20 @@ def grid_summary(doc: dict) -> list[str]:
 
 def _summary(doc: dict, ratios: dict, shape_label) -> list[str]:
     out = []
-    for kind, label in (("reference", "the reference"), ("peer", "the fastest peer")):
+    kinds = (
+        ("reference", "", "the reference"),
+        ("peer", "", "the fastest peer"),
+        ("peer_without_optimizer", " without the Adam update", "the fastest peer"),
+    )
+    for kind, step, label in kinds:
         for w in grid_workloads(doc):
-            pts = {s: r[kind][w] for s, r in ratios.items() if w in r[kind]}
+            pts = {s: r[kind][w] for s, r in ratios.items() if w in r.get(kind, {})}
             if not pts:
                 continue
             lo, hi = min(pts, key=pts.get), max(pts, key=pts.get)
             out.append(
-                f"{w}: fastnvp {_geomean(list(pts.values())):.2f}× {label} (geometric mean over "
-                f"{len(pts)} shapes; lowest {pts[lo]:.2f}× at {shape_label(lo)}, highest "
+                f"{w}{step}: fastnvp {_geomean(list(pts.values())):.2f}× {label} (geometric "
+                f"mean over {len(pts)} shapes; lowest {pts[lo]:.2f}× at {shape_label(lo)}, highest "
                 f"{pts[hi]:.2f}× at {shape_label(hi)})"
             )
     return out
@@ -637,6 +647,28 @@ def conditional_times(doc: dict, workload: str) -> str:
     return "\n".join(lines)
 
 
+def conditional_updates(doc: dict) -> str:
+    """Markdown table: each provider's Adam update, median ms per training step and its share
+    of the step (CPU runs clock it apart; "–" where a run did not)."""
+    providers = _providers(doc)
+    lines = [
+        "| D | C | B | L | H | " + " | ".join(providers) + " |",
+        "|" + "---:|" * (5 + len(providers)),
+    ]
+    for entry in doc["configs"]:
+        by = {r["provider"]: r for r in entry["results"] if r["workload"] == "train"}
+        cells = [str(v) for v in _cond_shape(entry)]
+        for p in providers:
+            row = by.get(p)
+            if row is None or "optimizer_s" not in row:
+                cells.append("–")
+                continue
+            share = row["optimizer_s"] / row["median_s"]
+            cells.append(f"{1e3 * row['optimizer_s']:.3g} ({100 * share:.0f} %)")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def conditional_params(doc: dict) -> str:
     """Markdown table: trainable parameters (total / effective) of every provider per shape."""
     providers = _providers(doc)
@@ -713,6 +745,15 @@ def conditional_markdown(doc: dict, headline_only: bool = False) -> str:
     if not headline_only:
         for w in grid_workloads(doc):
             parts.append(f"Median ms per call, {w}:\n\n{conditional_times(doc, w)}")
+        clocked = any("optimizer_s" in r for e in doc["configs"] for r in e["results"])
+        if clocked:
+            parts.append(
+                "The Adam update inside each training step, median ms per step (share of the "
+                "step). Every provider runs torch's default Adam over its own parameter "
+                "tensors; on the CPU that is a loop over the tensors, so its cost follows "
+                "their number (12 per coupling layer here, for every provider) and not the "
+                "flow's engine:\n\n" + conditional_updates(doc)
+            )
         parts.append(
             "Trainable parameters (total / effective; the reference's full-width nets also "
             "hold weights that only see zeros or are multiplied by zero):\n\n"
