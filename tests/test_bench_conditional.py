@@ -273,7 +273,7 @@ def test_conditional_end_to_end(cond_doc, tmp_path, capsys):
     assert "| D | C | B | L | H | params (total / effective) | train vs reference |" in text
     assert "Median ms per call, sample" in text and "Trainable parameters" in text
     assert "one sample per context row" in text and "sample calls:" in text
-    assert "The Adam update inside each training step" in text
+    assert "Training steps split (CPU)" in text and "without the update |" in text
     summary = report.summary_lines(doc)
     assert any("geometric mean over 5 shapes" in line for line in summary)
     if any(r["peer_without_optimizer"] for r in ratios.values()):

@@ -423,6 +423,10 @@ def test_grid_end_to_end_on_tiny_shapes(tmp_path, capsys):
         assert set(r["reference"]) == set(harness.GRID_WORKLOADS)
         peers_ran = {p for e in doc["configs"] for p in e["checks"]} & {"zuko", "FrEIA"}
         assert set(r["peer"]) == (set(harness.GRID_WORKLOADS) if peers_ran else set())
+        assert set(r["peer_without_optimizer"]) == ({"train"} if peers_ran else set())
+    text = report.markdown(doc)
+    assert "Training steps split (CPU)" in text
+    assert "Training steps split" not in report.markdown(doc, headline_only=True)
     src = tmp_path / "grid.json"
     src.write_text(json.dumps(doc))
     assert main(["bench", "--from-json", str(src), "--out", str(tmp_path / "o")]) == 0

@@ -510,6 +510,9 @@ def grid_markdown(doc: dict, headline_only: bool = False) -> str:
         notes.append(f"{name}: {'; '.join(sorted(reasons))}")
     if notes:
         parts.append("\n".join(f"- {n}" for n in notes))
+    split = None if headline_only else train_split_table(doc, _shape, ["D", "H", "B", "L"])
+    if split:
+        parts.append(f"{TRAIN_SPLIT_NOTE}:\n\n{split}")
     if doc.get("not_run") and not headline_only:
         parts.append(
             "Not run: "
@@ -647,26 +650,44 @@ def conditional_times(doc: dict, workload: str) -> str:
     return "\n".join(lines)
 
 
-def conditional_updates(doc: dict) -> str:
-    """Markdown table: each provider's Adam update, median ms per training step and its share
-    of the step (CPU runs clock it apart; "–" where a run did not)."""
-    providers = _providers(doc)
-    lines = [
-        "| D | C | B | L | H | " + " | ".join(providers) + " |",
-        "|" + "---:|" * (5 + len(providers)),
-    ]
+def train_split_table(doc: dict, shape, shape_head: list[str]) -> str | None:
+    """Markdown table of the training steps whose Adam update was clocked apart (CPU runs):
+    per shape (``shape(entry)``, columns ``shape_head``), the fastnvp provider's median step
+    and update (ms), the same for the fastest peer (by median step), and fastnvp's paired
+    ratios to the fastest peer with and without the update. None when no step was clocked."""
+    ratios = _fastnvp_ratios(doc, shape)
+    head = [*shape_head, "fastnvp step (update) ms", "fastest peer", "its step (update) ms"]
+    head += ["vs best peer", "vs best peer without the update"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for entry in doc["configs"]:
-        by = {r["provider"]: r for r in entry["results"] if r["workload"] == "train"}
-        cells = [str(v) for v in _cond_shape(entry)]
-        for p in providers:
-            row = by.get(p)
-            if row is None or "optimizer_s" not in row:
-                cells.append("–")
-                continue
-            share = row["optimizer_s"] / row["median_s"]
-            cells.append(f"{1e3 * row['optimizer_s']:.3g} ({100 * share:.0f} %)")
+        key = shape(entry)
+        r = ratios[key]
+        by = {row["provider"]: row for row in entry["results"] if row["workload"] == "train"}
+        mine = by.get(r["provider"])
+        peer = _fastest_peer(entry, "train")
+        if mine is None or "optimizer_s" not in mine:
+            continue
+        cells = [str(v) for v in key]
+        cells.append(f"{1e3 * mine['median_s']:.3g} ({1e3 * mine['optimizer_s']:.3g})")
+        theirs = by.get(peer) if peer else None
+        if theirs is not None and "optimizer_s" in theirs:
+            cells += [peer, f"{1e3 * theirs['median_s']:.3g} ({1e3 * theirs['optimizer_s']:.3g})"]
+        else:
+            cells += ["–", "–"]
+        cells.append(_ratio(r["peer"].get("train")))
+        cells.append(_ratio(r["peer_without_optimizer"].get("train")))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
+TRAIN_SPLIT_NOTE = (
+    "Training steps split (CPU): the median step and, in brackets, the Adam update inside it, "
+    "for fastnvp and the fastest peer, and fastnvp's paired ratios to the fastest peer with "
+    "and without each provider's update. Every provider runs torch's default Adam over its "
+    "own parameter tensors; on the CPU that is a loop over the tensors (12 per coupling layer, "
+    "for every provider here), so its cost follows their number and size, not the flow's "
+    "engine"
+)
 
 
 def conditional_params(doc: dict) -> str:
@@ -745,15 +766,9 @@ def conditional_markdown(doc: dict, headline_only: bool = False) -> str:
     if not headline_only:
         for w in grid_workloads(doc):
             parts.append(f"Median ms per call, {w}:\n\n{conditional_times(doc, w)}")
-        clocked = any("optimizer_s" in r for e in doc["configs"] for r in e["results"])
-        if clocked:
-            parts.append(
-                "The Adam update inside each training step, median ms per step (share of the "
-                "step). Every provider runs torch's default Adam over its own parameter "
-                "tensors; on the CPU that is a loop over the tensors, so its cost follows "
-                "their number (12 per coupling layer here, for every provider) and not the "
-                "flow's engine:\n\n" + conditional_updates(doc)
-            )
+        split = train_split_table(doc, _cond_shape, ["D", "C", "B", "L", "H"])
+        if split:
+            parts.append(f"{TRAIN_SPLIT_NOTE}:\n\n{split}")
         parts.append(
             "Trainable parameters (total / effective; the reference's full-width nets also "
             "hold weights that only see zeros or are multiplied by zero):\n\n"
