@@ -376,7 +376,8 @@ def test_grid_report_table_and_heatmap(tiny_doc, tmp_path):
         "| D | H | B | L | train vs reference | log_prob vs reference | sample vs reference "
         "| train vs best peer | log_prob vs best peer | sample vs best peer |" in text
     )
-    rows = [line for line in text.splitlines() if line.startswith("| ") and "×" in line]
+    table = text.split("Training steps split")[0]  # the ratio table, not the split after it
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "×" in line]
     assert len(rows) == 3
     assert sorted(r.split(" | ")[4] for r in rows) == ["0.50×", "1.00×", "2.00×"]
     assert all(r.rstrip(" |").endswith("1.50×") for r in rows)
