@@ -658,7 +658,12 @@ class _Grads:
         num_layers, hidden = packed.num_layers, packed.hidden
         self.pool = pool
         w1 = packed.w1
-        self.w1 = pool.take((*w1.shape[:-1], w1.shape[-1] + packed.bias_column), like)
+        # Held as (L, 2, K, H) and read as its transpose (L, 2, H, K): the per-layer GEMM is
+        # then x1^T gh1, a (K, H) result that is wide in its last dimension, 1.5-3.5x faster
+        # than gh1^T x1 with its K-wide rows (K = K1 + E + 1, often a handful of columns:
+        # 18 against 64 us at N = 4096, H = 64, K = 3; 171 against 331 us at H = 256).
+        k_in = w1.shape[-1] + packed.bias_column
+        self.w1 = pool.take((*w1.shape[:-2], k_in, w1.shape[-2]), like).transpose(2, 3)
         if packed.bias_column:  # b1's gradient is W1's last column: one GEMM gives both
             self.b1 = self.w1[..., -1:].transpose(2, 3)
         else:
@@ -709,7 +714,7 @@ class _Grads:
         b3 = zeros((num_layers, 2, dim))
         scatter(b3, 2, trans[:, None, :].expand(num_layers, 2, k2), self.b3[:, :, 0])
         # (L, 2, ...) -> 2 L views each, in (layer, net) order, then interleaved by kind.
-        b1 = self.b1[:, :, 0].contiguous()  # a strided column of W1's with the bias column
+        b1 = self.b1[:, :, 0].contiguous()  # the bias rows of the (L, 2, K, H) buffer
         per_kind = [kind.flatten(0, 1).unbind(0) for kind in (w1, b1, self.b2[:, :, 0], w3, b3)]
         per_kind.insert(2, [g for layer in self.w2 for g in layer.unbind(0)])  # per layer
         return [g for net in zip(*per_kind) for g in net]
@@ -755,7 +760,8 @@ def _layer_backward(packed, layout, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2
         # One batched GEMM for both nets: 2x faster than two mm(gh2_P^T, h1_P) at 256 x 64.
         torch.bmm(gh2.transpose(1, 2), h1, out=w2)
         torch.sum(gh2, 1, keepdim=True, out=b2)
-        torch.bmm(gh1.transpose(1, 2), x1.expand(2, *x1.shape), out=w1)  # and b1's
+        # W1's (and b1's) gradient, as (x1^T gh1)^T into _Grads' transposed buffer.
+        torch.bmm(x1.expand(2, *x1.shape).transpose(1, 2), gh1, out=w1.transpose(1, 2))
         if not packed.bias_column:
             torch.sum(gh1, 1, keepdim=True, out=b1)
     # gx1 = g1 + sum_P ga1_P W1_P (module doc); G's halves are rewritten in place.
