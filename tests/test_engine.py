@@ -96,7 +96,7 @@ TABLE = [
     # flow, the pieces at once where it cannot.
     (
         {"dim": 2, "hidden": 64},
-        {"grad": False, "pieces_ready": False},
+        {"grad": False, "rows": 2048, "pieces_ready": False},
         P.Policy(),
         "cpu_gemm_stack",
         "cpu_knots",
@@ -110,7 +110,7 @@ TABLE = [
     ),
     (
         {"dim": 2, "hidden": 64, "own": False},
-        {"grad": False, "pieces_ready": False},
+        {"grad": False, "rows": 2048, "pieces_ready": False},
         P.Policy(),
         "layers",
         "cpu_knots",
@@ -163,9 +163,17 @@ TABLE = [
     ({"own": False}, {}, P.Policy(), "layers", "cpu_pair"),
     ({"slope": -0.1}, {}, P.Policy(), "layers", "cpu_pair"),
     ({"standard": False}, {}, P.Policy(), "layers", "modules"),
-    ({"dim": 2, "hidden": 64}, {"grad": False}, P.Policy(), "layers", "cpu_knots"),
-    ({"dim": 2, "hidden": 32}, {"grad": False}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
-    ({"dim": 2, "hidden": 32}, {"grad": False, "rows": 1024}, P.Policy(), "layers", "cpu_knots"),
+    # Without a gradient the knot pieces from rows * H^3 = 384 Mi and H = 64 (plan.Policy).
+    ({"dim": 2, "hidden": 64}, {"grad": False, "rows": 2048}, P.Policy(), "layers", "cpu_knots"),
+    ({"dim": 2, "hidden": 64}, {"grad": False}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
+    ({"dim": 2, "hidden": 128}, {"grad": False}, P.Policy(), "layers", "cpu_knots"),
+    (
+        {"dim": 2, "hidden": 32},
+        {"grad": False, "rows": 8192},
+        P.Policy(),
+        "cpu_gemm_stack",
+        "cpu_pair",
+    ),
     ({"dim": 2}, {"grad": False, "knot_tables": False}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
     ({"dim": 2, "hidden": 256}, {"rows": 1024}, P.Policy(), "cpu_gemm_stack", "cpu_knots"),
     ({"dim": 2, "hidden": 256}, {"rows": 512}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
@@ -214,8 +222,12 @@ def _knot_path(kept: int, rows: int, hidden: int, grad: bool, **context) -> bool
 
 
 def test_knot_form_thresholds():
-    assert _knot_path(1, 2048, 16, grad=False)  # the piece form from rows * H^2 = 2^19 on
-    assert not _knot_path(1, 256, 32, grad=False)  # below it the GEMM form
+    # Without a gradient the piece form from rows * H^3 = 384 Mi and H = 64 on (Policy doc).
+    assert _knot_path(1, 1536, 64, grad=False)
+    assert not _knot_path(1, 1535, 64, grad=False)
+    assert _knot_path(1, 24, 256, grad=False)
+    assert not _knot_path(1, 23, 256, grad=False)
+    assert not _knot_path(1, 10**6, 32, grad=False)  # narrow nets: the GEMM form at any batch
     assert _knot_path(1, 1024, 256, grad=True)
     assert not _knot_path(1, 1023, 256, grad=True)
     assert not _knot_path(1, 10**6, 64, grad=True)  # narrow nets train in the GEMM form

@@ -166,6 +166,7 @@ def _always_knots(monkeypatch):
     policy = plan.Policy(
         knot_min_hidden=1,
         knot_min_work_grad=1,
+        pieces_min_hidden=1,
         pieces_min_work=1,
         pieces_build_rows=0,
         gemm_stack=False,
@@ -278,6 +279,7 @@ def test_knot_tables_off_and_small_training_batches_use_the_gemm_path(monkeypatc
     policy = plan.Policy(
         knot_min_hidden=1,
         knot_min_work_grad=ROWS * 8 * 8,
+        pieces_min_hidden=1,
         pieces_min_work=1,
         pieces_build_rows=0,
         gemm_stack=False,
@@ -307,7 +309,7 @@ def test_pieces_are_built_once_the_work_at_these_parameters_pays(monkeypatch):
     loop that evaluates after every step never builds; explain() counts nothing."""
     calls = _count_builds(monkeypatch)
     ref, fast = _flows(2, 3, 8)
-    fast.policy = plan.Policy(pieces_min_work=1, pieces_build_rows=3 * ROWS)
+    fast.policy = plan.Policy(pieces_min_hidden=1, pieces_min_work=1, pieces_build_rows=3 * ROWS)
     x = torch.randn(ROWS, 2, dtype=torch.float64)
     expected = ref.log_prob(x).detach()
     optimizer = torch.optim.SGD(fast.parameters(), lr=1e-3)

@@ -235,11 +235,21 @@ class Policy:
             tables are built and differentiated on every call (about 3 ms per net at H = 256),
             so at H = 256 from 1024 rows (the crossover was between 512 and 1024 rows for a
             training step at L = 8).
-        pieces_min_work: without autograd, the knot piece form from ``rows * H^2`` this
-            large; below it the GEMM stack was faster (D = 2, H = 32, B = 256, L = 50, 2
-            threads: 7.8 vs 6.7 ms and 13.4 vs 11.6 ms in two runs; the grid had the piece form
-            at 0.87x the reference there), from it on the pieces won or tied (H = 32, B = 1024:
-            equal; H = 64, B = 256: 8.1 vs 10.2 ms; H = 256, B = 1024: 18.8 vs 101.3 ms).
+        pieces_min_hidden: without autograd, the knot piece form only from this hidden width
+            on: below it the GEMM stack was faster at every batch measured (D = 2, L = 8, 2
+            threads, GEMM time over the cached pieces': H = 16: 0.55-0.71 from 4096 to 131072
+            rows; H = 32: 0.67-0.90 up to 8192 rows, 1.00 at 16384).
+        pieces_min_work: without autograd, the knot piece form from ``rows * H^3`` this large
+            (and ``pieces_min_hidden``). The crossover moves to fewer rows faster than 1/H^2 as
+            H grows: with its one-feature output GEMM run as W3 h2^T (``gemm_stack._nets``),
+            the GEMM stack over the cached pieces at D = 2, L = 8, 2 threads, ``log_prob``
+            (``sample`` alike): H = 64: 0.92-0.99 at 1024 rows, 1.04 at 1536, 1.19-1.58 from
+            2048; H = 128: 0.86 at 128, 1.00 at 256, 1.24 at 384; H = 192: 1.16 at 128;
+            H = 256: 0.89 at 16, 1.02 at 32, 1.26 at 64 (L = 50 alike: H = 32, 4096 rows 0.76;
+            H = 64, 1024 rows 0.91; H = 128, 256 rows 0.98). 384 Mi puts the switch at 1536
+            rows for H = 64, 192 for H = 128 and 24 for H = 256. (Before that GEMM change the
+            rule was ``rows * H^2`` >= 512 Ki, and H = 32 at 4096 rows took the pieces at
+            0.97x the fastest peer's ``sample`` in the grid, where the stack is 1.3x faster.)
         mixed_pieces_min_work: without autograd, a stack whose layers keep different numbers
             of features (padded in the GEMM stack) and partly take the knot pieces runs the
             layer loop (pieces where they apply) from ``rows * H^2`` this large, the padded
@@ -262,7 +272,8 @@ class Policy:
     parallel_training: bool = True
     knot_min_hidden: int = 128
     knot_min_work_grad: int = 64 * 1024 * 1024
-    pieces_min_work: int = 512 * 1024
+    pieces_min_hidden: int = 64
+    pieces_min_work: int = 384 * 1024 * 1024
     mixed_pieces_min_work: int = 24 * 1024 * 1024
     pieces_build_rows: int = 8192
     gemm_stack: bool = True
@@ -303,7 +314,7 @@ def _knot_form(layer: LayerFacts, ctx: CallContext, policy: Policy) -> bool:
         return False
     h = layer.hidden
     if not ctx.grad:
-        return ctx.rows * h * h >= policy.pieces_min_work
+        return h >= policy.pieces_min_hidden and ctx.rows * h**3 >= policy.pieces_min_work
     return h >= policy.knot_min_hidden and ctx.rows * h * h >= policy.knot_min_work_grad
 
 
