@@ -63,6 +63,37 @@ def load_benchmark():
     return load
 
 
+@pytest.fixture
+def run_ab_benchmark(tmp_path, monkeypatch, load_benchmark):
+    """``run_ab_benchmark(name, shape, timed)``: ``benchmarks/name.py`` (an A/B script of
+    ``fastnvp.bench.paired``) on the one shape ``shape`` at tiny sizes, checked for what every
+    such script promises: a JSON and a markdown file, one row per workload, finite positive
+    times (the ``timed`` keys) and speed-ups with their quartiles, and the exact command
+    recorded in both. Returns ``(module, rows, table)`` for the script's own checks."""
+    import json
+    import shlex
+
+    def run(name: str, shape: tuple, timed: tuple[str, ...]):
+        module = load_benchmark(name)
+        monkeypatch.setattr(module, "SHAPES", (shape,))
+        argv = ["--rounds", "4", "--threads", "1", "--seconds", "0.002", "--out", str(tmp_path)]
+        module.main(argv)
+        record = json.loads((tmp_path / f"{name}.json").read_text())
+        rows = record["rows"]
+        assert [row["workload"] for row in rows] == list(module.WORKLOADS)
+        for row in rows:
+            for key in (*timed, "speedup", "q1", "q3"):
+                assert 0 < row[key] < float("inf"), (key, row)
+        table = (tmp_path / f"{name}.md").read_text()
+        # The recorded command is the one that made these numbers, options included.
+        command = shlex.join(["python", f"benchmarks/{name}.py", *argv])
+        assert table.startswith(f"Measured by `{command}` at commit ")
+        assert record["command"] == command
+        return module, rows, table
+
+    return run
+
+
 def _threads(count: int):
     threads = torch.get_num_threads()
     torch.set_num_threads(count)

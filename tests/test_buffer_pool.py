@@ -278,29 +278,13 @@ def test_gradients_a_caller_keeps_survive_later_steps():
         torch.testing.assert_close(mine[name].grad, 2 * expected.grad, atol=1e-9, rtol=1e-9)
 
 
-def test_buffer_pool_ab_benchmark_writes_its_table(
-    tmp_path, monkeypatch, one_thread, load_benchmark
-):
-    """benchmarks/buffer_pool_ab.py on one tiny shape: both files, every workload, finite
-    positive times and ratios, fault counts, the recorded command; the cap is restored."""
-    import json
-    import shlex
-
-    module = load_benchmark("buffer_pool_ab")
-    monkeypatch.setattr(module, "SHAPES", ((4, 8, 16, 2),))
+def test_buffer_pool_ab_benchmark_writes_its_table(one_thread, run_ab_benchmark):
+    """benchmarks/buffer_pool_ab.py on one tiny shape (``run_ab_benchmark``), with fault counts
+    in every row and the pool's cap restored after."""
     cap = buffer_pool.POOL_MAX_BYTES
-    argv = ["--rounds", "4", "--threads", "1", "--seconds", "0.002", "--out", str(tmp_path)]
-    module.main(argv)
+    _, rows, table = run_ab_benchmark("buffer_pool_ab", (4, 8, 16, 2), ("fresh_ms", "pooled_ms"))
     assert buffer_pool.POOL_MAX_BYTES == cap
-    record = json.loads((tmp_path / "buffer_pool_ab.json").read_text())
-    rows = record["rows"]
-    assert [row["workload"] for row in rows] == list(module.WORKLOADS)
     for row in rows:
-        for key in ("fresh_ms", "pooled_ms", "speedup", "q1", "q3"):
-            assert 0 < row[key] < float("inf"), (key, row)
         assert row["fresh_faults"] >= 0 and row["pooled_faults"] >= 0
-    table = (tmp_path / "buffer_pool_ab.md").read_text()
     assert "| 4 | 8 | 16 | 2 | train |" in table
     assert "Speed-up over the 3 cells:" in table
-    command = shlex.join(["python", "benchmarks/buffer_pool_ab.py", *argv])
-    assert table.startswith(f"Measured by `{command}` at commit ") and record["command"] == command

@@ -314,27 +314,12 @@ def test_no_bank_off_the_cpu():
     assert all(p.device.type == "meta" for p in params)
 
 
-def test_bank_ab_benchmark_writes_its_table(tmp_path, monkeypatch, one_thread, load_benchmark):
-    """benchmarks/param_bank_ab.py on one tiny shape: both files, every workload, finite
-    positive times and ratios."""
-    import json
-    import shlex
-
-    module = load_benchmark("param_bank_ab")
-    monkeypatch.setattr(module, "SHAPES", ((4, 2, 8, 16, 2),))
-    argv = ["--rounds", "4", "--threads", "1", "--seconds", "0.002", "--out", str(tmp_path)]
-    module.main(argv)
-    rows = json.loads((tmp_path / "param_bank_ab.json").read_text())["rows"]
-    assert [row["workload"] for row in rows] == list(module.WORKLOADS)
-    for row in rows:
-        for key in ("with_bank_ms", "without_bank_ms", "speedup", "q1", "q3"):
-            assert 0 < row[key] < float("inf"), (key, row)
-    table = (tmp_path / "param_bank_ab.md").read_text()
+def test_bank_ab_benchmark_writes_its_table(one_thread, run_ab_benchmark):
+    """benchmarks/param_bank_ab.py on one tiny shape (``run_ab_benchmark``)."""
+    _, _, table = run_ab_benchmark(
+        "param_bank_ab", (4, 2, 8, 16, 2), ("with_bank_ms", "without_bank_ms")
+    )
     assert "| 4 | 2 | 8 | 16 | 2 | train |" in table
-    # The recorded command is the one that made these numbers, options included.
-    command = shlex.join(["python", "benchmarks/param_bank_ab.py", *argv])
-    assert table.startswith(f"Measured by `{command}` at commit ")
-    assert json.loads((tmp_path / "param_bank_ab.json").read_text())["command"] == command
 
 
 def test_paired_rounds_alternate_and_report_off_over_on():

@@ -216,8 +216,8 @@ class FastRealNVP(FlowBase):
         """Free the buffers the CPU walks keep between calls: the process's buffer pool
         (``fastnvp.engine.cpu.buffer_pool``, shared by every flow: activations, states and
         temporaries reused from one call to the next, at most ``POOL_MAX_BYTES``); the next
-        calls allocate them again. Memory measurements call this first, so that a step's own
-        footprint is counted."""
+        calls allocate them again. The memory measurements (``fastnvp.analysis``) empty it
+        the same way before their step, so that the step's own footprint is counted."""
         buffer_pool.release()
 
     def clear_caches(self) -> None:
