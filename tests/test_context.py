@@ -91,6 +91,30 @@ def test_gemm_stack_matches_reference(one_thread, embedding, memory):
     _assert_stack_matches_without_gradient(ref, fast, x, c)
 
 
+@pytest.mark.parametrize("memory", ["standard", "invertible"])
+@pytest.mark.parametrize("x_grad", [False, True], ids=["params-only", "x-too"])
+def test_gemm_stack_without_context_gradient(one_thread, memory, x_grad):
+    """A context that requires no gradient (the usual training step): the backward skips the
+    context's columns of W1 (docs/design.md §3.2), and every parameter's gradient, and x's
+    where asked, still equal the reference's."""
+    ref, fast = _twins(memory=memory)
+    x, c = _inputs()
+    grads = []
+    for model in (ref, fast):
+        model.zero_grad()
+        xi = x.clone().requires_grad_(x_grad)
+        lp = model.log_prob(xi, c)
+        (lp * torch.linspace(0.5, 1.5, lp.shape[0], dtype=lp.dtype)).sum().backward()
+        grads.append((xi.grad, [p.grad for p in model.parameters()]))
+    (gx_r, gp_r), (gx_f, gp_f) = grads
+    if x_grad:
+        torch.testing.assert_close(gx_f, gx_r, rtol=1e-9, atol=1e-10)
+    else:
+        assert gx_f is None and gx_r is None
+    for a, b in zip(gp_f, gp_r, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 def _gradcheck_stack(fast, rows: int) -> None:
     """gradcheck of the GEMM stack's node in x, the context and every parameter, both memory
     modes."""
@@ -105,6 +129,8 @@ def _gradcheck_stack(fast, rows: int) -> None:
             return gemm_stack._GemmStack.apply(fast, setup, x, e, *ps)
 
         assert torch.autograd.gradcheck(fn, (x, e, *params))
+        # A context without a gradient: the backward leaves its columns out.
+        assert torch.autograd.gradcheck(fn, (x, e.detach(), *params))
 
 
 def test_gemm_stack_gradcheck_with_context(one_thread):
