@@ -740,8 +740,8 @@ def _layer_backward(packed, layout, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2
     column of ones, (N, K1 + E + 1), or the kept half alone, (N, 1)); x2 (N, K2): the
     transformed half; h1, h2 (2, N, H) and s (N, K2) its activations; ``grads`` a
     :class:`_Grads` or None; gh1, gh2 (2, N, H) workspaces; ``GE`` (N, E): the context gradient
-    accumulated over layers, added to in place (None when unconditional); ``pool``: the
-    :class:`BufferPool` of the layer's temporaries.
+    accumulated over layers, added to in place (None when unconditional, or when nothing wants
+    the context's gradient); ``pool``: the :class:`BufferPool` of the layer's temporaries.
     """
     kept, trans = layout.kept[i], layout.trans[i]
     slope = packed.slope
