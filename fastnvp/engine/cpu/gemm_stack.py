@@ -782,17 +782,14 @@ def _layer_backward(packed, layout, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2
     k1 = kept.index.shape[0]
     w1_pair = packed.w1[i] if GE is not None else packed.w1[i, :, :, :k1]
     g_pair = torch.bmm(gh1, w1_pair, out=pool.take((2, rows, w1_pair.shape[2]), G))
-    if GE is None and kept.start is not None:  # straight into G's kept columns (a view)
-        kept.take(G).add_(g_pair[0]).add_(g_pair[1])
-    else:
-        g_in = torch.add(g_pair[0], g_pair[1])  # (N, K1 + E)
-        if GE is not None:
-            GE.add_(g_in[:, k1:])
-            g_in = g_in[:, :k1]
-        if kept.start is None:
-            G.index_add_(1, kept.index, g_in)
-        else:
-            kept.take(G).add_(g_in)
+    g_in = g_pair[0].add_(g_pair[1])  # (N, K1 + E) or (N, K1): the two nets' sum, in place
+    if GE is not None:
+        GE.add_(g_in[:, k1:])
+        g_in = g_in[:, :k1]
+    if kept.start is None:
+        G.index_add_(1, kept.index, g_in)
+    else:  # straight into G's kept columns (a view)
+        kept.take(G).add_(g_in)
     if trans.start is None:
         trans.put_(G, gx2)
 
