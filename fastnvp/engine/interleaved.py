@@ -9,9 +9,9 @@ form           forward (data -> latent), per row          backward (G: upstream 
 =============  =========================================  =========================================
 ``affine``     y = x * scale + shift                      gx = G scale, gscale = Σ_r G x,
                                                           gshift = Σ_r G
-``batchnorm``  x̂ = (x - μ_B) inv_std, y = x̂ γ + β,        gx̂ = G γ; gx = inv_std (gx̂ - mean(gx̂)
-               inv_std = (σ²_B + ε)^-½, log-det           - x̂ mean(gx̂ x̂)) - (Σ gl / N) x̂ inv_std
-               -½ Σ log(σ²_B + ε) per row                 gγ = Σ_r G x̂, gβ = Σ_r G
+``batchnorm``  c = x - μ_B, y = c a + β with              gx = a (G - mean_r G) - c (a Σ_r G c
+               a = γ inv_std, inv_std = (σ²_B + ε)^-½,    + Σ_r gl) / (N (σ²_B + ε)),
+               log-det -½ Σ log(σ²_B + ε) per row         gγ = inv_std Σ_r G c, gβ = Σ_r G
 ``permutation``  y = x[:, index]                          gx = G[:, argsort(index)]
 ``linear``     y = x W^T                                  gx = G W, gW = G^T x
 =============  =========================================  =========================================
@@ -75,6 +75,7 @@ class Interleave:
     eps: list[float] = field(default_factory=list)
     factors: tuple[Tensor, Tensor, Tensor] | None = None  # LU: L, U (L, D, D), row order (L, D)
     _inverse: Tensor | None = None
+    _eps_values: tuple[Tensor, ...] | None = None
     _own_views: list[dict[str, Tensor]] | None = None
     _walk_views: tuple[Tensor | None, bool, list[dict[str, Tensor]]] | None = None  # order, padded
 
@@ -95,6 +96,14 @@ class Interleave:
         if self._own_views is None:
             self._own_views = self.views(self.tensors)
         return self._own_views
+
+    def eps_values(self) -> tuple[Tensor, ...]:
+        """Per layer, :attr:`eps` as a 0-d tensor of the layers' dtype (made once)."""
+        if self._eps_values is None:
+            like = self.tensors[0]
+            values = torch.tensor(self.eps, dtype=like.dtype, device=like.device)
+            self._eps_values = values.unbind(0)
+        return self._eps_values
 
     def add_log_det(self, log_det: Tensor) -> Tensor:
         """``log_det`` (N,) plus the parameter-only log-det of the layers (if any)."""
@@ -270,9 +279,10 @@ def forward_step(inter, i, z, view, saved, stats=None, spare=None, pool=None) ->
     """Step ``i``'s interleaved layers on z (N, D), no autograd: the coupling's input.
 
     ``saved``: a list that receives what backward needs (None: keep nothing); ``stats``: for a
-    ``batchnorm`` step, a list that receives the batch's (mean, var) (:func:`finish_batch_stats`
-    turns them into the log-det term and the running averages), or a (mean, var) pair to use
-    instead of the batch's (replaying an anchored step). ``spare``: an (N, D) buffer of a walk
+    ``batchnorm`` step, a list that receives the batch's (Σ_r x, Σ_r (x - μ)², σ² + ε)
+    (:func:`finish_batch_stats` turns them into the log-det term, the running averages and,
+    where asked, (mean, var)), or a (mean, var) pair to use instead of the batch's
+    (replaying an anchored step). ``spare``: an (N, D) buffer of a walk
     that owns both it and z (a walk without a gradient); the step then writes into z or spare
     instead of new tensors (a fresh (N, D) tensor costs up to 0.25 ms at 1 MB on the CPU),
     and the caller keeps the one not returned as its next spare. ``pool``: the shared
@@ -286,23 +296,32 @@ def forward_step(inter, i, z, view, saved, stats=None, spare=None, pool=None) ->
             saved.append(z)
         z = torch.addcmul(view["shift"], z, view["scale"], out=z if owned else _new(pool, z))
     elif inter.norm == "batchnorm":
+        # Every (D,) factor from tensors and Scalar arguments (alpha=, value=), never a Python
+        # number as an operand: on the CPU such an operand is wrapped into a tensor and cast,
+        # which costs more than the op's arithmetic at B = 256 (3 vs 1.3 us for a (16,) mul).
+        eps = inter.eps_values()[i]
         if isinstance(stats, tuple):
             mean, var = stats
             centred = torch.sub(z, mean, out=_new(pool, z))
+            var_eps = torch.add(eps, var)
         else:
-            if z.shape[0] < 2:  # the message of BatchNorm.batch_statistics, before any kernel
+            n = z.shape[0]
+            if n < 2:  # the message of BatchNorm.batch_statistics, before any kernel
                 inter.modules[i].batch_statistics(z)
-            # Two passes, not torch.var_mean: its column reduction over a row-major (N, D)
-            # was 4-5x slower on the CPU (256 x 64: 113 vs 20 us).
-            mean = z.mean(0)
-            centred = torch.sub(z, mean, out=_new(pool, z))
-            var = centred.square().mean(0)
-            stats.append((mean, var))
-        inv_std = (var + inter.eps[i]).rsqrt_()
-        xhat = centred.mul_(inv_std)
+            # Two passes (the column sums, then the centred squares), not torch.var_mean: its
+            # column reduction over a row-major (N, D) was 4-5x slower on the CPU (256 x 64:
+            # 113 vs 20 us), and not Σ x² - n μ², which cancels where |μ| >> σ.
+            total = z.sum(0)
+            centred = torch.sub(z, total, alpha=1.0 / n, out=_new(pool, z))
+            squares = torch.linalg.vecdot(centred, centred, dim=0)
+            var_eps = torch.add(eps, squares, alpha=1.0 / n)
+            stats.append((total, squares, var_eps))  # finish_batch_stats takes them from here
+        inv_std = torch.rsqrt(var_eps)
+        scale = torch.mul(view["gamma"], inv_std)  # y = (x - μ) γ inv_std + β
         if saved is not None:
-            saved.append((xhat, inv_std))
-        z = torch.addcmul(view["beta"], xhat, view["gamma"], out=_new(pool, xhat))
+            saved.append((centred, inv_std, scale, var_eps))
+        out = centred if saved is None else _new(pool, centred)  # centred is not kept: reuse it
+        z = torch.addcmul(view["beta"], centred, scale, out=out)
     if inter.mix == "permutation":
         out = spare if owned else _new(pool, z)
         z = permute_columns(z, inter.index[i], inter.reversal[i], out=out)
@@ -313,24 +332,30 @@ def forward_step(inter, i, z, view, saved, stats=None, spare=None, pool=None) ->
     return z
 
 
-def finish_batch_stats(inter, stats, rows: int, log_det: Tensor, restore=None) -> None:
+def finish_batch_stats(inter, stats, rows: int, log_det: Tensor, restore=None, keep=False):
     """After a walk with ``batchnorm`` steps: subtract ½ Σ_layers Σ_j log(σ²_j + ε) from every
     row of ``log_det`` (in place) and fold each layer's (mean, var) into its running averages.
 
+    ``stats``: what :func:`forward_step` appended, per layer (Σ_r x, Σ_r (x - μ)², σ² + ε),
+    in the walk's order. ``keep``: replace them, in place, by each layer's (mean, var), still
+    in the walk's order (the invertible walk inverts with them).
     ``restore``: (D,) int64 when the walk ran on reordered or padded columns
     (:func:`walk_views`): the statistics are put back in feature order (the padding column
     left out) before the log-det and the running averages take them.
     """
     if inter is None or inter.norm != "batchnorm" or not stats:
         return
-    means = [m for m, _ in stats]
-    variances = [v for _, v in stats]
+    # A few batched ops over every layer's (D,) vectors instead of a few per layer.
+    sums, squares, var_eps = (torch.stack(kind) for kind in zip(*stats))
+    if keep:
+        means, variances = sums / rows, squares / rows
+        stats[:] = list(zip(means.unbind(0), variances.unbind(0)))
     if restore is not None:
-        means = list(torch.stack(means).index_select(1, restore).unbind(0))
-        variances = list(torch.stack(variances).index_select(1, restore).unbind(0))
-    eps = torch.tensor(inter.eps, dtype=variances[0].dtype, device=variances[0].device)
-    log_det.sub_(0.5 * torch.log(torch.stack(variances) + eps[:, None]).sum())
-    unbiased = torch._foreach_mul(variances, rows / (rows - 1))
+        sums, squares = sums.index_select(1, restore), squares.index_select(1, restore)
+        var_eps = var_eps.index_select(1, restore)
+    log_det.sub_(var_eps.log_().sum().mul_(0.5))
+    means = sums.div_(rows).unbind(0)
+    unbiased = squares.div_(rows - 1).unbind(0)  # the running variance is unbiased
     momenta = {m.momentum for m in inter.modules}
     if len(momenta) == 1:  # the usual case: two multi-tensor updates for every layer
         with torch.no_grad():
@@ -394,18 +419,21 @@ def inverse_step(inter, i, h, view, stats=None, saved=None, spare=None) -> Tenso
         record.append(h)
     elif inter.norm == "batchnorm":
         mean, var = stats
-        inv_std = (var + inter.eps[i]).rsqrt()
-        xhat = (h - view["beta"]).div_(view["gamma"])
-        record.append((xhat, inv_std))
-        h = xhat / inv_std + mean
+        var_eps = torch.add(inter.eps_values()[i], var)
+        inv_std = torch.rsqrt(var_eps)
+        scale = torch.mul(view["gamma"], inv_std)
+        centred = (h - view["beta"]).div_(scale)
+        record.append((centred, inv_std, scale, var_eps))
+        h = centred + mean
     if saved is not None:
         saved.extend(reversed(record))
     return h
 
 
-def backward_step(inter, i, G, gl, view, saved, grads, pool=None) -> Tensor:
+def backward_step(inter, i, G, sums, view, saved, grads, pool=None) -> Tensor:
     """Backprop step ``i``'s interleaved layers: G (N, D) of the coupling's input -> of the
-    step's input. ``saved``: from :func:`forward_step` (forward order); ``grads``: per layer
+    step's input. ``sums``: the walk's :func:`backward_sums`; ``saved``: from
+    :func:`forward_step` (forward order); ``grads``: per layer
     ``{name: (D,) or (D, D)}`` buffers written in place, or None; ``pool``: as for
     :func:`forward_step`, for the new G."""
     k = len(saved)
@@ -426,26 +454,45 @@ def backward_step(inter, i, G, gl, view, saved, grads, pool=None) -> Tensor:
         G = G.mul_(view["scale"])  # G is the walk's own buffer (never the caller's gradient)
     elif inter.norm == "batchnorm":
         k -= 1
-        xhat, inv_std = saved[k]
+        centred, inv_std, scale, var_eps = saved[k]
         n = G.shape[0]
         out = grads[i] if grads is not None else {"beta": None, "gamma": None}
         g_beta = torch.sum(G, 0, out=out["beta"])
-        g_gamma = torch.linalg.vecdot(G, xhat, dim=0, out=out["gamma"])
-        gamma = view["gamma"]
-        # d/dx of y = x̂ γ + β through the batch statistics, and of the log-det term
-        # -½ Σ log(σ² + ε) (module docstring): γ inv_std (G - mean G) - x̂ c with
-        # c = (γ g_γ + Σ_r gl) inv_std / n. Each (D,) factor in as few calls as it takes:
-        # at B = 256 a call costs more than its arithmetic.
-        scale = gamma * inv_std
-        coef = torch.addcmul(gl.sum(), gamma, g_gamma).mul_(inv_std)  # c n
-        shift = torch.mul(g_beta, scale).mul_(-1.0 / n)
-        G = torch.addcmul(shift, G, scale, out=_new(pool, G)).addcmul_(xhat, coef, value=-1.0 / n)
+        products = torch.linalg.vecdot(G, centred, dim=0)  # Σ_r G (x - μ) = g_γ / inv_std
+        if grads is not None:
+            torch.mul(products, inv_std, out=out["gamma"])
+        # d/dx of y = (x - μ) γ inv_std + β through the batch statistics, and of the log-det
+        # term -½ Σ log(σ² + ε) (module docstring), with a = γ inv_std and c = x - μ:
+        # gx = a G - a Σ_r G / n - c (a Σ_r G c + Σ_r gl) / ((σ² + ε) n).
+        # Each (D,) factor in one call: at B = 256 a call costs more than its arithmetic.
+        per_row = torch.addcmul(sums.log_det_grad, scale, products).div_(var_eps)
+        shift = torch.addcmul(sums.zero, scale, g_beta, value=-1.0 / n)
+        G = torch.addcmul(shift, G, scale, out=_new(pool, G))
+        G = G.addcmul_(centred, per_row, value=-1.0 / n)
     return G
+
+
+@dataclass
+class BackwardSums:
+    """0-d tensors a walk's :func:`backward_step` shares over its layers: ``log_det_grad``,
+    Σ_r of the upstream gradient of the log-det (each ``batchnorm`` step's term depends on
+    it), and ``zero``, a 0-d operand that keeps Python numbers out of the (D,) ops."""
+
+    log_det_grad: Tensor
+    zero: Tensor
+
+
+def backward_sums(inter, gl: Tensor) -> BackwardSums | None:
+    """The :class:`BackwardSums` of a walk's backward on ``inter`` with log-det gradient
+    ``gl`` (N,); None where no step needs them (no ``batchnorm`` form)."""
+    if inter is None or inter.norm != "batchnorm":
+        return None
+    return BackwardSums(gl.sum(), gl.new_zeros(()))
 
 
 def _per_layer_count(inter) -> int:
     """Tensors :func:`forward_step` keeps per layer for backward (standard memory)."""
-    norm = {"affine": 1, "batchnorm": 2}.get(inter.norm, 0)
+    norm = {"affine": 1, "batchnorm": 4}.get(inter.norm, 0)
     return norm + (1 if inter.mix == "linear" else 0)
 
 
@@ -466,7 +513,7 @@ def unflatten_saved(inter, flat) -> list[list]:
     for i in range(inter.num_layers):
         chunk = list(flat[count * i : count * (i + 1)])
         if inter.norm == "batchnorm":
-            chunk = [(chunk[0], chunk[1]), *chunk[2:]]
+            chunk = [tuple(chunk[:4]), *chunk[4:]]
         out.append(chunk)
     return out
 

@@ -878,9 +878,12 @@ class _GemmStack(torch.autograd.Function):
                 z = trans_i[i].replaced(z, new, kept_i[i], None if last else pool.take(z.shape, z))
                 log_det.add_(s)
         log_det = log_det.rows()
-        interleaved.finish_batch_stats(inter, batch_stats, x.shape[0], log_det, layout.restore)
-        if memory != "invertible":
-            batch_stats = []  # only the invertible walk inverts with them
+        keep = memory == "invertible"  # only the invertible walk inverts with them
+        interleaved.finish_batch_stats(
+            inter, batch_stats, x.shape[0], log_det, layout.restore, keep=keep
+        )
+        if not keep:
+            batch_stats = []
         ctx.model = model
         ctx.packed = packed
         ctx.layout = layout
@@ -926,6 +929,7 @@ class _GemmStack(torch.autograd.Function):
         G = pool.take(z.shape, z) if layout.restore is not None else torch.empty_like(z)
         G = G.zero_() if grad_z is None else layout.enter(grad_z.contiguous(), out=G)
         gl = z.new_zeros(n) if grad_log_det is None else grad_log_det
+        inter_sums = interleaved.backward_sums(inter, gl)
         num_params = len(ctx.params)
         wants_params = any(ctx.needs_input_grad[4:])
         wants_grads = any(ctx.needs_input_grad[4 : 4 + num_params])
@@ -945,7 +949,7 @@ class _GemmStack(torch.autograd.Function):
         if ctx.memory == "invertible":
             G = _invertible_walk(
                 ctx, packed, z, anchors, G, gl, grads, gh1, gh2, e, GE, inter_grad_views,
-                batch_stats,
+                batch_stats, inter_sums,
             )  # fmt: skip
         else:
             on = _profiling()
@@ -955,7 +959,7 @@ class _GemmStack(torch.autograd.Function):
                     _layer_backward(packed, layout, i, G, gl, *layer, grads, gh1, gh2, GE, pool)
                     if inter is not None:
                         G = interleaved.backward_step(
-                            inter, i, G, gl, ctx.inter_views[i], pre_saved[i],
+                            inter, i, G, inter_sums, ctx.inter_views[i], pre_saved[i],
                             inter_grad_views, pool,
                         )  # fmt: skip
         grad_x = layout.leave(G) if ctx.needs_input_grad[2] else None
@@ -971,7 +975,20 @@ class _GemmStack(torch.autograd.Function):
 
 
 def _invertible_walk(
-    ctx, packed, z, anchors, G, gl, grads, gh1, gh2, e=None, GE=None, igrads=None, stats=()
+    ctx,
+    packed,
+    z,
+    anchors,
+    G,
+    gl,
+    grads,
+    gh1,
+    gh2,
+    e=None,
+    GE=None,
+    igrads=None,
+    stats=(),
+    sums=None,
 ):
     """Backward by inversion, from the output to the input (module doc); fills ``grads`` and
     returns the gradient of the stack input. Each step inverts its coupling, then its
@@ -1017,7 +1034,7 @@ def _invertible_walk(
                 packed, ctx.layout, i, G, gl, x1, x2, h1, h2, s, grads, gh1, gh2, GE, pool
             )
             if inter is not None:
-                G = interleaved.backward_step(inter, i, G, gl, views[i], pre_saved, igrads, pool)
+                G = interleaved.backward_step(inter, i, G, sums, views[i], pre_saved, igrads, pool)
     errors.reverse()
     anchor_errors.reverse()
     summary = torch.stack([*errors, *anchor_errors]).cpu()
