@@ -929,7 +929,6 @@ class _GemmStack(torch.autograd.Function):
         G = pool.take(z.shape, z) if layout.restore is not None else torch.empty_like(z)
         G = G.zero_() if grad_z is None else layout.enter(grad_z.contiguous(), out=G)
         gl = z.new_zeros(n) if grad_log_det is None else grad_log_det
-        inter_sums = interleaved.backward_sums(inter, gl)
         num_params = len(ctx.params)
         wants_params = any(ctx.needs_input_grad[4:])
         wants_grads = any(ctx.needs_input_grad[4 : 4 + num_params])
@@ -949,10 +948,11 @@ class _GemmStack(torch.autograd.Function):
         if ctx.memory == "invertible":
             G = _invertible_walk(
                 ctx, packed, z, anchors, G, gl, grads, gh1, gh2, e, GE, inter_grad_views,
-                batch_stats, inter_sums,
+                batch_stats,
             )  # fmt: skip
         else:
             on = _profiling()
+            inter_sums = interleaved.backward_sums(inter, gl)
             for i in reversed(range(num_layers)):
                 layer = activations[5 * i : 5 * i + 5]
                 with _mark(on, i, "backward"):
@@ -975,20 +975,7 @@ class _GemmStack(torch.autograd.Function):
 
 
 def _invertible_walk(
-    ctx,
-    packed,
-    z,
-    anchors,
-    G,
-    gl,
-    grads,
-    gh1,
-    gh2,
-    e=None,
-    GE=None,
-    igrads=None,
-    stats=(),
-    sums=None,
+    ctx, packed, z, anchors, G, gl, grads, gh1, gh2, e=None, GE=None, igrads=None, stats=()
 ):
     """Backward by inversion, from the output to the input (module doc); fills ``grads`` and
     returns the gradient of the stack input. Each step inverts its coupling, then its
@@ -997,6 +984,7 @@ def _invertible_walk(
     kept, trans = ctx.layout.kept, ctx.layout.trans
     inter, views = ctx.inter, ctx.inter_views
     stored = dict(zip(ctx.anchor_layers, anchors))
+    sums = interleaved.backward_sums(inter, gl)
     pool = buffer_pool.shared()
     ws1, ws2 = _workspaces(z, packed, pool=pool)
     tail = _input_tail(packed, z, e)
