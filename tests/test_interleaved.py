@@ -645,3 +645,34 @@ def test_lu_inverse_of_the_engine_uses_the_factors():
         for i, layer in enumerate(model.permutations):
             eye = torch.eye(6, dtype=F64)
             torch.testing.assert_close(forms.inverse_weights()[i] @ layer.weight(), eye)
+
+
+@pytest.mark.parametrize("perm", ["random", "lu"])
+def test_mixing_buffers_kept_between_calls_follow_a_loaded_state(perm):
+    """The engine keeps the mixing layers' stacked buffers (permutation indices, LU row
+    orders and signs) between calls with a gradient; a state loaded in place replaces them."""
+    torch.manual_seed(0)
+    fast = FastRealNVP.standard(6, 3, 8, permutation=perm).double()
+    x = torch.randn(16, 6, dtype=F64)
+    fast.log_prob(x).sum().backward()  # builds and keeps the stacks
+    kept = fast._mixing_cache[1]
+    assert fast.log_prob(x) is not None and fast._mixing_cache[1] is kept  # reused
+    torch.manual_seed(1)
+    other = RealNVP.standard(6, 3, 8, permutation=perm).double()
+    for layer in other.permutations:
+        randomize(layer)
+    if perm == "lu":  # another row order and other signs than fast's
+        with torch.no_grad():
+            for layer in other.permutations:
+                layer.row_order.copy_(layer.row_order.roll(1))
+                layer.sign.neg_()
+    fast.load_state_dict(other.state_dict())
+    fast.zero_grad(set_to_none=True)
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.testing.assert_close(fast.log_prob(xf), other.log_prob(xr))
+    assert fast._mixing_cache[1] is not kept
+    fast.log_prob(xf).sum().backward()
+    other.log_prob(xr).sum().backward()
+    torch.testing.assert_close(xf.grad, xr.grad)
+    for p_fast, p_other in zip(fast.parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(p_fast.grad, p_other.grad)

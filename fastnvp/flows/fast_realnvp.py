@@ -49,6 +49,7 @@ _CALL_CACHES = (
     "_fused_stack_cache",
     "_stack_split_cache",
     "_interleave_cache",
+    "_mixing_cache",
     "_pieces_rent",
 )
 
