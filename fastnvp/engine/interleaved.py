@@ -190,14 +190,16 @@ def _prepare(model, norms, mixes, direction: str, batch_stats: bool) -> Interlea
                 terms.append(scale.log().sum())
             tensors += [scale, shift]
     if mixes is not None:
-        buffers = _mixing_buffers(model, mixes)
-        if isinstance(buffers, _PermutationBuffers):
+        if isinstance(mixes[0], Permutation):
+            # Each layer's own buffers, read from its dict: ``Module.__getattr__`` costs about
+            # 1 us a read, more than the rest of this branch.
             inter.mix = "permutation"
-            inter.index, inter.inverse_index = buffers.index, buffers.inverse_index
-            inter.reversal = buffers.reversal
+            inter.index = tuple(m._buffers["index"] for m in mixes)
+            inter.inverse_index = tuple(m._buffers["inverse_index"] for m in mixes)
+            inter.reversal = [m.is_reversal for m in mixes]
         else:
             inter.mix = "linear"
-            weight, log_det, inter.factors = _lu_weights(mixes, buffers)
+            weight, log_det, inter.factors = _lu_weights(mixes, _kept_lu_rows(model, mixes))
             tensors.append(weight)
             terms.append(log_det)
     if terms:
@@ -220,19 +222,9 @@ def _lu_weights(layers: list[LULinear], rows: _LURows | None = None):
 
 
 @dataclass(frozen=True)
-class _PermutationBuffers:
-    """The fixed permutations of every step: per layer, ``index`` and ``inverse_index``
-    (D,) int64 (the layers' own buffers) and ``reversal``, whether it is D-1, ..., 0."""
-
-    index: tuple[Tensor, ...]
-    inverse_index: tuple[Tensor, ...]
-    reversal: list[bool]
-
-
-@dataclass(frozen=True)
 class _LURows:
     """What the LU layers' buffers give the weights node, built once per buffer version
-    (:func:`_mixing_buffers`): ``order`` (L, D), each layer's row order; ``sign`` (L, D);
+    (:func:`_kept_lu_rows`): ``order`` (L, D), each layer's row order; ``sign`` (L, D);
     ``gather`` and ``scatter`` (L D,) int64, the rows of the (L D, D) stack of the unit
     lower factors that make P L (``order`` offset by D per layer) and the inverse map."""
 
@@ -242,28 +234,20 @@ class _LURows:
     scatter: Tensor
 
 
-def _mixing_buffers(model, mixes) -> _PermutationBuffers | _LURows:
-    """The mixing layers' buffers in the node's form (:class:`_PermutationBuffers` or
-    :class:`_LURows`), built once and kept on the model (``_mixing_cache``) while the buffers
-    hold the same values (``tensors_key``): they are fixed, and a training step would
-    otherwise gather them (and stack the LU layers') again on every call (8 layers:
-    20-30 us)."""
-    buffers = [t for m in mixes for t in m._buffers.values()]
-    key = None if torch.compiler.is_compiling() else (len(mixes), *tensors_key(buffers))
+def _kept_lu_rows(model, layers: list[LULinear]) -> _LURows:
+    """The LU layers' :class:`_LURows`, built once and kept on the model (``_mixing_cache``)
+    while their buffers hold the same values (``tensors_key``): the row orders and signs are
+    fixed, and a training step would otherwise stack them and rebuild the row maps on every
+    call (six small ops)."""
+    buffers = [m._buffers[name] for m in layers for name in ("row_order", "sign")]
+    key = None if torch.compiler.is_compiling() else (len(layers), *tensors_key(buffers))
     cache = getattr(model, "_mixing_cache", None)
     if key is not None and cache is not None and cache[0] == key:
         return cache[1]
-    if isinstance(mixes[0], Permutation):
-        built = _PermutationBuffers(
-            tuple(m.index for m in mixes),
-            tuple(m.inverse_index for m in mixes),
-            [m.is_reversal for m in mixes],
-        )
-    else:
-        built = _lu_rows(mixes)
+    rows = _lu_rows(layers)
     if key is not None:
-        model._mixing_cache = (key, built)
-    return built
+        model._mixing_cache = (key, rows)
+    return rows
 
 
 def _lu_rows(layers: list[LULinear]) -> _LURows:
