@@ -245,6 +245,23 @@ def test_gradcheck_float64_layer_ops(monkeypatch):
         assert torch.autograd.gradcheck(lambda *t, op=op: op(*t, SLOPE, "ieee"), tensors)
 
 
+@pytest.mark.parametrize("inverse", [False, True])
+def test_float64_torch_backward_matches_oracle_to_float64_rounding(inverse):
+    """The PyTorch backward in float64 against autograd through the reference layer, at float64
+    rounding (gradcheck's tolerances would let a float32-rounded constant through: a LeakyReLU
+    slope of 0.01 rounded to float32 is off by 2e-8 relative)."""
+    model = make_flow(5, 16)
+    kept, transformed, sw, tw = split_weights(model, 1, torch.float64)
+    x = torch.randn(N_ROWS, 5, dtype=torch.float64)
+    grad_out = torch.randn(N_ROWS, 5, dtype=torch.float64)
+    grad_ld = torch.randn(N_ROWS, dtype=torch.float64)
+    out, _, gx, gw = ref_grads(model, 1, x, inverse, grad_out, grad_ld)
+    got = fl.torch_layer_backward(out, grad_out, grad_ld, kept, transformed, sw, tw, SLOPE, inverse)
+    assert rel_err(got[0], gx) <= 1e-12
+    for i, (g, r) in enumerate(zip(got[1:], gw)):
+        assert rel_err(g, r) <= 1e-12, f"weight gradient {fl.WEIGHT_NAMES[i % 6]} of net {i // 6}"
+
+
 def test_float64_takes_torch_path_under_triton_backend(monkeypatch):
     monkeypatch.setenv("FASTNVP_BACKEND", "triton")
     model, args = op_args(dim=2, hidden=16, rows=4, dtype=torch.float64)

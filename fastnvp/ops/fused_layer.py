@@ -222,6 +222,9 @@ def torch_layer(
     return out, log_det.to(_ld_dtype(x))
 
 
+_lrelu_backward = torch.ops.aten.leaky_relu_backward  # (grad, pre-activation, slope, False)
+
+
 def _mlp_backward(x1, w, slope, gu, bf16: bool):
     """Through one MLP given the gradient of its output: (gx1, (gW1, gb1, gW2, gb2, gW3, gb3))."""
     r = _rounder(bf16)
@@ -230,8 +233,10 @@ def _mlp_backward(x1, w, slope, gu, bf16: bool):
     h1 = F.leaky_relu(a1, slope)
     a2 = F.linear(r(h1), r(w[2]), w[3])
     h2 = F.leaky_relu(a2, slope)
-    ga2 = (r(gu) @ r(w[4])) * torch.where(a2 > 0, 1.0, slope).to(a2.dtype)
-    ga1 = (r(ga2) @ r(w[2])) * torch.where(a1 > 0, 1.0, slope).to(a1.dtype)
+    # The LeakyReLU derivative in the compute dtype: a mask built from Python numbers is
+    # float32, and a slope rounded to float32 put float64 gradients 2e-8 off.
+    ga2 = _lrelu_backward(r(gu) @ r(w[4]), a2, slope, False)
+    ga1 = _lrelu_backward(r(ga2) @ r(w[2]), a1, slope, False)
     grads = (
         r1(ga1).T @ r1(x1), ga1.sum(0), r(ga2).T @ r(h1), ga2.sum(0), r(gu).T @ r(h2), gu.sum(0)
     )  # fmt: skip
