@@ -62,6 +62,9 @@ TEST_FAMILIES = {
     "tests/test_invertible_fused.py": "fused layer backward",
     "tests/test_fused_context.py": "fused layer",  # the context columns (HAS_CONTEXT)
     "tests/test_interleaved.py": "whole stack",  # permutations folded into its gathers
+    # Whole flows on drawn configurations: every fused-layer kernel, counted under backward
+    # (each case takes gradients through it)
+    "tests/test_config_sweep.py": "fused layer backward",
 }
 
 
