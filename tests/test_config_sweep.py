@@ -259,8 +259,22 @@ def test_float32_fast_matches_float64_oracle_on_drawn_configuration(index, backe
     against the float64 reference, each quantity within 10x the float32 reference's own error
     (or 2e-4): conditioning, not the engine, sets float32's error on these draws (an LU layer
     of D = 33 or BatchNorm's statistics of two rows amplify rounding alike in both)."""
-    cfg = FLOAT32_CASES[index]
-    ref, fast = build(cfg, SEED + 7 + index)
+    check_float32(FLOAT32_CASES[index], SEED + 7 + index)
+
+
+@pytest.mark.slow
+def test_float32_fast_matches_float64_oracle_on_many_drawn_configurations(backend):
+    failures = []
+    for index, cfg in enumerate(float32_configs(100, SEED + 8)):
+        try:
+            check_float32(cfg, SEED + 8 + index)
+        except AssertionError as error:
+            failures.append(f"{cfg}: {error}")
+    assert not failures, f"{len(failures)} of 100 failed:\n" + "\n".join(failures[:10])
+
+
+def check_float32(cfg: Config, seed: int) -> None:
+    ref, fast = build(cfg, seed)
     fast.float()
     ref32 = copy.deepcopy(ref).float()
     for flow in (ref, fast, ref32):
