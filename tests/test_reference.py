@@ -87,3 +87,24 @@ def test_standard_masks_alternate_for_any_dim():
         assert torch.equal(masks[0] + masks[1], torch.ones(dim))
         assert torch.equal(masks[0], masks[2])
     assert torch.equal(alternating_masks(2, 2), torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+
+
+def test_first_parameter_is_the_first_of_parameters():
+    """The flows' anchor (dtype and device of every input check) is ``next(parameters())``,
+    read from the module dicts: the same tensor for every layout of modules."""
+    from fastnvp import FastRealNVP
+    from fastnvp.core.reference import _first_parameter
+
+    no_params = nn.Sequential(nn.Tanh(), nn.Sequential(nn.ReLU()))
+    late = nn.Sequential(nn.Tanh(), nn.Sequential(nn.ReLU(), nn.Linear(2, 3)))
+    late.register_parameter("own", None)  # a None entry is skipped, as parameters() does
+    flows = [
+        RealNVP.standard(4, 2, 8),
+        FastRealNVP.standard(4, 2, 8, context=3, embedding=nn.Linear(3, 2)),
+        RealNVP.standard(4, 2, 8, norm="actnorm", permutation="lu"),
+    ]
+    for module in (*flows, late):
+        assert _first_parameter(module) is next(module.parameters())
+    assert _first_parameter(no_params) is None
+    frozen = RealNVP.standard(4, 2, 8).requires_grad_(False)
+    assert frozen._anchor() is next(frozen.parameters())

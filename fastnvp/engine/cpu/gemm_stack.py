@@ -135,10 +135,13 @@ def layer_parameters(model) -> list[Tensor]:
     for pair in zip(model.s, model.t, strict=True):
         for net in pair:
             # Positional (Linear, act, Linear, act, Linear, ...), as the plan matched them; read
-            # from the module dict once per call (indexing a Sequential costs 3x more).
+            # from the module dict once per call (indexing a Sequential costs 3x more), and each
+            # Linear's weights from its parameter dict: ``Module.__getattr__`` made the 96 reads
+            # of an 8-layer flow 130 us a call, against 21 us (the plan matched exact
+            # ``nn.Linear`` types, whose weight and bias live in that dict).
             first, _, second, _, third, *_ = net._modules.values()
-            params += [first.weight, first.bias, second.weight, second.bias]
-            params += [third.weight, third.bias]
+            a, b, c = first._parameters, second._parameters, third._parameters
+            params += [a["weight"], a["bias"], b["weight"], b["bias"], c["weight"], c["bias"]]
     return params
 
 
