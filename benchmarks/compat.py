@@ -7,8 +7,8 @@ For each Triton version (default: :data:`TRITONS`, one per supported torch plus 
    and the test dependencies; install this checkout into it with ``--no-deps``;
 2. run the sm_90 compile report (``benchmarks/compile_report.py``, no GPU: 0 spills, shared
    memory within 227 KB, registers per config) without ``TRITON_INTERPRET``;
-3. run the interpreter kernel tests (``pytest -m interpreter``, ``TRITON_INTERPRET=1`` set
-   before Triton is imported, by ``tests/conftest.py``).
+3. run the interpreter kernel tests (``pytest -m "interpreter and not slow"``,
+   ``TRITON_INTERPRET=1`` set before Triton is imported, by ``tests/conftest.py``).
 
 It writes one table, Triton version x kernel family -> configs compiled, max registers, spill
 bytes, interpreter tests passed, as ``matrix.json`` and ``matrix.md`` under ``--out``
@@ -146,8 +146,8 @@ def interpreter_tests(py: Path, log: Path) -> dict:
     out = log.with_suffix(".pytest.txt")
     with open(out, "w") as fh:
         proc = subprocess.run(
-            [str(py), "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-m", "interpreter",
-             "-o", "addopts=", *files],
+            [str(py), "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
+             "-m", "interpreter and not slow", "-o", "addopts=", *files],
             stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
         )  # fmt: skip
     return parse_pytest(out.read_text(), files, proc.returncode)
@@ -238,7 +238,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "installed `--no-deps`. *compiled*: configs that compile for sm_90 (`triton.compile` "
         "+ `ptxas -arch=sm_90a -v`, no GPU); *regs*: the most registers of one config; "
         "*spills*: spill bytes over all configs; *tests*: interpreter kernel tests "
-        "(`TRITON_INTERPRET=1 pytest -m interpreter`) of the modules exercising the family.",
+        '(`TRITON_INTERPRET=1 pytest -m "interpreter and not slow"`) of the modules exercising '
+        "the family.",
         "",
         "| Triton | torch | kernel family | compiled | regs | spills | max shared | tests | ok |",
         "|---|---|---|---:|---:|---:|---:|---:|:-:|",
