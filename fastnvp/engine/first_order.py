@@ -33,7 +33,8 @@ def first_order(backward):
                 "derivatives (backward or torch.autograd.grad with create_graph=True) are not "
                 "supported on FastRealNVP's fast paths. fastnvp.RealNVP computes the same "
                 "function with plain autograd: build one with the same arguments and "
-                "load_state_dict(fast.state_dict())"
+                "load_state_dict(fast.state_dict()); or take the derivatives with torch.func "
+                "(hessian, jacrev, jacfwd), inside which FastRealNVP runs plain tensor ops"
             )
         return inner(ctx, *grads)
 

@@ -8,8 +8,9 @@ Three pieces, each decided in one place:
   its own parameters. Computed by :func:`flow_facts` at construction and after
   ``load_state_dict``.
 - :class:`CallContext` — what a call brings: direction, device, dtype, rows, whether a gradient
-  is needed, autocast, ``torch.compile`` tracing, non-finite checks, intra-op threads, whether it
-  runs inside a row worker, the op backend, the memory mode and the model's options.
+  is needed, autocast, ``torch.compile`` tracing, a ``torch.func`` transform, non-finite checks,
+  intra-op threads, whether it runs inside a row worker, the op backend, the memory mode and
+  the model's options.
 - :class:`Policy` — the thresholds (rows per thread, when the knot form pays under autograd).
 
 :func:`choose` is a pure function of the three and returns a frozen :class:`Plan`: one stack
@@ -174,6 +175,11 @@ class CallContext:
         grad: a gradient is needed (grad mode on and the input or a parameter requires grad).
         autocast: autocast is enabled on the device.
         compiling: inside ``torch.compile`` tracing.
+        func_transform: inside a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``,
+            ``jacfwd``, ``hessian``, ...): every layer on plain tensor ops
+            (:func:`layer_path`), which the transforms batch and differentiate to any order;
+            the engine's hand-written backwards and custom ops have no batching rule and are
+            first order.
         checking: non-finite checks are on.
         threads: ``torch.get_num_threads()``.
         in_worker: the call runs on a row-parallel worker.
@@ -210,6 +216,7 @@ class CallContext:
     pending_init: bool = False
     mixed_norm_modes: bool = False
     pieces_ready: bool = True
+    func_transform: bool = False
 
 
 @dataclass(frozen=True)
@@ -322,6 +329,8 @@ def layer_path(layer: LayerFacts, ctx: CallContext, policy: Policy = DEFAULT_POL
     """The path of one layer in context ``ctx`` (one of :data:`LAYER_PATHS`)."""
     if not layer.standard:
         return "modules"
+    if ctx.func_transform:  # plain F.linear and tensor ops: what vmap and higher orders need
+        return "split_mlp"
     # Non-finite checks inspect s and t, and autocast changes the nets' precision: both need
     # the unfused conditioner. The kernel tiles H in powers of two >= 16 (docs/design.md §4.5);
     # the ops' PyTorch path takes any width.
@@ -345,6 +354,8 @@ def choose(facts: FlowFacts, ctx: CallContext, policy: Policy = DEFAULT_POLICY) 
 
     if ctx.compiling:
         return plan("layers", "inside torch.compile: the layer loop traces into one graph")
+    if ctx.func_transform:
+        return plan("layers", "inside a torch.func transform: the layer loop on plain tensor ops")
     if ctx.checking:
         return plan("layers", "non-finite checks inspect every layer's s, t and outputs")
     if ctx.pending_init:

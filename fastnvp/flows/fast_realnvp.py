@@ -414,6 +414,7 @@ class FastRealNVP(FlowBase):
             pending_init=self._actnorm_pending(direction),
             mixed_norm_modes=self._norm_modes_mixed(),
             pieces_ready=grad or compiling or self._pieces_ready(h, record),
+            func_transform=torch._C._are_functorch_transforms_active(),
         )
 
     def _pieces_ready(self, h: torch.Tensor, record: bool = True) -> bool:
@@ -638,7 +639,9 @@ class FastRealNVP(FlowBase):
         layer loop without a gradient, checks, tracing or a pending ActNorm initialization;
         else None (the loop calls the layer modules)."""
         ctx = plan.context
-        as_modules = ctx.grad or ctx.checking or ctx.compiling or ctx.pending_init
+        as_modules = (
+            ctx.grad or ctx.checking or ctx.compiling or ctx.func_transform or ctx.pending_init
+        )
         if not self.interleaved or as_modules or ctx.mixed_norm_modes:
             return None
         return interleaved.prepare(self, ctx.direction, ctx.batch_stats)

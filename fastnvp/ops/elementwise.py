@@ -182,9 +182,12 @@ def coupling(x2: Tensor, s: Tensor, t: Tensor, inverse: bool = False) -> tuple[T
     own backward: a custom op's Python dispatch and autograd wrapper cost ~0.5 ms per layer for
     forward + backward on the CPU, which made an 8-layer, H = 64, 512-row training step 17%
     slower than the reference (22.8 vs 19.5 ms; 18.5 ms inline). Triton, ``torch.compile`` and
-    ``FASTNVP_BACKEND=triton`` always go through the registered op.
+    ``FASTNVP_BACKEND=triton`` go through the registered op, except inside a ``torch.func``
+    transform (``vmap``, ``grad``, ``jacrev``, ...), which needs the inline math: the op has no
+    batching rule and its backward is first order (docs/design.md §3.1).
     """
-    if use_triton(x2) or torch.compiler.is_compiling():
+    inline_only = torch._C._are_functorch_transforms_active()
+    if (use_triton(x2) or torch.compiler.is_compiling()) and not inline_only:
         op = affine_coupling_inverse if inverse else affine_coupling
         return op(x2, s, t)
     _check_coupling_inputs(x2, s, t, "z2" if inverse else "x2")
