@@ -26,6 +26,9 @@ from fastnvp.engine import plan as plan_mod
 
 TOL = 1e-10
 
+#: vmap's fallback for an op without a batching rule warns; every op on these paths has one.
+NO_FALLBACK = pytest.mark.filterwarnings("error:There is a performance drop")
+
 #: (dim, norm, permutation, context, embedding): each kind of layer, odd D, both kinds of flow.
 CONFIGS = [
     (2, None, None, None, False),
@@ -71,6 +74,7 @@ def _close(got, want, what):
     assert err <= TOL, f"{what}: error {err:.3e}"
 
 
+@NO_FALLBACK
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
 def test_vmap_of_one_row_calls_equals_the_batched_call(config):
     ref, fast, x, c = _pair(*config)
@@ -91,6 +95,7 @@ def test_vmap_of_one_row_calls_equals_the_batched_call(config):
         _close(per_row(fast, "g"), fast.g(x, **kw), "vmap g vs batched")
 
 
+@NO_FALLBACK
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
 def test_jacobian_of_f_matches_reference_and_its_log_det(config):
     ref, fast, x, c = _pair(*config)

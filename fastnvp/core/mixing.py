@@ -174,7 +174,8 @@ class LULinear(FlowLayer):
         lower, upper = (f.to(y.dtype) for f in self.factors())
         # W's rows are those of L U in row_order, so y = a[:, row_order] with a = x (L U)^T:
         # scatter y back into a; then a = b L^T with b = x U^T, two solves from the right.
-        a = torch.empty_like(y).index_copy_(1, self.row_order, y)
+        # Out of place: index_copy has a torch.func batching rule, the in-place form has not.
+        a = torch.zeros_like(y).index_copy(1, self.row_order, y)
         b = torch.linalg.solve_triangular(lower.t(), a, upper=True, left=False, unitriangular=True)
         return torch.linalg.solve_triangular(upper.t(), b, upper=False, left=False)
 
