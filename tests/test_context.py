@@ -287,6 +287,35 @@ def test_distribution_follows_torch_distributions(one_thread):
         dist.log_prob(torch.randn(4, D, dtype=torch.float64))
 
 
+def test_distribution_expands_like_torch_distributions(one_thread):
+    """``expand`` (what Pyro's plates call): the batch broadcasts to new leading dimensions,
+    each element keeping its context; unconditional batch elements are independent draws."""
+    _, fast = _twins()
+    c = torch.randn(3, C, dtype=torch.float64)
+    dist = fast.distribution(c)
+    wide = dist.expand((2, 3))
+    assert isinstance(wide, type(dist)) and wide.batch_shape == (2, 3)
+    assert wide.event_shape == (D,) and dist.batch_shape == (3,)  # the original is unchanged
+    assert wide.sample().shape == (2, 3, D) and wide.sample((4,)).shape == (4, 2, 3, D)
+    x, lp = wide.rsample_and_log_prob((5,))
+    assert x.shape == (5, 2, 3, D) and lp.shape == (5, 2, 3)
+    torch.testing.assert_close(lp, wide.log_prob(x), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(wide.log_prob(x), dist.log_prob(x), rtol=1e-12, atol=1e-12)
+    single = fast.distribution(c[1]).expand((4,))
+    assert single.batch_shape == (4,) and single.sample((2,)).shape == (2, 4, D)
+    value = torch.randn(4, D, dtype=torch.float64)
+    torch.testing.assert_close(
+        single.log_prob(value), fast.log_prob(value, c[1].expand(4, C)), rtol=1e-12, atol=1e-12
+    )
+    plain = FastRealNVP.standard(D, 2, 8).double().distribution().expand((2, 3))
+    draws = plain.sample((4,))
+    assert draws.shape == (4, 2, 3, D) and plain.log_prob(draws).shape == (4, 2, 3)
+    assert torch.unique(draws.reshape(-1, D), dim=0).shape[0] == 24  # independent draws
+    for bad in ((4,), (3, 2), "3", (2, 1)):
+        with pytest.raises(ValueError, match="batch_shape must be a shape that broadcasts"):
+            dist.expand(bad)
+
+
 def test_embedding_runs_once_per_call(one_thread):
     calls = []
     embedding = _embedding()

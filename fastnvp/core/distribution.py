@@ -3,7 +3,9 @@
 ``flow.distribution(context)`` fixes the context: None or (C,) gives batch_shape (), (M, C)
 gives batch_shape (M,); event_shape is (D,). ``sample`` / ``rsample`` / ``rsample_and_log_prob``
 take a ``sample_shape`` and return ``sample_shape + batch_shape + (D,)``; ``log_prob`` takes any
-``(..., *batch_shape, D)`` value broadcastable against the batch shape.
+``(..., *batch_shape, D)`` value broadcastable against the batch shape. ``expand(batch_shape)``
+broadcasts the batch to any shape (what Pyro's plates ask of a distribution): every batch
+element keeps its context, and an unconditional flow's batch elements are independent draws.
 """
 
 from __future__ import annotations
@@ -31,12 +33,39 @@ class FlowDistribution(Distribution):
     def __init__(self, flow, context=None):
         rows, batch_shape = sample_context(context, flow.context_features, flow._anchor())
         self.flow = flow
-        self.context = rows  # (M, C), (1, C) for a (C,) context, or None
+        # One context row per batch element, batch-major: (prod(batch_shape), C); (1, C) for
+        # a (C,) context; None when unconditional.
+        self.context = rows
         super().__init__(
             batch_shape=torch.Size(batch_shape),
             event_shape=torch.Size((flow.dim,)),
             validate_args=False,
         )
+
+    def expand(self, batch_shape, _instance=None) -> FlowDistribution:
+        """The same flow and contexts over a larger batch: ``batch_shape`` must broadcast the
+        current one (new leading dimensions, or sizes 1 made larger), as
+        ``torch.distributions`` expands. Returns a new distribution whose context holds one
+        row per batch element (the given rows repeated)."""
+        try:
+            batch_shape = torch.Size(batch_shape)
+            compatible = torch.broadcast_shapes(self.batch_shape, batch_shape) == batch_shape
+        except (TypeError, RuntimeError):
+            compatible = False
+        if not compatible:
+            raise ValueError(
+                f"batch_shape must be a shape that broadcasts batch_shape "
+                f"{tuple(self.batch_shape)}, got {batch_shape!r}"
+            )
+        new = self._get_checked_instance(FlowDistribution, _instance)
+        new.flow = self.flow
+        new.context = None
+        if self.context is not None:
+            features = self.context.shape[1]
+            batch = self.context.reshape(*self.batch_shape, features)
+            new.context = batch.expand(*batch_shape, features).reshape(-1, features)
+        Distribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
+        return new
 
     def _count(self, sample_shape) -> tuple[torch.Size, int]:
         """``sample_shape`` (a shape, or an int n for (n,)) -> (the shape, its sample count)."""
@@ -53,15 +82,18 @@ class FlowDistribution(Distribution):
             raise ValueError(f"sample_shape must have at least one sample, got {tuple(shape)}")
         return shape, count
 
-    def _context_arg(self):
+    def _draw_args(self, count: int):
+        """``flow.sample``'s arguments for ``count`` draws of the whole batch: with a context,
+        ``count`` and the (C,) or (R, C) context (one draw per row and sample); without one,
+        ``count`` times the batch's size, in independent rows."""
         if self.context is None:
-            return None
-        return self.context if self.batch_shape else self.context[0]
+            return count * self.batch_shape.numel(), None
+        return count, (self.context if self.batch_shape else self.context[0])
 
     def rsample(self, sample_shape=()) -> torch.Tensor:
         """Reparameterised samples (differentiable in the flow's parameters and the context)."""
         shape, count = self._count(sample_shape)
-        x = self.flow.sample(count, self._context_arg())
+        x = self.flow.sample(*self._draw_args(count))
         return x.reshape(shape + self.batch_shape + self.event_shape)
 
     def sample(self, sample_shape=()) -> torch.Tensor:
@@ -72,7 +104,7 @@ class FlowDistribution(Distribution):
     def rsample_and_log_prob(self, sample_shape=()):
         """Samples and their log-density in one pass (the inverse's log-det; no forward)."""
         shape, count = self._count(sample_shape)
-        x, log_prob = self.flow.sample_and_log_prob(count, self._context_arg())
+        x, log_prob = self.flow.sample_and_log_prob(*self._draw_args(count))
         return (
             x.reshape(shape + self.batch_shape + self.event_shape),
             log_prob.reshape(shape + self.batch_shape),
