@@ -484,6 +484,37 @@ def test_sequential_flow_passes_the_context_to_conditional_members():
         flow.log_prob(x)
 
 
+def test_sequential_flow_samples_with_log_density_in_one_pass():
+    """``sample_and_log_prob`` takes the log-density from the members' inverses; it equals
+    ``log_prob`` of the samples (no forward run), unconditional and per context row; and
+    ``distribution`` follows torch.distributions as the coupling flows' does."""
+    torch.manual_seed(0)
+    members = [ActNorm(3), FastRealNVP.standard(3, 2, 8, context=2), LULinear(3)]
+    flow = SequentialFlow(*members, BatchNorm(3)).double()
+    c = torch.randn(16, 2, dtype=F64)
+    flow.f(torch.randn(16, 3, dtype=F64), c)  # ActNorm initializes; then eval mode
+    flow.eval()
+    samples, log_p = flow.sample_and_log_prob(5, c[:4])
+    assert samples.shape == (5, 4, 3) and log_p.shape == (5, 4)
+    again = flow.log_prob(samples.reshape(-1, 3), c[:4].repeat(5, 1)).reshape(5, 4)
+    torch.testing.assert_close(log_p, again, rtol=1e-10, atol=1e-10)
+    one, log_one = flow.sample_and_log_prob(6, c[0])
+    assert one.shape == (6, 3) and log_one.shape == (6,)
+    torch.testing.assert_close(log_one, flow.log_prob(one, c[0].expand(6, 2)))
+    dist = flow.distribution(c[:4])
+    assert dist.batch_shape == (4,) and dist.event_shape == (3,)
+    x, lp = dist.rsample_and_log_prob((2,))
+    torch.testing.assert_close(lp, dist.log_prob(x), rtol=1e-10, atol=1e-10)
+    plain = SequentialFlow(ActNorm(3), LULinear(3), Permutation.reverse(3)).double()
+    plain.f(torch.randn(16, 3, dtype=F64))  # ActNorm initializes on its first f call
+    x, lp = plain.sample_and_log_prob(7)
+    assert x.shape == (7, 3)
+    torch.testing.assert_close(lp, plain.log_prob(x), rtol=1e-10, atol=1e-10)
+    assert plain.distribution().sample((2, 5)).shape == (2, 5, 3)
+    with pytest.raises(ValueError, match="context"):
+        plain.sample_and_log_prob(3, c[0])
+
+
 # ----------------------------------------------------------------------------- deep stacks
 def test_two_hundred_layers_with_actnorm_train_without_nan():
     torch.manual_seed(0)

@@ -51,7 +51,9 @@ class SequentialFlow(nn.Module):
 
     ``f(x, context) -> (z (N, D), log_det (N,))``, ``g(z, context) -> x (N, D)``,
     ``inverse(z, context) -> (x, log|det dx/dz|)``, ``log_prob(x, context) -> (N,)``,
-    ``sample(n, context) -> (n, D)`` or ``(n, M, D)`` for an (M, C) context.
+    ``sample(n, context) -> (n, D)`` or ``(n, M, D)`` for an (M, C) context,
+    ``sample_and_log_prob(n, context)`` (the samples and their (n,) or (n, M) log-density in
+    one pass) and ``distribution(context)``, as for the coupling flows.
     """
 
     def __init__(self, *layers: nn.Module, prior=None):
@@ -141,6 +143,31 @@ class SequentialFlow(nn.Module):
     ) -> torch.Tensor:
         """``g(z)`` with z from the prior: (n, D); with a context (C,) -> (n, D), (M, C) ->
         (n, M, D), ``[k, j]`` drawn given context row j."""
+        return self._draw(num_samples, context, generator, with_log_prob=False)[0]
+
+    def sample_and_log_prob(
+        self,
+        num_samples: int,
+        context: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples and their log-density in one pass: the members' inverses yield the log-det.
+
+        ``log p(x) = log p_Z(z) - log|det dx/dz|``; no forward is run. Samples shaped as in
+        :meth:`sample`, the log-density (n,) or (n, M).
+        """
+        return self._draw(num_samples, context, generator, with_log_prob=True)
+
+    def distribution(self, context: torch.Tensor | None = None):
+        """``torch.distributions`` view of p(x | context), as for the coupling flows
+        (:class:`fastnvp.core.distribution.FlowDistribution`): context None or (C,) gives
+        batch_shape (), (M, C) gives (M,); event_shape (D,)."""
+        from fastnvp.core.distribution import FlowDistribution
+
+        return FlowDistribution(self, context)
+
+    def _draw(self, num_samples, context, generator, with_log_prob: bool):
+        """(samples (n, *batch, D), log-density (n, *batch) or None)."""
         ensure_num_samples(num_samples)
         self._check_context(context)
         anchor = self._anchor()
@@ -149,5 +176,9 @@ class SequentialFlow(nn.Module):
         per_sample = 1 if rows is None else rows.shape[0]
         repeated = None if rows is None else rows.repeat(num_samples, 1)
         z = prior_sample(self.prior, num_samples * per_sample, self.dim, anchor, generator)
-        x = self.g(z, repeated)
-        return x.reshape(num_samples, *batch_shape, self.dim)
+        shape = (num_samples, *batch_shape)
+        if not with_log_prob:  # g: members may skip their log-dets
+            return self.g(z, repeated).reshape(*shape, self.dim), None
+        x, log_det = self.inverse(z, repeated)
+        log_prob = prior_log_prob(self.prior, z) - log_det
+        return x.reshape(*shape, self.dim), log_prob.reshape(shape)
