@@ -38,6 +38,7 @@ from fastnvp.engine.invertible import (
     invertible_flow,
     resolve_tolerance,
 )
+from fastnvp.flows.structure import StructureWatch
 from fastnvp.ops import fused_layer
 from fastnvp.ops.backend import use_triton
 
@@ -180,6 +181,7 @@ class FastRealNVP(FlowBase):
         state = self.__dict__.copy()
         for name in _CALL_CACHES:
             state.pop(name, None)
+        state.pop("_structure", None)  # watches the original's modules: a copy rebuilds its own
         state["_plans"] = {}
         return state
 
@@ -286,6 +288,21 @@ class FastRealNVP(FlowBase):
         # What the plan needs to know of the flow, once (docs/design.md §3.1); plans follow.
         self._facts = plan_mod.flow_facts(self)
         self._plans = {}
+        self._structure = StructureWatch(self)  # what they were read from (_check_structure)
+
+    def _check_structure(self) -> None:
+        """Rebuild the facts and everything built on them if the flow was edited since they
+        were read: a net or a module of one replaced, a Linear parametrized or given a new
+        weight, a slope or the mask changed (``fastnvp.flows.structure``). Without this such
+        a flow would run the plan of the old modules: wrong results, or a crash."""
+        if torch.compiler.is_compiling():  # the trace guards on the modules it reads itself
+            return
+        watch = self.__dict__.get("_structure")
+        if watch is not None and not watch.changed(self):
+            return
+        self._refresh_split()
+        self.clear_caches()
+        self._refresh_storage()
 
     def _split(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         order = self.split_order[i]
@@ -473,6 +490,7 @@ class FastRealNVP(FlowBase):
     def _plan(self, h: torch.Tensor, direction: str, e=None, record: bool = True) -> plan_mod.Plan:
         """The plan of a call on ``h`` (and embedded context ``e``), cached per call context
         (docs/design.md §3); ``record``: see :meth:`_context`."""
+        self._check_structure()
         ctx = self._context(h, direction, e, record)
         if ctx.compiling:  # traced once per graph: no cache lookups inside the trace
             return plan_mod.choose(self._facts, ctx, self.policy)

@@ -1,0 +1,164 @@
+"""A FastRealNVP edited after it has run follows the edit, as RealNVP does (docs/design.md §3.1).
+
+The engine builds its facts (which layers are the standard pair, their H and slope) and its
+packs, bank and knot tables once; ``fastnvp.flows.structure`` notices an edit and they are
+rebuilt. Each edit below is made to both flows after several calls with and without a
+gradient (so plans, packs, the bank and the no-gradient caches exist); then ``log_prob`` with
+and without a gradient and every parameter's gradient must equal the reference's in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from fastnvp import FastRealNVP, RealNVP
+
+F64 = torch.float64
+TOL = 1e-10
+
+
+def _replace_net_with_tanh_net(flow):
+    torch.manual_seed(7)
+    flow.s[1] = nn.Sequential(
+        nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)
+    ).double()
+
+
+def _replace_net_with_wider_net(flow):
+    torch.manual_seed(7)
+    flow.t[2] = nn.Sequential(
+        nn.Linear(4, 32),
+        nn.LeakyReLU(0.01),
+        nn.Linear(32, 32),
+        nn.LeakyReLU(0.01),
+        nn.Linear(32, 4),
+    ).double()
+
+
+def _replace_inner_linear(flow):
+    torch.manual_seed(7)
+    flow.s[2][2] = nn.Linear(16, 16).double()
+
+
+def _replace_activation(flow):
+    flow.t[0][1] = nn.ELU()
+
+
+def _weight_norm(flow):
+    parametrizations.weight_norm(flow.s[0][0])
+
+
+def _new_weight_parameter(flow):
+    torch.manual_seed(7)
+    flow.t[1][2].weight = nn.Parameter(torch.randn(16, 16, dtype=F64) * 0.1)
+
+
+def _slopes(flow):
+    for net in (flow.s[0], flow.t[0]):
+        net[1].negative_slope = 0.2
+        net[3].negative_slope = 0.2
+
+
+def _mask_in_place(flow):
+    with torch.no_grad():
+        flow.mask[1] = 1 - flow.mask[1]
+
+
+EDITS = [
+    _replace_net_with_tanh_net,
+    _replace_net_with_wider_net,
+    _replace_inner_linear,
+    _replace_activation,
+    _weight_norm,
+    _new_weight_parameter,
+    _slopes,
+    _mask_in_place,
+]
+
+
+def _used_pair():
+    torch.manual_seed(0)
+    ref = RealNVP.standard(4, 3, 16).double()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    fast = FastRealNVP.standard(4, 3, 16).double()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(20, 4, dtype=F64)
+    for _ in range(2):  # plans, the gradient pack and the bank in use
+        fast.log_prob(x).sum().backward()
+        with torch.no_grad():  # the no-gradient pack and its inference operands
+            fast.log_prob(x)
+    fast.zero_grad()
+    return ref, fast, x
+
+
+def _assert_same(ref, fast, x, what, **context):
+    with torch.no_grad():
+        want, got = ref.log_prob(x, **context), fast.log_prob(x, **context)
+    assert torch.isfinite(got).all(), what
+    assert (got - want).abs().max() <= TOL * max(1.0, want.abs().max()), f"{what}: no grad"
+    ref.zero_grad()
+    fast.zero_grad()
+    ref.log_prob(x, **context).sum().backward()
+    fast.log_prob(x, **context).sum().backward()
+    fast_params = dict(fast.named_parameters())
+    for name, p in ref.named_parameters():
+        q = fast_params[name]
+        assert (p.grad is None) == (q.grad is None), f"{what}: {name}"
+        if p.grad is not None:
+            err = (q.grad - p.grad).abs().max()
+            assert err <= TOL * max(1.0, p.grad.abs().max()), f"{what}: gradient of {name}"
+
+
+@pytest.mark.parametrize("edit", EDITS, ids=lambda e: e.__name__.strip("_"))
+def test_an_edit_after_use_is_followed(edit, one_thread):
+    """Both flows take the same edit (new modules drawn from the same seed), and no
+    ``load_state_dict`` follows it, which would rebuild the facts by itself."""
+    ref, fast, x = _used_pair()
+    edit(ref)
+    edit(fast)
+    _assert_same(ref, fast, x, edit.__name__)
+
+
+def test_edits_of_a_copy_are_followed(one_thread):
+    ref, fast, x = _used_pair()
+    fast_copy, ref_copy = copy.deepcopy(fast), copy.deepcopy(ref)
+    _replace_net_with_tanh_net(ref_copy)
+    _replace_net_with_tanh_net(fast_copy)
+    _assert_same(ref_copy, fast_copy, x, "copy")
+    _assert_same(ref, fast, x, "original")  # the original keeps its own nets and plan
+
+
+def test_modules_made_elsewhere_do_not_rebuild_the_facts(one_thread):
+    """A registration anywhere in the process only makes the next call compare the flow's
+    modules with its facts; nothing here moved, so the facts and packs stay."""
+    _, fast, x = _used_pair()
+    facts = fast._facts
+    fast.log_prob(x)
+    nn.Sequential(nn.Linear(3, 3), nn.ReLU())  # registers modules and parameters
+    fast.log_prob(x)
+    assert fast._facts is facts
+    assert fast.explain(x).stack == "cpu_gemm_stack"
+
+
+def test_an_edit_of_a_conditional_flow_with_interleaved_layers_is_followed(one_thread):
+    torch.manual_seed(0)
+    options = dict(context=2, norm="actnorm", permutation="lu")
+    ref = RealNVP.standard(4, 3, 16, **options).double()
+    fast = FastRealNVP.standard(4, 3, 16, **options).double()
+    fast.load_state_dict(ref.state_dict())
+    x, c = torch.randn(20, 4, dtype=F64), torch.randn(20, 2, dtype=F64)
+    for flow in (ref, fast):
+        flow.log_prob(x, c).sum().backward()  # ActNorm initializes; plans and packs exist
+    for flow in (ref, fast):
+        torch.manual_seed(7)
+        flow.s[1] = nn.Sequential(
+            nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)
+        ).double()
+    _assert_same(ref, fast, x, "conditional", context=c)
