@@ -162,3 +162,24 @@ def test_an_edit_of_a_conditional_flow_with_interleaved_layers_is_followed(one_t
             nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)
         ).double()
     _assert_same(ref, fast, x, "conditional", context=c)
+
+
+def test_a_new_clamp_reaches_user_nets(one_thread):
+    """``clamp`` soft-clamps the log-scale of layers whose S net is not the standard one (no
+    Tanh of its own); set after use, it must reach them."""
+    torch.manual_seed(0)
+
+    def net():
+        return nn.Sequential(nn.Linear(4, 16), nn.ELU(), nn.Linear(16, 4))
+
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]], dtype=F64)
+    ref = RealNVP(net, net, mask).double()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(4.0)  # log-scales well beyond the clamp
+    fast = FastRealNVP.from_reference(ref).double()
+    x = torch.randn(20, 4, dtype=F64)
+    fast.log_prob(x).sum().backward()
+    for flow in (ref, fast):
+        flow.clamp = 0.5
+    _assert_same(ref, fast, x, "clamp")

@@ -11,14 +11,15 @@ after that, as any ``nn.Module`` may be, must not run on stale facts:
   swaps its class and moves its weight;
 - a Linear's weight replaced by a new ``nn.Parameter``;
 - a LeakyReLU's ``negative_slope`` set to another value;
-- the mask replaced or written in place.
+- the mask replaced or written in place;
+- ``clamp`` set to another value (which non-standard layers soft-clamp their log-scale).
 
 The first three register a module or a parameter: a process-wide counter, bumped by
 ``torch.nn``'s global registration hooks, tells a call that something, somewhere, registered
 since its flow last looked (one integer compare per call). The call then compares the flow's
 :func:`signature` with the one its facts were built from (about 20 us at L = 8) and rebuilds
-them if it differs. A slope is a plain attribute that no hook sees, and a mask can be written
-in place: every call compares the standard pairs' slopes and the mask's version with what
+them if it differs. Slopes and ``clamp`` are plain attributes that no hook sees, and a mask can
+be written in place: every call compares them and the mask's version with what
 :class:`StructureWatch` recorded (about 2 us at L = 8).
 """
 
@@ -73,7 +74,7 @@ class StructureWatch:
     :func:`signature` only when the process registered a module or parameter since.
     """
 
-    __slots__ = ("seen", "signature", "mask", "mask_version", "slopes")
+    __slots__ = ("seen", "signature", "mask", "mask_version", "slopes", "clamp")
 
     def __init__(self, model):
         self.seen = registrations()
@@ -81,11 +82,14 @@ class StructureWatch:
         self.mask = model._buffers["mask"]
         self.mask_version = self.mask._version
         self.slopes = _slopes(model)
+        self.clamp = model.clamp
 
     def changed(self, model) -> bool:
         """Whether ``model`` differs from what its facts were built from."""
         mask = model._buffers["mask"]
         if mask is not self.mask or mask._version != self.mask_version:
+            return True
+        if model.__dict__["clamp"] != self.clamp:  # which layers soft-clamp their log-scale
             return True
         for module, slope in self.slopes:
             if module.negative_slope != slope:
