@@ -2,9 +2,10 @@
 
 The engine builds its facts (which layers are the standard pair, their H and slope) and its
 packs, bank and knot tables once; ``fastnvp.flows.structure`` notices an edit and they are
-rebuilt. Each edit below is made to both flows after several calls with and without a
-gradient (so plans, packs, the bank and the no-gradient caches exist); then ``log_prob`` with
-and without a gradient and every parameter's gradient must equal the reference's in float64.
+rebuilt, and the interleaved layers' cached forms also key on BatchNorm's ``eps``. Each edit
+below is made to both flows after several calls with and without a gradient (so plans, packs,
+the bank and the no-gradient caches exist); then ``log_prob`` with and without a gradient and
+every parameter's gradient must equal the reference's in float64.
 """
 
 from __future__ import annotations
@@ -183,3 +184,22 @@ def test_a_new_clamp_reaches_user_nets(one_thread):
     for flow in (ref, fast):
         flow.clamp = 0.5
     _assert_same(ref, fast, x, "clamp")
+
+
+def test_a_new_batchnorm_eps_reaches_the_cached_forms(one_thread):
+    """In eval mode, BatchNorm is a fixed affine map built from its running statistics and
+    ``eps`` and kept between calls without a gradient; ``eps`` set after use must reach it."""
+    torch.manual_seed(0)
+    ref = RealNVP.standard(4, 3, 16, norm="batchnorm").double()
+    fast = FastRealNVP.standard(4, 3, 16, norm="batchnorm").double()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(64, 4, dtype=F64)
+    for flow in (ref, fast):
+        flow.log_prob(x).sum().backward()  # running statistics move
+        flow.eval()
+        with torch.no_grad():
+            flow.log_prob(x)  # the cached affine forms
+    for flow in (ref, fast):
+        for layer in flow.norms:
+            layer.eps = 0.5
+    _assert_same(ref, fast, x, "eps")

@@ -154,7 +154,9 @@ def prepare(model, direction: str, batch_stats: bool) -> Interleave | None:
         for layer in layers
         for t in (*layer._parameters.values(), *layer._buffers.values())
     ]
-    key = (direction, batch_stats, *tensors_key(tensors))
+    # BatchNorm's eps is a plain attribute, which no version counter sees: part of the key.
+    eps = tuple(m.eps for m in norms) if norms is not None and norms[0].kind == "batchnorm" else ()
+    key = (direction, batch_stats, eps, *tensors_key(tensors))
     cache = getattr(model, "_interleave_cache", None) or {}
     if key not in cache:
         # One entry per (direction, statistics): a sampling loop and a log_prob loop alternate.
