@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.utils.prune as prune
 from torch import nn
 from torch.nn.utils import parametrizations
 
@@ -59,6 +60,10 @@ def _new_weight_parameter(flow):
     flow.t[1][2].weight = nn.Parameter(torch.randn(16, 16, dtype=F64) * 0.1)
 
 
+def _prune(flow):
+    prune.l1_unstructured(flow.s[0][2], "weight", amount=0.5)
+
+
 def _slopes(flow):
     for net in (flow.s[0], flow.t[0]):
         net[1].negative_slope = 0.2
@@ -77,6 +82,7 @@ EDITS = [
     _replace_activation,
     _weight_norm,
     _new_weight_parameter,
+    _prune,
     _slopes,
     _mask_in_place,
 ]
@@ -203,3 +209,27 @@ def test_a_new_batchnorm_eps_reaches_the_cached_forms(one_thread):
         for layer in flow.norms:
             layer.eps = 0.5
     _assert_same(ref, fast, x, "eps")
+
+
+def test_forward_hooks_registered_after_use_run_and_the_engine_returns_after_removal(one_thread):
+    """The engine runs a standard pair from its weights, which would skip a module's hooks: a
+    hook registered on one sends that pair through its modules (hooks called as in the
+    reference, same results, no clamp on a standard pair), and removing it gives the pair back
+    to the engine."""
+    ref, fast, x = _used_pair()
+    for flow in (ref, fast):
+        flow.clamp = 1.0  # clamps only non-standard pairs: a hooked pair is still standard
+    seen = {"ref": [], "fast": []}
+    handles = [
+        flow.s[1][1].register_forward_hook(lambda m, i, o, k=key: seen[k].append(o.detach()))
+        for flow, key in ((ref, "ref"), (fast, "fast"))
+    ]
+    _assert_same(ref, fast, x, "hooked")
+    assert len(seen["fast"]) == len(seen["ref"]) == 2  # a call without and one with a gradient
+    for got, want in zip(seen["fast"], seen["ref"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert fast.explain(x).layers[1] == "modules"
+    for handle in handles:
+        handle.remove()
+    _assert_same(ref, fast, x, "unhooked")
+    assert fast.explain(x).stack == "cpu_gemm_stack"

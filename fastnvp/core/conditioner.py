@@ -106,6 +106,38 @@ def is_standard_pair(s_net: nn.Module, t_net: nn.Module, dim: int, context: int 
     )
 
 
+#: The hook dicts of an ``nn.Module`` that run only when its ``forward`` runs; the first two
+#: are the forward ones (what ``torch.nn.utils.prune`` and activation probes register).
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def module_hooks(net: nn.Module, forward_only: bool = False) -> tuple[dict, ...]:
+    """The hook dicts (:data:`HOOK_DICTS`, or its forward two) of ``net`` and of each module
+    directly in it."""
+    names = HOOK_DICTS[:2] if forward_only else HOOK_DICTS
+    modules = (net, *net._modules.values())
+    return tuple(getattr(m, name) for m in modules for name in names)
+
+
+def engine_can_run(s_net: nn.Module, t_net: nn.Module) -> bool:
+    """Whether the engine may run a standard pair from its weights alone, without calling the
+    modules: no module of either net has a forward or backward hook (an engine that reads
+    the weights would skip them: an activation probe, ``torch.nn.utils.prune``, which
+    recomputes the weight in a forward pre-hook), and every Linear keeps its weight and bias
+    as registered parameters. Otherwise the pair runs as modules, as in the reference; the
+    math (which layers are the standard pair, and so which ones clamp) does not change."""
+    for net in (s_net, t_net):
+        if any(module_hooks(net)):
+            return False
+        for module in net._modules.values():
+            if type(module) is nn.Linear and not all(
+                isinstance(module._parameters.get(name), nn.Parameter)
+                for name in ("weight", "bias")
+            ):
+                return False
+    return True
+
+
 def standard_weights(mlp: StandardMLP, kept: torch.Tensor, transformed: torch.Tensor):
     """The weights of a standard net restricted to the split halves.
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from fastnvp import ops
 from fastnvp.core import checks
-from fastnvp.core.conditioner import is_standard_pair, match_standard_mlp
+from fastnvp.core.conditioner import engine_can_run, is_standard_pair, match_standard_mlp
 from fastnvp.core.reference import FlowBase, RealNVP
 from fastnvp.engine import interleaved, param_bank
 from fastnvp.engine import plan as plan_mod
@@ -281,10 +281,16 @@ class FastRealNVP(FlowBase):
                 for row, k1 in zip(self.split_order, self._num_kept, strict=True)
             ]
         )
-        self._standard = [
+        # The math's standard pair (which layers clamp, as in the reference), then the layers
+        # the engine may run from their weights (no hooks, weights registered as parameters).
+        standard = [
             is_standard_pair(self.s[i], self.t[i], self.dim, width) for i in range(self.num_layers)
         ]
-        self._clamped = [self.clamp is not None and not std for std in self._standard]
+        self._math_standard = standard
+        self._clamped = [self.clamp is not None and not std for std in standard]
+        self._standard = [
+            std and engine_can_run(self.s[i], self.t[i]) for i, std in enumerate(standard)
+        ]
         # What the plan needs to know of the flow, once (docs/design.md §3.1); plans follow.
         self._facts = plan_mod.flow_facts(self)
         self._plans = {}

@@ -12,21 +12,28 @@ after that, as any ``nn.Module`` may be, must not run on stale facts:
 - a Linear's weight replaced by a new ``nn.Parameter``;
 - a LeakyReLU's ``negative_slope`` set to another value;
 - the mask replaced or written in place;
-- ``clamp`` set to another value (which non-standard layers soft-clamp their log-scale).
+- ``clamp`` set to another value (which non-standard layers soft-clamp their log-scale);
+- a forward hook registered on a module of a net the engine runs from its weights
+  (``torch.nn.utils.prune`` recomputes the weight in one; an activation probe): the pair then
+  runs as modules (``fastnvp.core.conditioner.engine_can_run``), and returns to the engine
+  once the hooks are removed.
 
 The first three register a module or a parameter: a process-wide counter, bumped by
 ``torch.nn``'s global registration hooks, tells a call that something, somewhere, registered
 since its flow last looked (one integer compare per call). The call then compares the flow's
 :func:`signature` with the one its facts were built from (about 20 us at L = 8) and rebuilds
-them if it differs. Slopes and ``clamp`` are plain attributes that no hook sees, and a mask can
-be written in place: every call compares them and the mask's version with what
-:class:`StructureWatch` recorded (about 2 us at L = 8).
+them if it differs. Slopes and ``clamp`` are plain attributes that no hook sees, a mask can be
+written in place and a hook registers nothing: every call compares them, the mask's version
+and the emptiness of the forward hook dicts with what :class:`StructureWatch` recorded (about
+4 us at L = 8).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from fastnvp.core.conditioner import module_hooks
 
 _registrations = [0]
 
@@ -74,7 +81,16 @@ class StructureWatch:
     :func:`signature` only when the process registered a module or parameter since.
     """
 
-    __slots__ = ("seen", "signature", "mask", "mask_version", "slopes", "clamp")
+    __slots__ = (
+        "seen",
+        "signature",
+        "mask",
+        "mask_version",
+        "slopes",
+        "clamp",
+        "hooks",
+        "hooked",
+    )
 
     def __init__(self, model):
         self.seen = registrations()
@@ -83,6 +99,7 @@ class StructureWatch:
         self.mask_version = self.mask._version
         self.slopes = _slopes(model)
         self.clamp = model.clamp
+        self.hooks, self.hooked = _forward_hooks(model)
 
     def changed(self, model) -> bool:
         """Whether ``model`` differs from what its facts were built from."""
@@ -90,6 +107,10 @@ class StructureWatch:
         if mask is not self.mask or mask._version != self.mask_version:
             return True
         if model.__dict__["clamp"] != self.clamp:  # which layers soft-clamp their log-scale
+            return True
+        if any(self.hooks):  # a hook on a module the engine runs from its weights: run it
+            return True
+        if self.hooked and not any(self.hooked):  # the hooks are gone: the engine may again
             return True
         for module, slope in self.slopes:
             if module.negative_slope != slope:
@@ -99,6 +120,21 @@ class StructureWatch:
                 return True
             self.seen = _registrations[0]  # something else registered: nothing here moved
         return False
+
+
+def _forward_hooks(model) -> tuple[tuple[dict, ...], tuple[dict, ...]]:
+    """The forward hook dicts of the standard pairs' modules: of the pairs the engine runs
+    from their weights (all empty when the facts were read: a hook registered later makes a
+    call rebuild, and the pair then runs as modules, hooks and all), and of the pairs that
+    run as modules for their hooks (when all are gone, a call rebuilds and the engine takes
+    them back). Backward hooks count when the facts are read, not per call."""
+    plain, hooked = [], []
+    for i, runs in enumerate(model._standard):
+        if not runs and not model._math_standard[i]:
+            continue
+        for net in (model.s[i], model.t[i]):
+            (plain if runs else hooked).extend(module_hooks(net, forward_only=True))
+    return tuple(plain), tuple(hooked)
 
 
 def _slopes(model) -> tuple:
