@@ -233,3 +233,41 @@ def test_forward_hooks_registered_after_use_run_and_the_engine_returns_after_rem
         handle.remove()
     _assert_same(ref, fast, x, "unhooked")
     assert fast.explain(x).stack == "cpu_gemm_stack"
+
+
+@pytest.mark.parametrize(
+    "options, layers",
+    [({"norm": "actnorm"}, "norms"), ({"norm": "batchnorm", "permutation": "lu"}, "permutations")],
+    ids=["actnorm", "batchnorm-lu"],
+)
+def test_a_hook_on_a_norm_or_mixing_layer_runs_and_is_released(options, layers, one_thread):
+    """The engine runs its own forms of the norm and mixing layers, which would skip a hook on
+    one: with a hook the calls run them as modules, as the reference does; without it, the
+    engine's forms again."""
+    torch.manual_seed(0)
+    ref = RealNVP.standard(4, 3, 16, **options).double()
+    fast = FastRealNVP.standard(4, 3, 16, **options).double()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(20, 4, dtype=F64)
+    for flow in (ref, fast):
+        flow.log_prob(x).sum().backward()
+        flow.eval()
+        with torch.no_grad():
+            flow.log_prob(x)
+    fast.load_state_dict(ref.state_dict())  # the same initialized state
+    seen = {"ref": [], "fast": []}
+    handles = [
+        getattr(flow, layers)[1].register_forward_hook(
+            lambda m, i, o, k=key: seen[k].append(o[0].detach())
+        )
+        for flow, key in ((ref, "ref"), (fast, "fast"))
+    ]
+    _assert_same(ref, fast, x, "hooked")
+    assert len(seen["fast"]) == len(seen["ref"]) == 2
+    for got, want in zip(seen["fast"], seen["ref"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert fast.explain(x).stack == "layers"
+    for handle in handles:
+        handle.remove()
+    _assert_same(ref, fast, x, "unhooked")
+    assert fast.explain(x).stack == "cpu_gemm_stack"

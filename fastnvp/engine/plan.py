@@ -101,6 +101,8 @@ class FlowFacts:
         uniform_split: every layer keeps the same number of features.
         own_parameters: no parameter tensor is shared between layers or nets.
         context_width: E, the embedded context width of a conditional flow (0: unconditional).
+        hooked_interleaved: a norm or mixing layer has a forward or backward hook: the engine's
+            forms of those layers would skip it, so they run as modules.
     """
 
     layers: tuple[LayerFacts, ...]
@@ -108,6 +110,7 @@ class FlowFacts:
     uniform_split: bool
     own_parameters: bool
     context_width: int = 0
+    hooked_interleaved: bool = False
 
     @property
     def all_standard(self) -> bool:
@@ -133,7 +136,7 @@ class FlowFacts:
 
 def flow_facts(model) -> FlowFacts:
     """The :class:`FlowFacts` of a ``FastRealNVP`` (its ``_standard`` / ``_num_kept`` lists)."""
-    from fastnvp.core.conditioner import match_standard_mlp
+    from fastnvp.core.conditioner import match_standard_mlp, module_hooks
     from fastnvp.core.interleave import step_layers
 
     width = model.embedded_features
@@ -154,12 +157,14 @@ def flow_facts(model) -> FlowFacts:
         )
     params = [p for net in (*model.s, *model.t) for p in net.parameters()]
     own = len({id(p) for p in params}) == len(params)
+    interleaved = [layer for i in range(model.num_layers) for layer in step_layers(model, i)]
     return FlowFacts(
         layers=tuple(layers),
         dim=model.dim,
         uniform_split=len({layer.kept for layer in layers}) == 1,
         own_parameters=own,
         context_width=width,
+        hooked_interleaved=any(any(module_hooks(layer)) for layer in interleaved),
     )
 
 
@@ -360,6 +365,8 @@ def choose(facts: FlowFacts, ctx: CallContext, policy: Policy = DEFAULT_POLICY) 
         return plan("layers", "non-finite checks inspect every layer's s, t and outputs")
     if ctx.pending_init:
         return plan("layers", "ActNorm layers initialize from this batch (first f call)")
+    if facts.hooked_interleaved:
+        return plan("layers", "a norm or mixing layer has a hook: those layers run as modules")
     if ctx.mixed_norm_modes:
         return plan("layers", "BatchNorm layers mix train and eval modes: they run as modules")
     if all(p == "fused_layer" for p in paths):

@@ -664,7 +664,12 @@ class FastRealNVP(FlowBase):
         else None (the loop calls the layer modules)."""
         ctx = plan.context
         as_modules = (
-            ctx.grad or ctx.checking or ctx.compiling or ctx.func_transform or ctx.pending_init
+            ctx.grad
+            or ctx.checking
+            or ctx.compiling
+            or ctx.func_transform
+            or ctx.pending_init
+            or self._facts.hooked_interleaved
         )
         if not self.interleaved or as_modules or ctx.mixed_norm_modes:
             return None

@@ -16,7 +16,8 @@ after that, as any ``nn.Module`` may be, must not run on stale facts:
 - a forward hook registered on a module of a net the engine runs from its weights
   (``torch.nn.utils.prune`` recomputes the weight in one; an activation probe): the pair then
   runs as modules (``fastnvp.core.conditioner.engine_can_run``), and returns to the engine
-  once the hooks are removed.
+  once the hooks are removed; likewise a hook on a norm or mixing layer makes the calls run
+  those layers as modules (``FlowFacts.hooked_interleaved``) until it is removed.
 
 The first three register a module or a parameter: a process-wide counter, bumped by
 ``torch.nn``'s global registration hooks, tells a call that something, somewhere, registered
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from fastnvp.core.conditioner import module_hooks
+from fastnvp.core.interleave import step_layers
 
 _registrations = [0]
 
@@ -134,6 +136,11 @@ def _forward_hooks(model) -> tuple[tuple[dict, ...], tuple[dict, ...]]:
             continue
         for net in (model.s[i], model.t[i]):
             (plain if runs else hooked).extend(module_hooks(net, forward_only=True))
+    # The norm and mixing layers: the engine runs its own forms of them unless one has a hook.
+    layers = [layer for i in range(model.num_layers) for layer in step_layers(model, i)]
+    watched = hooked if model._facts.hooked_interleaved else plain
+    for layer in layers:
+        watched.extend(module_hooks(layer, forward_only=True))
     return tuple(plain), tuple(hooked)
 
 
