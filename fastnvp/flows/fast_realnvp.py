@@ -298,9 +298,11 @@ class FastRealNVP(FlowBase):
 
     def _check_structure(self) -> None:
         """Rebuild the facts and everything built on them if the flow was edited since they
-        were read: a net or a module of one replaced, a Linear parametrized or given a new
-        weight, a slope or the mask changed (``fastnvp.flows.structure``). Without this such
-        a flow would run the plan of the old modules: wrong results, or a crash."""
+        were read: a net or a module of one replaced, a Linear parametrized, pruned or given a
+        new weight, a slope, ``clamp`` or the mask changed, a hook added to or removed from a
+        module the engine runs from its weights (``fastnvp.flows.structure``). Without this
+        such a flow would run the plan of the old modules: wrong results, a crash, or hooks
+        that never run."""
         if torch.compiler.is_compiling():  # the trace guards on the modules it reads itself
             return
         watch = self.__dict__.get("_structure")

@@ -22,7 +22,7 @@ after that, as any ``nn.Module`` may be, must not run on stale facts:
 The first three register a module or a parameter: a process-wide counter, bumped by
 ``torch.nn``'s global registration hooks, tells a call that something, somewhere, registered
 since its flow last looked (one integer compare per call). The call then compares the flow's
-:func:`signature` with the one its facts were built from (about 20 us at L = 8) and rebuilds
+:func:`signature` with the one its facts were built from (about 30 us at L = 8) and rebuilds
 them if it differs. Slopes and ``clamp`` are plain attributes that no hook sees, a mask can be
 written in place and a hook registers nothing: every call compares them, the mask's version
 and the emptiness of the forward hook dicts with what :class:`StructureWatch` recorded (about
@@ -57,8 +57,8 @@ def registrations() -> int:
 def signature(model) -> list:
     """What the facts of ``model`` were read from: every conditioner net, norm and mixing
     layer, each module of the nets with its class, each Linear's weight shape and each
-    LeakyReLU's slope, and the embedding. Compared with
-    ``==``: modules and classes by identity, shapes and slopes by value."""
+    LeakyReLU's slope, and the embedding. Compared with ``==``: modules and classes by
+    identity, shapes and slopes by value."""
     out: list = [model.embedding]
     for container in (model.s, model.t, model.norms, model.permutations):
         if container is None:
@@ -78,9 +78,10 @@ def signature(model) -> list:
 class StructureWatch:
     """What a flow's facts were built from, and the per-call test that it still holds.
 
-    Built by the flow whenever it computes its facts. :meth:`changed` costs, per call, a look
-    at the mask (replaced, or written in place) and at the standard pairs' slopes; the
-    :func:`signature` only when the process registered a module or parameter since.
+    Built by the flow whenever it computes its facts. :meth:`changed` looks, per call, at the
+    mask (replaced, or written in place), ``clamp``, the watched forward hook dicts and the
+    standard pairs' slopes; at the :func:`signature` only when the process registered a module
+    or parameter since.
     """
 
     __slots__ = (
