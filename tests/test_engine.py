@@ -62,6 +62,16 @@ TABLE = [
     ({}, {"grad": False}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
     ({}, {"direction": "g", "grad": False}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
     ({}, {"direction": "g"}, P.Policy(), "layers", "cpu_pair"),
+    # Inside a torch.func transform: the layer loop on plain ops, fused or not, any device.
+    ({}, {"func_transform": True}, P.Policy(), "layers", "split_mlp"),
+    ({}, {"func_transform": True, "fused": "layer"}, P.Policy(), "layers", "split_mlp"),
+    (
+        {},
+        {"func_transform": True, "device": "cuda", "triton": True, "grad": False},
+        P.Policy(),
+        "layers",
+        "split_mlp",
+    ),
     ({}, {"memory": "invertible"}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),
     ({}, {"rows": 4096}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),  # before the row split
     ({}, {"rows": 4096, "memory": "invertible"}, P.Policy(), "cpu_gemm_stack", "cpu_pair"),

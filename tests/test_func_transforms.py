@@ -14,15 +14,12 @@ no batching rule and are first order. Checked here:
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vmap
 
 from fastnvp import FastRealNVP, RealNVP
-from fastnvp.engine import plan as plan_mod
 
 TOL = 1e-10
 
@@ -188,26 +185,3 @@ def test_fused_layers_inside_transforms_agree_with_the_kernels(backend):
     fast.log_prob(xg, context=c).sum().backward()
     per_row = vmap(grad(lambda r, cc: fast.log_prob(r[None], context=cc[None])[0]))(x, c)
     torch.testing.assert_close(per_row, xg.grad, rtol=1e-5, atol=1e-5)
-
-
-def test_call_context_marks_transforms():
-    base = plan_mod.CallContext(
-        direction="f",
-        device="cpu",
-        dtype=torch.float32,
-        rows=4,
-        grad=True,
-        autocast=False,
-        compiling=False,
-        checking=False,
-        threads=1,
-        in_worker=False,
-        triton=False,
-        memory="standard",
-        fused="auto",
-        knot_tables=True,
-    )
-    facts = plan_mod.flow_facts(FastRealNVP.standard(4, 2, 16))
-    assert plan_mod.choose(facts, base).stack == "cpu_gemm_stack"
-    inside = plan_mod.choose(facts, dataclasses.replace(base, func_transform=True))
-    assert inside.stack == "layers" and set(inside.layers) == {"split_mlp"}

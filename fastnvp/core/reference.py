@@ -34,6 +34,7 @@ from fastnvp.core.context import (
 from fastnvp.core.interleave import build_norms, build_permutations, step_layers
 from fastnvp.core.masks import alternating_masks, check_masks, half_masks
 from fastnvp.core.prior import prior_log_prob, prior_sample
+from fastnvp.core.sampling import DrawsFromPrior
 from fastnvp.core.validation import (
     check_generator,
     check_input_dtype,
@@ -100,7 +101,7 @@ def _first_parameter(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
-class FlowBase(nn.Module, ABC):
+class FlowBase(DrawsFromPrior, nn.Module, ABC):
     """Shared constructor, validation and prior handling of the reference and fast flows.
 
     ``clamp=α`` bounds the log-scale of user-supplied scale nets softly, ``s <- α·tanh(s/α)``
@@ -371,42 +372,6 @@ class FlowBase(nn.Module, ABC):
         """Exact log-density: ``log N(f(x); 0, I) + log_det``.  x (N, D), context (N, C) -> (N,)."""
         z, log_det = self.f(x, context)
         return prior_log_prob(self.prior, z) + log_det
-
-    def sample(
-        self,
-        num_samples: int,
-        context: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Draw samples: ``g(z, context)`` with ``z`` from the prior.
-
-        Shapes: unconditional -> (num_samples, D); context (C,) -> (num_samples, D);
-        context (M, C) -> (num_samples, M, D), ``[k, j]`` drawn given context row j.
-        """
-        return self._draw(num_samples, context, generator, with_log_prob=False)[0]
-
-    def sample_and_log_prob(
-        self,
-        num_samples: int,
-        context: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples and their log-density in one pass: the inverse yields its log-det.
-
-        ``log p(x) = log p_z(z) - log|det dx/dz|``; no second forward is run. Shapes as in
-        :meth:`sample`, with the log-density (num_samples,) or (num_samples, M).
-        """
-        return self._draw(num_samples, context, generator, with_log_prob=True)
-
-    def distribution(self, context: torch.Tensor | None = None):
-        """``torch.distributions`` view of p(x | context) (zuko's convention).
-
-        Context None or (C,): batch_shape (); (M, C): batch_shape (M,). event_shape (D,).
-        See :class:`fastnvp.core.distribution.FlowDistribution`.
-        """
-        from fastnvp.core.distribution import FlowDistribution
-
-        return FlowDistribution(self, context)
 
     def _draw(self, num_samples, context, generator, with_log_prob: bool):
         """(samples, log_prob or None) shaped (n, *batch, D) and (n, *batch)."""

@@ -27,6 +27,7 @@ from torch import nn
 from fastnvp.core.context import sample_context
 from fastnvp.core.prior import prior_log_prob, prior_sample
 from fastnvp.core.reference import FlowBase, check_prior
+from fastnvp.core.sampling import DrawsFromPrior
 from fastnvp.core.validation import check_generator, ensure_batch, ensure_num_samples
 
 
@@ -42,7 +43,7 @@ def _member_dim(layer: nn.Module, k: int) -> int:
     return dim
 
 
-class SequentialFlow(nn.Module):
+class SequentialFlow(DrawsFromPrior, nn.Module):
     """A flow made of invertible layers applied in the given order (module docstring).
 
     Args:
@@ -134,37 +135,6 @@ class SequentialFlow(nn.Module):
         """``log p_Z(f(x)) + log|det dz/dx|``.  x (N, D), context (N, C) -> (N,)."""
         z, log_det = self.f(x, context)
         return prior_log_prob(self.prior, z) + log_det
-
-    def sample(
-        self,
-        num_samples: int,
-        context: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """``g(z)`` with z from the prior: (n, D); with a context (C,) -> (n, D), (M, C) ->
-        (n, M, D), ``[k, j]`` drawn given context row j."""
-        return self._draw(num_samples, context, generator, with_log_prob=False)[0]
-
-    def sample_and_log_prob(
-        self,
-        num_samples: int,
-        context: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples and their log-density in one pass: the members' inverses yield the log-det.
-
-        ``log p(x) = log p_Z(z) - log|det dx/dz|``; no forward is run. Samples shaped as in
-        :meth:`sample`, the log-density (n,) or (n, M).
-        """
-        return self._draw(num_samples, context, generator, with_log_prob=True)
-
-    def distribution(self, context: torch.Tensor | None = None):
-        """``torch.distributions`` view of p(x | context), as for the coupling flows
-        (:class:`fastnvp.core.distribution.FlowDistribution`): context None or (C,) gives
-        batch_shape (), (M, C) gives (M,); event_shape (D,)."""
-        from fastnvp.core.distribution import FlowDistribution
-
-        return FlowDistribution(self, context)
 
     def _draw(self, num_samples, context, generator, with_log_prob: bool):
         """(samples (n, *batch, D), log-density (n, *batch) or None)."""
